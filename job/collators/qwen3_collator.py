@@ -1,0 +1,188 @@
+"""`Qwen3VisionSFTCollator`: chat-formats (image, query, caption, target) rows for Qwen3-VL and masks the labels.
+
+Only the assistant answer is supervised: the target JSON and its closing `<|im_end|>`. The system prompt, the user
+turn (with its visual tokens), the `<|im_start|>assistant\\n` header, the newline the chat template writes after
+`<|im_end|>` and the padding are all -100. No row is ever truncated: a row longer than `max_length` is an error that
+names it, because cutting a Qwen3-VL sequence either drops visual tokens (the model then fails with "Image features
+and image tokens do not match") or drops the labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from job.data.rows import load_image, row_name, target_text
+from job.errors import DataError
+from job.prompts import Queries
+
+IGNORE_INDEX = -100
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
+END_OF_TURN = "<|im_end|>"
+
+
+@dataclass
+class Qwen3VisionSFTCollator:
+    """Collate dataset rows into a Qwen3-VL batch.
+
+    Example (training; right padding, labels on the answer only):
+
+    >>> collator = Qwen3VisionSFTCollator(processor, max_length=2048)
+    >>> batch = collator([{"image": "cat.png", "query": "Sarcastic?", "caption": "Oh great",
+    ...                    "target_json": '{"label": "sarcastic"}'}])
+    >>> sorted(batch)
+    ['attention_mask', 'image_grid_thw', 'input_ids', 'labels', 'mm_token_type_ids', 'pixel_values']
+    >>> processor.tokenizer.decode(batch["input_ids"][0][batch["labels"][0] != -100])
+    '{"label": "sarcastic"}<|im_end|>'
+
+    With `training=False` it is the eval collator: the prompt only, ending in the generation prompt, left padded
+    (batched generation with right padding continues from pad tokens and is wrong), and no labels.
+
+    `system_prompt=None` uses `Queries().SYSTEM_PROMPT`; pass "" for no system message.
+    """
+
+    processor: Any
+    training: bool = True
+    max_length: int | None = None
+    image_key: str = "image"
+    query_key: str = "query"
+    caption_key: str = "caption"
+    target_key: str = "target_json"
+    system_prompt: str | None = None
+    _header_ids: list[int] = field(init=False, repr=False)
+    _end_id: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.system_prompt is None:
+            self.system_prompt = Queries().SYSTEM_PROMPT
+        tokenizer = self.processor.tokenizer
+        self._header_ids = tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False)
+        self._end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+        if len(self._header_ids) != 3 or self._end_id is None:
+            raise ValueError(
+                f"processor's tokenizer does not look like Qwen's ({ASSISTANT_HEADER!r} -> {self._header_ids}); "
+                "load the processor of a Qwen3-VL checkpoint"
+            )
+
+    # -- text --------------------------------------------------------------------------------------------------
+    def _user_text(self, ex: dict, row: str = "row") -> str:
+        query = ex.get(self.query_key)
+        if not isinstance(query, str) or not query.strip():
+            got = "missing" if query is None else f"{type(query).__name__} {query!r}"[:60]
+            raise DataError(f"{row}: field '{self.query_key}' must be a non-empty string (got {got})")
+        text = query.strip()
+        caption = ex.get(self.caption_key)
+        if caption is not None and str(caption).strip():
+            text += f"\nCAPTION: {str(caption).strip()}"
+        return text
+
+    def _user_message(self, user_text: str) -> list[dict]:
+        messages = []
+        if self.system_prompt:
+            messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]})
+        return messages
+
+    def _render(self, ex: dict, index: int) -> tuple[str, Any]:
+        row = row_name(ex, index)
+        image = load_image(ex.get(self.image_key), row, self.image_key)
+        messages = self._user_message(self._user_text(ex, row))
+        if not self.training:
+            return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), image
+        answer = target_text(ex.get(self.target_key), row, self.target_key)
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return self.processor.apply_chat_template(messages, tokenize=False), image
+
+    # -- batch -------------------------------------------------------------------------------------------------
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        try:
+            return self._collate(examples)
+        except Exception as exc:
+            raise RuntimeError(f"Qwen3 collate failed: {exc}") from exc
+
+    def _collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("empty batch")
+        texts, images = zip(*(self._render(ex, i) for i, ex in enumerate(examples)))
+        batch = self.processor(
+            text=list(texts), images=list(images), return_tensors="pt", padding=True,
+            padding_side="right" if self.training else "left",
+        )
+        batch.pop("token_type_ids", None)  # text-only artefact; mm_token_type_ids is kept: the model uses it
+        self._check_lengths(batch, examples)
+        if self.training:
+            batch["labels"] = answer_only_labels(batch["input_ids"], batch["attention_mask"], self._header_ids, self._end_id)
+            self._check_supervised(batch["labels"], examples)
+        return dict(batch)
+
+    def _check_lengths(self, batch, examples: list[dict]) -> None:
+        if self.max_length is None:
+            return
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        too_long = [(row_name(ex, i), n) for i, (ex, n) in enumerate(zip(examples, lengths)) if n > self.max_length]
+        if too_long:
+            rows = ", ".join(f"{r} ({n} tokens)" for r, n in too_long)
+            raise DataError(
+                f"{rows} exceed SFT_MAX_LENGTH={self.max_length}; rows are never truncated (that would cut visual "
+                "tokens or labels): raise SFT_MAX_LENGTH or lower SFT_IMAGE_MAX_PIXELS"
+            )
+
+    @staticmethod
+    def _check_supervised(labels: torch.Tensor, examples: list[dict]) -> None:
+        empty = [row_name(ex, i) for i, ex in enumerate(examples) if not (labels[i] != IGNORE_INDEX).any()]
+        if empty:
+            raise DataError(f"{', '.join(empty)}: no supervised tokens after masking; the target answer is empty")
+
+
+def _last_occurrence(ids: list[int], pattern: list[int]) -> int:
+    width = len(pattern)
+    for start in range(len(ids) - width, -1, -1):
+        if ids[start : start + width] == pattern:
+            return start
+    return -1
+
+
+def answer_only_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, header_ids: list[int], end_id: int) -> torch.Tensor:
+    """Labels that keep exactly the final assistant answer and its `<|im_end|>`; everything else is -100.
+
+    The prompt length comes from the already-expanded ids (the last `<|im_start|>assistant\\n` in each row), so the
+    processor runs once per batch. Padding is found through the attention mask rather than the pad id, which stays
+    right even when pad_token == eos_token.
+    """
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for i in range(input_ids.shape[0]):
+        valid = attention_mask[i].bool()
+        positions = valid.nonzero().flatten()
+        ids = input_ids[i, positions].tolist()
+        start = _last_occurrence(ids, header_ids)
+        if start < 0:
+            raise ValueError(f"row {i}: no assistant turn found in the rendered chat")
+        answer_start = start + len(header_ids)
+        ends = [j for j in range(answer_start, len(ids)) if ids[j] == end_id]
+        answer_end = (ends[0] + 1) if ends else len(ids)
+        keep = positions[answer_start:answer_end]
+        labels[i, keep] = input_ids[i, keep]
+    return labels
+
+
+def prompt_lengths_by_reprocessing(collator: Qwen3VisionSFTCollator, examples: list[dict]) -> list[int]:
+    """The seed's method: run the processor a second time on each prompt + image and count its tokens.
+
+    Kept as the reference that tests and benchmarks/collator.py compare the single-pass labels against.
+    """
+    prompt = Qwen3VisionSFTCollator(**{**_init_fields(collator), "training": False})
+    lengths = []
+    for i, ex in enumerate(examples):
+        text, image = prompt._render(ex, i)
+        lengths.append(int(collator.processor(text=[text], images=[image], return_tensors="pt")["input_ids"].shape[1]))
+    return lengths
+
+
+def _init_fields(collator: Qwen3VisionSFTCollator) -> dict:
+    return {
+        "processor": collator.processor, "training": collator.training, "max_length": collator.max_length,
+        "image_key": collator.image_key, "query_key": collator.query_key, "caption_key": collator.caption_key,
+        "target_key": collator.target_key, "system_prompt": collator.system_prompt,
+    }

@@ -1,0 +1,272 @@
+"""Job configuration: `SFT_*` environment variables, validated by pydantic-settings and overlaid on a model card.
+
+`build_cfg(ModelCards().qwen3_vl_8b_instruct)` returns the nested dict the flow reads
+(`cfg["eval"]["max_new_tokens"]`, `cfg["lora"]["r"]`, ...). Every problem in the environment is collected
+and raised once as a `ConfigError` (exit 2): type and range errors, cross-field rules and unknown `SFT_*`
+names (with a "did you mean").
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
+
+from job.cards import ModelSpec
+from job.errors import ConfigError
+from job.prompts import Queries
+
+ENV_PREFIX = "SFT_"
+# Standard variables that keep their own names. Their values are secrets: never logged, never stored.
+SECRET_ENV_VARS = ("HF_TOKEN", "WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+class Settings(BaseSettings):
+    """Every `SFT_*` variable. None means "use the model card's default"."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, case_sensitive=False, extra="ignore")
+
+    # model
+    model_id: str | None = Field(None, examples=["Qwen/Qwen3-VL-8B-Instruct", "/models/qwen3-vl-8b"])
+    model_revision: str | None = Field(None, examples=["main", "0123abcd"])
+    trust_remote_code: bool = Field(False, examples=["false"])
+    load_in_4bit: bool = Field(True, examples=["true"])
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field("auto", examples=["sdpa"])
+    gradient_checkpointing: bool = Field(True, examples=["true"])
+    # data
+    dataset_uri: str | None = Field(None, examples=["/data/sarcasm", "s3://bucket/sarcasm", "org/sarcasm"])
+    dataset_revision: str | None = Field(None, examples=["main"])
+    dataset_config: str | None = Field(None, examples=["default"])
+    train_split: str = Field("train", min_length=1, examples=["train"])
+    eval_split: str = Field("validation", min_length=1, examples=["validation"])
+    train_subset: int | None = Field(None, ge=1, examples=["1000"])
+    eval_subset: int | None = Field(None, ge=1, examples=["200"])
+    image_key: str = Field("image", min_length=1, examples=["image"])
+    query_key: str = Field("query", min_length=1, examples=["query"])
+    caption_key: str = Field("caption", min_length=1, examples=["caption"])
+    target_key: str = Field("target_json", min_length=1, examples=["target_json"])
+    label_field: str = Field("label", min_length=1, examples=["label"])
+    system_prompt: str | None = Field(None, examples=["You are a sarcasm detector."])
+    image_min_pixels: int | None = Field(None, ge=1024, examples=["65536"])
+    image_max_pixels: int | None = Field(None, ge=1024, le=4096 * 4096, examples=["1048576"])
+    # run and output
+    output_dir: str = Field("outputs", min_length=1, examples=["/workspace/outputs"])
+    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", examples=["sarcasm-2026-11-25"])
+    seed: int = Field(42, ge=0, examples=["42"])
+    # training
+    max_steps: int = Field(-1, ge=-1, examples=["500", "-1 (train SFT_NUM_EPOCHS epochs)"])
+    num_epochs: float = Field(1.0, gt=0, le=1000, examples=["1", "2.5"])
+    save_steps: int = Field(50, ge=1, examples=["50"])
+    save_total_limit: int = Field(3, ge=1, examples=["3"])
+    learning_rate: float | None = Field(None, gt=0, le=1, examples=["2e-4"])
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, examples=["0.03"])
+    weight_decay: float = Field(0.0, ge=0, lt=1, examples=["0.0"])
+    max_grad_norm: float = Field(1.0, gt=0, examples=["1.0"])
+    per_device_batch_size: int = Field(2, ge=1, le=512, examples=["2"])
+    grad_accum: int = Field(8, ge=1, le=4096, examples=["8"])
+    max_length: int | None = Field(None, ge=64, le=262144, examples=["2048"])
+    logging_steps: int = Field(10, ge=1, examples=["10"])
+    dataloader_num_workers: int = Field(2, ge=0, le=64, examples=["2"])
+    # LoRA
+    lora_r: int | None = Field(None, ge=1, le=1024, examples=["16"])
+    lora_alpha: float | None = Field(None, gt=0, examples=["32"])
+    lora_dropout: float | None = Field(None, ge=0, lt=1, examples=["0.05"])
+    lora_target_modules: str | None = Field(None, examples=["q_proj,k_proj,v_proj,o_proj"])
+    # eval
+    eval_max_new_tokens: int | None = Field(None, ge=1, le=8192, examples=["256"])
+    eval_batch_size: int | None = Field(None, ge=1, le=512, examples=["8"])
+    eval_do_sample: bool = Field(False, examples=["false"])
+    eval_temperature: float = Field(0.7, ge=0, le=10, examples=["0.7"])
+    eval_pre: bool = Field(True, examples=["true"])
+    eval_post: bool = Field(True, examples=["true"])
+    eval_adapter: str | None = Field(None, examples=["outputs/adapter"])
+    # integrations
+    wandb_enabled: bool = Field(True, examples=["true"])
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _non_empty_module_list(cls, value: str | None) -> str | None:
+        if value is not None and not [m for m in value.split(",") if m.strip()]:
+            raise ValueError("must name at least one module, comma separated")
+        return value
+
+
+def env_name(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+KNOWN_ENV_VARS = tuple(sorted(env_name(f) for f in Settings.model_fields))
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' env source, reading a given mapping instead of os.environ (tests, dry runs)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]):
+        self._mapping = dict(env)
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._mapping, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+
+def _settings_from(env: Mapping[str, str]) -> Settings:
+    class _Scoped(Settings):
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, **_sources):
+            return (init_settings, _MappingEnvSource(settings_cls, env))
+
+    return _Scoped()
+
+
+def _unknown_var_problems(env: Mapping[str, str]) -> list[str]:
+    problems = []
+    for name in sorted(k for k in env if k.upper().startswith(ENV_PREFIX)):
+        if name.upper() in KNOWN_ENV_VARS:
+            continue
+        close = difflib.get_close_matches(name.upper(), KNOWN_ENV_VARS, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else f"; known names: see README (e.g. {KNOWN_ENV_VARS[0]})"
+        problems.append(f"{name}: unknown setting{hint}")
+    return problems
+
+
+def _field_problems(exc: ValidationError, env: Mapping[str, str]) -> list[str]:
+    upper_env = {k.upper(): v for k, v in env.items()}
+    problems = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        name = env_name(field)
+        info = Settings.model_fields.get(field)
+        examples = ", ".join(map(str, (info.examples or []) if info else []))
+        value = upper_env.get(name, err.get("input"))
+        example = f" (example: {name}={examples.split(', ')[0]})" if examples else ""
+        problems.append(f"{name}={value!r}: {err['msg']}{example}")
+    return problems
+
+
+def cross_field_problems(s: Settings, card: ModelSpec) -> list[str]:
+    """Rules that involve more than one variable. Each has its own raise-test in tests/test_config.py."""
+    problems = []
+    min_px = s.image_min_pixels or card.image_min_pixels
+    max_px = s.image_max_pixels or card.image_max_pixels
+    max_length = s.max_length or card.max_length
+    if min_px > max_px:
+        problems.append(
+            f"SFT_IMAGE_MIN_PIXELS={min_px} is larger than SFT_IMAGE_MAX_PIXELS={max_px}: min must be <= max"
+        )
+    visual_tokens_at_cap = max_px // card.pixels_per_visual_token
+    if visual_tokens_at_cap + 32 > max_length:
+        problems.append(
+            f"SFT_MAX_LENGTH={max_length} cannot hold one image at SFT_IMAGE_MAX_PIXELS={max_px} "
+            f"({visual_tokens_at_cap} visual tokens) plus the prompt: raise SFT_MAX_LENGTH or lower the pixel cap"
+        )
+    if s.train_split == s.eval_split:
+        problems.append(
+            f"SFT_TRAIN_SPLIT and SFT_EVAL_SPLIT are both {s.train_split!r}: evaluating on the training split "
+            "hides overfitting; use a held-out split (e.g. SFT_EVAL_SPLIT=validation)"
+        )
+    if s.eval_do_sample and s.eval_temperature <= 0:
+        problems.append("SFT_EVAL_DO_SAMPLE=true needs SFT_EVAL_TEMPERATURE > 0 (e.g. 0.7), or set SFT_EVAL_DO_SAMPLE=false")
+    if s.max_steps > 0 and s.save_steps > s.max_steps:
+        problems.append(
+            f"SFT_SAVE_STEPS={s.save_steps} exceeds SFT_MAX_STEPS={s.max_steps}: no resumable checkpoint would be "
+            "written before the end; lower SFT_SAVE_STEPS"
+        )
+    return problems
+
+
+def load_settings(card: ModelSpec, env: Mapping[str, str] | None = None) -> Settings:
+    """Validate the environment; raise one ConfigError listing every problem."""
+    env = dict(os.environ if env is None else env)
+    problems = _unknown_var_problems(env)
+    try:
+        settings = _settings_from(env)
+    except ValidationError as exc:
+        raise ConfigError(problems + _field_problems(exc, env)) from None
+    problems += cross_field_problems(settings, card)
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def build_cfg(card: ModelSpec, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The nested config the flow reads: the card's defaults overlaid with the validated environment."""
+    s = load_settings(card, env)
+    targets = (
+        tuple(m.strip() for m in s.lora_target_modules.split(",") if m.strip())
+        if s.lora_target_modules
+        else card.lora_target_modules
+    )
+    return {
+        "model": {
+            "id": s.model_id or card.model_id,
+            "revision": s.model_revision or card.revision,
+            "trust_remote_code": s.trust_remote_code,
+            "load_in_4bit": s.load_in_4bit,
+            "attn_implementation": s.attn_implementation,
+            "quant_skip_modules": list(card.quant_skip_modules),
+            "gradient_checkpointing": s.gradient_checkpointing,
+        },
+        "data": {
+            "uri": s.dataset_uri,
+            "revision": s.dataset_revision,
+            "config": s.dataset_config,
+            "train_split": s.train_split,
+            "eval_split": s.eval_split,
+            "train_subset": s.train_subset,
+            "eval_subset": s.eval_subset,
+            "image_key": s.image_key,
+            "query_key": s.query_key,
+            "caption_key": s.caption_key,
+            "target_key": s.target_key,
+            "label_field": s.label_field,
+            "system_prompt": s.system_prompt if s.system_prompt is not None else Queries().SYSTEM_PROMPT,
+        },
+        "image": {
+            "min_pixels": s.image_min_pixels or card.image_min_pixels,
+            "max_pixels": s.image_max_pixels or card.image_max_pixels,
+        },
+        "train": {
+            "output_dir": s.output_dir,
+            "run_id": s.run_id,
+            "seed": s.seed,
+            "max_steps": s.max_steps,
+            "num_epochs": s.num_epochs,
+            "save_steps": s.save_steps,
+            "save_total_limit": s.save_total_limit,
+            "learning_rate": s.learning_rate or card.learning_rate,
+            "lr_scheduler_type": s.lr_scheduler_type,
+            "warmup_ratio": s.warmup_ratio,
+            "weight_decay": s.weight_decay,
+            "max_grad_norm": s.max_grad_norm,
+            "per_device_batch_size": s.per_device_batch_size,
+            "grad_accum": s.grad_accum,
+            "max_length": s.max_length or card.max_length,
+            "logging_steps": s.logging_steps,
+            "dataloader_num_workers": s.dataloader_num_workers,
+        },
+        "lora": {
+            "r": s.lora_r or card.lora_r,
+            "alpha": s.lora_alpha or card.lora_alpha,
+            "dropout": s.lora_dropout if s.lora_dropout is not None else card.lora_dropout,
+            "target_modules": list(targets),
+            "scope_regex": card.lora_scope_regex,
+        },
+        "eval": {
+            "max_new_tokens": s.eval_max_new_tokens or card.eval_max_new_tokens,
+            "batch_size": s.eval_batch_size or card.eval_batch_size,
+            "do_sample": s.eval_do_sample,
+            "temperature": s.eval_temperature,
+            "pre": s.eval_pre,
+            "post": s.eval_post,
+            "adapter": s.eval_adapter,
+            "stop_tokens": list(card.stop_tokens),
+        },
+        "wandb": {"enabled": s.wandb_enabled},
+        "card": {"tags": list(card.tags)},
+    }

@@ -1,0 +1,147 @@
+"""Local dataset loading: JSONL (file or split dir), `datasets.save_to_disk` dirs and parquet.
+
+Every row gets a `row_id` such as `train.jsonl:17` (file and 1-based line) or `train[17]` (row index), so an error
+anywhere downstream can name the exact row. Images stay as paths (or the `datasets.Image` value) until the collator
+decodes them: holding every decoded image in memory would not scale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from job.errors import DataError
+
+ROW_ID = "row_id"
+JSONL_SUFFIXES = (".jsonl", ".json")
+
+
+def _jsonl_rows(path: Path, image_key: str, split: str) -> list[dict[str, Any]]:
+    """Parse a JSONL file line by line so that an error names the line; resolve image paths against the file."""
+    root = path.parent.resolve()
+    rows = []
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{split}: {path.name}:{lineno}: line is not valid UTF-8 ({exc.reason}); re-encode the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{split}: {path.name}:{lineno}: line is not valid JSON ({exc.msg}); each line must be one JSON object") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{split}: {path.name}:{lineno}: line is a JSON {type(row).__name__}, expected an object")
+            row[ROW_ID] = f"{path.name}:{lineno}"
+            image = row.get(image_key)
+            if isinstance(image, str):
+                row[image_key] = _resolve_image_path(root, image, row[ROW_ID], image_key)
+            rows.append(row)
+    return rows
+
+
+def _resolve_image_path(root: Path, rel: str, row_id: str, image_key: str) -> str:
+    resolved = (root / rel).resolve()
+    if not resolved.is_relative_to(root):
+        raise DataError(f"{row_id}: field '{image_key}' path {rel!r} escapes the dataset directory {root}; use a path inside it")
+    return str(resolved)
+
+
+def _rows_to_dataset(rows: list[dict[str, Any]]):
+    import datasets
+
+    # Mixed-type columns (a caption that is sometimes null) are fine for Arrow; objects in target_json are not
+    # uniform across rows, so they are stored as JSON text and parsed back by parse_target.
+    for row in rows:
+        for key, value in list(row.items()):
+            if isinstance(value, (dict, list)):
+                row[key] = json.dumps(value)
+    return datasets.Dataset.from_list(rows)
+
+
+def _with_row_ids(ds, split: str):
+    if ROW_ID in ds.column_names:
+        return ds
+    return ds.add_column(ROW_ID, [f"{split}[{i}]" for i in range(len(ds))])
+
+
+def _split_file(root: Path, split: str) -> Path | None:
+    for suffix in JSONL_SUFFIXES:
+        if (root / f"{split}{suffix}").is_file():
+            return root / f"{split}{suffix}"
+    return None
+
+
+def load_local_split(uri: str, split: str, image_key: str = "image"):
+    """Load one split from a local path. Raises DataError naming the path and what was expected."""
+    import datasets
+
+    root = Path(uri)
+    if not root.exists():
+        raise DataError(f"dataset path {uri!r} does not exist (SFT_DATASET_URI)")
+    if root.is_file() and root.suffix in JSONL_SUFFIXES:
+        ds = _rows_to_dataset(_jsonl_rows(root, image_key, split))
+    elif root.is_file() and root.suffix == ".parquet":
+        ds = _with_row_ids(datasets.Dataset.from_parquet(str(root)), split)
+    elif (root / "dataset_dict.json").is_file() or (root / "dataset_info.json").is_file():
+        loaded = datasets.load_from_disk(str(root))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(f"split {split!r} not found in {uri}: it has {sorted(loaded)}; set SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT")
+            loaded = loaded[split]
+        ds = _with_row_ids(loaded, split)
+    elif (jsonl := _split_file(root, split)) is not None:
+        ds = _rows_to_dataset(_jsonl_rows(jsonl, image_key, split))
+    elif parquet := sorted(root.glob(f"{split}*.parquet")) or sorted(root.glob(f"{split}/*.parquet")):
+        ds = _with_row_ids(datasets.Dataset.from_parquet([str(p) for p in parquet]), split)
+    else:
+        raise DataError(
+            f"no {split!r} split in {uri}: expected {split}.jsonl, {split}*.parquet, {split}/*.parquet "
+            "or a datasets.save_to_disk directory"
+        )
+    if len(ds) == 0:
+        raise DataError(f"split {split!r} in {uri} is empty")
+    return ds
+
+
+def _select_subset(ds, n: int | None, seed: int):
+    """A deterministic random subset of n rows (the whole split when n is None or not smaller)."""
+    if n is None or n >= len(ds):
+        return ds
+    return ds.shuffle(seed=seed).select(range(n))
+
+
+def load_split(cfg: dict, split: str):
+    data = cfg["data"]
+    if not data.get("uri"):
+        raise DataError("SFT_DATASET_URI is not set: point it at a local dataset directory or file")
+    return load_local_split(data["uri"], split, data["image_key"])
+
+
+def load_train_dataset(cfg: dict):
+    ds = load_split(cfg, cfg["data"]["train_split"])
+    return _select_subset(ds, cfg["data"]["train_subset"], cfg["train"]["seed"])
+
+
+def _load_eval_dataset(cfg: dict):
+    ds = load_split(cfg, cfg["data"]["eval_split"])
+    return _select_subset(ds, cfg["data"]["eval_subset"], cfg["train"]["seed"])
+
+
+def dataset_fingerprint(uri: str | None) -> str | None:
+    """sha256 over the dataset's files (names and bytes, in sorted order): changes iff the data changes."""
+    if not uri or not Path(uri).exists():
+        return None
+    root = Path(uri)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(root if root.is_dir() else root.parent)).encode())
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

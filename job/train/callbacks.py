@@ -1,0 +1,67 @@
+"""Trainer callbacks: compact log lines and the COMPLETED marker that makes a checkpoint count."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+log = logging.getLogger("job.train")
+COMPLETED = "COMPLETED"
+_LOGGED = ("loss", "grad_norm", "learning_rate", "mean_token_accuracy", "epoch")
+
+
+class LogCallback(TrainerCallback):
+    """One plain line per logging step (readable in `kubectl logs`, where tqdm bars are noise)."""
+
+    def __init__(self) -> None:
+        self.history: list[dict] = []
+        self._started = time.monotonic()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or not state.is_world_process_zero:
+            return
+        self.history.append({"step": state.global_step, **logs})
+        shown = " ".join(f"{k}={logs[k]:.4g}" for k in _LOGGED if isinstance(logs.get(k), (int, float)))
+        elapsed = time.monotonic() - self._started
+        log.info("step %d/%d %s (%.0fs)", state.global_step, state.max_steps, shown, elapsed)
+
+
+class CompletedMarkerCallback(TrainerCallback):
+    """Writes `checkpoint-N/COMPLETED` once the Trainer has finished writing checkpoint-N.
+
+    A checkpoint without the marker may be half-written (the pod died mid-save) and is never resumed from.
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                write_completed_marker(ckpt, state.global_step)
+        return control
+
+
+def write_completed_marker(ckpt: Path, step: int) -> None:
+    tmp = ckpt / f".{COMPLETED}.tmp"
+    tmp.write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
+    tmp.replace(ckpt / COMPLETED)  # atomic: the marker is either absent or whole
+
+
+def checkpoint_step(path: Path) -> int:
+    try:
+        return int(path.name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def latest_completed_checkpoint(checkpoints_dir: Path) -> tuple[Path | None, list[Path]]:
+    """The newest checkpoint with a COMPLETED marker, and the incomplete ones that were skipped."""
+    if not checkpoints_dir.is_dir():
+        return None, []
+    candidates = sorted((p for p in checkpoints_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) >= 0), key=checkpoint_step)
+    complete = [p for p in candidates if (p / COMPLETED).is_file()]
+    incomplete = [p for p in candidates if not (p / COMPLETED).is_file()]
+    return (complete[-1] if complete else None), incomplete

@@ -1,0 +1,138 @@
+"""Processor, 4-bit model and LoRA: everything between a model id and a trainable PEFT model."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def compute_dtype() -> torch.dtype:
+    """bf16 where the GPU supports it; fp32 on the CPU (bf16 matmuls there are slow and not needed)."""
+    return torch.bfloat16 if has_cuda() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_processor(cfg: dict):
+    from transformers import AutoProcessor
+
+    model = cfg["model"]
+    processor = AutoProcessor.from_pretrained(
+        model["id"], revision=model["revision"], trust_remote_code=model["trust_remote_code"],
+        min_pixels=cfg["image"]["min_pixels"], max_pixels=cfg["image"]["max_pixels"],
+    )
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "right"  # training; the eval collator asks for left padding per call
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return processor
+
+
+def quantization_config(cfg: dict):
+    if not cfg["model"]["load_in_4bit"]:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype(),
+        llm_int8_skip_modules=list(cfg["model"]["quant_skip_modules"]),
+    )
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """flash_attention_2 when asked for (or auto) and usable here; otherwise sdpa. eager only on request."""
+    if requested in ("sdpa", "eager"):
+        return requested
+    if has_cuda() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    if requested == "flash_attention_2":
+        log.warning("flash_attention_2 requested but flash-attn/CUDA is not available here; using sdpa")
+    return "sdpa"
+
+
+def device_map() -> dict[str, Any] | None:
+    if not has_cuda():
+        return None
+    import os
+
+    # One full replica per process: DDP with QLoRA cannot shard a 4-bit model across devices.
+    return {"": int(os.environ.get("LOCAL_RANK", 0))}
+
+
+def load_model(cfg: dict):
+    from transformers import Qwen3VLForConditionalGeneration
+
+    model_cfg = cfg["model"]
+    attn = resolve_attn_implementation(model_cfg["attn_implementation"])
+    kwargs = dict(
+        revision=model_cfg["revision"], trust_remote_code=model_cfg["trust_remote_code"], dtype=compute_dtype(),
+        quantization_config=quantization_config(cfg), device_map=device_map(),
+    )
+    try:
+        model = Qwen3VLForConditionalGeneration.from_pretrained(model_cfg["id"], attn_implementation=attn, **kwargs)
+    except (ImportError, ValueError, RuntimeError) as exc:
+        if attn != "flash_attention_2":
+            raise
+        log.warning("flash_attention_2 failed to load (%s); falling back to sdpa", str(exc).splitlines()[0][:160])
+        attn = "sdpa"
+        model = Qwen3VLForConditionalGeneration.from_pretrained(model_cfg["id"], attn_implementation=attn, **kwargs)
+    model.config.use_cache = False  # the KV cache is useless (and warns) under gradient checkpointing
+    log.info("model %s loaded: attn=%s 4bit=%s dtype=%s", model_cfg["id"], attn, model_cfg["load_in_4bit"], compute_dtype())
+    return model
+
+
+def lora_target_regex(cfg: dict) -> str:
+    """Full-match regex for PEFT: the named projections inside the language model only (never the ViT)."""
+    names = "|".join(sorted(set(cfg["lora"]["target_modules"])))
+    return rf".*{cfg['lora']['scope_regex']}(?:{names})"
+
+
+def apply_lora(model, cfg: dict):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    gc = cfg["model"]["gradient_checkpointing"]
+    if cfg["model"]["load_in_4bit"]:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    lora = LoraConfig(
+        r=cfg["lora"]["r"], lora_alpha=cfg["lora"]["alpha"], lora_dropout=cfg["lora"]["dropout"],
+        target_modules=lora_target_regex(cfg), bias="none", task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    matched = sum(1 for name, _ in model.named_modules() if name.endswith("lora_A"))
+    if matched == 0:
+        from job.errors import ConfigError
+
+        raise ConfigError([f"SFT_LORA_TARGET_MODULES={','.join(cfg['lora']['target_modules'])!r}: matches no language-model layer"])
+    return model
+
+
+def keep_trainable_params_fp32(model) -> None:
+    """Cast LoRA weights back to fp32 after SFTTrainer.__init__.
+
+    TRL's SFTTrainer casts trainable parameters to bf16 even with bf16=False, so optimizer updates land on bf16
+    weights: tiny updates round away, checkpoints hold bf16 adapters and a resumed run drifts from an uninterrupted
+    one (measured 1.3e-3 on the adapter). Master weights in fp32 (as QLoRA intends) make resume bit-exact.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def _count_trainable_params(model) -> dict[str, float]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    stats = {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
+    print(f"trainable params: {trainable:,} / {total:,} ({stats['percent']:.4f}%)", flush=True)
+    return stats

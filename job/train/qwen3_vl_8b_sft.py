@@ -1,0 +1,254 @@
+"""QLoRA SFT of Qwen3-VL-8B-Instruct: setup -> pre-eval -> train -> post-eval -> save (mirrors gemma3sft's flow).
+
+`main()` is a readable sequence of small steps; each step is a function below that can be tested on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from job.cards import ModelCards
+from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator
+from job.config import build_cfg
+from job.data.loaders import _load_eval_dataset, dataset_fingerprint, load_train_dataset
+from job.errors import DataError, JobError
+from job.train import artifacts
+from job.train.callbacks import CompletedMarkerCallback, LogCallback, latest_completed_checkpoint
+from job.train.model import (
+    _count_trainable_params, apply_lora, has_cuda, keep_trainable_params_fp32, load_model, load_processor,
+)
+from job.utils import tracking
+from job.utils.eval_sarcasm import evaluate_qwen3
+from job.utils.redact import redact
+
+log = logging.getLogger("job.train")
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    def create(self) -> RunPaths:
+        for path in (self.root, self.checkpoints, self.eval):
+            path.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+@dataclass
+class Timer:
+    durations: dict[str, float] = field(default_factory=dict)
+
+    def track(self, name: str, started: float) -> None:
+        self.durations[name] = round(time.monotonic() - started, 3)
+
+
+# -- setup -------------------------------------------------------------------------------------------------------
+def _seed_everything(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
+def _resolve_run_id(cfg: dict) -> str:
+    return cfg["train"]["run_id"] or f"qwen3-sft-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+
+def _uses_hub(cfg: dict) -> bool:
+    return not Path(cfg["model"]["id"]).exists() or not Path(cfg["data"]["uri"] or ".").exists()
+
+
+def _hub_access(cfg: dict) -> None:
+    """The Hub is used only for a model or dataset that is not local. Tokens come from HF_TOKEN (never logged)."""
+    if not _uses_hub(cfg):
+        return
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        log.info("Hub: HF_HUB_OFFLINE=1, using the local cache only")
+    elif os.environ.get("HF_TOKEN"):
+        log.info("Hub: authenticating with HF_TOKEN")
+    else:
+        log.info("Hub: no HF_TOKEN set, anonymous access (public repos only)")
+
+
+def _load_datasets(cfg: dict):
+    train_ds, eval_ds = load_train_dataset(cfg), _load_eval_dataset(cfg)
+    log.info("data: %d train rows, %d eval rows from %s", len(train_ds), len(eval_ds), cfg["data"]["uri"])
+    return train_ds, eval_ds
+
+
+def _build_collators(cfg: dict, processor) -> tuple[Qwen3VisionSFTCollator, Qwen3VisionSFTCollator]:
+    data = cfg["data"]
+    common = dict(
+        processor=processor, max_length=cfg["train"]["max_length"], image_key=data["image_key"],
+        query_key=data["query_key"], caption_key=data["caption_key"], target_key=data["target_key"],
+        system_prompt=data["system_prompt"],
+    )
+    return Qwen3VisionSFTCollator(training=True, **common), Qwen3VisionSFTCollator(training=False, **common)
+
+
+def _check_supervised_tokens(collator: Qwen3VisionSFTCollator, train_ds, batch_size: int) -> list[int]:
+    """One real batch through the collator: every row must have supervised tokens (else the loss is silently 0)."""
+    rows = [train_ds[i] for i in range(min(batch_size, len(train_ds)))]
+    batch = collator(rows)
+    counts = (batch["labels"] != IGNORE_INDEX).sum(dim=1).tolist()
+    print(f"supervised tokens per row (first batch): {counts}", flush=True)
+    if min(counts) == 0:
+        raise DataError(f"rows {[r.get('row_id') for r, c in zip(rows, counts) if c == 0]} have no supervised tokens")
+    return counts
+
+
+# -- train -------------------------------------------------------------------------------------------------------
+def _sft_config(cfg: dict, paths: RunPaths, run_id: str, report_to: list[str]):
+    from trl import SFTConfig
+
+    train, cuda = cfg["train"], has_cuda()
+    return SFTConfig(
+        output_dir=str(paths.checkpoints), run_name=run_id, seed=train["seed"], data_seed=train["seed"],
+        max_steps=train["max_steps"], num_train_epochs=train["num_epochs"],
+        per_device_train_batch_size=train["per_device_batch_size"], gradient_accumulation_steps=train["grad_accum"],
+        learning_rate=train["learning_rate"], lr_scheduler_type=train["lr_scheduler_type"],
+        warmup_steps=train["warmup_ratio"], weight_decay=train["weight_decay"], max_grad_norm=train["max_grad_norm"],
+        logging_steps=train["logging_steps"], save_strategy="steps", save_steps=train["save_steps"],
+        save_total_limit=train["save_total_limit"], report_to=report_to, disable_tqdm=True,
+        bf16=cuda and compute_bf16(), use_cpu=not cuda, optim="adamw_torch",
+        gradient_checkpointing=cfg["model"]["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        dataloader_num_workers=train["dataloader_num_workers"], dataloader_pin_memory=cuda,
+        ddp_find_unused_parameters=False, remove_unused_columns=False, max_length=None,
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
+
+
+def compute_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_bf16_supported()
+
+
+def _build_trainer(cfg, model, processor, collator, train_ds, paths, run_id, report_to):
+    from trl import SFTTrainer
+
+    log_callback = LogCallback()
+    trainer = SFTTrainer(
+        model=model, args=_sft_config(cfg, paths, run_id, report_to), train_dataset=train_ds,
+        data_collator=collator, processing_class=processor, callbacks=[log_callback, CompletedMarkerCallback()],
+    )
+    keep_trainable_params_fp32(trainer.model)
+    return trainer, log_callback
+
+
+def _resume_checkpoint(paths: RunPaths) -> str | None:
+    latest, incomplete = latest_completed_checkpoint(paths.checkpoints)
+    for path in incomplete:
+        log.warning("ignoring %s: no COMPLETED marker (interrupted save)", path.name)
+    if latest is not None:
+        log.info("resuming from %s", latest)
+    return str(latest) if latest is not None else None
+
+
+# -- eval --------------------------------------------------------------------------------------------------------
+def _evaluate(phase: str, cfg, model, processor, eval_ds, eval_collator, paths: RunPaths, run) -> dict | None:
+    if not cfg["eval"][phase]:
+        return None
+    metrics = evaluate_qwen3(model, processor, eval_ds, eval_collator, cfg)
+    artifacts.write_predictions(paths.eval / f"{phase}_predictions.jsonl", metrics["predictions"])
+    scalars = artifacts.scalar_metrics(metrics)
+    artifacts.write_json(paths.eval / f"{phase}_metrics.json", scalars)
+    tracking.log_metrics(run, f"gen_eval/{phase}_", scalars)
+    print(f"{phase}-eval: " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items()), flush=True)
+    return scalars
+
+
+def _stored_pre_metrics(paths: RunPaths) -> dict | None:
+    stored = paths.eval / "pre_metrics.json"
+    if stored.is_file():
+        import json
+
+        log.info("resume: reusing the stored pre-eval metrics (%s)", stored)
+        return json.loads(stored.read_text())
+    return None
+
+
+# -- save --------------------------------------------------------------------------------------------------------
+def _save_outputs(cfg, model, processor, paths, run_id, run, *, metrics, timer, params, resumed_from, step) -> dict:
+    started = time.monotonic()
+    files = artifacts.save_adapter(model, processor, paths.adapter)
+    fingerprint = dataset_fingerprint(cfg["data"]["uri"])
+    (paths.adapter / "README.md").write_text(artifacts.model_card_text(cfg, run_id, metrics, fingerprint))
+    artifacts.write_json(paths.root / "metrics.json", metrics)
+    timer.track("save", started)
+    meta = artifacts.training_meta(cfg, run_id, fingerprint=fingerprint, metrics=metrics, durations=timer.durations,
+                                   params=params, resumed_from=resumed_from, global_step=step)
+    meta["adapter_files"] = files
+    artifacts.write_json(paths.root / "training_meta.json", meta)
+    artifacts.log_run_metadata(run, meta)
+    return meta
+
+
+# -- the flow ----------------------------------------------------------------------------------------------------
+def run_job(cfg: dict) -> dict[str, Any]:
+    timer, started = Timer(), time.monotonic()
+    _seed_everything(cfg["train"]["seed"])
+    paths = RunPaths(Path(cfg["train"]["output_dir"])).create()
+    run_id = _resolve_run_id(cfg)
+    _hub_access(cfg)
+    train_ds, eval_ds = _load_datasets(cfg)
+    processor = load_processor(cfg)
+    collator, eval_collator = _build_collators(cfg, processor)
+    _check_supervised_tokens(collator, train_ds, cfg["train"]["per_device_batch_size"])
+    timer.track("setup", started)
+
+    started = time.monotonic()
+    model = apply_lora(load_model(cfg), cfg)
+    params = _count_trainable_params(model)
+    run = tracking.init_wandb(cfg, run_id, redact(cfg))
+    timer.track("model", started)
+    try:
+        resume_from = _resume_checkpoint(paths)
+        started = time.monotonic()
+        pre = (_stored_pre_metrics(paths) if resume_from else None) or _evaluate(
+            "pre", cfg, model, processor, eval_ds, eval_collator, paths, run)
+        timer.track("pre_eval", started)
+
+        started = time.monotonic()
+        trainer, _ = _build_trainer(cfg, model, processor, collator, train_ds, paths, run_id,
+                                    ["wandb"] if run is not None else [])
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        timer.track("train", started)
+
+        started = time.monotonic()
+        post = _evaluate("post", cfg, trainer.model, processor, eval_ds, eval_collator, paths, run)
+        timer.track("post_eval", started)
+        metrics = {"pre": pre, "post": post, "train": {"loss": result.training_loss, "global_step": result.global_step}}
+        return _save_outputs(cfg, trainer.model, processor, paths, run_id, run, metrics=metrics, timer=timer,
+                             params=params, resumed_from=resume_from, step=result.global_step)
+    finally:
+        tracking.finish(run)
+
+
+def main(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Build the config from the environment and run the job; user errors keep their type (and exit code)."""
+    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
+    try:
+        return run_job(cfg)
+    except JobError:
+        raise
+    except Exception as exc:
+        raise RuntimeError(f"Qwen3-VL SFT failed: {exc}") from exc

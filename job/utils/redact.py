@@ -1,0 +1,61 @@
+"""Keeping secrets out of logs, metadata, W&B config and model cards."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+from job.config import SECRET_ENV_VARS
+
+REDACTED = "***redacted***"
+# Keys that *end* in a secret-ish word (hf_token, wandb_api_key, aws_secret_access_key); "max_new_tokens" is not one.
+_SECRET_KEY = re.compile(r"(?:^|_)(?:token|secret|password|passwd|api_key|access_key|access_key_id|credentials?)$", re.IGNORECASE)
+
+
+def secret_values(env: dict | None = None) -> list[str]:
+    env = os.environ if env is None else env
+    # Very short values would redact ordinary words; real tokens and keys are long.
+    return [v for k in SECRET_ENV_VARS if len(v := env.get(k, "") or "") >= 6]
+
+
+def scrub(text: str, secrets: list[str] | None = None) -> str:
+    for value in secrets if secrets is not None else secret_values():
+        text = text.replace(value, REDACTED)
+    return text
+
+
+def redact(obj: Any, secrets: list[str] | None = None) -> Any:
+    """A copy of obj with secret-looking keys blanked and any known secret value scrubbed from strings."""
+    secrets = secret_values() if secrets is None else secrets
+    if isinstance(obj, dict):
+        return {k: (REDACTED if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v, secrets)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v, secrets) for v in obj)
+    if isinstance(obj, str):
+        return scrub(obj, secrets)
+    return obj
+
+
+class SecretFilter(logging.Filter):
+    """Scrubs secret values from every log record, whatever logger emitted it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = secret_values()
+        if secrets:
+            record.msg = scrub(record.getMessage(), secrets)
+            record.args = None
+        return True
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    root = logging.getLogger()
+    if not any(isinstance(f, SecretFilter) for h in root.handlers for f in h.filters):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler.addFilter(SecretFilter())
+        root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("httpx", "urllib3", "botocore", "filelock", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

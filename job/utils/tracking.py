@@ -1,0 +1,45 @@
+"""Weights & Biases: one run per SFT_RUN_ID, never an interactive login prompt."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def wandb_mode() -> str:
+    """The effective mode. Without an API key an online run would block on a login prompt at 3 am: go offline."""
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode in ("offline", "disabled", "online", "dryrun"):
+        return "offline" if mode == "dryrun" else mode
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    return "offline"
+
+
+def init_wandb(cfg: dict, run_id: str, config: dict):
+    """Start (or resume) the W&B run; returns None when W&B is disabled."""
+    if not cfg["wandb"]["enabled"] or wandb_mode() == "disabled":
+        return None
+    import wandb
+
+    mode = wandb_mode()
+    if mode == "offline" and not os.environ.get("WANDB_MODE"):
+        log.info("W&B: no WANDB_API_KEY, logging offline (sync later with `wandb sync`)")
+    return wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "qwen3-sft"),
+        id=run_id, name=run_id, resume="allow", mode=mode, config=config,
+        dir=os.environ.get("WANDB_DIR") or cfg["train"]["output_dir"],
+    )
+
+
+def log_metrics(run, prefix: str, metrics: dict) -> None:
+    if run is None:
+        return
+    run.log({f"{prefix}{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+
+def finish(run) -> None:
+    if run is not None:
+        run.finish()
