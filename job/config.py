@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     system_prompt: str | None = Field(None, examples=["You are a sarcasm detector."])
     image_min_pixels: int | None = Field(None, ge=1024, examples=["65536"])
     image_max_pixels: int | None = Field(None, ge=1024, le=4096 * 4096, examples=["1048576"])
+    # preflight: what to do with rows that fail the checks (job/preflight.py)
+    bad_rows: Literal["fail", "skip"] = Field("fail", examples=["fail", "skip"])
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, examples=["0.01"])
     # run and output
     output_dir: str = Field("outputs", min_length=1, examples=["/workspace/outputs"])
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", examples=["sarcasm-2026-11-25"])
@@ -64,7 +67,7 @@ class Settings(BaseSettings):
     save_steps: int = Field(50, ge=1, examples=["50"])
     save_total_limit: int = Field(3, ge=1, examples=["3"])
     learning_rate: float | None = Field(None, gt=0, le=1, examples=["2e-4"])
-    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine")
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", examples=["cosine"])
     warmup_ratio: float = Field(0.03, ge=0, lt=1, examples=["0.03"])
     weight_decay: float = Field(0.0, ge=0, lt=1, examples=["0.0"])
     max_grad_norm: float = Field(1.0, gt=0, examples=["1.0"])
@@ -88,6 +91,17 @@ class Settings(BaseSettings):
     eval_adapter: str | None = Field(None, examples=["outputs/adapter"])
     # integrations
     wandb_enabled: bool = Field(True, examples=["true"])
+    # storage and publishing
+    checkpoint_uri: str | None = Field(None, pattern=r"^s3://[^/]+(/.*)?$", examples=["s3://my-bucket/qwen3-sft"])
+    cache_dir: str | None = Field(None, examples=["/cache/qwen3-sft"])
+    s3_concurrency: int = Field(16, ge=1, le=256, examples=["16"])
+    hub_repo_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", examples=["my-org/qwen3-vl-sarcasm-lora"])
+    hub_private: bool = Field(True, examples=["true"])
+    push_min_metric: str | None = Field(
+        None, pattern=r"^(accuracy|macro_f1|json_parse_rate|exact_match):(0(\.\d+)?|1(\.0+)?)$", examples=["macro_f1:0.70"]
+    )
+    push_require_improvement: bool = Field(True, examples=["true"])
+    image_digest: str | None = Field(None, examples=["sha256:0123abcd..."])
 
     @field_validator("lora_target_modules")
     @classmethod
@@ -177,6 +191,8 @@ def cross_field_problems(s: Settings, card: ModelSpec) -> list[str]:
             f"SFT_SAVE_STEPS={s.save_steps} exceeds SFT_MAX_STEPS={s.max_steps}: no resumable checkpoint would be "
             "written before the end; lower SFT_SAVE_STEPS"
         )
+    if s.push_min_metric and not s.eval_post:
+        problems.append("SFT_PUSH_MIN_METRIC needs the post-eval: set SFT_EVAL_POST=true or unset the gate")
     return problems
 
 
@@ -226,6 +242,8 @@ def build_cfg(card: ModelSpec, env: Mapping[str, str] | None = None) -> dict[str
             "target_key": s.target_key,
             "label_field": s.label_field,
             "system_prompt": s.system_prompt if s.system_prompt is not None else Queries().SYSTEM_PROMPT,
+            "bad_rows": s.bad_rows,
+            "max_bad_fraction": s.max_bad_fraction,
         },
         "image": {
             "min_pixels": s.image_min_pixels or card.image_min_pixels,
@@ -268,5 +286,17 @@ def build_cfg(card: ModelSpec, env: Mapping[str, str] | None = None) -> dict[str
             "stop_tokens": list(card.stop_tokens),
         },
         "wandb": {"enabled": s.wandb_enabled},
+        "storage": {
+            "checkpoint_uri": s.checkpoint_uri.rstrip("/") if s.checkpoint_uri else None,
+            "cache_dir": s.cache_dir,
+            "s3_concurrency": s.s3_concurrency,
+        },
+        "hub": {
+            "repo_id": s.hub_repo_id,
+            "private": s.hub_private,
+            "min_metric": s.push_min_metric,
+            "require_improvement": s.push_require_improvement,
+        },
+        "lineage": {"image_digest": s.image_digest},
         "card": {"tags": list(card.tags)},
     }

@@ -115,10 +115,31 @@ def _select_subset(ds, n: int | None, seed: int):
     return ds.shuffle(seed=seed).select(range(n))
 
 
+def load_hub_split(dataset_id: str, split: str, config: str | None, revision: str | None):
+    """A split of a Hub dataset (cached by `datasets`; HF_HUB_OFFLINE=1 uses the cache only)."""
+    import datasets
+
+    from job.errors import TransientError
+
+    try:
+        ds = datasets.load_dataset(dataset_id, config, revision=revision, split=split)
+    except (ConnectionError, TimeoutError) as exc:
+        raise TransientError(f"Hub dataset {dataset_id}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - not found, no access, bad split: all fixable by the user
+        raise DataError(f"Hub dataset {dataset_id!r} split {split!r} (revision {revision}): {type(exc).__name__}: {exc}") from None
+    if len(ds) == 0:
+        raise DataError(f"split {split!r} of Hub dataset {dataset_id} is empty")
+    return _with_row_ids(ds, split)
+
+
 def load_split(cfg: dict, split: str):
+    from job.storage.sources import hub_dataset_id
+
     data = cfg["data"]
     if not data.get("uri"):
-        raise DataError("SFT_DATASET_URI is not set: point it at a local dataset directory or file")
+        raise DataError("SFT_DATASET_URI is not set: point it at a local path, s3://bucket/prefix or a Hub dataset id")
+    if (hub_id := hub_dataset_id(data["uri"])) is not None:
+        return load_hub_split(hub_id, split, data.get("config"), data.get("revision"))
     return load_local_split(data["uri"], split, data["image_key"])
 
 

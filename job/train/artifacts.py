@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import platform
 import subprocess
 from pathlib import Path
@@ -66,56 +65,42 @@ def git_sha() -> str | None:
         return None
 
 
-def training_meta(cfg: dict, run_id: str, *, fingerprint: str | None, metrics: dict, durations: dict,
+def lineage(cfg: dict, model, fingerprint: str | None) -> dict:
+    """Where this adapter came from: base model and revision, data URI and version, code and image."""
+    from job.storage.sources import hub_dataset_id, s3_etags
+
+    source = cfg["data"].get("source_uri", cfg["data"]["uri"])
+    base_config = getattr(getattr(model, "base_model", model), "config", None)
+    return {
+        "base_model": cfg["model"].get("source", cfg["model"]["id"]),
+        # A Hub load records the exact snapshot commit; a pinned SFT_MODEL_REVISION wins when given.
+        "base_model_revision": cfg["model"]["revision"] or getattr(base_config, "_commit_hash", None),
+        "dataset_uri": source,
+        "dataset_is_hub": hub_dataset_id(source) is not None,
+        "dataset_version": cfg["data"]["revision"] or s3_etags(source),
+        "fingerprint": fingerprint,
+        "git_sha": git_sha(),
+        "image_digest": cfg.get("lineage", {}).get("image_digest"),
+    }
+
+
+def training_meta(cfg: dict, run_id: str, *, lineage_info: dict, metrics: dict, durations: dict,
                   params: dict, resumed_from: str | None, global_step: int) -> dict:
     return redact({
         "run_id": run_id,
         "config": cfg,
-        "dataset": {"uri": cfg["data"]["uri"], "revision": cfg["data"]["revision"], "fingerprint_sha256": fingerprint},
-        "base_model": {"id": cfg["model"]["id"], "revision": cfg["model"]["revision"]},
+        "dataset": {"uri": lineage_info["dataset_uri"], "revision": cfg["data"]["revision"],
+                    "version": lineage_info["dataset_version"], "fingerprint_sha256": lineage_info["fingerprint"]},
+        "base_model": {"id": lineage_info["base_model"], "revision": lineage_info["base_model_revision"]},
         "versions": package_versions(),
-        "git_sha": git_sha(),
-        "image_digest": os.environ.get("SFT_IMAGE_DIGEST") or None,
+        "git_sha": lineage_info["git_sha"],
+        "image_digest": lineage_info["image_digest"],
         "metrics": metrics,
         "durations_s": durations,
         "trainable_params": params,
         "resumed_from": resumed_from,
         "global_step": global_step,
     })
-
-
-def model_card_text(cfg: dict, run_id: str, metrics: dict, fingerprint: str | None) -> str:
-    pre, post = metrics.get("pre") or {}, metrics.get("post") or {}
-    rows = "\n".join(
-        f"| {k} | {pre.get(k, '-')} | {post.get(k, '-')} |" for k in ("accuracy", "macro_f1", "json_parse_rate", "exact_match", "n")
-    )
-    train = redact({k: cfg["train"][k] for k in ("max_steps", "num_epochs", "learning_rate", "per_device_batch_size", "grad_accum", "max_length")})
-    return f"""---
-base_model: {cfg['model']['id']}
-library_name: peft
-pipeline_tag: image-text-to-text
-tags: {json.dumps(cfg['card']['tags'])}
----
-
-# {run_id}: QLoRA adapter for {cfg['model']['id']}
-
-Multimodal sarcasm detection: an image, a query and an optional caption in, a JSON verdict out.
-
-| metric | pre | post |
-|---|---|---|
-{rows}
-
-Training config: `{json.dumps(train, sort_keys=True)}`; LoRA r={cfg['lora']['r']} alpha={cfg['lora']['alpha']}.
-Data fingerprint (sha256): `{fingerprint}`.
-
-```python
-from peft import PeftModel
-from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
-base = Qwen3VLForConditionalGeneration.from_pretrained("{cfg['model']['id']}")
-model = PeftModel.from_pretrained(base, "<this repo or dir>")
-processor = AutoProcessor.from_pretrained("<this repo or dir>")
-```
-"""
 
 
 def log_run_metadata(run, meta: dict) -> None:

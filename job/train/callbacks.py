@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -34,12 +35,20 @@ class CompletedMarkerCallback(TrainerCallback):
     """Writes `checkpoint-N/COMPLETED` once the Trainer has finished writing checkpoint-N.
 
     A checkpoint without the marker may be half-written (the pod died mid-save) and is never resumed from.
+    `extra_files` (e.g. the pre-eval metrics) are copied into every checkpoint first, so a resume on a fresh pod
+    finds them with the checkpoint.
     """
+
+    def __init__(self, extra_files: tuple[Path, ...] = ()):
+        self.extra_files = extra_files
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
+                for extra in self.extra_files:
+                    if extra.is_file():
+                        shutil.copy2(extra, ckpt / extra.name)
                 write_completed_marker(ckpt, state.global_step)
         return control
 

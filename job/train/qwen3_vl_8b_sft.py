@@ -142,16 +142,24 @@ def compute_bf16() -> bool:
     return torch.cuda.is_bf16_supported()
 
 
-def _build_trainer(cfg, model, processor, collator, train_ds, paths, run_id, report_to):
+def _build_trainer(cfg, model, processor, collator, train_ds, paths, run_id, report_to, remote=None):
+    """The SFTTrainer and, with a checkpoint URI, the background uploader (callback order matters: the local
+    COMPLETED marker is written before the upload snapshot is taken)."""
     from trl import SFTTrainer
 
-    log_callback = LogCallback()
+    callbacks = [LogCallback(), CompletedMarkerCallback(extra_files=(paths.eval / "pre_metrics.json",))]
+    uploader = None
+    if remote is not None:
+        from job.storage.checkpoints import RemoteCheckpointCallback
+
+        uploader = RemoteCheckpointCallback(remote, paths.root / ".upload-staging")
+        callbacks.append(uploader)
     trainer = SFTTrainer(
         model=model, args=_sft_config(cfg, paths, run_id, report_to), train_dataset=train_ds,
-        data_collator=collator, processing_class=processor, callbacks=[log_callback, CompletedMarkerCallback()],
+        data_collator=collator, processing_class=processor, callbacks=callbacks,
     )
     keep_trainable_params_fp32(trainer.model)
-    return trainer, log_callback
+    return trainer, uploader
 
 
 def _resume_checkpoint(paths: RunPaths) -> str | None:
@@ -176,8 +184,11 @@ def _evaluate(phase: str, cfg, model, processor, eval_ds, eval_collator, paths: 
     return scalars
 
 
-def _stored_pre_metrics(paths: RunPaths) -> dict | None:
-    stored = paths.eval / "pre_metrics.json"
+def _stored_pre_metrics(paths: RunPaths, checkpoint: str) -> dict | None:
+    """Pre-eval is not re-run on resume: its result travels inside every checkpoint."""
+    stored = Path(checkpoint) / "pre_metrics.json"
+    if not stored.is_file():
+        stored = paths.eval / "pre_metrics.json"
     if stored.is_file():
         import json
 
@@ -189,12 +200,14 @@ def _stored_pre_metrics(paths: RunPaths) -> dict | None:
 # -- save --------------------------------------------------------------------------------------------------------
 def _save_outputs(cfg, model, processor, paths, run_id, run, *, metrics, timer, params, resumed_from, step) -> dict:
     started = time.monotonic()
+    from job.storage.hub import build_model_card
+
     files = artifacts.save_adapter(model, processor, paths.adapter)
-    fingerprint = dataset_fingerprint(cfg["data"]["uri"])
-    (paths.adapter / "README.md").write_text(artifacts.model_card_text(cfg, run_id, metrics, fingerprint))
+    lineage = artifacts.lineage(cfg, model, dataset_fingerprint(cfg["data"]["uri"]))
+    build_model_card(cfg, run_id, metrics, lineage).save(paths.adapter / "README.md")
     artifacts.write_json(paths.root / "metrics.json", metrics)
     timer.track("save", started)
-    meta = artifacts.training_meta(cfg, run_id, fingerprint=fingerprint, metrics=metrics, durations=timer.durations,
+    meta = artifacts.training_meta(cfg, run_id, lineage_info=lineage, metrics=metrics, durations=timer.durations,
                                    params=params, resumed_from=resumed_from, global_step=step)
     meta["adapter_files"] = files
     artifacts.write_json(paths.root / "training_meta.json", meta)
@@ -202,43 +215,108 @@ def _save_outputs(cfg, model, processor, paths, run_id, run, *, metrics, timer, 
     return meta
 
 
+# -- storage and publishing ---------------------------------------------------------------------------------------
+def _remote_checkpoints(cfg: dict, run_id: str):
+    """The object-store checkpoint sync, write-probed before any GPU time is spent (None without a URI)."""
+    uri = cfg["storage"]["checkpoint_uri"]
+    if not uri:
+        return None
+    from job.storage import s3 as s3io
+    from job.storage.checkpoints import RemoteCheckpoints
+
+    remote = RemoteCheckpoints(uri, run_id, keep=cfg["train"]["save_total_limit"])
+    s3io.probe_write(remote.s3, remote.run_uri)
+    return remote
+
+
+def _check_publish_access(cfg: dict) -> None:
+    if cfg["hub"]["repo_id"]:
+        from job.storage.hub import check_push_access
+
+        log.info("Hub: push as %s to %s", check_push_access(cfg["hub"]["repo_id"]), cfg["hub"]["repo_id"])
+
+
+def _resume_point(paths: RunPaths, remote) -> str | None:
+    """The newest COMPLETED checkpoint, local or remote (a fresh pod has only the remote one)."""
+    if remote is not None:
+        remote.restore_latest(paths.checkpoints)
+    return _resume_checkpoint(paths)
+
+
+def _publish(cfg: dict, paths: RunPaths, run_id: str, remote, metrics: dict) -> None:
+    """Gate, then upload the final artifacts (always) and push to the Hub (only when the gate passes)."""
+    from job.errors import GateRefused
+    from job.storage.hub import gate_decision, push_adapter
+
+    hub = cfg["hub"]
+    gated = bool(hub["repo_id"] or hub["min_metric"])
+    passed, reason = gate_decision(metrics, hub["min_metric"], hub["require_improvement"]) if gated else (True, "no gate")
+    metrics["gate"] = {"passed": passed, "reason": reason, "pushed_to": None}
+    artifacts.write_json(paths.root / "metrics.json", metrics)
+    if passed and hub["repo_id"]:
+        metrics["gate"]["pushed_to"] = push_adapter(paths.adapter, hub["repo_id"], hub["private"], run_id)
+        artifacts.write_json(paths.root / "metrics.json", metrics)
+    if remote is not None:
+        log.info("final artifacts uploaded to %s", remote.upload_final(paths.root, FINAL_ARTIFACTS))
+    if not passed:
+        raise GateRefused(f"quality gate refused the push: {reason}; artifacts kept in {paths.root}")
+
+
+FINAL_ARTIFACTS = ("adapter", "training_meta.json", "metrics.json", "eval")
+
+
 # -- the flow ----------------------------------------------------------------------------------------------------
-def run_job(cfg: dict) -> dict[str, Any]:
-    timer, started = Timer(), time.monotonic()
+def _prepare(cfg: dict, timer: Timer):
+    """Everything up to a trainable model: fails fast (exit 2) on bad config, data or credentials."""
+    from job.storage.sources import localize
+
+    started = time.monotonic()
     _seed_everything(cfg["train"]["seed"])
     paths = RunPaths(Path(cfg["train"]["output_dir"])).create()
     run_id = _resolve_run_id(cfg)
     _hub_access(cfg)
+    cfg = localize(cfg)
+    remote = _remote_checkpoints(cfg, run_id)
+    _check_publish_access(cfg)
     train_ds, eval_ds = _load_datasets(cfg)
     processor = load_processor(cfg)
     collator, eval_collator = _build_collators(cfg, processor)
     _check_supervised_tokens(collator, train_ds, cfg["train"]["per_device_batch_size"])
     timer.track("setup", started)
+    return cfg, paths, run_id, remote, (train_ds, eval_ds), processor, (collator, eval_collator)
 
+
+def run_job(cfg: dict) -> dict[str, Any]:
+    timer = Timer()
+    cfg, paths, run_id, remote, (train_ds, eval_ds), processor, (collator, eval_collator) = _prepare(cfg, timer)
     started = time.monotonic()
     model = apply_lora(load_model(cfg), cfg)
     params = _count_trainable_params(model)
     run = tracking.init_wandb(cfg, run_id, redact(cfg))
     timer.track("model", started)
     try:
-        resume_from = _resume_checkpoint(paths)
+        resume_from = _resume_point(paths, remote)
         started = time.monotonic()
-        pre = (_stored_pre_metrics(paths) if resume_from else None) or _evaluate(
+        pre = (_stored_pre_metrics(paths, resume_from) if resume_from else None) or _evaluate(
             "pre", cfg, model, processor, eval_ds, eval_collator, paths, run)
         timer.track("pre_eval", started)
 
         started = time.monotonic()
-        trainer, _ = _build_trainer(cfg, model, processor, collator, train_ds, paths, run_id,
-                                    ["wandb"] if run is not None else [])
+        trainer, uploader = _build_trainer(cfg, model, processor, collator, train_ds, paths, run_id,
+                                           ["wandb"] if run is not None else [], remote)
         result = trainer.train(resume_from_checkpoint=resume_from)
+        if uploader is not None:
+            uploader.drain()
         timer.track("train", started)
 
         started = time.monotonic()
         post = _evaluate("post", cfg, trainer.model, processor, eval_ds, eval_collator, paths, run)
         timer.track("post_eval", started)
         metrics = {"pre": pre, "post": post, "train": {"loss": result.training_loss, "global_step": result.global_step}}
-        return _save_outputs(cfg, trainer.model, processor, paths, run_id, run, metrics=metrics, timer=timer,
+        meta = _save_outputs(cfg, trainer.model, processor, paths, run_id, run, metrics=metrics, timer=timer,
                              params=params, resumed_from=resume_from, step=result.global_step)
+        _publish(cfg, paths, run_id, remote, metrics)
+        return meta
     finally:
         tracking.finish(run)
 

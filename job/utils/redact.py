@@ -46,6 +46,13 @@ class SecretFilter(logging.Filter):
         if secrets:
             record.msg = scrub(record.getMessage(), secrets)
             record.args = None
+            # log.exception(...) and stack_info=True carry text outside msg: format it now and scrub it too.
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = scrub(record.exc_text, secrets)
+            if record.stack_info:
+                record.stack_info = scrub(record.stack_info, secrets)
         return True
 
 

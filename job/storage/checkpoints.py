@@ -1,0 +1,129 @@
+"""Checkpoints in object storage: `{uri}/{run_id}/checkpoint-N/`, valid only once `COMPLETED` is written last.
+
+Upload runs on one background thread so training continues while the previous checkpoint goes up. The Trainer's
+files are hard-linked into a staging snapshot first: the Trainer may rotate (delete) its local checkpoint while the
+upload is still running, and it never rewrites a file in place, so the links stay valid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from job.storage import s3 as s3io
+from job.train.callbacks import COMPLETED, checkpoint_step, write_completed_marker
+
+log = logging.getLogger(__name__)
+
+
+class RemoteCheckpoints:
+    def __init__(self, uri: str, run_id: str, keep: int, client=None):
+        self.run_uri = s3io.S3Uri.parse(uri).child(run_id)
+        self.keep = keep
+        self.s3 = client or s3io.client()
+
+    def _steps(self) -> tuple[list[int], list[int]]:
+        """(complete, incomplete) checkpoint steps under the run prefix, ascending."""
+        keys = [o["Key"][len(self.run_uri.prefix) + 1:] for o in s3io.list_objects(self.s3, self.run_uri)]
+        dirs = {k.split("/", 1)[0] for k in keys if k.startswith("checkpoint-") and "/" in k}
+        done = {k.split("/", 1)[0] for k in keys if k.endswith(f"/{COMPLETED}")}
+        steps = sorted((checkpoint_step(Path(d)), d in done) for d in dirs if checkpoint_step(Path(d)) >= 0)
+        return [s for s, ok in steps if ok], [s for s, ok in steps if not ok]
+
+    def upload(self, local: Path, step: int) -> None:
+        target = self.run_uri.child(f"checkpoint-{step}")
+        started = time.monotonic()
+        sizes = s3io.upload_dir(self.s3, local, target, skip=(COMPLETED,))
+        s3io.verify_sizes(self.s3, target, sizes)
+        # Written last: a reader that sees COMPLETED knows every object above is whole.
+        s3io.put_text(self.s3, target, target.key(COMPLETED), json.dumps({"step": step, "objects": len(sizes), "time": time.time()}))
+        log.info("checkpoint-%d uploaded to %s (%d objects, %.1fs)", step, target, len(sizes), time.monotonic() - started)
+        self.apply_retention()
+
+    def apply_retention(self) -> None:
+        """Keep the newest `keep` complete checkpoints; drop older ones and stale incomplete prefixes."""
+        complete, incomplete = self._steps()
+        if not complete:
+            return
+        newest = complete[-1]
+        doomed = complete[:-self.keep] + [s for s in incomplete if s < newest]
+        for step in doomed:
+            s3io.delete_prefix(self.s3, self.run_uri.child(f"checkpoint-{step}"))
+            log.info("retention: deleted %s/checkpoint-%d", self.run_uri, step)
+
+    def restore_latest(self, local_dir: Path) -> Path | None:
+        complete, incomplete = self._steps()
+        for step in incomplete:
+            log.warning("ignoring %s/checkpoint-%d: no COMPLETED marker (interrupted upload)", self.run_uri, step)
+        if not complete:
+            return None
+        step = complete[-1]
+        dest = local_dir / f"checkpoint-{step}"
+        if (dest / COMPLETED).is_file():
+            return dest
+        s3io.download_prefix(self.s3, self.run_uri.child(f"checkpoint-{step}"), dest)
+        (dest / s3io.MANIFEST).unlink(missing_ok=True)
+        write_completed_marker(dest, step)
+        log.info("restored checkpoint-%d from %s", step, self.run_uri)
+        return dest
+
+    def upload_final(self, root: Path, names: tuple[str, ...]) -> str:
+        target = self.run_uri.child("final")
+        sizes: dict[str, int] = {}
+        for name in names:
+            path = root / name
+            if path.is_dir():
+                sizes.update(s3io.upload_dir(self.s3, path, target.child(name)))
+            elif path.is_file():
+                sizes.update(s3io.upload_dir(self.s3, root, target, skip=tuple(p.name for p in root.iterdir() if p.name != name)))
+        s3io.verify_sizes(self.s3, target, sizes)
+        s3io.put_text(self.s3, target, target.key(COMPLETED), json.dumps({"objects": len(sizes), "time": time.time()}))
+        return str(target)
+
+
+class RemoteCheckpointCallback(TrainerCallback):
+    """After each local save (and its local COMPLETED), snapshot the checkpoint and upload it in the background."""
+
+    def __init__(self, remote: RemoteCheckpoints, staging: Path):
+        self.remote, self.staging = remote, staging
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
+        self._pending: list[Future] = []
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return control
+        self._raise_failed()
+        step = state.global_step
+        snapshot = self.staging / f"checkpoint-{step}"
+        shutil.rmtree(snapshot, ignore_errors=True)
+        shutil.copytree(Path(args.output_dir) / f"checkpoint-{step}", snapshot, copy_function=os.link)
+        self._pending.append(self._pool.submit(self._upload, snapshot, step))
+        return control
+
+    def _upload(self, snapshot: Path, step: int) -> None:
+        try:
+            self.remote.upload(snapshot, step)
+        finally:
+            shutil.rmtree(snapshot, ignore_errors=True)
+
+    def _raise_failed(self) -> None:
+        for future in [f for f in self._pending if f.done()]:
+            self._pending.remove(future)
+            future.result()  # re-raises an upload error here, on the training thread
+
+    def drain(self) -> None:
+        """Wait for every queued upload; raise the first failure."""
+        for future in self._pending:
+            future.result()
+        self._pending.clear()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.drain()
+        return control

@@ -1,0 +1,167 @@
+"""S3 (and S3-compatible: MinIO, R2, GCS interop) transfers with botocore's own retries.
+
+`AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` are honoured by botocore itself. Retries use botocore's `standard` mode;
+there is no hand-rolled retry loop here. Errors are mapped once, in `s3_errors`: auth, permission and not-found
+are user errors (exit 2) naming the bucket and key; connection failures that outlived the retries are transient
+(exit 3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from job.errors import TransientError, UserError
+
+log = logging.getLogger(__name__)
+MANIFEST = ".s3-manifest.json"
+_USER_CODES = {"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
+               "NoSuchKey", "404", "403", "ExpiredToken", "InvalidBucketName", "AccountProblem"}
+
+
+@dataclass(frozen=True)
+class S3Uri:
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, uri: str) -> S3Uri:
+        if not uri.startswith("s3://") or not uri[5:].split("/", 1)[0]:
+            raise UserError(f"{uri!r} is not an s3://bucket/prefix URI")
+        bucket, _, prefix = uri[5:].partition("/")
+        return cls(bucket, prefix.strip("/"))
+
+    def key(self, *parts: str) -> str:
+        return "/".join(p.strip("/") for p in (self.prefix, *parts) if p and p.strip("/"))
+
+    def child(self, *parts: str) -> S3Uri:
+        return S3Uri(self.bucket, self.key(*parts))
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+def client():
+    import boto3
+    from botocore.config import Config
+
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", "8"))
+    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": attempts}))
+
+
+@contextlib.contextmanager
+def s3_errors(what: str):
+    """Turn botocore failures into user (exit 2) or transient (exit 3) errors that name what was being done."""
+    from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError, NoCredentialsError
+
+    try:
+        yield
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        message = exc.response.get("Error", {}).get("Message", "")
+        if code in _USER_CODES:
+            raise UserError(f"S3 {what}: {code} {message}".strip() + "; check the bucket name, key and credentials") from None
+        raise TransientError(f"S3 {what}: {code} {message} (after retries)") from None
+    except NoCredentialsError:
+        raise UserError(f"S3 {what}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a role)") from None
+    except (BotoConnectionError, BotoCoreError) as exc:
+        raise TransientError(f"S3 {what}: {type(exc).__name__}: {exc} (after retries)") from None
+
+
+def list_objects(s3, uri: S3Uri) -> list[dict]:
+    prefix = uri.prefix + "/" if uri.prefix else ""
+    objects = []
+    with s3_errors(f"list s3://{uri.bucket}/{prefix}"):
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=uri.bucket, Prefix=prefix):
+            objects.extend(page.get("Contents", []))
+    return objects
+
+
+def _transfer_config():
+    from boto3.s3.transfer import TransferConfig
+
+    # Same variable as SFT_S3_CONCURRENCY in job.config (validated there); read here so helpers need no cfg.
+    return TransferConfig(max_concurrency=int(os.environ.get("SFT_S3_CONCURRENCY", "16")), use_threads=True)
+
+
+def download_prefix(s3, uri: S3Uri, dest: Path) -> list[Path]:
+    """Mirror uri into dest, skipping objects whose size and ETag match what was downloaded before."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    dest.mkdir(parents=True, exist_ok=True)
+    manifest_path = dest / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    objects = [o for o in list_objects(s3, uri) if not o["Key"].endswith("/")]
+    if not objects:
+        raise UserError(f"nothing found under {uri}; check SFT_* URI and that the prefix has objects")
+    base = uri.prefix + "/" if uri.prefix else ""
+    todo = []
+    for obj in objects:
+        rel = obj["Key"][len(base):]
+        target = dest / rel
+        seen = manifest.get(rel)
+        if target.is_file() and seen == [obj["Size"], obj["ETag"]] and target.stat().st_size == obj["Size"]:
+            continue
+        todo.append((obj, rel, target))
+
+    def fetch(item):
+        obj, rel, target = item
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.part")
+        with s3_errors(f"download s3://{uri.bucket}/{obj['Key']}"):
+            s3.download_file(uri.bucket, obj["Key"], str(tmp), Config=_transfer_config())
+        tmp.replace(target)
+        return rel, [obj["Size"], obj["ETag"]]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        manifest.update(dict(pool.map(fetch, todo)))
+    manifest_path.write_text(json.dumps(manifest, sort_keys=True))
+    log.info("s3: %s -> %s (%d fetched, %d cached)", uri, dest, len(todo), len(objects) - len(todo))
+    return [dest / o["Key"][len(base):] for o in objects]
+
+
+def upload_dir(s3, src: Path, uri: S3Uri, skip: tuple[str, ...] = ()) -> dict[str, int]:
+    """Upload every file under src; returns {key: size}. Each file goes up whole (multipart commits atomically)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = [p for p in sorted(src.rglob("*")) if p.is_file() and p.name not in skip]
+
+    def put(path: Path) -> tuple[str, int]:
+        key = uri.key(str(path.relative_to(src)))
+        with s3_errors(f"upload s3://{uri.bucket}/{key}"):
+            s3.upload_file(str(path), uri.bucket, key, Config=_transfer_config())
+        return key, path.stat().st_size
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return dict(pool.map(put, files))
+
+
+def verify_sizes(s3, uri: S3Uri, expected: dict[str, int]) -> None:
+    present = {o["Key"]: o["Size"] for o in list_objects(s3, uri)}
+    bad = {k: (v, present.get(k)) for k, v in expected.items() if present.get(k) != v}
+    if bad:
+        raise TransientError(f"S3 verify {uri}: size mismatch or missing for {sorted(bad)[:5]}")
+
+
+def put_text(s3, uri: S3Uri, key: str, text: str) -> None:
+    with s3_errors(f"write s3://{uri.bucket}/{key}"):
+        s3.put_object(Bucket=uri.bucket, Key=key, Body=text.encode())
+
+
+def delete_prefix(s3, uri: S3Uri) -> None:
+    keys = [{"Key": o["Key"]} for o in list_objects(s3, uri)]
+    for start in range(0, len(keys), 1000):
+        with s3_errors(f"delete {uri}"):
+            s3.delete_objects(Bucket=uri.bucket, Delete={"Objects": keys[start:start + 1000]})
+
+
+def probe_write(s3, uri: S3Uri) -> None:
+    """Fail before training, not after it, when the bucket is missing or not writable."""
+    key = uri.key(".write-probe")
+    put_text(s3, uri, key, "probe\n")
+    with s3_errors(f"delete s3://{uri.bucket}/{key}"):
+        s3.delete_object(Bucket=uri.bucket, Key=key)

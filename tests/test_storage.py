@@ -1,0 +1,242 @@
+"""Object storage over the real S3 protocol (moto's server on 127.0.0.1), the gate and the model card."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, job_env, run_job
+from job.errors import GateRefused, TransientError, UserError
+from job.storage import s3 as s3io
+from job.storage.checkpoints import RemoteCheckpoints
+
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testingsecret", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    saved = {k: os.environ.get(k) for k in (*AWS_ENV, "AWS_ENDPOINT_URL")}
+    os.environ.update({**AWS_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+    for key, value in saved.items():
+        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+@pytest.fixture()
+def bucket(s3_endpoint, request):
+    name = "b-" + request.node.name.lower().replace("_", "-")[:40]
+    s3io.client().create_bucket(Bucket=name)
+    return name
+
+
+def _fake_checkpoint(root: Path, step: int) -> Path:
+    ckpt = root / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "adapter_model.safetensors").write_bytes(os.urandom(2048))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return ckpt
+
+
+def test_data_round_trip_with_etag_cache(bucket, tiny_assets, tmp_path):
+    s3 = s3io.client()
+    data_dir = tiny_assets[1]
+    sizes = s3io.upload_dir(s3, data_dir, s3io.S3Uri(bucket, "sarcasm"))
+    dest = tmp_path / "cache"
+    files = s3io.download_prefix(s3, s3io.S3Uri(bucket, "sarcasm"), dest)
+    assert len(files) == len(sizes)
+    for path in data_dir.rglob("*"):
+        if path.is_file():
+            assert (dest / path.relative_to(data_dir)).read_bytes() == path.read_bytes()
+    stamp = (dest / "train.jsonl").stat().st_mtime_ns
+    s3io.download_prefix(s3, s3io.S3Uri(bucket, "sarcasm"), dest)  # second pull: size+ETag match, nothing fetched
+    assert (dest / "train.jsonl").stat().st_mtime_ns == stamp
+    (dest / "train.jsonl").write_text("changed")  # a corrupted cache entry is re-fetched
+    s3io.download_prefix(s3, s3io.S3Uri(bucket, "sarcasm"), dest)
+    assert (dest / "train.jsonl").read_bytes() == (data_dir / "train.jsonl").read_bytes()
+
+
+def test_marker_written_last_and_incomplete_never_chosen(bucket, tmp_path):
+    remote = RemoteCheckpoints(f"s3://{bucket}/ckpts", "run-a", keep=5)
+    remote.upload(_fake_checkpoint(tmp_path / "local", 2), 2)
+    objects = s3io.list_objects(remote.s3, remote.run_uri.child("checkpoint-2"))
+    marker = [o for o in objects if o["Key"].endswith("/COMPLETED")]
+    assert len(marker) == 1 and len(objects) == 3
+    assert all(o["LastModified"] <= marker[0]["LastModified"] for o in objects)
+    # A newer prefix without its marker (upload died) must be ignored by a resuming pod.
+    partial = _fake_checkpoint(tmp_path / "partial", 4)
+    s3io.upload_dir(remote.s3, partial, remote.run_uri.child("checkpoint-4"))
+    restored = remote.restore_latest(tmp_path / "restore")
+    assert restored is not None and restored.name == "checkpoint-2"
+    assert (restored / "COMPLETED").is_file()
+    assert (restored / "adapter_model.safetensors").read_bytes() == (tmp_path / "local/checkpoint-2/adapter_model.safetensors").read_bytes()
+
+
+def test_retention_keeps_newest_complete(bucket, tmp_path):
+    remote = RemoteCheckpoints(f"s3://{bucket}/ckpts", "run-r", keep=2)
+    stale = _fake_checkpoint(tmp_path / "stale", 1)
+    s3io.upload_dir(remote.s3, stale, remote.run_uri.child("checkpoint-1"))  # incomplete and older: removed
+    for step in (2, 4, 6, 8):
+        remote.upload(_fake_checkpoint(tmp_path / f"l{step}", step), step)
+    complete, incomplete = remote._steps()
+    assert complete == [6, 8] and incomplete == []
+    remote.keep = 1
+    remote.apply_retention()
+    assert remote._steps() == ([8], [])
+
+
+def test_bucket_errors_are_user_errors_and_dead_endpoint_is_transient(s3_endpoint, monkeypatch):
+    with pytest.raises(UserError, match="no-such-bucket"):
+        s3io.probe_write(s3io.client(), s3io.S3Uri("no-such-bucket", "x"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    with pytest.raises(TransientError, match="after retries"):
+        s3io.probe_write(s3io.client(), s3io.S3Uri("any", "x"))
+
+
+def test_missing_bucket_fails_run_before_training(s3_endpoint, tiny_assets, tmp_path):
+    env = job_env(tmp_path, tiny_assets, SFT_CHECKPOINT_URI="s3://missing-bucket/runs", **AWS_ENV,
+                  AWS_ENDPOINT_URL=s3_endpoint)
+    proc = run_job(["run"], env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "missing-bucket" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "out/checkpoints").glob("checkpoint-*"))
+
+
+def _wait_for_completed(s3, bucket: str, prefix: str, proc, timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        keys = [o["Key"] for o in s3io.list_objects(s3, s3io.S3Uri(bucket, prefix))]
+        done = [k for k in keys if k.endswith("/COMPLETED") and "/checkpoint-" in k]
+        if done:
+            return done[0]
+        time.sleep(0.5)
+    raise AssertionError(f"no COMPLETED checkpoint appeared (rc={proc.poll()})")
+
+
+def test_sigkill_then_same_run_id_resumes_from_s3(bucket, s3_endpoint, tiny_assets, tmp_path):
+    """Data from S3, checkpoints to S3; SIGKILL after the first COMPLETED; a fresh pod (empty disk) resumes."""
+    s3 = s3io.client()
+    s3io.upload_dir(s3, tiny_assets[1], s3io.S3Uri(bucket, "data"))
+    common = dict(SFT_DATASET_URI=f"s3://{bucket}/data", SFT_CHECKPOINT_URI=f"s3://{bucket}/runs",
+                  SFT_RUN_ID="job-abc", SFT_MAX_STEPS="8", SFT_SAVE_STEPS="2", SFT_EVAL_SUBSET="2",
+                  AWS_ENDPOINT_URL=s3_endpoint, **AWS_ENV)
+    first = job_env(tmp_path / "pod1", tiny_assets, SFT_CACHE_DIR=str(tmp_path / "pod1/cache"), **common)
+    proc = subprocess.Popen([sys.executable, "-m", "job", "run"], env=first, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    marker = _wait_for_completed(s3, bucket, "runs/job-abc", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed_at = int(marker.split("checkpoint-")[1].split("/")[0])
+
+    second = job_env(tmp_path / "pod2", tiny_assets, SFT_CACHE_DIR=str(tmp_path / "pod2/cache"), **common)
+    done = run_job(["run"], second)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    meta = json.loads((tmp_path / "pod2/out/training_meta.json").read_text())
+    resumed = int(meta["resumed_from"].rsplit("-", 1)[1])
+    assert resumed >= killed_at and meta["global_step"] == 8
+    assert "reusing the stored pre-eval metrics" in log
+    keys = {o["Key"] for o in s3io.list_objects(s3, s3io.S3Uri(bucket, "runs/job-abc/final"))}
+    for rel in ("adapter/adapter_model.safetensors", "adapter/README.md", "training_meta.json", "metrics.json",
+                "eval/post_predictions.jsonl", "COMPLETED"):
+        assert f"runs/job-abc/final/{rel}" in keys, rel
+    assert meta["dataset"]["uri"] == f"s3://{bucket}/data" and len(meta["dataset"]["version"]) == 64
+
+
+def test_gate_refuses_push_exit_4(bucket, s3_endpoint, tiny_assets, tmp_path):
+    env = job_env(tmp_path, tiny_assets, SFT_CHECKPOINT_URI=f"s3://{bucket}/runs", SFT_MAX_STEPS="2",
+                  SFT_SAVE_STEPS="2", SFT_EVAL_SUBSET="2", SFT_PUSH_MIN_METRIC="macro_f1:0.99",
+                  AWS_ENDPOINT_URL=s3_endpoint, **AWS_ENV)
+    proc = run_job(["run"], env)
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert "quality gate refused" in proc.stderr and "Traceback" not in proc.stderr
+    metrics = json.loads((tmp_path / "out/metrics.json").read_text())
+    assert metrics["gate"]["passed"] is False and "below SFT_PUSH_MIN_METRIC" in metrics["gate"]["reason"]
+    assert metrics["gate"]["pushed_to"] is None
+    keys = {o["Key"] for o in s3io.list_objects(s3io.client(), s3io.S3Uri(bucket, "runs/test-run/final"))}
+    assert "runs/test-run/final/adapter/adapter_model.safetensors" in keys  # artifacts kept in storage
+
+
+def test_model_card_metadata_parses(tiny_assets, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from job.cards import ModelCards
+    from job.config import build_cfg
+    from job.storage.hub import build_model_card
+
+    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, {"SFT_DATASET_URI": "org/sarcasm", "HF_TOKEN": "hf_secret_abcdef"})
+    metrics = {"pre": {"accuracy": 0.5, "macro_f1": 0.4, "json_parse_rate": 0.9, "exact_match": 0.3, "n": 10},
+               "post": {"accuracy": 0.9, "macro_f1": 0.85, "json_parse_rate": 1.0, "exact_match": 0.8, "n": 10}}
+    lineage = {"base_model": "Qwen/Qwen3-VL-8B-Instruct", "base_model_revision": "abc123", "dataset_uri": "org/sarcasm",
+               "dataset_is_hub": True, "dataset_version": "v1", "fingerprint": "f" * 64, "git_sha": None, "image_digest": None}
+    build_model_card(cfg, "run-1", metrics, lineage).save(tmp_path / "README.md")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model == "Qwen/Qwen3-VL-8B-Instruct" and card.data.base_model_revision == "abc123"
+    assert card.data.library_name == "peft" and card.data.pipeline_tag == "image-text-to-text"
+    assert card.data.datasets == ["org/sarcasm"] and "qlora" in card.data.tags
+    values = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert values == {"accuracy": 0.9, "macro_f1": 0.85, "json_parse_rate": 1.0, "exact_match": 0.8}
+    assert "model-index" in card.content and "PeftModel.from_pretrained" in card.text
+    assert "hf_secret_abcdef" not in card.content
+
+
+def test_gate_rules():
+    from job.storage.hub import gate_decision
+
+    pre, post = {"macro_f1": 0.6, "accuracy": 0.7}, {"macro_f1": 0.65, "accuracy": 0.6}
+    assert gate_decision({"pre": pre, "post": post}, "macro_f1:0.6", True)[0] is True
+    assert gate_decision({"pre": pre, "post": post}, "macro_f1:0.7", True) == (False, "post macro_f1=0.6500 is below SFT_PUSH_MIN_METRIC 0.7")
+    passed, reason = gate_decision({"pre": pre, "post": post}, "accuracy:0.5", True)
+    assert not passed and "below pre accuracy=0.7000" in reason
+    assert gate_decision({"pre": pre, "post": post}, "accuracy:0.5", False)[0] is True
+    assert gate_decision({"pre": pre, "post": None}, None, True)[0] is False
+
+
+def test_refused_gate_never_reaches_the_hub(tmp_path, monkeypatch):
+    """_publish with a repo set and a failing gate raises GateRefused without calling the Hub at all."""
+    from job.cards import ModelCards
+    from job.config import build_cfg
+    from job.train.qwen3_vl_8b_sft import RunPaths, _publish
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # any Hub call would now fail loudly with a different error
+    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, {"SFT_HUB_REPO_ID": "org/repo", "SFT_PUSH_MIN_METRIC": "accuracy:0.9"})
+    paths = RunPaths(tmp_path).create()
+    metrics = {"pre": {"accuracy": 0.1}, "post": {"accuracy": 0.5}}
+    with pytest.raises(GateRefused, match="below SFT_PUSH_MIN_METRIC"):
+        _publish(cfg, paths, "run-x", None, metrics)
+    assert json.loads((tmp_path / "metrics.json").read_text())["gate"]["pushed_to"] is None
+
+
+def test_push_path_stops_at_hub_boundary_offline(tmp_path, monkeypatch):
+    from job.storage.hub import check_push_access, push_adapter
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE=1"):
+        check_push_access("org/repo")
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE=1"):
+        push_adapter(tmp_path, "org/repo", True, "run-x")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(UserError, match="needs HF_TOKEN"):
+        check_push_access("org/repo")
