@@ -1,63 +1,338 @@
-"""`qwen3-sft preflight`: every row of both splits through the real processor and collator, on the CPU.
+"""`qwen3-sft preflight` (and the first phase of `run`): every row of both splits checked on the CPU.
 
-It loads the processor only (no model weights), so it runs on a CPU runner before any GPU hour is spent.
+It loads the processor only (no model weights), so it runs on a CPU runner before any GPU hour is spent. Each row
+goes through job/data/checks.py (schema, full image decode and pixel bounds, target JSON and label, token length
+including visual tokens against SFT_MAX_LENGTH, supervised tokens); then duplicates and the label distribution are
+checked across rows. Rows are streamed through worker processes in dataset order; only a few numbers per row are
+kept, never a decoded image.
+
+Output: a summary table on stdout and `preflight_report.json` in SFT_OUTPUT_DIR, the only file preflight writes.
+Policy (SFT_BAD_ROWS): `fail` raises DataError (exit 2) if any row is bad; `skip` drops bad rows and raises only
+when more than SFT_MAX_BAD_FRACTION of a split is bad. A split the loader cannot parse at all (a line that is not
+JSON or not UTF-8, an image path escaping the dataset directory, an empty split) always fails.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
+import multiprocessing
+import os
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from job.cards import ModelCards
-from job.collators.qwen3_collator import IGNORE_INDEX
 from job.config import build_cfg
+from job.data.checks import MAX_DECODE_PIXELS, RowChecker, RowResult
 from job.data.loaders import _load_eval_dataset, load_train_dataset
-from job.errors import DataError, find_job_error
+from job.errors import DataError
 from job.train import artifacts
-from job.train.model import load_processor
-from job.train.qwen3_vl_8b_sft import _build_collators
 
 log = logging.getLogger("job.preflight")
 
+REPORT_NAME = "preflight_report.json"
+MAX_LISTED_ERRORS = 50  # in the exception message; the JSON report lists every error
+POOL_MIN_ROWS = 200  # below this, forking workers costs more than checking the rows in-process
+ROLES = ("train", "eval")
 
-def _row_problem(collator, row: dict) -> str | None:
+
+@dataclass
+class PreflightResult:
+    report: dict
+    train_dataset: Any  # bad rows removed under SFT_BAD_ROWS=skip; the loaded split otherwise
+    eval_dataset: Any
+
+
+def _issue(split: str, row_id: str | None, index: int | None, kind: str, field_name: str, message: str, fix: str) -> dict:
+    return {"split": split, "row_id": row_id, "index": index, "kind": kind, "field": field_name, "message": message, "fix": fix}
+
+
+def format_issue(issue: dict) -> str:
+    if issue["kind"] == "split_unreadable":  # the loader's message already names the file, line and field
+        return f"{issue['split']}: {issue['message']}; fix: {issue['fix']}"
+    where = "row" if issue["field"] == "row" else f"field '{issue['field']}'"
+    return f"{issue['split']}: {issue['row_id']}: {where} {issue['message']}; fix: {issue['fix']}"
+
+
+@dataclass
+class SplitTally:
+    """Running totals for one split: everything the report needs, a few numbers per row."""
+
+    role: str
+    name: str
+    rows: int
+    errors: list[dict] = field(default_factory=list)
+    warnings: list[dict] = field(default_factory=list)
+    bad: list[tuple[int, str]] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    visual: list[int] = field(default_factory=list)
+    supervised: list[int] = field(default_factory=list)
+    labels: Counter = field(default_factory=Counter)
+    label_rows: dict[str, str] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
+    skipped: bool = False
+
+    def add(self, r: RowResult, train_digests: dict[str, str] | None) -> None:
+        for e in r.errors:
+            self.errors.append(_issue(self.name, r.row_id, r.index, e.kind, e.field, e.message, e.fix))
+        if r.errors:
+            self.bad.append((r.index, r.row_id))
+        for values, value in ((self.tokens, r.tokens), (self.visual, r.visual_tokens), (self.supervised, r.supervised_tokens)):
+            if value is not None:
+                values.append(value)
+        if not r.errors and r.label is not None:
+            self.labels[r.label] += 1
+            self.label_rows.setdefault(r.label, r.row_id)
+        if r.digest is not None:
+            self._duplicates(r, train_digests)
+
+    def _duplicates(self, r: RowResult, train_digests: dict[str, str] | None) -> None:
+        fix = "drop the repeated row (duplicates over-weight it)"
+        if r.digest in self.digests:
+            self.warnings.append(_issue(self.name, r.row_id, r.index, "duplicate_row", "row",
+                                        f"repeats {self.digests[r.digest]} (same image bytes, query, caption and target)", fix))
+        else:
+            self.digests[r.digest] = r.row_id
+        if train_digests and r.digest in train_digests:
+            self.warnings.append(_issue(self.name, r.row_id, r.index, "eval_row_in_train", "row",
+                                        f"is identical to training row {train_digests[r.digest]}, so eval scores are inflated",
+                                        "remove it from one of the splits"))
+
+
+# -- scanning ----------------------------------------------------------------------------------------------------
+# Set just before the workers fork, so they inherit the datasets and the processor instead of unpickling them.
+_JOBS: dict[str, tuple[Any, RowChecker]] = {}
+
+
+def _check_task(task: tuple[str, int]) -> tuple[str, RowResult]:
+    role, index = task
+    view, checker = _JOBS[role]
+    return role, checker.check(view[index], index)
+
+
+def worker_count() -> int:
     try:
-        batch = collator([row])
-    except Exception as exc:  # noqa: BLE001 - every row problem is collected, then raised once
-        inner = find_job_error(exc)
-        return str(inner if inner is not None else exc)
-    if not (batch["labels"] != IGNORE_INDEX).any():
-        return f"{row.get('row_id')}: no supervised tokens"
+        cores = len(os.sched_getaffinity(0))  # the CPUs this container may use, not the host's
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 16))
+
+
+def effective_workers(workers: int, total: int) -> int:
+    if workers < 2 or total < POOL_MIN_ROWS or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return workers
+
+
+@contextlib.contextmanager
+def _mapper(workers: int, total: int) -> Iterator[Callable]:
+    """An ordered map: in-process for small jobs, else a forked pool (deterministic: imap keeps dataset order)."""
+    if effective_workers(workers, total) == 1:
+        yield map
+        return
+    # Tokenizers' Rust thread pool must not be used across a fork; without this each worker prints a warning.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    chunksize = max(1, min(32, total // (workers * 16)))
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield lambda fn, tasks: pool.imap(fn, tasks, chunksize=chunksize)
+
+
+def scan(jobs: dict[str, tuple[Any, RowChecker, str]], workers: int) -> dict[str, SplitTally]:
+    """Check every row of every split; jobs maps role -> (dataset view, checker, split name)."""
+    from tqdm.auto import tqdm
+
+    tallies = {role: SplitTally(role, name, len(view)) for role, (view, _, name) in jobs.items()}
+    total = sum(t.rows for t in tallies.values())
+    tasks = itertools.chain.from_iterable(((role, i) for i in range(len(view))) for role, (view, _, _) in jobs.items())
+    _JOBS.update({role: (view, checker) for role, (view, checker, _) in jobs.items()})
+    try:
+        with _mapper(workers, total) as ordered_map, tqdm(total=total, desc="preflight", unit="row", file=sys.stderr,
+                                                         disable=None, mininterval=1.0) as bar:
+            for role, result in ordered_map(_check_task, tasks):
+                train = tallies.get("train")
+                tallies[role].add(result, train.digests if role == "eval" and train else None)
+                bar.update()
+    finally:
+        _JOBS.clear()
+    return tallies
+
+
+# -- loading -----------------------------------------------------------------------------------------------------
+def _load_error(split: str, exc: DataError) -> dict:
+    """The loader stops at the first unparseable line; keep its message (which names file:line) and pull the row out."""
+    message = str(exc)
+    row = re.search(r"([\w.-]+\.jsonl?:\d+)", message)
+    found = re.search(r"field '([^']+)'", message)
+    return _issue(split, row.group(1) if row else None, None, "split_unreadable", found.group(1) if found else "line",
+                  message.removeprefix(f"{split}: "), "correct the file; until then the whole split cannot be loaded")
+
+
+def _load_splits(cfg: dict) -> tuple[dict[str, Any], list[dict]]:
+    loaders = {"train": load_train_dataset, "eval": _load_eval_dataset}
+    loaded, errors = {}, []
+    for role, load in loaders.items():
+        try:
+            loaded[role] = load(cfg)
+        except DataError as exc:
+            errors.append(_load_error(cfg["data"][f"{role}_split"], exc))
+    return loaded, errors
+
+
+def _check_view(ds, image_key: str):
+    """The split with images left undecoded: the checker decodes them itself, with the bomb limit, one at a time."""
+    import datasets
+
+    feature = ds.features.get(image_key)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return ds.cast_column(image_key, datasets.Image(decode=False))
+    return ds
+
+
+# -- policy and report -------------------------------------------------------------------------------------------
+def _label_warnings(tallies: dict[str, SplitTally], field_name: str) -> None:
+    train, ev = tallies["train"], tallies["eval"]
+    for label, count in sorted(ev.labels.items()):
+        if label not in train.labels:
+            ev.warnings.append(_issue(ev.name, ev.label_rows[label], None, "eval_label_not_in_train", field_name,
+                                      f"label {label!r} is in {count} eval row(s) but in no training row",
+                                      "add training rows with this label, or fix its spelling"))
+
+
+def _policy_failure(cfg: dict, tallies: dict[str, SplitTally]) -> str | None:
+    """None when the run may go on; else why it may not. Marks the splits whose bad rows are dropped."""
+    mode, limit = cfg["data"]["bad_rows"], cfg["data"]["max_bad_fraction"]
+    bad = {t.name: len(t.bad) for t in tallies.values() if t.bad}
+    if not bad:
+        return None
+    if mode == "fail":
+        counts = ", ".join(f"{name}: {n}" for name, n in bad.items())
+        return (f"{sum(bad.values())} bad row(s) ({counts}); SFT_BAD_ROWS=fail stops here "
+                f"(fix the rows, or set SFT_BAD_ROWS=skip to drop up to SFT_MAX_BAD_FRACTION={limit} of a split)")
+    over = [t for t in tallies.values() if t.bad and (len(t.bad) / t.rows > limit or len(t.bad) == t.rows)]
+    if over:
+        return "; ".join(f"{t.name}: {len(t.bad)} of {t.rows} rows are bad ({len(t.bad) / t.rows:.1%}), above "
+                         f"SFT_MAX_BAD_FRACTION={limit}" for t in over) + " (fix the rows or raise SFT_MAX_BAD_FRACTION)"
+    for t in tallies.values():
+        t.skipped = bool(t.bad)
     return None
 
 
-def check_split(collator, ds, split: str) -> dict:
-    problems, lengths = [], []
-    for i in range(len(ds)):
-        row = ds[i]
-        problem = _row_problem(collator, row)
-        if problem:
-            problems.append(f"{split}: {problem}")
-        else:
-            lengths.append(int(collator([row])["attention_mask"].sum()))
-    return {"rows": len(ds), "errors": problems, "max_tokens": max(lengths, default=0)}
+def _stats(values: list[int]) -> dict[str, int | None]:
+    """Nearest-rank percentiles: real row lengths, not interpolated ones."""
+    if not values:
+        return {"p50": None, "p95": None, "max": None}
+    ordered = sorted(values)
+    rank = lambda p: ordered[max(0, -(-len(ordered) * p // 100) - 1)]  # noqa: E731 - ceil(n*p/100)-th value
+    return {"p50": rank(50), "p95": rank(95), "max": ordered[-1]}
 
 
-def run_preflight(cfg: dict) -> dict:
-    processor = load_processor(cfg)
-    collator, _ = _build_collators(cfg, processor)
-    report = {
-        cfg["data"]["train_split"]: check_split(collator, load_train_dataset(cfg), cfg["data"]["train_split"]),
-        cfg["data"]["eval_split"]: check_split(collator, _load_eval_dataset(cfg), cfg["data"]["eval_split"]),
+def _split_report(t: SplitTally) -> dict:
+    return {
+        "split": t.name, "rows": t.rows, "rows_bad": len(t.bad), "bad_fraction": round(len(t.bad) / t.rows, 6) if t.rows else 0.0,
+        "rows_skipped": len(t.bad) if t.skipped else 0, "skipped_row_ids": [rid for _, rid in t.bad] if t.skipped else [],
+        "errors_by_kind": dict(Counter(e["kind"] for e in t.errors)),
+        "warnings_by_kind": dict(Counter(w["kind"] for w in t.warnings)),
+        "tokens": _stats(t.tokens), "visual_tokens": _stats(t.visual), "supervised_tokens": _stats(t.supervised),
+        "labels": dict(sorted(t.labels.items())),
     }
-    artifacts.write_json(Path(cfg["train"]["output_dir"]) / "preflight_report.json", report)
-    errors = [e for split in report.values() for e in split["errors"]]
-    for split, info in report.items():
-        print(f"preflight {split}: {info['rows']} rows, {len(info['errors'])} errors, max {info['max_tokens']} tokens")
-    if errors:
-        raise DataError(f"preflight found {len(errors)} bad rows:\n" + "\n".join(f"  - {e}" for e in errors[:50]))
-    return report
 
 
-def main(env: dict | None = None) -> dict:
+def build_report(cfg: dict, tallies: dict[str, SplitTally], load_errors: list[dict], failure: str | None,
+                 seconds: float, workers: int) -> dict:
+    errors = load_errors + [e for t in tallies.values() for e in t.errors]
+    warnings = [w for t in tallies.values() for w in t.warnings]
+    rows = sum(t.rows for t in tallies.values())
+    return {
+        "ok": failure is None, "failure": failure, "dataset_uri": cfg["data"]["uri"],
+        "policy": {"bad_rows": cfg["data"]["bad_rows"], "max_bad_fraction": cfg["data"]["max_bad_fraction"]},
+        "limits": {"max_length": cfg["train"]["max_length"], "image_min_pixels": cfg["image"]["min_pixels"],
+                   "image_max_pixels": cfg["image"]["max_pixels"], "max_decode_pixels": MAX_DECODE_PIXELS},
+        "rows_checked": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 1) if seconds > 0 else None,
+        "workers": workers,
+        "splits": {role: _split_report(t) for role, t in tallies.items()},
+        "errors_by_kind": dict(Counter(e["kind"] for e in errors)),
+        "warnings_by_kind": dict(Counter(w["kind"] for w in warnings)),
+        "errors": errors, "warnings": warnings,
+    }
+
+
+def _kinds(counts: dict) -> str:
+    return ", ".join(f"{k}={n}" for k, n in sorted(counts.items())) or "none"
+
+
+def summary_table(report: dict, path: Path) -> str:
+    lines = [f"preflight: {report['rows_checked']} rows checked in {report['seconds']:.1f} s "
+             f"({report['rows_per_s'] or 0:.0f} rows/s, {report['workers']} worker(s)); policy SFT_BAD_ROWS={report['policy']['bad_rows']}",
+             f"{'split':<14}{'rows':>8}{'bad':>6}{'skipped':>9}  {'tokens p50/p95/max':<22}{'visual p50/p95/max':<22}"]
+    fmt = lambda s: "/".join("-" if s[k] is None else str(s[k]) for k in ("p50", "p95", "max"))  # noqa: E731
+    for split in report["splits"].values():
+        lines.append(f"{split['split']:<14}{split['rows']:>8}{split['rows_bad']:>6}{split['rows_skipped']:>9}  "
+                     f"{fmt(split['tokens']):<22}{fmt(split['visual_tokens']):<22}")
+    lines.append(f"errors by kind:   {_kinds(report['errors_by_kind'])}")
+    lines.append(f"warnings by kind: {_kinds(report['warnings_by_kind'])}")
+    for split in report["splits"].values():
+        lines.append(f"labels {split['split']}: {_kinds(split['labels'])}")
+    lines.append(f"report: {path}" + ("" if report["ok"] else f"  FAILED: {report['failure']}"))
+    return "\n".join(lines)
+
+
+def _failure_message(report: dict, path: Path) -> str:
+    errors = report["errors"]
+    listed = "\n".join(f"  - {format_issue(e)}" for e in errors[:MAX_LISTED_ERRORS])
+    more = f"\n  ... and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
+    return f"preflight failed: {report['failure']}\n{listed}{more}\nfull report: {path}"
+
+
+def _publish(cfg: dict, report: dict) -> Path:
+    path = Path(cfg["train"]["output_dir"]) / REPORT_NAME
+    artifacts.write_json(path, report)
+    print(summary_table(report, path), flush=True)
+    for warning in report["warnings"][:MAX_LISTED_ERRORS]:
+        log.warning("%s", format_issue(warning))
+    return path
+
+
+# -- entry points ------------------------------------------------------------------------------------------------
+def _kept(ds, tally: SplitTally):
+    if not tally.skipped:
+        return ds
+    dropped = {index for index, _ in tally.bad}
+    return ds.select([i for i in range(len(ds)) if i not in dropped])
+
+
+def run_preflight(cfg: dict, processor=None) -> PreflightResult:
+    """Check every row of the train and eval splits; raise DataError per SFT_BAD_ROWS, else return the datasets."""
+    started = time.monotonic()
+    loaded, load_errors = _load_splits(cfg)
+    if load_errors:
+        report = build_report(cfg, {}, load_errors, "a split could not be loaded", time.monotonic() - started, 0)
+        raise DataError(_failure_message(report, _publish(cfg, report)))
+    if processor is None:
+        from job.train.model import load_processor
+
+        processor = load_processor(cfg)
+    from job.train.qwen3_vl_8b_sft import _build_collators  # lazy: the training flow imports this module
+
+    collators = dict(zip(ROLES, _build_collators(cfg, processor)))
+    jobs = {role: (_check_view(loaded[role], cfg["data"]["image_key"]), RowChecker(collators[role], cfg["data"]["label_field"]),
+                   cfg["data"][f"{role}_split"]) for role in ROLES}
+    total = sum(len(view) for view, _, _ in jobs.values())
+    workers, scan_started = effective_workers(worker_count(), total), time.monotonic()
+    tallies = scan(jobs, workers)
+    _label_warnings(tallies, f"{cfg['data']['target_key']}.{cfg['data']['label_field']}")
+    failure = _policy_failure(cfg, tallies)
+    report = build_report(cfg, tallies, [], failure, time.monotonic() - scan_started, workers)
+    path = _publish(cfg, report)
+    if failure is not None:
+        raise DataError(_failure_message(report, path))
+    return PreflightResult(report, _kept(loaded["train"], tallies["train"]), _kept(loaded["eval"], tallies["eval"]))
+
+
+def main(env: dict | None = None) -> PreflightResult:
     return run_preflight(build_cfg(ModelCards().qwen3_vl_8b_instruct, env))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,34 @@ def _rows_to_dataset(rows: list[dict[str, Any]]):
         for key, value in list(row.items()):
             if isinstance(value, (dict, list)):
                 row[key] = json.dumps(value)
+    _check_column_types(rows)
     return datasets.Dataset.from_list(rows)
+
+
+def _type_class(value: Any) -> str:
+    # Arrow widens int to float but cannot mix str, bool and numbers in one column.
+    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
+
+
+def _check_column_types(rows: list[dict[str, Any]]) -> None:
+    """Name the rows whose value type differs from the rest of its column (e.g. one numeric query among strings).
+
+    Without this, Arrow fails on the whole file with an ArrowTypeError that names neither the row nor the column.
+    """
+    seen: dict[str, Counter] = {}
+    for row in rows:
+        for key, value in row.items():
+            if value is not None:
+                seen.setdefault(key, Counter())[_type_class(value)] += 1
+    odd = []
+    for key, types in seen.items():
+        if len(types) > 1:
+            usual = types.most_common(1)[0][0]
+            odd += [f"{row[ROW_ID]}: field '{key}' is {_type_class(row[key])} {row[key]!r:.40} where other rows have {usual}"
+                    for row in rows if row.get(key) is not None and _type_class(row[key]) != usual]
+    if odd:
+        listed = "; ".join(odd[:20]) + (f"; ... and {len(odd) - 20} more" if len(odd) > 20 else "")
+        raise DataError(f"{listed}; every row must use one type per column (e.g. a JSON string)")
 
 
 def _with_row_ids(ds, split: str):

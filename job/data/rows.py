@@ -58,6 +58,8 @@ def load_image(value: Any, row: str, field: str):
         with Image.open(source) as opened:
             opened.load()  # decode fully now, not lazily inside the processor
             return to_rgb(opened, row, field)
+    except Image.DecompressionBombError as exc:  # not an OSError: without this it crashed as an internal error
+        raise DataError(f"{row}: field '{field}' is too large to decode safely ({exc}); downscale it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{row}: field '{field}' is not a readable image ({type(exc).__name__}: {exc}); re-save it as PNG or JPEG") from None
 

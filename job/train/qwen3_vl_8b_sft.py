@@ -16,7 +16,7 @@ from typing import Any
 from job.cards import ModelCards
 from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator
 from job.config import build_cfg
-from job.data.loaders import _load_eval_dataset, dataset_fingerprint, load_train_dataset
+from job.data.loaders import dataset_fingerprint
 from job.errors import DataError, JobError
 from job.train import artifacts
 from job.train.callbacks import CompletedMarkerCallback, LogCallback, latest_completed_checkpoint
@@ -85,12 +85,6 @@ def _hub_access(cfg: dict) -> None:
         log.info("Hub: authenticating with HF_TOKEN")
     else:
         log.info("Hub: no HF_TOKEN set, anonymous access (public repos only)")
-
-
-def _load_datasets(cfg: dict):
-    train_ds, eval_ds = load_train_dataset(cfg), _load_eval_dataset(cfg)
-    log.info("data: %d train rows, %d eval rows from %s", len(train_ds), len(eval_ds), cfg["data"]["uri"])
-    return train_ds, eval_ds
 
 
 def _build_collators(cfg: dict, processor) -> tuple[Qwen3VisionSFTCollator, Qwen3VisionSFTCollator]:
@@ -278,8 +272,14 @@ def _prepare(cfg: dict, timer: Timer):
     cfg = localize(cfg)
     remote = _remote_checkpoints(cfg, run_id)
     _check_publish_access(cfg)
-    train_ds, eval_ds = _load_datasets(cfg)
     processor = load_processor(cfg)
+    # Preflight is the first phase of every run: every row of both splits is checked before model weights load
+    # (and with SFT_BAD_ROWS=skip the bad rows are dropped here).
+    from job.preflight import run_preflight
+
+    checked = run_preflight(cfg, processor)
+    train_ds, eval_ds = checked.train_dataset, checked.eval_dataset
+    log.info("data: %d train rows, %d eval rows from %s", len(train_ds), len(eval_ds), cfg["data"]["uri"])
     collator, eval_collator = _build_collators(cfg, processor)
     _check_supervised_tokens(collator, train_ds, cfg["train"]["per_device_batch_size"])
     timer.track("setup", started)
