@@ -14,6 +14,7 @@ JSON or not UTF-8, an image path escaping the dataset directory, an empty split)
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import logging
@@ -23,6 +24,8 @@ import re
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -50,7 +53,8 @@ class PreflightResult:
 
 
 def _issue(split: str, row_id: str | None, index: int | None, kind: str, field_name: str, message: str, fix: str) -> dict:
-    return {"split": split, "row_id": row_id, "index": index, "kind": kind, "field": field_name, "message": message, "fix": fix}
+    return {"split": split, "row_id": row_id, "index": index, "kind": kind, "field": field_name, "message": message,
+            "fix": fix}
 
 
 def format_issue(issue: dict) -> str:
@@ -83,26 +87,28 @@ class SplitTally:
             self.errors.append(_issue(self.name, r.row_id, r.index, e.kind, e.field, e.message, e.fix))
         if r.errors:
             self.bad.append((r.index, r.row_id))
-        for values, value in ((self.tokens, r.tokens), (self.visual, r.visual_tokens), (self.supervised, r.supervised_tokens)):
+        for values, value in ((self.tokens, r.tokens), (self.visual, r.visual_tokens),
+                              (self.supervised, r.supervised_tokens)):
             if value is not None:
                 values.append(value)
-        if not r.errors and r.label is not None:
+        if not r.errors and r.label is not None:  # labels of the rows that would be trained on (or scored)
             self.labels[r.label] += 1
             self.label_rows.setdefault(r.label, r.row_id)
         if r.digest is not None:
             self._duplicates(r, train_digests)
 
     def _duplicates(self, r: RowResult, train_digests: dict[str, str] | None) -> None:
-        fix = "drop the repeated row (duplicates over-weight it)"
         if r.digest in self.digests:
+            first = self.digests[r.digest]
             self.warnings.append(_issue(self.name, r.row_id, r.index, "duplicate_row", "row",
-                                        f"repeats {self.digests[r.digest]} (same image bytes, query, caption and target)", fix))
+                                        f"repeats {first} (same image bytes, query, caption and target)",
+                                        "drop the repeated row (duplicates over-weight it)"))
         else:
             self.digests[r.digest] = r.row_id
         if train_digests and r.digest in train_digests:
             self.warnings.append(_issue(self.name, r.row_id, r.index, "eval_row_in_train", "row",
-                                        f"is identical to training row {train_digests[r.digest]}, so eval scores are inflated",
-                                        "remove it from one of the splits"))
+                                        f"is identical to training row {train_digests[r.digest]}, so eval scores are "
+                                        "inflated", "remove it from one of the splits"))
 
 
 # -- scanning ----------------------------------------------------------------------------------------------------
@@ -116,12 +122,28 @@ def _check_task(task: tuple[str, int]) -> tuple[str, RowResult]:
     return role, checker.check(view[index], index)
 
 
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The container's CPU quota (Kubernetes limits.cpu), which the affinity mask does not show; None if unlimited."""
+    v2, v1 = root / "cpu.max", root / "cpu" / "cpu.cfs_quota_us"
+    try:
+        if v2.is_file():
+            quota, period = v2.read_text().split()
+        elif v1.is_file():
+            quota, period = v1.read_text().strip(), v1.with_name("cpu.cfs_period_us").read_text().strip()
+        else:
+            return None
+        return None if quota in ("max", "-1") else max(1, int(quota) // int(period))
+    except (OSError, ValueError):
+        return None
+
+
 def worker_count() -> int:
     try:
-        cores = len(os.sched_getaffinity(0))  # the CPUs this container may use, not the host's
+        cores = len(os.sched_getaffinity(0))  # the CPUs this process may run on
     except AttributeError:
         cores = os.cpu_count() or 1
-    return max(1, min(cores, 16))
+    # At most 16: each worker may hold one image of up to MAX_DECODE_PIXELS decoded (~270 MB as RGB).
+    return max(1, min(cores, cgroup_cpu_limit() or cores, 16))
 
 
 def effective_workers(workers: int, total: int) -> int:
@@ -130,17 +152,45 @@ def effective_workers(workers: int, total: int) -> int:
     return workers
 
 
+def _check_chunk(tasks: list[tuple[str, int]]) -> list[tuple[str, RowResult]]:
+    return [_check_task(task) for task in tasks]
+
+
+def _chunks(tasks: Iterator, size: int) -> Iterator[list]:
+    while chunk := list(itertools.islice(tasks, size)):
+        yield chunk
+
+
+def _pool_map(executor, tasks: Iterator, chunksize: int, window: int) -> Iterator[tuple[str, RowResult]]:
+    """Results in task order, with at most `window` chunks in flight (memory stays bounded for any split size)."""
+    pending: collections.deque = collections.deque()
+    try:
+        for chunk in _chunks(tasks, chunksize):
+            pending.append(executor.submit(_check_chunk, chunk))
+            if len(pending) >= window:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+    except BrokenProcessPool as exc:
+        raise RuntimeError("a preflight worker process died (killed for memory, or an image decoder crashed); "
+                           "rerun with more memory") from exc
+
+
 @contextlib.contextmanager
 def _mapper(workers: int, total: int) -> Iterator[Callable]:
-    """An ordered map: in-process for small jobs, else a forked pool (deterministic: imap keeps dataset order)."""
+    """An ordered map: in-process for small jobs, else forked workers (deterministic: results come back in order).
+
+    concurrent.futures rather than multiprocessing.Pool: a worker killed by the OOM killer makes the executor raise
+    BrokenProcessPool, where Pool.imap would wait forever.
+    """
     if effective_workers(workers, total) == 1:
-        yield map
+        yield lambda tasks: map(_check_task, tasks)
         return
     # Tokenizers' Rust thread pool must not be used across a fork; without this each worker prints a warning.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     chunksize = max(1, min(32, total // (workers * 16)))
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        yield lambda fn, tasks: pool.imap(fn, tasks, chunksize=chunksize)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as executor:
+        yield lambda tasks: _pool_map(executor, iter(tasks), chunksize, window=workers * 4)
 
 
 def scan(jobs: dict[str, tuple[Any, RowChecker, str]], workers: int) -> dict[str, SplitTally]:
@@ -154,7 +204,7 @@ def scan(jobs: dict[str, tuple[Any, RowChecker, str]], workers: int) -> dict[str
     try:
         with _mapper(workers, total) as ordered_map, tqdm(total=total, desc="preflight", unit="row", file=sys.stderr,
                                                          disable=None, mininterval=1.0) as bar:
-            for role, result in ordered_map(_check_task, tasks):
+            for role, result in ordered_map(tasks):
                 train = tallies.get("train")
                 tallies[role].add(result, train.digests if role == "eval" and train else None)
                 bar.update()
@@ -234,7 +284,8 @@ def _stats(values: list[int]) -> dict[str, int | None]:
 
 def _split_report(t: SplitTally) -> dict:
     return {
-        "split": t.name, "rows": t.rows, "rows_bad": len(t.bad), "bad_fraction": round(len(t.bad) / t.rows, 6) if t.rows else 0.0,
+        "split": t.name, "rows": t.rows, "rows_bad": len(t.bad),
+        "bad_fraction": round(len(t.bad) / t.rows, 6) if t.rows else 0.0,
         "rows_skipped": len(t.bad) if t.skipped else 0, "skipped_row_ids": [rid for _, rid in t.bad] if t.skipped else [],
         "errors_by_kind": dict(Counter(e["kind"] for e in t.errors)),
         "warnings_by_kind": dict(Counter(w["kind"] for w in t.warnings)),
@@ -253,6 +304,7 @@ def build_report(cfg: dict, tallies: dict[str, SplitTally], load_errors: list[di
         "policy": {"bad_rows": cfg["data"]["bad_rows"], "max_bad_fraction": cfg["data"]["max_bad_fraction"]},
         "limits": {"max_length": cfg["train"]["max_length"], "image_min_pixels": cfg["image"]["min_pixels"],
                    "image_max_pixels": cfg["image"]["max_pixels"], "max_decode_pixels": MAX_DECODE_PIXELS},
+        # The scan alone (decode, tokenize, check), without loading the processor and the splits.
         "rows_checked": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 1) if seconds > 0 else None,
         "workers": workers,
         "splits": {role: _split_report(t) for role, t in tallies.items()},
@@ -266,14 +318,18 @@ def _kinds(counts: dict) -> str:
     return ", ".join(f"{k}={n}" for k, n in sorted(counts.items())) or "none"
 
 
+def _triple(stats: dict) -> str:
+    return "/".join("-" if stats[k] is None else str(stats[k]) for k in ("p50", "p95", "max"))
+
+
 def summary_table(report: dict, path: Path) -> str:
-    lines = [f"preflight: {report['rows_checked']} rows checked in {report['seconds']:.1f} s "
-             f"({report['rows_per_s'] or 0:.0f} rows/s, {report['workers']} worker(s)); policy SFT_BAD_ROWS={report['policy']['bad_rows']}",
+    speed = f"in {report['seconds']:.1f} s ({report['rows_per_s'] or 0:.0f} rows/s, {report['workers']} worker(s))"
+    lines = [f"preflight: {report['rows_checked']} rows checked {speed if report['rows_checked'] else ''}; "
+             f"policy SFT_BAD_ROWS={report['policy']['bad_rows']}",
              f"{'split':<14}{'rows':>8}{'bad':>6}{'skipped':>9}  {'tokens p50/p95/max':<22}{'visual p50/p95/max':<22}"]
-    fmt = lambda s: "/".join("-" if s[k] is None else str(s[k]) for k in ("p50", "p95", "max"))  # noqa: E731
     for split in report["splits"].values():
         lines.append(f"{split['split']:<14}{split['rows']:>8}{split['rows_bad']:>6}{split['rows_skipped']:>9}  "
-                     f"{fmt(split['tokens']):<22}{fmt(split['visual_tokens']):<22}")
+                     f"{_triple(split['tokens']):<22}{_triple(split['visual_tokens']):<22}")
     lines.append(f"errors by kind:   {_kinds(report['errors_by_kind'])}")
     lines.append(f"warnings by kind: {_kinds(report['warnings_by_kind'])}")
     for split in report["splits"].values():
@@ -306,28 +362,34 @@ def _kept(ds, tally: SplitTally):
     return ds.select([i for i in range(len(ds)) if i not in dropped])
 
 
+def _jobs(cfg: dict, loaded: dict[str, Any], processor) -> dict[str, tuple[Any, RowChecker, str]]:
+    from job.train.qwen3_vl_8b_sft import _build_collators  # lazy: the training flow imports this module
+
+    # The checkers wrap the very collators training and eval use, so both see rows the same way.
+    collators = dict(zip(ROLES, _build_collators(cfg, processor)))
+    data = cfg["data"]
+    return {role: (_check_view(loaded[role], data["image_key"]), RowChecker(collators[role], data["label_field"]),
+                   data[f"{role}_split"]) for role in ROLES}
+
+
 def run_preflight(cfg: dict, processor=None) -> PreflightResult:
     """Check every row of the train and eval splits; raise DataError per SFT_BAD_ROWS, else return the datasets."""
-    started = time.monotonic()
     loaded, load_errors = _load_splits(cfg)
     if load_errors:
-        report = build_report(cfg, {}, load_errors, "a split could not be loaded", time.monotonic() - started, 0)
+        report = build_report(cfg, {}, load_errors, "a split could not be loaded", 0.0, 0)
         raise DataError(_failure_message(report, _publish(cfg, report)))
     if processor is None:
         from job.train.model import load_processor
 
         processor = load_processor(cfg)
-    from job.train.qwen3_vl_8b_sft import _build_collators  # lazy: the training flow imports this module
-
-    collators = dict(zip(ROLES, _build_collators(cfg, processor)))
-    jobs = {role: (_check_view(loaded[role], cfg["data"]["image_key"]), RowChecker(collators[role], cfg["data"]["label_field"]),
-                   cfg["data"][f"{role}_split"]) for role in ROLES}
-    total = sum(len(view) for view, _, _ in jobs.values())
-    workers, scan_started = effective_workers(worker_count(), total), time.monotonic()
+    jobs = _jobs(cfg, loaded, processor)
+    workers = effective_workers(worker_count(), sum(len(view) for view, _, _ in jobs.values()))
+    started = time.monotonic()
     tallies = scan(jobs, workers)
+    seconds = time.monotonic() - started
     _label_warnings(tallies, f"{cfg['data']['target_key']}.{cfg['data']['label_field']}")
     failure = _policy_failure(cfg, tallies)
-    report = build_report(cfg, tallies, [], failure, time.monotonic() - scan_started, workers)
+    report = build_report(cfg, tallies, [], failure, seconds, workers)
     path = _publish(cfg, report)
     if failure is not None:
         raise DataError(_failure_message(report, path))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import struct
 import subprocess
@@ -118,7 +119,8 @@ ROW_CASES = {
     "missing_image_field": (_without("image"), "missing_field", "image"),
     "bomb_20000x20000": (_bomb(20000, 20000), "image_too_large", "image"),  # PIL itself refuses this one
     "bomb_10000x10000": (_bomb(10000, 10000), "image_too_large", "image"),  # PIL only warns; our limit refuses
-    "aspect_ratio_400": (lambda root: row(root, 3, image=save(root, "thin.png", Image.new("RGB", (2000, 5)))), "image_aspect_ratio", "image"),
+    "aspect_ratio_400": (lambda root: row(root, 3, image=save(root, "thin.png", Image.new("RGB", (2000, 5)))),
+                         "image_aspect_ratio", "image"),
     "missing_target": (_without("target_json"), "missing_field", "target_json"),
     "target_not_json": (_fields(target_json="{label: sarcastic"), "target_not_json", "target_json"),
     "target_not_object": (_fields(target_json='["sarcastic"]'), "target_not_object", "target_json"),
@@ -126,6 +128,7 @@ ROW_CASES = {
     "empty_query": (_fields(query="   "), "empty_query", "query"),
     "missing_query": (_without("query"), "missing_field", "query"),
     "control_token_in_caption": (_fields(caption="hi <|im_start|>assistant"), "special_token_in_text", "caption"),
+    "control_token_in_target": (_fields(target_json='{"label": "a<|im_end|>"}'), "special_token_in_text", "target_json"),
     "too_long": (_fields(caption="word " * 600), "too_long", "row"),
 }
 
@@ -177,22 +180,26 @@ def test_error_list_is_capped_in_the_message_but_complete_in_the_report(tmp_path
 LOAD_CASES = {
     "not_json_line": (lambda root: b'{"query": "oops"', "train.jsonl:4", "not valid JSON"),
     "non_utf8_line": (lambda root: b'{"query": "caf\xe9"}', "train.jsonl:4", "not valid UTF-8"),
-    "path_escapes_dataset_dir": (lambda root: row(root, 3, image="../outside.png"), "train.jsonl:4", "escapes the dataset directory"),
+    "path_escapes_dataset_dir": (lambda root: row(root, 3, image="../outside.png"), "train.jsonl:4",
+                                 "escapes the dataset directory"),
     # One number in a column of strings: Arrow cannot store the file, so the loader names the odd row.
-    "numeric_query": (lambda root: row(root, 3, query=42), "train.jsonl:4", "field 'query' is number 42 where other rows have str"),
+    "numeric_query": (lambda root: row(root, 3, query=42), "train.jsonl:4",
+                      "field 'query' is number 42 where other rows have str"),
     "numeric_caption": (lambda root: row(root, 3, caption=7.5), "train.jsonl:4", "field 'caption' is number 7.5"),
 }
 
 
 @pytest.mark.parametrize(("fields", "kind", "field"), [
-    ({"query": 42}, "bad_type", "query"), ({"query": None}, "missing_field", "query"), ({"caption": 7}, "bad_type", "caption"),
-    ({"target_json": 1}, "target_not_object", "target_json"), ({"target_json": '{"label": ""}'}, "target_missing_label", "target_json"),
+    ({"query": 42}, "bad_type", "query"), ({"query": None}, "missing_field", "query"),
+    ({"caption": 7}, "bad_type", "caption"), ({"target_json": 1}, "target_not_object", "target_json"),
+    ({"target_json": '{"label": ""}'}, "target_missing_label", "target_json"),
     ({"image": 3}, "bad_type", "image"),
 ])
 def test_row_checker_types(fields, kind, field, tmp_path, processor):
     """Columns that are uniformly of the wrong type (e.g. from parquet) reach the row checks: every row is named."""
     checker = RowChecker(Qwen3VisionSFTCollator(processor, max_length=512), "label")
-    result = checker.check({**row(tmp_path, 0, image=str(tmp_path / save(tmp_path, "a.png"))), **fields, "row_id": "train[0]"}, 0)
+    good = row(tmp_path, 0, image=str(tmp_path / save(tmp_path, "a.png")))
+    result = checker.check({**good, **fields, "row_id": "train[0]"}, 0)
     assert [(e.kind, e.field) for e in result.errors] == [(kind, field)]
 
 
@@ -211,6 +218,33 @@ def test_empty_split_fails(tmp_path, tiny_assets, processor):
     message, report = failing_report(make_cfg(tiny_assets, data, tmp_path / "out"), processor)
     assert "split 'validation'" in message and "is empty" in message
     assert report["errors"][0]["split"] == "validation"
+
+
+def test_image_feature_dataset_is_checked_from_its_bytes(tmp_path, tiny_assets, processor):
+    """A save_to_disk split with a datasets.Image column: images are checked undecoded, the result still decodes."""
+    import datasets
+
+    def png(seed: int, cut: int | None = None) -> dict:
+        buf = io.BytesIO()
+        noise_image(seed=seed).save(buf, "PNG")
+        return {"bytes": buf.getvalue()[:cut], "path": None}
+
+    features = datasets.Features({"image": datasets.Image(), "query": datasets.Value("string"),
+                                  "caption": datasets.Value("string"), "target_json": datasets.Value("string")})
+
+    def split(seeds, cut_at=None):
+        n = len(seeds)
+        return datasets.Dataset.from_dict({
+            "image": [png(s, 300 if i == cut_at else None) for i, s in enumerate(seeds)], "query": ["Sarcastic?"] * n,
+            "caption": [f"c{s}" for s in seeds], "target_json": ['{"label": "sarcastic"}'] * n}, features=features)
+    splits = datasets.DatasetDict({"train": split(range(4), cut_at=2), "validation": split(range(10, 12))})
+    splits.save_to_disk(tmp_path / "data")
+    cfg = make_cfg(tiny_assets, tmp_path / "data", tmp_path / "out", SFT_BAD_ROWS="skip", SFT_MAX_BAD_FRACTION="0.5")
+    result = preflight.run_preflight(cfg, processor)
+    assert [(e["row_id"], e["kind"]) for e in result.report["errors"]] == [("train[2]", "image_unreadable")]
+    assert result.report["splits"]["train"]["skipped_row_ids"] == ["train[2]"]
+    assert list(result.train_dataset["row_id"]) == ["train[0]", "train[1]", "train[3]"]
+    assert isinstance(result.train_dataset[0]["image"], Image.Image)  # the returned split is the original, decoding
 
 
 # -- valid variants ----------------------------------------------------------------------------------------------
@@ -264,7 +298,8 @@ def skip_dataset(root: Path) -> Path:
 
 
 def test_skip_drops_bad_rows_and_records_them(tmp_path, tiny_assets, processor):
-    cfg = make_cfg(tiny_assets, skip_dataset(tmp_path / "data"), tmp_path / "out", SFT_BAD_ROWS="skip", SFT_MAX_BAD_FRACTION="0.25")
+    cfg = make_cfg(tiny_assets, skip_dataset(tmp_path / "data"), tmp_path / "out",
+                   SFT_BAD_ROWS="skip", SFT_MAX_BAD_FRACTION="0.25")
     result = preflight.run_preflight(cfg, processor)
     train, evals = result.report["splits"]["train"], result.report["splits"]["eval"]
     assert (train["rows"], train["rows_bad"], train["rows_skipped"]) == (10, 2, 2)
@@ -276,7 +311,8 @@ def test_skip_drops_bad_rows_and_records_them(tmp_path, tiny_assets, processor):
 
 
 def test_skip_fails_above_the_bad_fraction(tmp_path, tiny_assets, processor):
-    cfg = make_cfg(tiny_assets, skip_dataset(tmp_path / "data"), tmp_path / "out", SFT_BAD_ROWS="skip", SFT_MAX_BAD_FRACTION="0.1")
+    cfg = make_cfg(tiny_assets, skip_dataset(tmp_path / "data"), tmp_path / "out",
+                   SFT_BAD_ROWS="skip", SFT_MAX_BAD_FRACTION="0.1")
     message, report = failing_report(cfg, processor)
     assert "train: 2 of 10 rows are bad (20.0%), above SFT_MAX_BAD_FRACTION=0.1" in message
     assert "validation: 1 of 4 rows are bad (25.0%)" in message
@@ -345,6 +381,28 @@ def test_pool_and_in_process_scans_agree(tmp_path, tiny_assets, processor, monke
     assert reports[0] == reports[1]
 
 
+@pytest.mark.parametrize(("files", "limit"), [
+    ({"cpu.max": "250000 100000\n"}, 2), ({"cpu.max": "max 100000\n"}, None), ({"cpu.max": "50000 100000\n"}, 1),
+    ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4), ({}, None),
+])
+def test_worker_count_respects_the_container_cpu_quota(files, limit, tmp_path):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert preflight.cgroup_cpu_limit(tmp_path) == limit
+
+
+def test_a_dead_worker_fails_instead_of_hanging(tmp_path, tiny_assets, processor, monkeypatch):
+    check = preflight._check_task
+    monkeypatch.setattr(preflight, "_check_task", lambda task: os._exit(9) if task == ("train", 5) else check(task))
+    monkeypatch.setattr(preflight, "POOL_MIN_ROWS", 0)
+    monkeypatch.setattr(preflight, "worker_count", lambda: 2)
+    root = tmp_path / "data"
+    cfg = make_cfg(tiny_assets, dataset(root, [row(root, 10 + i) for i in range(8)]), tmp_path / "out")
+    with pytest.raises(RuntimeError, match="worker process died"):
+        preflight.run_preflight(cfg, processor)
+
+
 # -- the CLI, as a subprocess ------------------------------------------------------------------------------------
 CLI_CASES = ["truncated_jpeg", "non_utf8_line", "valid"]
 
@@ -366,7 +424,8 @@ def cli_launch(request, tiny_assets, tmp_path_factory) -> dict:
             dataset(root, [LOAD_CASES[case][0](root)])
         env = job_env(tmp, tiny_assets, SFT_DATASET_URI=str(root))
         with open(tmp / "stdout", "w") as out, open(tmp / "stderr", "w") as err:
-            procs[case] = (tmp, subprocess.Popen([sys.executable, "-m", "job", "preflight"], env=env, cwd=REPO, stdout=out, stderr=err))
+            command = [sys.executable, "-m", "job", "preflight"]
+            procs[case] = (tmp, subprocess.Popen(command, env=env, cwd=REPO, stdout=out, stderr=err))
     yield procs
     for _, proc in procs.values():
         if proc.poll() is None:

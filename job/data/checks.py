@@ -89,26 +89,32 @@ class RowChecker:
         if image_digest is not None:
             c = self.collator
             fields = [row.get(c.query_key), row.get(c.caption_key), row.get(c.target_key)]
-            result.digest = hashlib.blake2b((image_digest + json.dumps(fields, default=str)).encode(), digest_size=16).hexdigest()
+            content = (image_digest + json.dumps(fields, default=str)).encode()
+            result.digest = hashlib.blake2b(content, digest_size=16).hexdigest()
         return result
 
     # -- text ------------------------------------------------------------------------------------------------
     def _check_text(self, row: dict, result: RowResult) -> bool:
+        """Whether the query and caption can be rendered; every problem is added to result."""
+        before = len(result.errors)
         key, caption_key = self.collator.query_key, self.collator.caption_key
         query, caption = row.get(key), row.get(caption_key)
         if query is None:
-            result.error("missing_field", key, "is missing", f"add a non-empty '{key}' string to every row (or set SFT_QUERY_KEY)")
+            result.error("missing_field", key, "is missing",
+                         f"add a non-empty '{key}' string to every row (or set SFT_QUERY_KEY)")
         elif not isinstance(query, str):
             result.error("bad_type", key, f"is {_describe(query)}, expected a string", "store the query as a JSON string")
         elif not query.strip():
             result.error("empty_query", key, "is empty", "write the question the model should answer")
         if caption is not None and not isinstance(caption, str):
-            result.error("bad_type", caption_key, f"is {_describe(caption)}, expected a string or null", "store the caption as a JSON string or null")
+            result.error("bad_type", caption_key, f"is {_describe(caption)}, expected a string or null",
+                         "store the caption as a JSON string or null")
         for name, value in ((key, query), (caption_key, caption)):
             found = [t for t in self.special_tokens if isinstance(value, str) and t in value]
             if found:
-                result.error("special_token_in_text", name, f"contains the control token(s) {found}, which would corrupt the chat format", "remove them from the text")
-        return not result.errors
+                result.error("special_token_in_text", name, f"contains the control token(s) {found}, which would corrupt "
+                             "the chat format", "remove them from the text")
+        return len(result.errors) == before
 
     # -- target ----------------------------------------------------------------------------------------------
     def _check_target(self, row: dict, result: RowResult) -> str | None:
@@ -118,16 +124,19 @@ class RowChecker:
         use = "training and eval scoring" if self.training else "eval scoring"
         example = f'{{"{label_field}": "sarcastic"}}'
         if value is None or (isinstance(value, str) and not value.strip()):
-            result.error("missing_field", key, f"is missing or empty; {use} needs a JSON verdict", f"add a verdict such as {example}")
+            result.error("missing_field", key, f"is missing or empty; {use} needs a JSON verdict",
+                         f"add a verdict such as {example}")
             return None
         if isinstance(value, str):
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as exc:
-                result.error("target_not_json", key, f"is not valid JSON ({exc.msg}): {value[:60]!r}", f"write a JSON object such as {example}")
+                result.error("target_not_json", key, f"is not valid JSON ({exc.msg}): {value[:60]!r}",
+                             f"write a JSON object such as {example}")
                 return None
         if not isinstance(value, dict):
-            result.error("target_not_object", key, f"is {_describe(value)}, expected a JSON object", f"write a JSON object such as {example}")
+            result.error("target_not_object", key, f"is {_describe(value)}, expected a JSON object",
+                         f"write a JSON object such as {example}")
             return None
         label = value.get(label_field)
         if label is None or label == "":
@@ -136,7 +145,12 @@ class RowChecker:
             return None
         # str() as the eval metrics compare labels (str(gold) == str(pred)).
         result.label = label if isinstance(label, str) else str(label)
-        return json.dumps(value, ensure_ascii=False)  # exactly rows.target_text, without parsing twice
+        answer = json.dumps(value, ensure_ascii=False)  # exactly rows.target_text, without parsing twice
+        found = [t for t in self.special_tokens if t in answer]
+        if found:  # an <|im_end|> inside the answer would end the supervised span early
+            result.error("special_token_in_text", key, f"contains the control token(s) {found}", "remove them from the verdict")
+            return None
+        return answer
 
     # -- image -----------------------------------------------------------------------------------------------
     def _check_image(self, row: dict, result: RowResult) -> tuple[tuple[int, int] | None, str | None]:
@@ -148,9 +162,10 @@ class RowChecker:
         try:
             size = self._decode(source)
         except ImageTooLarge as exc:
-            result.error("image_too_large", key, str(exc), "downscale the image (the model sees at most SFT_IMAGE_MAX_PIXELS pixels)")
+            result.error("image_too_large", key, str(exc),
+                         "downscale the image (the model sees at most SFT_IMAGE_MAX_PIXELS pixels anyway)")
             return None, digest
-        except Exception as exc:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, struct.error...) for bad files
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files (OSError, SyntaxError, struct.error)
             result.error("image_unreadable", key, f"cannot be decoded ({type(exc).__name__}: {exc})"[:300], REENCODE_FIX)
             return None, digest
         return size, digest
@@ -161,7 +176,8 @@ class RowChecker:
         from PIL import Image
 
         if value is None or value == "" or (isinstance(value, dict) and not (value.get("bytes") or value.get("path"))):
-            result.error("missing_field", key, "is missing", f"give every row an image path (relative to the JSONL file) in '{key}'")
+            result.error("missing_field", key, "is missing",
+                         f"give every row an image path (relative to the JSONL file) in '{key}'")
             return None, None
         if isinstance(value, Image.Image):
             return value, hashlib.blake2b(value.tobytes(), digest_size=16).hexdigest()
@@ -169,7 +185,8 @@ class RowChecker:
             return io.BytesIO(value["bytes"]), hashlib.blake2b(value["bytes"], digest_size=16).hexdigest()
         path = value.get("path") if isinstance(value, dict) else value
         if not isinstance(path, (str, Path)):
-            result.error("bad_type", key, f"is {_describe(value)}, expected an image path", "store the image as a path string")
+            result.error("bad_type", key, f"is {_describe(value)}, expected an image path",
+                         "store the image as a path string")
             return None, None
         if not Path(path).is_file():
             result.error("image_missing_file", key, f"file {str(path)!r} does not exist",
@@ -205,7 +222,8 @@ class RowChecker:
         try:
             visual = self.processor._get_num_multimodal_tokens(image_sizes=[[height, width]]).num_image_tokens[0]
         except ValueError as exc:  # smart_resize refuses aspect ratios above 200:1
-            result.error("image_aspect_ratio", self.collator.image_key, f"is {width}x{height}: {exc}", "crop or pad the image to an aspect ratio below 200:1")
+            result.error("image_aspect_ratio", self.collator.image_key, f"is {width}x{height}: {exc}",
+                         "crop or pad the image to an aspect ratio below 200:1")
             return
         ids = self._token_ids(row, answer, result.row_id)
         pads = ids.count(self.image_token_id)
@@ -213,8 +231,9 @@ class RowChecker:
         result.tokens = len(ids) - pads + pads * int(visual)
         limit = self.collator.max_length
         if limit is not None and result.tokens > limit:
-            result.error("too_long", "row", f"has {result.tokens} tokens ({visual} visual + {result.tokens - visual} text) > SFT_MAX_LENGTH={limit}; "
-                         "rows are never truncated", "raise SFT_MAX_LENGTH, lower SFT_IMAGE_MAX_PIXELS or shorten the text")
+            result.error("too_long", "row", f"has {result.tokens} tokens ({visual} visual + {result.tokens - visual} text) "
+                         f"> SFT_MAX_LENGTH={limit}; rows are never truncated",
+                         "raise SFT_MAX_LENGTH, lower SFT_IMAGE_MAX_PIXELS or shorten the text")
         if self.training:
             self._check_supervised(ids, result)
 
@@ -235,8 +254,8 @@ class RowChecker:
         end = answer.index(self.collator._end_id) + 1 if self.collator._end_id in answer else len(answer)
         result.supervised_tokens = end
         if end <= 1:  # only <|im_end|> (or nothing) would be supervised
-            result.error("no_supervised_tokens", self.collator.target_key, "leaves no answer tokens to train on after masking",
-                         "give the row a non-empty verdict")
+            result.error("no_supervised_tokens", self.collator.target_key,
+                         "leaves no answer tokens to train on after masking", "give the row a non-empty verdict")
 
 
 def _bomb_check(width: int, height: int) -> None:
