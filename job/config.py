@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     load_in_4bit: bool = Field(True, examples=["true"])
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field("auto", examples=["sdpa"])
     gradient_checkpointing: bool = Field(True, examples=["true"])
+    # Liger's fused kernels (RMSNorm, SwiGLU, fused linear cross-entropy): "auto" = on with CUDA and liger-kernel.
+    use_liger: Literal["auto", "true", "false"] = Field("auto", examples=["auto"])
     # data
     dataset_uri: str | None = Field(None, examples=["/data/sarcasm", "s3://bucket/sarcasm", "org/sarcasm"])
     dataset_revision: str | None = Field(None, examples=["main"])
@@ -76,6 +78,10 @@ class Settings(BaseSettings):
     max_length: int | None = Field(None, ge=64, le=262144, examples=["2048"])
     logging_steps: int = Field(10, ge=1, examples=["10"])
     dataloader_num_workers: int = Field(2, ge=0, le=64, examples=["2"])
+    # batches of rows with similar token counts (lengths from preflight): far less padding than random batches
+    group_by_length: bool = Field(True, examples=["true"])
+    # seconds between SIGTERM and the forced exit (Kubernetes' grace period minus a margin)
+    preempt_grace_s: float = Field(25.0, gt=0, le=3600, examples=["25"])
     # LoRA
     lora_r: int | None = Field(None, ge=1, le=1024, examples=["16"])
     lora_alpha: float | None = Field(None, gt=0, examples=["32"])
@@ -227,6 +233,7 @@ def build_cfg(card: ModelSpec, env: Mapping[str, str] | None = None) -> dict[str
             "attn_implementation": s.attn_implementation,
             "quant_skip_modules": list(card.quant_skip_modules),
             "gradient_checkpointing": s.gradient_checkpointing,
+            "use_liger": s.use_liger,
         },
         "data": {
             "uri": s.dataset_uri,
@@ -267,6 +274,8 @@ def build_cfg(card: ModelSpec, env: Mapping[str, str] | None = None) -> dict[str
             "max_length": s.max_length or card.max_length,
             "logging_steps": s.logging_steps,
             "dataloader_num_workers": s.dataloader_num_workers,
+            "group_by_length": s.group_by_length,
+            "preempt_grace_s": s.preempt_grace_s,
         },
         "lora": {
             "r": s.lora_r or card.lora_r,
