@@ -80,6 +80,14 @@ class Preempted(JobError):
     exit_code = ExitCode.PREEMPTED
 
 
+class PeerFailed(JobError):
+    """On a DDP rank > 0: rank 0 failed in a step only it runs (preflight, eval); exit with rank 0's code."""
+
+    def __init__(self, exit_code: ExitCode, message: str):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def find_job_error(exc: BaseException) -> JobError | None:
     """The first JobError in the cause/context chain: a DataError wrapped as 'Qwen3 collate failed' is still exit 2."""
     seen = set()

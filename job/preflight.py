@@ -32,17 +32,20 @@ from typing import Any, Callable, Iterator
 
 from job.cards import ModelCards
 from job.config import build_cfg
-from job.data.checks import MAX_DECODE_PIXELS, RowChecker, RowResult
+from job.data.checks import RowChecker, RowResult
 from job.data.loaders import _load_eval_dataset, load_train_dataset
 from job.errors import DataError
+from job.preflight_report import MAX_LISTED_ERRORS, _failure_message, build_report, format_issue, summary_table
 from job.train import artifacts
 
 log = logging.getLogger("job.preflight")
 
 REPORT_NAME = "preflight_report.json"
-MAX_LISTED_ERRORS = 50  # in the exception message; the JSON report lists every error
 POOL_MIN_ROWS = 200  # below this, forking workers costs more than checking the rows in-process
 ROLES = ("train", "eval")
+
+
+LENGTH_COLUMN = "sft_num_tokens"  # added to the train split: text + visual tokens per row, for length grouping
 
 
 @dataclass
@@ -50,18 +53,14 @@ class PreflightResult:
     report: dict
     train_dataset: Any  # bad rows removed under SFT_BAD_ROWS=skip; the loaded split otherwise
     eval_dataset: Any
+    # What was done to each split ({"train": {"dropped": [...], "lengths": [...]}, "eval": {...}}): small enough to
+    # broadcast, so DDP ranks other than 0 rebuild the same datasets without scanning again (apply_plan).
+    plan: dict = field(default_factory=dict)
 
 
 def _issue(split: str, row_id: str | None, index: int | None, kind: str, field_name: str, message: str, fix: str) -> dict:
     return {"split": split, "row_id": row_id, "index": index, "kind": kind, "field": field_name, "message": message,
             "fix": fix}
-
-
-def format_issue(issue: dict) -> str:
-    if issue["kind"] == "split_unreadable":  # the loader's message already names the file, line and field
-        return f"{issue['split']}: {issue['message']}; fix: {issue['fix']}"
-    where = "row" if issue["field"] == "row" else f"field '{issue['field']}'"
-    return f"{issue['split']}: {issue['row_id']}: {where} {issue['message']}; fix: {issue['fix']}"
 
 
 @dataclass
@@ -80,6 +79,7 @@ class SplitTally:
     labels: Counter = field(default_factory=Counter)
     label_rows: dict[str, str] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)
+    lengths: dict[int, int] = field(default_factory=dict)  # row index -> total tokens
     skipped: bool = False
 
     def add(self, r: RowResult, train_digests: dict[str, str] | None) -> None:
@@ -87,6 +87,8 @@ class SplitTally:
             self.errors.append(_issue(self.name, r.row_id, r.index, e.kind, e.field, e.message, e.fix))
         if r.errors:
             self.bad.append((r.index, r.row_id))
+        if r.tokens is not None:
+            self.lengths[r.index] = r.tokens
         for values, value in ((self.tokens, r.tokens), (self.visual, r.visual_tokens),
                               (self.supervised, r.supervised_tokens)):
             if value is not None:
@@ -273,78 +275,6 @@ def _policy_failure(cfg: dict, tallies: dict[str, SplitTally]) -> str | None:
     return None
 
 
-def _stats(values: list[int]) -> dict[str, int | None]:
-    """Nearest-rank percentiles: real row lengths, not interpolated ones."""
-    if not values:
-        return {"p50": None, "p95": None, "max": None}
-    ordered = sorted(values)
-    rank = lambda p: ordered[max(0, -(-len(ordered) * p // 100) - 1)]  # noqa: E731 - ceil(n*p/100)-th value
-    return {"p50": rank(50), "p95": rank(95), "max": ordered[-1]}
-
-
-def _split_report(t: SplitTally) -> dict:
-    return {
-        "split": t.name, "rows": t.rows, "rows_bad": len(t.bad),
-        "bad_fraction": round(len(t.bad) / t.rows, 6) if t.rows else 0.0,
-        "rows_skipped": len(t.bad) if t.skipped else 0, "skipped_row_ids": [rid for _, rid in t.bad] if t.skipped else [],
-        "errors_by_kind": dict(Counter(e["kind"] for e in t.errors)),
-        "warnings_by_kind": dict(Counter(w["kind"] for w in t.warnings)),
-        "tokens": _stats(t.tokens), "visual_tokens": _stats(t.visual), "supervised_tokens": _stats(t.supervised),
-        "labels": dict(sorted(t.labels.items())),
-    }
-
-
-def build_report(cfg: dict, tallies: dict[str, SplitTally], load_errors: list[dict], failure: str | None,
-                 seconds: float, workers: int) -> dict:
-    errors = load_errors + [e for t in tallies.values() for e in t.errors]
-    warnings = [w for t in tallies.values() for w in t.warnings]
-    rows = sum(t.rows for t in tallies.values())
-    return {
-        "ok": failure is None, "failure": failure, "dataset_uri": cfg["data"]["uri"],
-        "policy": {"bad_rows": cfg["data"]["bad_rows"], "max_bad_fraction": cfg["data"]["max_bad_fraction"]},
-        "limits": {"max_length": cfg["train"]["max_length"], "image_min_pixels": cfg["image"]["min_pixels"],
-                   "image_max_pixels": cfg["image"]["max_pixels"], "max_decode_pixels": MAX_DECODE_PIXELS},
-        # The scan alone (decode, tokenize, check), without loading the processor and the splits.
-        "rows_checked": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 1) if seconds > 0 else None,
-        "workers": workers,
-        "splits": {role: _split_report(t) for role, t in tallies.items()},
-        "errors_by_kind": dict(Counter(e["kind"] for e in errors)),
-        "warnings_by_kind": dict(Counter(w["kind"] for w in warnings)),
-        "errors": errors, "warnings": warnings,
-    }
-
-
-def _kinds(counts: dict) -> str:
-    return ", ".join(f"{k}={n}" for k, n in sorted(counts.items())) or "none"
-
-
-def _triple(stats: dict) -> str:
-    return "/".join("-" if stats[k] is None else str(stats[k]) for k in ("p50", "p95", "max"))
-
-
-def summary_table(report: dict, path: Path) -> str:
-    speed = f"in {report['seconds']:.1f} s ({report['rows_per_s'] or 0:.0f} rows/s, {report['workers']} worker(s))"
-    lines = [f"preflight: {report['rows_checked']} rows checked {speed if report['rows_checked'] else ''}; "
-             f"policy SFT_BAD_ROWS={report['policy']['bad_rows']}",
-             f"{'split':<14}{'rows':>8}{'bad':>6}{'skipped':>9}  {'tokens p50/p95/max':<22}{'visual p50/p95/max':<22}"]
-    for split in report["splits"].values():
-        lines.append(f"{split['split']:<14}{split['rows']:>8}{split['rows_bad']:>6}{split['rows_skipped']:>9}  "
-                     f"{_triple(split['tokens']):<22}{_triple(split['visual_tokens']):<22}")
-    lines.append(f"errors by kind:   {_kinds(report['errors_by_kind'])}")
-    lines.append(f"warnings by kind: {_kinds(report['warnings_by_kind'])}")
-    for split in report["splits"].values():
-        lines.append(f"labels {split['split']}: {_kinds(split['labels'])}")
-    lines.append(f"report: {path}" + ("" if report["ok"] else f"  FAILED: {report['failure']}"))
-    return "\n".join(lines)
-
-
-def _failure_message(report: dict, path: Path) -> str:
-    errors = report["errors"]
-    listed = "\n".join(f"  - {format_issue(e)}" for e in errors[:MAX_LISTED_ERRORS])
-    more = f"\n  ... and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
-    return f"preflight failed: {report['failure']}\n{listed}{more}\nfull report: {path}"
-
-
 def _publish(cfg: dict, report: dict) -> Path:
     path = Path(cfg["train"]["output_dir"]) / REPORT_NAME
     artifacts.write_json(path, report)
@@ -355,11 +285,31 @@ def _publish(cfg: dict, report: dict) -> Path:
 
 
 # -- entry points ------------------------------------------------------------------------------------------------
-def _kept(ds, tally: SplitTally):
-    if not tally.skipped:
-        return ds
-    dropped = {index for index, _ in tally.bad}
-    return ds.select([i for i in range(len(ds)) if i not in dropped])
+def _plan_entry(tally: SplitTally, with_lengths: bool) -> dict:
+    dropped = sorted(index for index, _ in tally.bad) if tally.skipped else []
+    gone = set(dropped)
+    lengths = [tally.lengths.get(i, 0) for i in range(tally.rows) if i not in gone] if with_lengths else None
+    return {"dropped": dropped, "lengths": lengths}
+
+
+def apply_plan_entry(ds, entry: dict):
+    """The split as training sees it: the dropped rows removed and, for train, the per-row token counts added."""
+    gone = set(entry["dropped"])
+    if gone:
+        ds = ds.select([i for i in range(len(ds)) if i not in gone])
+    if entry.get("lengths") is not None:
+        if LENGTH_COLUMN in ds.column_names:
+            ds = ds.remove_columns(LENGTH_COLUMN)
+        ds = ds.add_column(LENGTH_COLUMN, entry["lengths"])
+    return ds
+
+
+def apply_plan(cfg: dict, plan: dict) -> tuple[Any, Any]:
+    """Load both splits and apply a plan made by run_preflight on another process (DDP ranks > 0)."""
+    loaded, errors = _load_splits(cfg)
+    if errors:
+        raise DataError("; ".join(format_issue(e) for e in errors))
+    return apply_plan_entry(loaded["train"], plan["train"]), apply_plan_entry(loaded["eval"], plan["eval"])
 
 
 def _jobs(cfg: dict, loaded: dict[str, Any], processor) -> dict[str, tuple[Any, RowChecker, str]]:
@@ -393,7 +343,9 @@ def run_preflight(cfg: dict, processor=None) -> PreflightResult:
     path = _publish(cfg, report)
     if failure is not None:
         raise DataError(_failure_message(report, path))
-    return PreflightResult(report, _kept(loaded["train"], tallies["train"]), _kept(loaded["eval"], tallies["eval"]))
+    plan = {"train": _plan_entry(tallies["train"], True), "eval": _plan_entry(tallies["eval"], False)}
+    return PreflightResult(report, apply_plan_entry(loaded["train"], plan["train"]),
+                           apply_plan_entry(loaded["eval"], plan["eval"]), plan)
 
 
 def main(env: dict | None = None) -> PreflightResult:

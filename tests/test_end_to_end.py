@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +17,25 @@ SECRET = "hf_TESTSECRET_do_not_leak_123"
 WANDB_SECRET = "wandbkey_TESTSECRET_0123456789"
 
 
+BAD_ROW = {"id": "bad-empty-query", "image": "images/train-00000.png", "query": " ", "caption": None,
+           "target_json": '{"label": "sarcastic"}'}
+
+
+def _data_with_one_bad_row(data_dir: Path, dest: Path) -> Path:
+    """31 rows of the tiny data plus one whose query is blank (32 rows: SFT_TRAIN_SUBSET=32 keeps them all)."""
+    dest.mkdir()
+    shutil.copytree(data_dir / "images", dest / "images")
+    (dest / "validation.jsonl").write_text((data_dir / "validation.jsonl").read_text())
+    (dest / "train.jsonl").write_text(json.dumps(BAD_ROW) + "\n" + "".join((data_dir / "train.jsonl").read_text().splitlines(keepends=True)[:31]))
+    return dest
+
+
 @pytest.fixture(scope="module")
 def finished_run(tiny_assets, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    env = job_env(tmp, tiny_assets, HF_TOKEN=SECRET, WANDB_API_KEY=WANDB_SECRET)
+    data = _data_with_one_bad_row(tiny_assets[1], tmp / "data")
+    env = job_env(tmp, tiny_assets, HF_TOKEN=SECRET, WANDB_API_KEY=WANDB_SECRET, SFT_DATASET_URI=str(data),
+                  SFT_BAD_ROWS="skip", SFT_MAX_BAD_FRACTION="0.1")
     proc = run_job(["run"], env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp, env, proc
@@ -51,6 +67,10 @@ def test_training_meta(finished_run):
     assert meta["config"]["train"]["max_steps"] == 4 and meta["config"]["eval"]["max_new_tokens"] == 8
     assert meta["trainable_params"]["trainable"] > 0
     assert set(meta["durations_s"]) >= {"setup", "model", "pre_eval", "train", "post_eval", "save"}
+    # SFT_BAD_ROWS=skip: the blank-query row was dropped, and the metadata says which one
+    assert meta["preflight"]["rows_skipped"] == {"train": 1, "validation": 0}
+    assert meta["preflight"]["skipped_row_ids"]["train"] == ["train.jsonl:1"]  # rows are named by file:line
+    assert meta["preflight"]["policy"] == {"bad_rows": "skip", "max_bad_fraction": 0.1}
 
 
 def test_trainable_params_changed(finished_run):

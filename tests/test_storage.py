@@ -123,6 +123,24 @@ def test_missing_bucket_fails_run_before_training(s3_endpoint, tiny_assets, tmp_
     assert not list((tmp_path / "out/checkpoints").glob("checkpoint-*"))
 
 
+def test_failed_preflight_writes_nothing_to_storage_or_hub(bucket, s3_endpoint, tiny_assets, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_assets[1], data)
+    with open(data / "train.jsonl", "a") as f:
+        f.write('{"id": "broken", "image": "images/train-00000.png", "query": "q", "target_json": "{not json"}\n')
+    env = job_env(tmp_path, tiny_assets, SFT_DATASET_URI=str(data), SFT_TRAIN_SUBSET="100000",
+                  SFT_CHECKPOINT_URI=f"s3://{bucket}/runs", SFT_HUB_REPO_ID="org/never-pushed",
+                  AWS_ENDPOINT_URL=s3_endpoint, **AWS_ENV)  # HF_HUB_OFFLINE=1: any Hub call would fail differently
+    proc = run_job(["run"], env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "preflight failed" in proc.stderr and "Traceback" not in proc.stderr
+    line = len((data / "train.jsonl").read_text().splitlines())
+    assert f"train: train.jsonl:{line}: field 'target_json'" in proc.stderr  # the appended line, named
+    assert "HF_HUB_OFFLINE" not in proc.stderr  # the Hub was never asked for push access
+    assert list(s3io.list_objects(s3io.client(), s3io.S3Uri(bucket, ""))) == []  # not even the write probe
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["preflight_report.json"]
+
+
 def _wait_for_completed(s3, bucket: str, prefix: str, proc, timeout: float = 300) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:

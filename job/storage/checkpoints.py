@@ -95,6 +95,7 @@ class RemoteCheckpointCallback(TrainerCallback):
         self.remote, self.staging = remote, staging
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
         self._pending: list[Future] = []
+        self.last_upload_s = 0.0  # feeds the preemption budget: a save counts only once it is uploaded
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -108,8 +109,10 @@ class RemoteCheckpointCallback(TrainerCallback):
         return control
 
     def _upload(self, snapshot: Path, step: int) -> None:
+        started = time.monotonic()
         try:
             self.remote.upload(snapshot, step)
+            self.last_upload_s = time.monotonic() - started
         finally:
             shutil.rmtree(snapshot, ignore_errors=True)
 

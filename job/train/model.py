@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 from typing import Any
 
@@ -89,6 +90,71 @@ def load_model(cfg: dict):
     model.config.use_cache = False  # the KV cache is useless (and warns) under gradient checkpointing
     log.info("model %s loaded: attn=%s 4bit=%s dtype=%s", model_cfg["id"], attn, model_cfg["load_in_4bit"], compute_dtype())
     return model
+
+
+# Liger kernels used with Qwen3-VL. Not its fused linear cross-entropy: TRL's SFTTrainer already replaces the LM head
+# and loss with its own fused, chunked one (the full logits are never materialized) by patching model.forward, which
+# Liger's FLCE would also replace (TRL refuses the combination). Liger's plain cross-entropy is moot for the same
+# reason. `swiglu` is passed where the installed liger-kernel applies it to Qwen3-VL (newer versions ignore it).
+LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False, "fused_linear_cross_entropy": False}
+LIGER_FIX = "pip install liger-kernel (or install the image's gpu extra: pip install '.[gpu]')"
+
+
+def _liger_import_error() -> str | None:
+    """None when liger_kernel.transformers imports here; otherwise why not."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed"
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - a broken Triton/torch pairing raises anything from ImportError to OSError
+        first_line = (str(exc).splitlines() or [""])[0][:160]
+        return f"liger_kernel does not import ({type(exc).__name__}: {first_line})"
+    return None
+
+
+def liger_wanted(cfg: dict) -> bool:
+    """Whether Liger's Triton kernels are applied (SFT_USE_LIGER = auto | true | false).
+
+    auto: on only with CUDA and an importable liger-kernel. true: on CPU it is skipped with a warning (Triton kernels
+    need a GPU, and the CPU demo and tests must keep running); with CUDA but no usable liger-kernel it is a
+    ConfigError, because someone asked for a speed-up the image cannot give. false: off.
+    """
+    setting = str(cfg["model"].get("use_liger", "auto")).lower()
+    if setting == "false":
+        return False
+    if not has_cuda():
+        if setting == "true":
+            log.warning("SFT_USE_LIGER=true but there is no CUDA device: Liger's Triton kernels need a GPU; "
+                        "training without them")
+        return False
+    problem = _liger_import_error()
+    if problem is None:
+        return True
+    if setting == "true":
+        from job.errors import ConfigError
+
+        raise ConfigError([f"SFT_USE_LIGER=true but {problem}: {LIGER_FIX}, or set SFT_USE_LIGER=auto"])
+    log.info("Liger kernels off (SFT_USE_LIGER=auto): %s", problem)
+    return False
+
+
+def apply_liger(cfg: dict, model=None) -> bool:
+    """Apply Liger's kernels for Qwen3-VL when `liger_wanted(cfg)`; returns whether they were applied.
+
+    Call it on the loaded model, before or after LoRA (a PEFT model is unwrapped): the RMSNorm modules of that
+    instance are patched in place and RoPE is patched in the Qwen3-VL modeling module. With model=None only the
+    module-level patches are made (models created afterwards get Liger's RMSNorm class).
+    """
+    if not liger_wanted(cfg):
+        return False
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen3_vl
+
+    target = model.get_base_model() if model is not None and hasattr(model, "get_base_model") else model
+    accepted = inspect.signature(apply_liger_kernel_to_qwen3_vl).parameters
+    kernels = {name: on for name, on in LIGER_KERNELS.items() if name in accepted}
+    apply_liger_kernel_to_qwen3_vl(**kernels, model=target)
+    log.info("Liger kernels applied to Qwen3-VL: %s", ", ".join(name for name, on in kernels.items() if on))
+    return True
 
 
 def lora_target_regex(cfg: dict) -> str:

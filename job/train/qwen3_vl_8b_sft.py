@@ -18,11 +18,11 @@ from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator
 from job.config import build_cfg
 from job.data.loaders import dataset_fingerprint
 from job.errors import DataError, JobError
-from job.train import artifacts
-from job.train.callbacks import CompletedMarkerCallback, LogCallback, latest_completed_checkpoint
-from job.train.model import (
-    _count_trainable_params, apply_lora, has_cuda, keep_trainable_params_fp32, load_model, load_processor,
-)
+from job.train import artifacts, distributed
+from job.train.callbacks import latest_completed_checkpoint
+from job.train.model import _count_trainable_params, apply_lora, load_model, load_processor
+from job.train.preemption import PreemptionGuard
+from job.train.trainer import build_trainer
 from job.utils import tracking
 from job.utils.eval_sarcasm import evaluate_qwen3
 from job.utils.redact import redact
@@ -109,53 +109,6 @@ def _check_supervised_tokens(collator: Qwen3VisionSFTCollator, train_ds, batch_s
 
 
 # -- train -------------------------------------------------------------------------------------------------------
-def _sft_config(cfg: dict, paths: RunPaths, run_id: str, report_to: list[str]):
-    from trl import SFTConfig
-
-    train, cuda = cfg["train"], has_cuda()
-    return SFTConfig(
-        output_dir=str(paths.checkpoints), run_name=run_id, seed=train["seed"], data_seed=train["seed"],
-        max_steps=train["max_steps"], num_train_epochs=train["num_epochs"],
-        per_device_train_batch_size=train["per_device_batch_size"], gradient_accumulation_steps=train["grad_accum"],
-        learning_rate=train["learning_rate"], lr_scheduler_type=train["lr_scheduler_type"],
-        warmup_steps=train["warmup_ratio"], weight_decay=train["weight_decay"], max_grad_norm=train["max_grad_norm"],
-        logging_steps=train["logging_steps"], save_strategy="steps", save_steps=train["save_steps"],
-        save_total_limit=train["save_total_limit"], report_to=report_to, disable_tqdm=True,
-        bf16=cuda and compute_bf16(), use_cpu=not cuda, optim="adamw_torch",
-        gradient_checkpointing=cfg["model"]["gradient_checkpointing"],
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        dataloader_num_workers=train["dataloader_num_workers"], dataloader_pin_memory=cuda,
-        ddp_find_unused_parameters=False, remove_unused_columns=False, max_length=None,
-        dataset_kwargs={"skip_prepare_dataset": True},
-    )
-
-
-def compute_bf16() -> bool:
-    import torch
-
-    return torch.cuda.is_bf16_supported()
-
-
-def _build_trainer(cfg, model, processor, collator, train_ds, paths, run_id, report_to, remote=None):
-    """The SFTTrainer and, with a checkpoint URI, the background uploader (callback order matters: the local
-    COMPLETED marker is written before the upload snapshot is taken)."""
-    from trl import SFTTrainer
-
-    callbacks = [LogCallback(), CompletedMarkerCallback(extra_files=(paths.eval / "pre_metrics.json",))]
-    uploader = None
-    if remote is not None:
-        from job.storage.checkpoints import RemoteCheckpointCallback
-
-        uploader = RemoteCheckpointCallback(remote, paths.root / ".upload-staging")
-        callbacks.append(uploader)
-    trainer = SFTTrainer(
-        model=model, args=_sft_config(cfg, paths, run_id, report_to), train_dataset=train_ds,
-        data_collator=collator, processing_class=processor, callbacks=callbacks,
-    )
-    keep_trainable_params_fp32(trainer.model)
-    return trainer, uploader
-
-
 def _resume_checkpoint(paths: RunPaths) -> str | None:
     latest, incomplete = latest_completed_checkpoint(paths.checkpoints)
     for path in incomplete:
@@ -167,8 +120,14 @@ def _resume_checkpoint(paths: RunPaths) -> str | None:
 
 # -- eval --------------------------------------------------------------------------------------------------------
 def _evaluate(phase: str, cfg, model, processor, eval_ds, eval_collator, paths: RunPaths, run) -> dict | None:
+    """Generation eval on rank 0 only (the others wait): one process gives the exact single-GPU metrics."""
     if not cfg["eval"][phase]:
         return None
+    return distributed.main_process_result(_evaluate_here, phase, cfg, model, processor, eval_ds, eval_collator,
+                                           paths, run)
+
+
+def _evaluate_here(phase: str, cfg, model, processor, eval_ds, eval_collator, paths: RunPaths, run) -> dict:
     metrics = evaluate_qwen3(model, processor, eval_ds, eval_collator, cfg)
     artifacts.write_predictions(paths.eval / f"{phase}_predictions.jsonl", metrics["predictions"])
     scalars = artifacts.scalar_metrics(metrics)
@@ -192,7 +151,8 @@ def _stored_pre_metrics(paths: RunPaths, checkpoint: str) -> dict | None:
 
 
 # -- save --------------------------------------------------------------------------------------------------------
-def _save_outputs(cfg, model, processor, paths, run_id, run, *, metrics, timer, params, resumed_from, step) -> dict:
+def _save_outputs(cfg, model, processor, paths, run_id, run, *, metrics, timer, params, resumed_from, step,
+                  preflight) -> dict:
     started = time.monotonic()
     from job.storage.hub import build_model_card
 
@@ -204,14 +164,26 @@ def _save_outputs(cfg, model, processor, paths, run_id, run, *, metrics, timer, 
     meta = artifacts.training_meta(cfg, run_id, lineage_info=lineage, metrics=metrics, durations=timer.durations,
                                    params=params, resumed_from=resumed_from, global_step=step)
     meta["adapter_files"] = files
+    meta["preflight"] = preflight
     artifacts.write_json(paths.root / "training_meta.json", meta)
     artifacts.log_run_metadata(run, meta)
     return meta
 
 
+def _preflight_summary(report: dict) -> dict:
+    """What training_meta.json keeps of the preflight report: the policy and which rows were skipped."""
+    return {"rows_checked": report["rows_checked"], "policy": report["policy"],
+            "rows_skipped": {s["split"]: s["rows_skipped"] for s in report["splits"].values()},
+            "skipped_row_ids": {s["split"]: s["skipped_row_ids"] for s in report["splits"].values()},
+            "warnings_by_kind": report["warnings_by_kind"]}
+
+
 # -- storage and publishing ---------------------------------------------------------------------------------------
 def _remote_checkpoints(cfg: dict, run_id: str):
-    """The object-store checkpoint sync, write-probed before any GPU time is spent (None without a URI)."""
+    """The object-store checkpoint sync, write-probed before any GPU time is spent (None without a URI).
+
+    Every rank gets one (each node restores the checkpoint it resumes from); only rank 0 probes and uploads.
+    """
     uri = cfg["storage"]["checkpoint_uri"]
     if not uri:
         return None
@@ -219,12 +191,13 @@ def _remote_checkpoints(cfg: dict, run_id: str):
     from job.storage.checkpoints import RemoteCheckpoints
 
     remote = RemoteCheckpoints(uri, run_id, keep=cfg["train"]["save_total_limit"])
-    s3io.probe_write(remote.s3, remote.run_uri)
+    if distributed.is_main_process():
+        s3io.probe_write(remote.s3, remote.run_uri)
     return remote
 
 
 def _check_publish_access(cfg: dict) -> None:
-    if cfg["hub"]["repo_id"]:
+    if cfg["hub"]["repo_id"] and distributed.is_main_process():
         from job.storage.hub import check_push_access
 
         log.info("Hub: push as %s to %s", check_push_access(cfg["hub"]["repo_id"]), cfg["hub"]["repo_id"])
@@ -232,8 +205,9 @@ def _check_publish_access(cfg: dict) -> None:
 
 def _resume_point(paths: RunPaths, remote) -> str | None:
     """The newest COMPLETED checkpoint, local or remote (a fresh pod has only the remote one)."""
-    if remote is not None:
-        remote.restore_latest(paths.checkpoints)
+    with distributed.local_main_first():
+        if remote is not None:
+            remote.restore_latest(paths.checkpoints)
     return _resume_checkpoint(paths)
 
 
@@ -256,69 +230,131 @@ def _publish(cfg: dict, paths: RunPaths, run_id: str, remote, metrics: dict) -> 
         raise GateRefused(f"quality gate refused the push: {reason}; artifacts kept in {paths.root}")
 
 
-FINAL_ARTIFACTS = ("adapter", "training_meta.json", "metrics.json", "eval")
+FINAL_ARTIFACTS = ("adapter", "training_meta.json", "metrics.json", "eval", "preflight_report.json")
 
 
 # -- the flow ----------------------------------------------------------------------------------------------------
-def _prepare(cfg: dict, timer: Timer):
-    """Everything up to a trainable model: fails fast (exit 2) on bad config, data or credentials."""
+@dataclass
+class Prepared:
+    """Everything the run needs before the model loads."""
+
+    cfg: dict
+    paths: RunPaths
+    run_id: str
+    remote: Any
+    processor: Any
+    train_ds: Any
+    eval_ds: Any
+    collator: Qwen3VisionSFTCollator
+    eval_collator: Qwen3VisionSFTCollator
+    preflight: dict
+
+
+def _checked_datasets(cfg: dict, processor) -> tuple[Any, Any, dict]:
+    """Preflight on rank 0 (every row of both splits, before any weight loads); other ranks apply its plan."""
+    from job.preflight import apply_plan, run_preflight
+
+    result = {}
+
+    def scan() -> dict:
+        result["checked"] = run_preflight(cfg, processor)
+        return {"plan": result["checked"].plan, "summary": _preflight_summary(result["checked"].report)}
+
+    shared = distributed.main_process_result(scan)
+    if "checked" in result:
+        return result["checked"].train_dataset, result["checked"].eval_dataset, shared["summary"]
+    return (*apply_plan(cfg, shared["plan"]), shared["summary"])
+
+
+def _prepare(cfg: dict, timer: Timer) -> Prepared:
+    """Everything up to a trainable model: fails fast (exit 2) on bad config, data or credentials.
+
+    Preflight runs before anything is written to the checkpoint store or the Hub is asked for access, so a
+    run that fails on its data leaves nothing behind but preflight_report.json.
+    """
     from job.storage.sources import localize
 
     started = time.monotonic()
+    distributed.init_process_group()
     _seed_everything(cfg["train"]["seed"])
-    paths = RunPaths(Path(cfg["train"]["output_dir"])).create()
     run_id = _resolve_run_id(cfg)
     _hub_access(cfg)
-    cfg = localize(cfg)
+    with distributed.local_main_first():  # one download per node into the shared cache
+        cfg = localize(cfg)
+    processor = load_processor(cfg)
+    train_ds, eval_ds, preflight = _checked_datasets(cfg, processor)
+    log.info("data: %d train rows, %d eval rows from %s", len(train_ds), len(eval_ds), cfg["data"]["uri"])
     remote = _remote_checkpoints(cfg, run_id)
     _check_publish_access(cfg)
-    processor = load_processor(cfg)
-    # Preflight is the first phase of every run: every row of both splits is checked before model weights load
-    # (and with SFT_BAD_ROWS=skip the bad rows are dropped here).
-    from job.preflight import run_preflight
-
-    checked = run_preflight(cfg, processor)
-    train_ds, eval_ds = checked.train_dataset, checked.eval_dataset
-    log.info("data: %d train rows, %d eval rows from %s", len(train_ds), len(eval_ds), cfg["data"]["uri"])
+    paths = RunPaths(Path(cfg["train"]["output_dir"])).create()
     collator, eval_collator = _build_collators(cfg, processor)
     _check_supervised_tokens(collator, train_ds, cfg["train"]["per_device_batch_size"])
     timer.track("setup", started)
-    return cfg, paths, run_id, remote, (train_ds, eval_ds), processor, (collator, eval_collator)
+    return Prepared(cfg, paths, run_id, remote, processor, train_ds, eval_ds, collator, eval_collator, preflight)
+
+
+def _train(p: Prepared, model, run, guard: PreemptionGuard, resume_from: str | None):
+    """The Trainer loop. Returns its result, or raises Preempted once the preemption checkpoint is uploaded."""
+    report_to = ["wandb"] if run is not None else []
+    trainer, uploader, preemption = build_trainer(
+        p.cfg, model, p.processor, p.collator, p.train_ds, p.paths.checkpoints, p.run_id, report_to, guard=guard,
+        extra_files=(p.paths.eval / "pre_metrics.json",), remote=p.remote)
+    guard.in_training = True
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        guard.in_training = False
+    if uploader is not None:
+        uploader.drain()
+    if guard.requested:
+        if run is not None:
+            run.mark_preempting()  # W&B shows the run as preempted, not crashed; it resumes under the same id
+        saved = f"checkpoint-{preemption.stopped_at} is COMPLETED" if preemption.saved else "no new checkpoint (no time)"
+        log.warning("preempted at step %s: %s", preemption.stopped_at, saved)
+        guard.raise_if_requested(preemption.stopped_at)
+    return trainer, result
 
 
 def run_job(cfg: dict) -> dict[str, Any]:
     timer = Timer()
-    cfg, paths, run_id, remote, (train_ds, eval_ds), processor, (collator, eval_collator) = _prepare(cfg, timer)
+    with PreemptionGuard(cfg["train"]["preempt_grace_s"]) as guard:
+        p = _prepare(cfg, timer)
+        started = time.monotonic()
+        model = apply_lora(load_model(p.cfg), p.cfg)
+        params = _count_trainable_params(model)
+        run = tracking.init_wandb(p.cfg, p.run_id, redact(p.cfg)) if distributed.is_main_process() else None
+        timer.track("model", started)
+        try:
+            resume_from = _resume_point(p.paths, p.remote)
+            started = time.monotonic()
+            pre = (_stored_pre_metrics(p.paths, resume_from) if resume_from else None) or _evaluate(
+                "pre", p.cfg, model, p.processor, p.eval_ds, p.eval_collator, p.paths, run)
+            timer.track("pre_eval", started)
+
+            started = time.monotonic()
+            trainer, result = _train(p, model, run, guard, resume_from)
+            timer.track("train", started)
+            return _finish(p, trainer, result, run, timer, params=params, pre=pre, resume_from=resume_from)
+        finally:
+            tracking.finish(run)
+
+
+def _finish(p: Prepared, trainer, result, run, timer: Timer, *, params, pre, resume_from) -> dict[str, Any]:
+    """Post-eval, then (rank 0) the adapter, metadata, gate, final upload and push."""
     started = time.monotonic()
-    model = apply_lora(load_model(cfg), cfg)
-    params = _count_trainable_params(model)
-    run = tracking.init_wandb(cfg, run_id, redact(cfg))
-    timer.track("model", started)
-    try:
-        resume_from = _resume_point(paths, remote)
-        started = time.monotonic()
-        pre = (_stored_pre_metrics(paths, resume_from) if resume_from else None) or _evaluate(
-            "pre", cfg, model, processor, eval_ds, eval_collator, paths, run)
-        timer.track("pre_eval", started)
+    post = _evaluate("post", p.cfg, trainer.model, p.processor, p.eval_ds, p.eval_collator, p.paths, run)
+    timer.track("post_eval", started)
+    metrics = {"pre": pre, "post": post, "train": {"loss": result.training_loss, "global_step": result.global_step}}
 
-        started = time.monotonic()
-        trainer, uploader = _build_trainer(cfg, model, processor, collator, train_ds, paths, run_id,
-                                           ["wandb"] if run is not None else [], remote)
-        result = trainer.train(resume_from_checkpoint=resume_from)
-        if uploader is not None:
-            uploader.drain()
-        timer.track("train", started)
-
-        started = time.monotonic()
-        post = _evaluate("post", cfg, trainer.model, processor, eval_ds, eval_collator, paths, run)
-        timer.track("post_eval", started)
-        metrics = {"pre": pre, "post": post, "train": {"loss": result.training_loss, "global_step": result.global_step}}
-        meta = _save_outputs(cfg, trainer.model, processor, paths, run_id, run, metrics=metrics, timer=timer,
-                             params=params, resumed_from=resume_from, step=result.global_step)
-        _publish(cfg, paths, run_id, remote, metrics)
+    def outputs() -> dict[str, Any]:
+        meta = _save_outputs(p.cfg, trainer.model, p.processor, p.paths, p.run_id, run, metrics=metrics, timer=timer,
+                             params=params, resumed_from=resume_from, step=result.global_step,
+                             preflight=p.preflight)
+        _publish(p.cfg, p.paths, p.run_id, p.remote, metrics)
         return meta
-    finally:
-        tracking.finish(run)
+
+    # Rank 0 writes and publishes; the other ranks wait and exit with its exit code (0, or 4 on a refused gate).
+    return distributed.main_process_result(outputs)
 
 
 def main(env: dict[str, str] | None = None) -> dict[str, Any]:

@@ -1,0 +1,124 @@
+"""SIGTERM/SIGINT: save a COMPLETED checkpoint at the next step boundary and exit 143, within a time budget.
+
+Kubernetes sends SIGTERM, waits terminationGracePeriodSeconds, then SIGKILLs. The handler only records the signal;
+`PreemptionCallback` turns it into `should_save` + `should_training_stop` at the next step end (agreed by every DDP
+rank through an all-reduce, so all ranks stop at the same step and none hangs in a collective). The flow then waits
+for the checkpoint upload and raises `Preempted` (exit 143), skipping post-eval and push: exiting 0 would mark the
+Job complete with half-trained weights.
+
+The budget (SFT_PREEMPT_GRACE_S) is enforced by a watchdog thread: if the step, the save and the upload have not
+finished in time, the process exits 143 anyway. Nothing is lost by that: a checkpoint counts only once its COMPLETED
+marker is written (last), so a resume uses the previous COMPLETED checkpoint.
+
+Outside the training loop (preflight, model load, eval, push) there is nothing resumable in flight: the handler
+raises `Preempted` right away, and a rerun with the same SFT_RUN_ID starts again from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from transformers import TrainerCallback
+
+from job.errors import ExitCode, Preempted
+from job.train import distributed
+
+log = logging.getLogger("job.train")
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class PreemptionGuard:
+    """Owns the signal handlers for one run. Use as a context manager around the whole run."""
+
+    def __init__(self, grace_s: float):
+        self.grace_s = grace_s
+        self.signal: int | None = None
+        self.received_at: float | None = None
+        self.in_training = False
+        self._pid = os.getpid()
+        self._previous: dict[int, object] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def __enter__(self) -> PreemptionGuard:
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    # -- state -----------------------------------------------------------------------------------------------
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def seconds_left(self) -> float:
+        if self.received_at is None:
+            return float("inf")
+        return self.grace_s - (time.monotonic() - self.received_at)
+
+    def raise_if_requested(self, step: int | None = None) -> None:
+        if self.requested:
+            where = f" at step {step}" if step is not None else ""
+            raise Preempted(f"preempted by {signal.Signals(self.signal).name}{where}; rerun with the same "
+                            "SFT_RUN_ID to resume from the newest COMPLETED checkpoint")
+
+    # -- the handler -----------------------------------------------------------------------------------------
+    def _handle(self, signum: int, _frame) -> None:
+        if os.getpid() != self._pid:
+            # A forked child (preflight or dataloader worker) inherited this handler: die as the signal would.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if self.signal is None:
+            self.signal, self.received_at = signum, time.monotonic()
+            threading.Thread(target=self._watchdog, name="preempt-watchdog", daemon=True).start()
+            log.warning("%s received: %s", signal.Signals(signum).name,
+                        "saving a checkpoint at the next step boundary" if self.in_training else "stopping")
+        if not self.in_training:
+            self.raise_if_requested()
+
+    def _watchdog(self) -> None:
+        time.sleep(max(0.0, self.seconds_left()))
+        # Still alive after the budget: the save or upload did not fit. The previous COMPLETED checkpoint stands.
+        sys.stderr.write(f"qwen3-sft: SFT_PREEMPT_GRACE_S={self.grace_s:g} s elapsed before the checkpoint was "
+                         "saved and uploaded; exiting 143 (a rerun resumes from the previous COMPLETED checkpoint)\n")
+        sys.stderr.flush()
+        os._exit(int(ExitCode.PREEMPTED))
+
+
+class PreemptionCallback(TrainerCallback):
+    """Turns a received signal into save + stop at the next step boundary, on every rank at the same step.
+
+    `save_cost_s()` estimates a save plus its upload from the last ones. If that does not fit in the time left, it
+    stops without saving: a save cut off by the watchdog is wasted, and the previous COMPLETED checkpoint stands.
+    """
+
+    def __init__(self, guard: PreemptionGuard, save_cost_s=lambda: 0.0):
+        self.guard = guard
+        self.save_cost_s = save_cost_s
+        self.stopped_at: int | None = None
+        self.saved = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not distributed.any_rank(self.guard.requested, args.device):
+            return control
+        if self.guard.signal is None:  # another rank was signalled: this one stops with it
+            self.guard.signal, self.guard.received_at = signal.SIGTERM, time.monotonic()
+        self.stopped_at = state.global_step
+        control.should_training_stop = True
+        fits = self.guard.seconds_left() > 1.5 * self.save_cost_s()
+        if distributed.any_rank(not fits, args.device):
+            log.warning("step %d: %.1f s left but a save takes about %.1f s: stopping without saving",
+                        state.global_step, self.guard.seconds_left(), self.save_cost_s())
+            control.should_save = False
+        else:
+            control.should_save = True
+            self.saved = True
+        return control

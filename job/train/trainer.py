@@ -1,0 +1,100 @@
+"""The SFTTrainer as this job uses it: its config, length-grouped batches, callbacks and save timing."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from job.train.callbacks import CompletedMarkerCallback, LogCallback
+from job.train.model import has_cuda, keep_trainable_params_fp32
+from job.train.preemption import PreemptionCallback, PreemptionGuard
+
+log = logging.getLogger("job.train")
+
+
+def compute_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_bf16_supported()
+
+
+def sft_config(cfg: dict, output_dir: Path, run_id: str, report_to: list[str]):
+    from trl import SFTConfig
+
+    train, cuda = cfg["train"], has_cuda()
+    return SFTConfig(
+        output_dir=str(output_dir), run_name=run_id, seed=train["seed"], data_seed=train["seed"],
+        max_steps=train["max_steps"], num_train_epochs=train["num_epochs"],
+        per_device_train_batch_size=train["per_device_batch_size"], gradient_accumulation_steps=train["grad_accum"],
+        learning_rate=train["learning_rate"], lr_scheduler_type=train["lr_scheduler_type"],
+        warmup_steps=train["warmup_ratio"], weight_decay=train["weight_decay"], max_grad_norm=train["max_grad_norm"],
+        logging_steps=train["logging_steps"], save_strategy="steps", save_steps=train["save_steps"],
+        save_total_limit=train["save_total_limit"], report_to=report_to, disable_tqdm=True,
+        bf16=cuda and compute_bf16(), use_cpu=not cuda, optim="adamw_torch",
+        # Non-reentrant checkpointing: works with frozen 4-bit inputs and PEFT without enable_input_require_grads.
+        gradient_checkpointing=cfg["model"]["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # Workers decode and resize images while the GPU trains; pinned memory makes the host-to-device copy async.
+        dataloader_num_workers=train["dataloader_num_workers"], dataloader_pin_memory=cuda,
+        dataloader_persistent_workers=train["dataloader_num_workers"] > 0,
+        # Every LoRA parameter receives a gradient each step (the vision tower is frozen, not LoRA'd), so DDP's
+        # unused-parameter search (an extra graph traversal per step) is not needed.
+        ddp_find_unused_parameters=False, remove_unused_columns=False, max_length=None,
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
+
+
+def _trainer_class():
+    from trl import SFTTrainer
+
+    from job.preflight import LENGTH_COLUMN
+    from job.train.sampler import LengthGroupedSampler
+
+    class Qwen3SFTTrainer(SFTTrainer):
+        """SFTTrainer plus length-grouped sampling (from preflight's token counts) and timed saves."""
+
+        group_by_length = True
+        last_save_s = 0.0
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            if not self.group_by_length or LENGTH_COLUMN not in getattr(dataset, "column_names", ()):
+                return super()._get_train_sampler(train_dataset)
+            # Its own generator seeded from data_seed: the order is a pure function of (seed, epoch), so a resumed
+            # run skips exactly the batches the interrupted one consumed.
+            return LengthGroupedSampler(dataset[LENGTH_COLUMN], batch_size=self.args.per_device_train_batch_size,
+                                        seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+                                        world_size=max(1, self.args.world_size))
+
+        def _save_checkpoint(self, model, trial):
+            started = time.monotonic()
+            super()._save_checkpoint(model, trial)
+            self.last_save_s = time.monotonic() - started
+
+    return Qwen3SFTTrainer
+
+
+def build_trainer(cfg, model, processor, collator, train_ds, output_dir: Path, run_id: str, report_to: list[str],
+                  *, guard: PreemptionGuard, extra_files=(), remote=None):
+    """The trainer and, with a checkpoint URI, the background uploader.
+
+    Callback order matters: the local COMPLETED marker is written before the upload snapshot is taken.
+    """
+    uploader = None
+    callbacks = [LogCallback(), CompletedMarkerCallback(extra_files=tuple(extra_files))]
+    if remote is not None:
+        from job.storage.checkpoints import RemoteCheckpointCallback
+
+        uploader = RemoteCheckpointCallback(remote, output_dir.parent / ".upload-staging")
+        callbacks.append(uploader)
+    trainer_cls = _trainer_class()
+    trainer = trainer_cls(
+        model=model, args=sft_config(cfg, output_dir, run_id, report_to), train_dataset=train_ds,
+        data_collator=collator, processing_class=processor, callbacks=callbacks,
+    )
+    trainer.group_by_length = cfg["train"]["group_by_length"]
+    preemption = PreemptionCallback(guard, lambda: trainer.last_save_s + (uploader.last_upload_s if uploader else 0.0))
+    trainer.add_callback(preemption)
+    keep_trainable_params_fp32(trainer.model)
+    return trainer, uploader, preemption
