@@ -42,6 +42,7 @@ class PreemptionGuard:
         self.in_training = False
         self._pid = os.getpid()
         self._previous: dict[int, object] = {}
+        self._disarmed = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def __enter__(self) -> PreemptionGuard:
@@ -51,7 +52,9 @@ class PreemptionGuard:
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # Once preempted, the process is on its way out with 143 (the watchdog bounds it): a second signal
+            # (torchrun forwards one to every rank when the first rank exits) must not turn that into -15.
+            signal.signal(sig, signal.SIG_IGN if self.requested else handler)
 
     # -- state -----------------------------------------------------------------------------------------------
     @property
@@ -84,8 +87,15 @@ class PreemptionGuard:
         if not self.in_training:
             self.raise_if_requested()
 
+    def disarm(self) -> None:
+        """Stop the watchdog and give the previous handlers back (for embedding the job in a longer-lived process)."""
+        self._disarmed.set()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
     def _watchdog(self) -> None:
-        time.sleep(max(0.0, self.seconds_left()))
+        if self._disarmed.wait(timeout=max(0.0, self.seconds_left())):
+            return
         # Still alive after the budget: the save or upload did not fit. The previous COMPLETED checkpoint stands.
         sys.stderr.write(f"qwen3-sft: SFT_PREEMPT_GRACE_S={self.grace_s:g} s elapsed before the checkpoint was "
                          "saved and uploaded; exiting 143 (a rerun resumes from the previous COMPLETED checkpoint)\n")

@@ -307,6 +307,8 @@ def _train(p: Prepared, model, run, guard: PreemptionGuard, resume_from: str | N
     if uploader is not None:
         uploader.drain()
     if guard.requested:
+        # Ranks > 0 wait for rank 0's save and upload: torchrun tears down every rank once one exits.
+        distributed.barrier()
         if run is not None:
             run.mark_preempting()  # W&B shows the run as preempted, not crashed; it resumes under the same id
         saved = f"checkpoint-{preemption.stopped_at} is COMPLETED" if preemption.saved else "no new checkpoint (no time)"
