@@ -20,7 +20,7 @@ from job.data.loaders import dataset_fingerprint
 from job.errors import DataError, JobError
 from job.train import artifacts, distributed
 from job.train.callbacks import latest_completed_checkpoint
-from job.train.model import _count_trainable_params, apply_lora, load_model, load_processor
+from job.train.model import _count_trainable_params, apply_liger, apply_lora, load_model, load_processor
 from job.train.preemption import PreemptionGuard
 from job.train.trainer import build_trainer
 from job.utils import tracking
@@ -323,6 +323,7 @@ def run_job(cfg: dict) -> dict[str, Any]:
         p = _prepare(cfg, timer)
         started = time.monotonic()
         model = apply_lora(load_model(p.cfg), p.cfg)
+        apply_liger(p.cfg, model)  # SFT_USE_LIGER: on with CUDA and liger-kernel (auto); never on the CPU
         params = _count_trainable_params(model)
         run = tracking.init_wandb(p.cfg, p.run_id, redact(p.cfg)) if distributed.is_main_process() else None
         timer.track("model", started)
