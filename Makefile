@@ -5,6 +5,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= .cache/demo
 PYTEST_ARGS ?=
+# Image and cluster submission (make image / push / submit / image-smoke).
+IMAGE_TAG ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
+IMAGE ?= qwen3-sft:$(IMAGE_TAG)
+RUN_ID ?= qwen3-sft-$(IMAGE_TAG)
+DATASET ?=
+WAIT_TIMEOUT ?= 24h
+# The oldest Kubernetes the manifests target (podFailurePolicy is GA from 1.31) and the newest schema bundled.
+K8S_VERSIONS ?= 1.31.0 1.37.0
+K8S_BUILTIN := k8s/job.yaml k8s/configmap.yaml k8s/secret.example.yaml k8s/serviceaccount.yaml
 
 .DEFAULT_GOAL := help
 
@@ -34,4 +43,44 @@ demo: install ## run the whole job on the tiny offline Qwen3-VL and the syntheti
 test: install ## run the test suite (offline, CPU)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-.PHONY: help install demo test
+lint: install ## lint docker/Dockerfile, k8s/ and the retrain workflow offline (hadolint, kubernetes-validate, check-jsonschema, zizmor)
+	$(VENV)/bin/hadolint --config .hadolint.yaml docker/Dockerfile
+	for v in $(K8S_VERSIONS); do $(VENV)/bin/kubernetes-validate --strict --quiet -k $$v $(K8S_BUILTIN) || exit 1; done
+	set -o pipefail; $(PY) k8s/render.py --image lint --run-id lint --dataset s3://lint/data \
+	  | $(VENV)/bin/kubernetes-validate --strict --quiet -k $(firstword $(K8S_VERSIONS)) -
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/retrain.yml
+	$(VENV)/bin/zizmor --offline .github/workflows/retrain.yml
+
+image: ## docker build the GPU image as $(IMAGE) (needs Docker; MAX_JOBS=N for a flash-attn source build)
+	docker build -f docker/Dockerfile -t $(IMAGE) \
+	  --build-arg MAX_JOBS=$${MAX_JOBS:-4} \
+	  --build-arg VERSION=$$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml) \
+	  --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
+	  --build-arg CREATED=$$(date -u +%Y-%m-%dT%H:%M:%SZ) \
+	  --build-arg SOURCE=$$(git remote get-url origin 2>/dev/null | sed -E 's#//[^/@]*@#//#' || echo unknown) \
+	  .
+
+push: ## docker push $(IMAGE); name a registry: make push IMAGE=REGISTRY/qwen3-sft:TAG
+	docker push $(IMAGE)
+
+submit: install ## kubectl apply k8s/ with IMAGE, RUN_ID and DATASET filled in, wait, exit with the job's exit code
+	@test -n "$(DATASET)" || { echo "make submit: set DATASET=s3://... (and IMAGE=REGISTRY/qwen3-sft:TAG)" >&2; exit 2; }
+	set -o pipefail; $(PY) k8s/render.py --image "$(IMAGE)" --run-id "$(RUN_ID)" --dataset "$(DATASET)" | kubectl apply -f -
+	bash k8s/wait.sh "$(RUN_ID)" "$(WAIT_TIMEOUT)"
+
+preflight: install ## qwen3-sft preflight with your SFT_* environment (needs SFT_DATASET_URI, a local path)
+	$(VENV)/bin/qwen3-sft preflight
+
+# The demo's data and processor, built inside the container; --gpus is not needed for config and preflight.
+SMOKE_ENV := -e HF_HUB_OFFLINE=1 -e WANDB_MODE=offline -e SFT_MODEL_ID=/tmp/demo/model \
+	-e SFT_DATASET_URI=/tmp/demo/data -e SFT_OUTPUT_DIR=/tmp/demo/out -e SFT_MAX_LENGTH=512 \
+	-e SFT_IMAGE_MIN_PIXELS=4096 -e SFT_IMAGE_MAX_PIXELS=16384
+image-smoke: image ## build the image, then run qwen3-sft config and preflight on the demo data inside it (needs Docker)
+	docker run --rm $(IMAGE) config
+	docker run --rm --entrypoint python $(IMAGE) -c \
+	  "import torch, importlib.metadata as m; assert torch.version.cuda.startswith('12.'), torch.version.cuda; \
+	  print('torch', torch.__version__, 'cuda', torch.version.cuda, 'flash-attn', m.version('flash-attn'))"
+	docker run --rm $(SMOKE_ENV) --entrypoint tini $(IMAGE) -- \
+	  sh -c 'python -m job.tiny /tmp/demo && exec qwen3-sft preflight'
+
+.PHONY: help install demo test lint image push submit preflight image-smoke
