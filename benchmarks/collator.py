@@ -11,6 +11,8 @@ Goals: b/a >= 1.3 (speed-up over the seed) and time(b)/time(c) <= 1.15 (our over
 Each is measured with the job card's pixel cap (1024^2 px) and without a cap (Qwen3-VL's own 4096^2 px).
 The script also checks (not a timing) that (a) and (b) produce identical input_ids and labels.
 The processor is the real Qwen3VLProcessor (job.tiny); image processing costs what it costs for the 8B model.
+Times are CPU times of this process with 1 torch thread (what a DataLoader worker uses), best of --repeat runs,
+variants interleaved: robust on a shared machine where wall time swings with other jobs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import best_time, draw_image, machine, mixed_image_sizes, tiny_assets  # noqa: E402
+from benchmarks.common import best_time, draw_image, load_average, machine, mixed_image_sizes, tiny_assets  # noqa: E402
 
 CAP = 1024 * 1024  # the job card's SFT_IMAGE_MAX_PIXELS
 NO_CAP = 4096 * 4096  # Qwen3-VL's preprocessor_config longest_edge
@@ -85,6 +87,16 @@ def seed_two_pass(collator, rows: list[dict]) -> dict:
     return dict(batch)
 
 
+class SeedTwoPassCollator:
+    """The seed's collator as a drop-in data collator (for benchmarks/gpu_step.py's baseline stack)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, rows: list[dict]) -> dict:
+        return seed_two_pass(self.collator, rows)
+
+
 def check_identical(collator, batches: list[list[dict]]) -> int:
     import torch
 
@@ -138,19 +150,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="8 small rows, capped only, one repeat (for tests: the label check, not the timings)")
     parser.add_argument("--rows", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (a DataLoader worker uses 1)")
     args = parser.parse_args(argv)
     import torch
 
     torch.manual_seed(0)
-    print(f"machine: {machine()}")
+    torch.set_num_threads(args.threads)
+    print(f"machine: {machine()}; {load_average()}")
     model_dir, _ = tiny_assets(args.assets)
     n_rows, repeat = (8, 1) if args.quick else (args.rows, args.repeat)
     rows = make_rows(n_rows, max_side=480 if args.quick else 1600)
     sizes = [r["image"].size for r in rows]
     print(f"{n_rows} rows, batch size {args.batch_size}, images {min(w * h for w, h in sizes) / 1e6:.2f}.."
           f"{max(w * h for w, h in sizes) / 1e6:.2f} Mpx (largest {max(sizes, key=lambda s: s[0] * s[1])}), "
-          f"best of {repeat}")
+          f"best of {repeat} (CPU time of this process, {args.threads} torch thread(s))")
     caps = (CAP,) if args.quick else (CAP, NO_CAP)  # loading a processor takes ~4 s here; quick mode loads one
     results = [run(model_dir, cap, rows, args.batch_size, repeat) for cap in caps]
     print(f"\n{'pixel cap':>12} {'tok/row':>8} {'(a) seed':>10} {'(b) ours':>10} {'(c) floor':>10}   rows/s")

@@ -75,16 +75,28 @@ def draw_image(size: tuple[int, int], seed: int):
     return Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB")
 
 
-def best_time(fn, repeat: int, warmup: int = 1) -> float:
-    """Minimum wall time of `fn()` over `repeat` runs (after `warmup` runs): the least noisy estimate on a busy box."""
+def best_time(fn, repeat: int, warmup: int = 1, clock=time.process_time) -> float:
+    """Minimum time of `fn()` over `repeat` runs (after `warmup` runs).
+
+    The default clock is this process's CPU time, not wall time: the benchmarks run on shared machines where other
+    jobs come and go, and CPU time with one torch thread (what a DataLoader worker uses) barely moves when the box
+    is busy, while wall time can double. Pass clock=time.perf_counter for wall time.
+    """
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
-        started = time.perf_counter()
+        started = clock()
         fn()
-        times.append(time.perf_counter() - started)
+        times.append(clock() - started)
     return min(times)
+
+
+def load_average() -> str:
+    try:
+        return "load average " + " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "load average unknown"
 
 
 def machine() -> str:

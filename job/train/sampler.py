@@ -1,8 +1,8 @@
 """`LengthGroupedSampler`: batches of rows with similar token counts, in a random but reproducible order.
 
 A Qwen3-VL row costs its text tokens plus one token per 32x32 px of its image, so rows of one dataset range from
-~100 to ~1,300 tokens. Random batches pad every row to the longest row of its batch (30-40% of the tokens the GPU
-processes are padding on mixed image sizes); grouping rows of similar length brings that under 5%.
+~100 to ~1,300 tokens. Random batches pad every row to the longest row of its batch (40-50% of the tokens the GPU
+processes are padding at batch 4-8 on mixed image sizes); grouping rows of similar length brings that to ~2%.
 
 How the order of one epoch is built (a pure function of lengths, batch_size, world_size, seed and epoch):
 
@@ -23,6 +23,12 @@ The sampler never touches the global RNG. Resuming a run restores the global RNG
 where the checkpoint was taken; an order drawn from the global RNG would then differ from the uninterrupted run's.
 Here the order depends only on (seed, epoch), so HF's `skip_first_batches` lands on exactly the rows the
 uninterrupted run would have seen next, and every DDP rank computes the same order before taking its share.
+
+`set_epoch` must reach the sampler before each epoch's iteration. HF Trainer and accelerate forward it through their
+wrappers, except in one case (accelerate 1.15): under DDP, after a mid-epoch resume, the sampler sits below
+SkipBatchSampler -> BatchSamplerShard -> BatchSampler and neither `DataLoaderShard.set_epoch` nor the Trainer's extra
+call reaches it, so a resume in epoch >= 1 would replay epoch 0's order. A trainer using this sampler should call
+`sampler.set_epoch(epoch)` itself at the start of each epoch.
 
 `megabatch_mult` trades randomness of batch composition for padding: a larger megabatch has closer neighbours in
 length. 50 (HF's default) gives < 5% padding at batch sizes 4-8 on long-tailed multimodal lengths

@@ -63,9 +63,18 @@ def _trainer_class():
                 return super()._get_train_sampler(train_dataset)
             # Its own generator seeded from data_seed: the order is a pure function of (seed, epoch), so a resumed
             # run skips exactly the batches the interrupted one consumed.
-            return LengthGroupedSampler(dataset[LENGTH_COLUMN], batch_size=self.args.per_device_train_batch_size,
-                                        seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
-                                        world_size=max(1, self.args.world_size))
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            self._length_sampler = LengthGroupedSampler(
+                dataset[LENGTH_COLUMN], batch_size=self.args.per_device_train_batch_size, seed=seed,
+                world_size=max(1, self.args.world_size))
+            return self._length_sampler
+
+        def _run_epoch(self, *args, **kwargs):
+            # Under DDP after a mid-epoch resume, accelerate wraps the sampler too deeply for its set_epoch to
+            # reach it; without this, epoch >= 1 of a resumed run would replay epoch 0's order.
+            if getattr(self, "_length_sampler", None) is not None and "epoch" in kwargs:
+                self._length_sampler.set_epoch(kwargs["epoch"])
+            return super()._run_epoch(*args, **kwargs)
 
         def _save_checkpoint(self, model, trial):
             started = time.monotonic()

@@ -1,0 +1,81 @@
+"""The benchmarks run (quick modes, as subprocesses, all four at once) and print their result lines.
+
+Timings are never asserted here (CI machines vary); what is asserted is what does not depend on speed: exit 0, the
+label identity of the seed's two-pass and our single-pass collator, identical batched vs per-row eval outputs,
+padding under 5% with length grouping, and gpu_step's table from its CPU dry run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO
+
+SCRIPTS = {
+    "padding": ["benchmarks/padding.py", "--quick"],
+    "collator": ["benchmarks/collator.py", "--quick"],
+    "eval": ["benchmarks/eval.py", "--quick"],
+    "gpu_step": ["benchmarks/gpu_step.py", "--dry-run"],
+}
+
+
+@pytest.fixture(scope="module")
+def outputs(tiny_assets) -> dict[str, subprocess.CompletedProcess]:
+    assets = str(tiny_assets[0].parent)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
+           "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           # glibc: keep freed memory instead of returning every large block to the OS. TRL's chunked log-prob
+           # kernel allocates ~40 MB temporaries per tile; without this, page faults double gpu_step's dry run.
+           "MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
+    procs = {name: subprocess.Popen([sys.executable, *args, "--assets", assets], cwd=REPO, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for name, args in SCRIPTS.items()}
+    done = {}
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=600)
+        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+    return done
+
+
+def _ok(outputs, name: str) -> str:
+    result = outputs[name]
+    assert result.returncode == 0, f"{name} exited {result.returncode}:\n{result.stdout[-3000:]}"
+    return result.stdout
+
+
+def test_padding_grouped_under_5_percent(outputs):
+    out = _ok(outputs, "padding")
+    lines = re.findall(r"RESULT padding \[(.+?)\] batch=(\d+) random=([\d.]+) grouped=([\d.]+) goal<=0.05 met", out)
+    assert {(name, int(bs)) for name, bs, *_ in lines} >= {("synthetic long-tailed", 4), ("synthetic long-tailed", 8)}
+    for name, bs, random_pad, grouped in lines:
+        assert float(grouped) <= 0.05
+    synthetic = [(float(r), float(g)) for name, _, r, g in lines if name == "synthetic long-tailed"]
+    assert all(r > 0.3 and g < r / 6 for r, g in synthetic)
+
+
+def test_collator_labels_identical_and_ratios_printed(outputs):
+    out = _ok(outputs, "collator")
+    assert re.search(r"LABELS identical \(a\) vs \(b\) \[capped 1024\^2\]: 8 rows", out)
+    assert re.search(r"RESULT collator \[capped 1024\^2\] b/a speed-up=[\d.]+x .* b/c time ratio=[\d.]+", out)
+
+
+def test_eval_batched_outputs_identical(outputs):
+    out = _ok(outputs, "eval")
+    assert "OUTPUTS identical per row (batch 1 vs 8): True (8/8 rows equal)" in out
+    assert re.search(r"predictions: ([2-8]) distinct of 8", out), "a vacuous check: (almost) all outputs equal"
+    assert re.search(r"RESULT eval batch=8 vs 1 speed-up=[\d.]+x", out)
+
+
+def test_gpu_step_dry_run_prints_the_table(outputs):
+    out = _ok(outputs, "gpu_step")
+    assert "DRY RUN" in out
+    for stack, sampler in (("baseline", "RandomSampler"), ("ours", "LengthGroupedSampler")):
+        for data in ("fixed", "mixed"):
+            assert re.search(rf"^{stack}\s+{data}\s+{sampler}\s+[\d.]+\s+[\d.]+\s+[\d.]+%", out, re.M), (stack, data)
+    for data in ("fixed", "mixed"):
+        assert re.search(rf"RESULT gpu_step \[{data}\] ours/baseline tokens/s=[\d.]+x", out)
