@@ -7,8 +7,10 @@ state the Trainer uses later, with nccl on CUDA and gloo on the CPU. Without tor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -98,20 +100,14 @@ def main_process_result(fn, *args, **kwargs):
     return outcome[1]
 
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-class local_main_first:  # noqa: N801 - used as a context manager, like accelerate's main_process_first
+@contextlib.contextmanager
+def local_main_first() -> Iterator[None]:
     """Local rank 0 of each node runs the block first (downloads into the node's cache); the others then find it
     there. Without torchrun it just runs the block."""
+    if not is_distributed():
+        yield
+        return
+    from accelerate import PartialState
 
-    def __enter__(self):
-        if is_distributed() and local_rank() != 0:
-            barrier()
-        return self
-
-    def __exit__(self, *exc):
-        if is_distributed() and local_rank() == 0:
-            barrier()
-        return False
+    with PartialState().local_main_process_first():
+        yield

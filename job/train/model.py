@@ -138,18 +138,17 @@ def liger_wanted(cfg: dict) -> bool:
     return False
 
 
-def apply_liger(cfg: dict, model=None) -> bool:
+def apply_liger(cfg: dict, model) -> bool:
     """Apply Liger's kernels for Qwen3-VL when `liger_wanted(cfg)`; returns whether they were applied.
 
     Call it on the loaded model, before or after LoRA (a PEFT model is unwrapped): the RMSNorm modules of that
-    instance are patched in place and RoPE is patched in the Qwen3-VL modeling module. With model=None only the
-    module-level patches are made (models created afterwards get Liger's RMSNorm class).
+    instance are patched in place and RoPE is patched in the Qwen3-VL modeling module.
     """
     if not liger_wanted(cfg):
         return False
     from liger_kernel.transformers import apply_liger_kernel_to_qwen3_vl
 
-    target = model.get_base_model() if model is not None and hasattr(model, "get_base_model") else model
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
     accepted = inspect.signature(apply_liger_kernel_to_qwen3_vl).parameters
     kernels = {name: on for name, on in LIGER_KERNELS.items() if name in accepted}
     apply_liger_kernel_to_qwen3_vl(**kernels, model=target)

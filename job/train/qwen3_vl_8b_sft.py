@@ -254,15 +254,16 @@ def _checked_datasets(cfg: dict, processor) -> tuple[Any, Any, dict]:
     """Preflight on rank 0 (every row of both splits, before any weight loads); other ranks apply its plan."""
     from job.preflight import apply_plan, run_preflight
 
-    result = {}
+    checked = None
 
     def scan() -> dict:
-        result["checked"] = run_preflight(cfg, processor)
-        return {"plan": result["checked"].plan, "summary": _preflight_summary(result["checked"].report)}
+        nonlocal checked
+        checked = run_preflight(cfg, processor)
+        return {"plan": checked.plan, "summary": _preflight_summary(checked.report)}
 
     shared = distributed.main_process_result(scan)
-    if "checked" in result:
-        return result["checked"].train_dataset, result["checked"].eval_dataset, shared["summary"]
+    if checked is not None:
+        return checked.train_dataset, checked.eval_dataset, shared["summary"]
     return (*apply_plan(cfg, shared["plan"]), shared["summary"])
 
 
