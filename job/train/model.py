@@ -88,8 +88,33 @@ def load_model(cfg: dict):
         attn = "sdpa"
         model = Qwen3VLForConditionalGeneration.from_pretrained(model_cfg["id"], attn_implementation=attn, **kwargs)
     model.config.use_cache = False  # the KV cache is useless (and warns) under gradient checkpointing
+    keep_4bit_layout_unpacked(model)
     log.info("model %s loaded: attn=%s 4bit=%s dtype=%s", model_cfg["id"], attn, model_cfg["load_in_4bit"], compute_dtype())
     return model
+
+
+def keep_4bit_layout_unpacked(model) -> int:
+    """Turn off bitsandbytes' packed CPU inference layout on every 4-bit layer; returns how many were turned off.
+
+    Why (bitsandbytes 0.50.2, torch 2.14.1, measured on an AMD EPYC with avx512_bf16): on such a CPU,
+    `Linear4bit.forward` in eval mode without grad repacks its weight in place (a `Params4bit` of shape (2048, 1)
+    becomes (64, 32)) for a fused bf16 kernel and flags `quant_state.packing_format_for_cpu`. Every later forward,
+    training included, then goes through `bitsandbytes::gemv_4bit`, which has no autograd formula: no gradient flows
+    back through the frozen 4-bit layers, so after pre-eval the grad norm was about half of the dequantized-fp32
+    reference (0.81 vs 1.50). Saving converts back, but lossily (absmax rounded to bf16, double quantization redone),
+    so a resumed run differed from an uninterrupted one. With the flag off every forward uses the one unpacked layout,
+    and a training step equals the dequantized reference after generation, a save and a load
+    (`tests/test_qlora_gradients.py`). The cost: CPU-only generation on avx512_bf16 CPUs loses the fused kernel
+    (CUDA never takes this path). Upstream: `Linear4bit.support_avx512bf16_for_cpu`, set from `has_avx512bf16()`.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # no bitsandbytes: nothing is 4-bit
+        return 0
+    layers = [module for module in model.modules() if isinstance(module, Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 # Liger kernels used with Qwen3-VL. Not its fused linear cross-entropy: TRL's SFTTrainer already replaces the LM head
