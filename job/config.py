@@ -192,7 +192,8 @@ def cross_field_problems(s: Settings, card: ModelSpec) -> list[str]:
         )
     if s.eval_do_sample and s.eval_temperature <= 0:
         problems.append("SFT_EVAL_DO_SAMPLE=true needs SFT_EVAL_TEMPERATURE > 0 (e.g. 0.7), or set SFT_EVAL_DO_SAMPLE=false")
-    if s.max_steps > 0 and s.save_steps > s.max_steps:
+    # Only when both were set: SFT_MAX_STEPS=5 alone saves every min(50, 5) steps (effective_save_steps).
+    if {"max_steps", "save_steps"} <= s.model_fields_set and s.max_steps > 0 and s.save_steps > s.max_steps:
         problems.append(
             f"SFT_SAVE_STEPS={s.save_steps} exceeds SFT_MAX_STEPS={s.max_steps}: no resumable checkpoint would be "
             "written before the end; lower SFT_SAVE_STEPS"
@@ -214,6 +215,11 @@ def load_settings(card: ModelSpec, env: Mapping[str, str] | None = None) -> Sett
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+def effective_save_steps(s: Settings) -> int:
+    """The save interval follows a short run: a default SFT_SAVE_STEPS larger than SFT_MAX_STEPS becomes it."""
+    return min(s.save_steps, s.max_steps) if s.max_steps > 0 else s.save_steps
 
 
 def build_cfg(card: ModelSpec, env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -262,7 +268,7 @@ def build_cfg(card: ModelSpec, env: Mapping[str, str] | None = None) -> dict[str
             "seed": s.seed,
             "max_steps": s.max_steps,
             "num_epochs": s.num_epochs,
-            "save_steps": s.save_steps,
+            "save_steps": effective_save_steps(s),
             "save_total_limit": s.save_total_limit,
             "learning_rate": s.learning_rate or card.learning_rate,
             "lr_scheduler_type": s.lr_scheduler_type,

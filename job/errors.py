@@ -88,12 +88,175 @@ class PeerFailed(JobError):
         self.exit_code = exit_code
 
 
-def find_job_error(exc: BaseException) -> JobError | None:
-    """The first JobError in the cause/context chain: a DataError wrapped as 'Qwen3 collate failed' is still exit 2."""
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]
+
+
+def _http_status(exc: BaseException) -> int | None:
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _classify_s3(exc: BaseException) -> JobError | None:
+    try:
+        from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
+        from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as BotoConnectionError,
+                                         NoCredentialsError, PartialCredentialsError)
+    except ImportError:  # boto3 is a dependency; only a broken install lacks it
+        return None
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code, status = str(error.get("Code", "")), exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in S3_USER_CODES or status in (400, 401, 403, 404):
+            return UserError(f"S3 {exc.operation_name}: {code} {error.get('Message', '')}".strip()
+                             + "; check the bucket, key and AWS credentials")
+        return TransientError(f"S3 {exc.operation_name}: {code} {error.get('Message', '')} (after retries)".strip())
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return UserError(f"S3: {_first_line(exc)} (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a role)")
+    if isinstance(exc, (S3UploadFailedError, S3TransferFailedError)):
+        # boto3's transfer manager wraps the ClientError in text only ("Failed to upload f to bucket/key: An error
+        # occurred (SlowDown) ..."): a refused credential or bucket is still a user error.
+        text = _first_line(exc, 500)
+        if any(f"({code})" in text for code in S3_USER_CODES):
+            return UserError(f"S3 transfer: {text}; check the bucket, key and AWS credentials")
+        return TransientError(f"S3 transfer failed after retries: {text}")
+    if isinstance(exc, (BotoConnectionError, BotoCoreError)):
+        return TransientError(f"S3: {type(exc).__name__}: {_first_line(exc)} (after retries)")
+    return None
+
+
+def _classify_hub(exc: BaseException) -> JobError | None:
+    try:
+        from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError, HfHubHTTPError,
+                                            LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
+                                            RevisionNotFoundError)
+    except ImportError:
+        return None
+    url = getattr(getattr(exc, "response", None), "url", None)
+    where = f" ({url})" if url else ""
+    if isinstance(exc, GatedRepoError):
+        return UserError(f"Hub: gated repository{where}: accept its terms on the Hub and set HF_TOKEN")
+    if isinstance(exc, RepositoryNotFoundError):
+        return UserError(f"Hub: repository not found or no access{where}: check the repo id and HF_TOKEN")
+    if isinstance(exc, RevisionNotFoundError):
+        return UserError(f"Hub: revision not found{where}: check SFT_MODEL_REVISION / SFT_DATASET_REVISION")
+    if isinstance(exc, (EntryNotFoundError, HFValidationError, OfflineModeIsEnabled)):
+        return UserError(f"Hub: {_first_line(exc)}")
+    if isinstance(exc, LocalEntryNotFoundError):
+        if _hub_offline():
+            return UserError(f"Hub: HF_HUB_OFFLINE=1 and the files are not in the local cache: {_first_line(exc)}")
+        return None  # the network error it wraps (its __cause__) decides
+    if isinstance(exc, HfHubHTTPError):
+        status = _http_status(exc)
+        if status in (400, 401, 403, 404):
+            return UserError(f"Hub: HTTP {status}{where}: check the repo id and HF_TOKEN")
+        if status is None or status == 429 or status >= 500:
+            return TransientError(f"Hub: HTTP {status}{where} (after retries)")
+        return UserError(f"Hub: HTTP {status}{where}: {_first_line(exc)}")
+    return None
+
+
+def _hub_offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _classify_http(exc: BaseException) -> JobError | None:
+    """requests (datasets, older hubs) and httpx (huggingface_hub >= 1.0): status codes, timeouts, refused connects."""
+    transient_types: list[type] = [TimeoutError, ConnectionError]
+    http_error_types: list[type] = []
+    try:
+        import requests
+
+        transient_types += [requests.ConnectionError, requests.Timeout]
+        http_error_types.append(requests.HTTPError)
+    except ImportError:
+        pass
+    try:
+        import httpx
+
+        transient_types += [httpx.TransportError]
+        http_error_types.append(httpx.HTTPStatusError)
+    except ImportError:
+        pass
+    if isinstance(exc, tuple(http_error_types)):
+        status = _http_status(exc)
+        url = getattr(getattr(exc, "request", None), "url", None) or getattr(getattr(exc, "response", None), "url", "")
+        if status in (400, 401, 403, 404):
+            return UserError(f"HTTP {status} from {url}: check the id and the credentials")
+        return TransientError(f"HTTP {status} from {url} (after retries)")
+    if isinstance(exc, tuple(transient_types)) and not isinstance(exc, (FileNotFoundError, PermissionError)):
+        return TransientError(f"network: {type(exc).__name__}: {_first_line(exc)} (after retries)")
+    return None
+
+
+_USER_ERRNOS = {"EACCES", "EPERM", "EROFS", "ENOSPC", "EDQUOT", "ENOENT", "ENOTDIR", "EISDIR"}
+
+
+def _classify_os(exc: BaseException) -> JobError | None:
+    """Permissions, a read-only or full volume, a missing path: the person launching the job fixes these."""
+    import errno
+
+    if type(exc) is OSError or isinstance(exc, (PermissionError, FileNotFoundError, NotADirectoryError,
+                                                IsADirectoryError)):
+        name = errno.errorcode.get(exc.errno or -1)
+        if name in _USER_ERRNOS and exc.filename is not None:
+            return UserError(f"{exc.strerror}: {exc.filename!s}"
+                             + (f" -> {exc.filename2!s}" if exc.filename2 else ""))
+    return None
+
+
+S3_USER_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                           "NoSuchBucket", "NoSuchKey", "404", "403", "400", "401", "ExpiredToken", "InvalidToken",
+                           "InvalidBucketName", "AccountProblem", "NotFound", "Forbidden"})
+_CLASSIFIERS = (_classify_s3, _classify_hub, _classify_http, _classify_os)
+
+
+def classify_foreign(exc: BaseException) -> JobError | None:
+    """A library exception as the JobError it amounts to, or None when it is not one we can name (a bug: exit 1)."""
+    for classifier in _CLASSIFIERS:
+        found = classifier(exc)
+        if found is not None:
+            return found
+    return None
+
+
+def _chain(exc: BaseException | None):
     seen = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, JobError):
-            return exc
         seen.add(id(exc))
+        yield exc
         exc = exc.__cause__ or exc.__context__
+
+
+def find_job_error(exc: BaseException) -> JobError | None:
+    """What decides the exit code: the first JobError in the cause/context chain, else the first library error
+    in it that classify_foreign names. A DataError wrapped as 'Qwen3 collate failed' is still exit 2, and so is a
+    RepositoryNotFoundError that transformers re-raised as an OSError."""
+    chain = list(_chain(exc))
+    for link in chain:
+        if isinstance(link, JobError):
+            return link
+    for link in chain:
+        found = classify_foreign(link)
+        if found is not None:
+            found.__cause__ = link
+            return found
     return None
+
+
+def classified(exc: BaseException, context: str) -> JobError | None:
+    """A new JobError for a library exception in exc's chain, its message prefixed with `context` (the setting in
+    use, e.g. "SFT_MODEL_ID='x'"); None when the chain already holds one of our own errors (which names its
+    setting) or nothing classify_foreign knows. Use: `except Exception as e: raise classified(e, ctx) or e`."""
+    chain = list(_chain(exc))
+    if any(isinstance(link, JobError) for link in chain):
+        return None
+    found = find_job_error(exc)
+    if found is None:
+        return None
+    described = type(found)(f"{context}: {found}")
+    described.__cause__ = exc
+    return described

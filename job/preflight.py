@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterator
 from job.cards import ModelCards
 from job.config import build_cfg
 from job.data.checks import RowChecker, RowResult
-from job.data.loaders import _load_eval_dataset, load_train_dataset
+from job.data.loaders import ROW_ID, _load_eval_dataset, load_train_dataset
+from job.early_checks import check_inputs, load_processor_checked
 from job.errors import DataError
 from job.preflight_report import MAX_LISTED_ERRORS, _failure_message, build_report, format_issue, summary_table
 from job.train import artifacts
@@ -221,14 +222,18 @@ def _load_error(split: str, exc: DataError) -> dict:
     message = str(exc)
     row = re.search(r"([\w.-]+\.jsonl?:\d+)", message)
     found = re.search(r"field '([^']+)'", message)
+    # Only a file:line problem is fixed in the file; the others (unset URI, missing split, empty split) carry
+    # their own fix in the loader's message.
+    fix = "correct the file; until then the whole split cannot be loaded" if row else ""
     return _issue(split, row.group(1) if row else None, None, "split_unreadable", found.group(1) if found else "line",
-                  message.removeprefix(f"{split}: "), "correct the file; until then the whole split cannot be loaded")
+                  message.removeprefix(f"{split}: "), fix)
 
 
-def _load_splits(cfg: dict) -> tuple[dict[str, Any], list[dict]]:
+def _load_splits(cfg: dict, roles: tuple[str, ...] = ROLES) -> tuple[dict[str, Any], list[dict]]:
     loaders = {"train": load_train_dataset, "eval": _load_eval_dataset}
     loaded, errors = {}, []
-    for role, load in loaders.items():
+    for role in roles:
+        load = loaders[role]
         try:
             loaded[role] = load(cfg)
         except DataError as exc:
@@ -248,6 +253,8 @@ def _check_view(ds, image_key: str):
 
 # -- policy and report -------------------------------------------------------------------------------------------
 def _label_warnings(tallies: dict[str, SplitTally], field_name: str) -> None:
+    if "train" not in tallies or "eval" not in tallies:
+        return
     train, ev = tallies["train"], tallies["eval"]
     for label, count in sorted(ev.labels.items()):
         if label not in train.labels:
@@ -262,11 +269,13 @@ def _policy_failure(cfg: dict, tallies: dict[str, SplitTally]) -> str | None:
     bad = {t.name: len(t.bad) for t in tallies.values() if t.bad}
     if not bad:
         return None
+    over = [t for t in tallies.values() if t.bad and (len(t.bad) / t.rows > limit or len(t.bad) == t.rows)]
     if mode == "fail":
         counts = ", ".join(f"{name}: {n}" for name, n in bad.items())
-        return (f"{sum(bad.values())} bad row(s) ({counts}); SFT_BAD_ROWS=fail stops here "
-                f"(fix the rows, or set SFT_BAD_ROWS=skip to drop up to SFT_MAX_BAD_FRACTION={limit} of a split)")
-    over = [t for t in tallies.values() if t.bad and (len(t.bad) / t.rows > limit or len(t.bad) == t.rows)]
+        # SFT_BAD_ROWS=skip is suggested only where it would let the run go on.
+        advice = ("fix the rows" if over else
+                  f"fix the rows, or set SFT_BAD_ROWS=skip to drop up to SFT_MAX_BAD_FRACTION={limit} of a split")
+        return f"{sum(bad.values())} bad row(s) ({counts}); SFT_BAD_ROWS=fail stops here ({advice})"
     if over:
         return "; ".join(f"{t.name}: {len(t.bad)} of {t.rows} rows are bad ({len(t.bad) / t.rows:.1%}), above "
                          f"SFT_MAX_BAD_FRACTION={limit}" for t in over) + " (fix the rows or raise SFT_MAX_BAD_FRACTION)"
@@ -275,8 +284,8 @@ def _policy_failure(cfg: dict, tallies: dict[str, SplitTally]) -> str | None:
     return None
 
 
-def _publish(cfg: dict, report: dict) -> Path:
-    path = Path(cfg["train"]["output_dir"]) / REPORT_NAME
+def _publish(cfg: dict, report: dict, name: str = REPORT_NAME) -> Path:
+    path = Path(cfg["train"]["output_dir"]) / name
     artifacts.write_json(path, report)
     print(summary_table(report, path), flush=True)
     for warning in report["warnings"][:MAX_LISTED_ERRORS]:
@@ -319,34 +328,64 @@ def _jobs(cfg: dict, loaded: dict[str, Any], processor) -> dict[str, tuple[Any, 
     collators = dict(zip(ROLES, _build_collators(cfg, processor)))
     data = cfg["data"]
     return {role: (_check_view(loaded[role], data["image_key"]), RowChecker(collators[role], data["label_field"]),
-                   data[f"{role}_split"]) for role in ROLES}
+                   data[f"{role}_split"]) for role in loaded}
 
 
-def run_preflight(cfg: dict, processor=None) -> PreflightResult:
-    """Check every row of the train and eval splits; raise DataError per SFT_BAD_ROWS, else return the datasets."""
-    loaded, load_errors = _load_splits(cfg)
+# A required column missing from at least this share of a split's rows is a column-name mismatch, reported once
+# (with the split's columns and the SFT_*_KEY to set) instead of once per row.
+COLUMN_MISMATCH_FRACTION = 0.9
+KEY_SETTINGS = {"image_key": "SFT_IMAGE_KEY", "query_key": "SFT_QUERY_KEY", "target_key": "SFT_TARGET_KEY"}
+
+
+def _column_mismatches(cfg: dict, tallies: dict[str, SplitTally], loaded: dict[str, Any]) -> list[dict]:
+    """One `column_missing` issue per (split, required column) that (nearly) no row has; its per-row errors go."""
+    issues = []
+    for role, tally in tallies.items():
+        columns = [c for c in loaded[role].column_names if c not in (ROW_ID, LENGTH_COLUMN)]
+        for key, setting in KEY_SETTINGS.items():
+            column = cfg["data"][key]
+            missing = [e for e in tally.errors if e["kind"] == "missing_field" and e["field"] == column]
+            if column in columns or len(missing) < COLUMN_MISMATCH_FRACTION * tally.rows:
+                continue
+            gone = {id(e) for e in missing}
+            tally.errors = [e for e in tally.errors if id(e) not in gone]
+            issues.append(_issue(tally.name, None, None, "column_missing", column,
+                                 f"column '{column}' is missing from {len(missing)} of {tally.rows} rows; the split's "
+                                 f"columns are {', '.join(columns)}",
+                                 f"set {setting} to the column that holds it (now {setting}={column})"))
+    return issues
+
+
+def run_preflight(cfg: dict, processor=None, roles: tuple[str, ...] = ROLES,
+                  report_name: str = REPORT_NAME) -> PreflightResult:
+    """Check every row of the given splits (train and eval by default); raise DataError per SFT_BAD_ROWS, else
+    return the datasets (None for a role not checked). `eval` checks its split alone, into eval/."""
+    loaded, load_errors = _load_splits(cfg, roles)
     if load_errors:
         report = build_report(cfg, {}, load_errors, "a split could not be loaded", 0.0, 0)
-        raise DataError(_failure_message(report, _publish(cfg, report)))
+        raise DataError(_failure_message(report, _publish(cfg, report, report_name)))
     if processor is None:
-        from job.train.model import load_processor
-
-        processor = load_processor(cfg)
+        processor = load_processor_checked(cfg)
     jobs = _jobs(cfg, loaded, processor)
     workers = effective_workers(worker_count(), sum(len(view) for view, _, _ in jobs.values()))
     started = time.monotonic()
     tallies = scan(jobs, workers)
     seconds = time.monotonic() - started
     _label_warnings(tallies, f"{cfg['data']['target_key']}.{cfg['data']['label_field']}")
+    mismatches = _column_mismatches(cfg, tallies, loaded)
     failure = _policy_failure(cfg, tallies)
-    report = build_report(cfg, tallies, [], failure, seconds, workers)
-    path = _publish(cfg, report)
+    if mismatches:  # no SFT_BAD_ROWS setting can help: the column names are wrong
+        failure = "the dataset's columns do not match the SFT_*_KEY settings"
+    report = build_report(cfg, tallies, mismatches, failure, seconds, workers)
+    path = _publish(cfg, report, report_name)
     if failure is not None:
         raise DataError(_failure_message(report, path))
-    plan = {"train": _plan_entry(tallies["train"], True), "eval": _plan_entry(tallies["eval"], False)}
-    return PreflightResult(report, apply_plan_entry(loaded["train"], plan["train"]),
-                           apply_plan_entry(loaded["eval"], plan["eval"]), plan)
+    plan = {role: _plan_entry(tallies[role], role == "train") for role in roles}
+    datasets = {role: apply_plan_entry(loaded[role], plan[role]) for role in roles}
+    return PreflightResult(report, datasets.get("train"), datasets.get("eval"), plan)
 
 
 def main(env: dict | None = None) -> PreflightResult:
-    return run_preflight(build_cfg(ModelCards().qwen3_vl_8b_instruct, env))
+    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
+    check_inputs(cfg, "preflight")
+    return run_preflight(cfg, load_processor_checked(cfg))

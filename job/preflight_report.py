@@ -12,10 +12,11 @@ MAX_LISTED_ERRORS = 50  # in the exception message; the JSON report lists every 
 
 
 def format_issue(issue: dict) -> str:
-    if issue["kind"] == "split_unreadable":  # the loader's message already names the file, line and field
-        return f"{issue['split']}: {issue['message']}; fix: {issue['fix']}"
+    fix = f"; fix: {issue['fix']}" if issue["fix"] else ""
+    if issue["kind"] in ("split_unreadable", "column_missing"):  # the message already names the file, line or column
+        return f"{issue['split']}: {issue['message']}{fix}"
     where = "row" if issue["field"] == "row" else f"field '{issue['field']}'"
-    return f"{issue['split']}: {issue['row_id']}: {where} {issue['message']}; fix: {issue['fix']}"
+    return f"{issue['split']}: {issue['row_id']}: {where} {issue['message']}{fix}"
 
 
 def _stats(values: list[int]) -> dict[str, int | None]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from job.data.rows import to_rgb
 # threshold (the default Image.MAX_IMAGE_PIXELS, ~9459x9459): decoding it takes >= 268 MB as RGB per worker, and the
 # processor would shrink it to SFT_IMAGE_MAX_PIXELS anyway. PIL itself only raises at twice this size.
 MAX_DECODE_PIXELS = 89_478_485
+_JSONL_ROW = re.compile(r"^[^\[]+\.jsonl?:\d+$")  # row ids of JSONL rows ("train.jsonl:17"); others are "train[17]"
 REENCODE_FIX = "re-export the image as PNG or JPEG (e.g. with PIL: Image.open(p).convert('RGB').save(p2))"
 
 
@@ -177,7 +179,7 @@ class RowChecker:
 
         if value is None or value == "" or (isinstance(value, dict) and not (value.get("bytes") or value.get("path"))):
             result.error("missing_field", key, "is missing",
-                         f"give every row an image path (relative to the JSONL file) in '{key}'")
+                         f"give every row an image in '{key}' (or set SFT_IMAGE_KEY to the column that holds it)")
             return None, None
         if isinstance(value, Image.Image):
             return value, hashlib.blake2b(value.tobytes(), digest_size=16).hexdigest()
@@ -189,8 +191,11 @@ class RowChecker:
                          "store the image as a path string")
             return None, None
         if not Path(path).is_file():
+            # JSONL paths arrive resolved against the JSONL file (loaders.py); parquet/Arrow paths are used as stored.
+            where = ("relative to the JSONL file" if _JSONL_ROW.match(result.row_id)
+                     else "as stored: absolute, or relative to the working directory")
             result.error("image_missing_file", key, f"file {str(path)!r} does not exist",
-                         "fix the path (relative paths are resolved against the JSONL file's directory) or add the file")
+                         f"fix the path ({where}) or add the file")
             return None, None
         with open(path, "rb") as handle:
             digest = hashlib.file_digest(handle, lambda: hashlib.blake2b(digest_size=16)).hexdigest()

@@ -129,10 +129,10 @@ def load_local_split(uri: str, split: str, image_key: str = "image"):
     else:
         raise DataError(
             f"no {split!r} split in {uri}: expected {split}.jsonl, {split}*.parquet, {split}/*.parquet "
-            "or a datasets.save_to_disk directory"
+            "or a datasets.save_to_disk directory; add it, or set SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT to a split it has"
         )
     if len(ds) == 0:
-        raise DataError(f"split {split!r} in {uri} is empty")
+        raise DataError(f"split {split!r} in {uri} is empty; add rows or point SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT elsewhere")
     return ds
 
 

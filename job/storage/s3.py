@@ -15,12 +15,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from job.errors import TransientError, UserError
+from job.errors import S3_USER_CODES, TransientError, UserError, classify_foreign
 
 log = logging.getLogger(__name__)
 MANIFEST = ".s3-manifest.json"
-_USER_CODES = {"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
-               "NoSuchKey", "404", "403", "ExpiredToken", "InvalidBucketName", "AccountProblem"}
 
 
 @dataclass(frozen=True)
@@ -63,13 +61,18 @@ def s3_errors(what: str):
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         message = exc.response.get("Error", {}).get("Message", "")
-        if code in _USER_CODES:
+        if code in S3_USER_CODES:
             raise UserError(f"S3 {what}: {code} {message}".strip() + "; check the bucket name, key and credentials") from None
         raise TransientError(f"S3 {what}: {code} {message} (after retries)") from None
     except NoCredentialsError:
         raise UserError(f"S3 {what}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a role)") from None
     except (BotoConnectionError, BotoCoreError) as exc:
         raise TransientError(f"S3 {what}: {type(exc).__name__}: {exc} (after retries)") from None
+    except Exception as exc:  # boto3's transfer manager: S3UploadFailedError around a 503 or an AccessDenied
+        found = classify_foreign(exc)
+        if found is None:
+            raise
+        raise type(found)(f"S3 {what}: {found}") from None
 
 
 def list_objects(s3, uri: S3Uri) -> list[dict]:

@@ -18,13 +18,24 @@ def cache_dir(cfg: dict) -> Path:
     return Path(cfg["storage"]["cache_dir"] or os.path.join(os.environ.get("HF_HOME", Path.home() / ".cache"), "qwen3-sft"))
 
 
+def _hub_id(value: str | None, scheme: str) -> str | None:
+    """The rule for every setting that names a local path or a Hub repo: a Hub id only when it has the form
+    `owner/name` (or `hf://<scheme>...`) and no such local path exists; anything else is a local path."""
+    if not value or Path(value).exists():
+        return None
+    if value.startswith(scheme):
+        return value[len(scheme):].strip("/")
+    return value if _HUB_ID.match(value) else None
+
+
 def hub_dataset_id(uri: str | None) -> str | None:
     """`org/name` or `hf://datasets/org/name` when uri is not a local path; else None."""
-    if not uri or Path(uri).exists():
-        return None
-    if uri.startswith("hf://datasets/"):
-        return uri[len("hf://datasets/"):].strip("/")
-    return uri if _HUB_ID.match(uri) else None
+    return _hub_id(uri, "hf://datasets/")
+
+
+def hub_model_id(model_id: str | None) -> str | None:
+    """`org/name` or `hf://org/name` when model_id is not a local path; else None."""
+    return _hub_id(model_id, "hf://")
 
 
 def _mirror(cfg: dict, uri: str, kind: str) -> Path:

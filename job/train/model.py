@@ -25,6 +25,7 @@ def load_processor(cfg: dict):
     from transformers import AutoProcessor
 
     model = cfg["model"]
+    log.info("loading processor %s", model["id"])
     processor = AutoProcessor.from_pretrained(
         model["id"], revision=model["revision"], trust_remote_code=model["trust_remote_code"],
         min_pixels=cfg["image"]["min_pixels"], max_pixels=cfg["image"]["max_pixels"],
@@ -74,6 +75,7 @@ def load_model(cfg: dict):
     from transformers import Qwen3VLForConditionalGeneration
 
     model_cfg = cfg["model"]
+    log.info("loading model weights %s", model_cfg["id"])
     attn = resolve_attn_implementation(model_cfg["attn_implementation"])
     kwargs = dict(
         revision=model_cfg["revision"], trust_remote_code=model_cfg["trust_remote_code"], dtype=compute_dtype(),

@@ -15,12 +15,13 @@ from typing import Any
 
 from job.cards import ModelCards
 from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator
+from job import early_checks
 from job.config import build_cfg
 from job.data.loaders import dataset_fingerprint
 from job.errors import DataError, JobError
 from job.train import artifacts, distributed
 from job.train.callbacks import latest_completed_checkpoint
-from job.train.model import _count_trainable_params, apply_liger, apply_lora, load_model, load_processor
+from job.train.model import _count_trainable_params, apply_liger, apply_lora, load_model
 from job.train.preemption import PreemptionGuard
 from job.train.trainer import build_trainer
 from job.utils import tracking
@@ -279,10 +280,12 @@ def _prepare(cfg: dict, timer: Timer) -> Prepared:
     distributed.init_process_group()
     _seed_everything(cfg["train"]["seed"])
     run_id = _resolve_run_id(cfg)
+    early_checks.check_inputs(cfg, "run")  # paths and the output dir, before any download
     _hub_access(cfg)
     with distributed.local_main_first():  # one download per node into the shared cache
         cfg = localize(cfg)
-    processor = load_processor(cfg)
+        early_checks.check_lora_targets(cfg)  # config.json on the meta device, no weights
+        processor = early_checks.load_processor_checked(cfg)
     train_ds, eval_ds, preflight = _checked_datasets(cfg, processor)
     log.info("data: %d train rows, %d eval rows from %s", len(train_ds), len(eval_ds), cfg["data"]["uri"])
     remote = _remote_checkpoints(cfg, run_id)
