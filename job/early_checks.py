@@ -1,7 +1,8 @@
 """The cheap checks, run before anything slow (downloads, processor, preflight, model weights).
 
 Order (README "Exit codes"): config (job.config, when the cfg is built) -> local paths that must exist
-(`check_inputs`) -> the output directory is creatable and writable (`check_inputs`) -> the LoRA target modules
+(`check_inputs`) -> the output directory is creatable and writable -> Hub repos exist and are readable (one
+metadata request each; `check_hub_repos`, called by `check_inputs`) -> the LoRA target modules
 exist in the model's architecture, built from config.json on the meta device without weights
 (`check_lora_targets`) -> the processor loads (`load_processor_checked`). Every failure is exit 2 with a message
 that names the setting; a download failure is classified by job.errors (2 for 401/403/404 and gated repos, 3 for
@@ -18,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from job.errors import ConfigError, classified
+from job.errors import ConfigError, classified, hub_offline
 from job.storage.s3 import S3Uri
 from job.storage.sources import hub_dataset_id, hub_model_id
 from job.train.model import load_processor, lora_target_regex
@@ -145,7 +146,33 @@ def check_inputs(cfg: dict, command: Command) -> None:
     problems += output_dir_problems(cfg["train"]["output_dir"])
     if problems:
         raise ConfigError(problems)
-    log.info("checks: paths and %s are usable", cfg["train"]["output_dir"])
+    check_hub_repos(cfg)
+    log.info("checks: paths, Hub repos and %s are usable", cfg["train"]["output_dir"])
+
+
+def check_hub_repos(cfg: dict) -> None:
+    """One metadata request per Hub repo (no files): a typo, a private or gated repo fails here, not after minutes
+    of downloads. With HF_HUB_OFFLINE=1 the model must already be in the local cache."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    repos = (("model", "SFT_MODEL_ID", hub_model_id(cfg["model"]["id"]), cfg["model"]["revision"]),
+             ("dataset", "SFT_DATASET_URI", hub_dataset_id(cfg["data"]["uri"]), cfg["data"]["revision"]))
+    for kind, name, repo, revision in repos:
+        if repo is None:
+            continue
+        context = f"{name}={repo!r} (no such local path, so it names a Hub {kind})"
+        if hub_offline():
+            if kind == "model" and not isinstance(try_to_load_from_cache(repo, "config.json", revision=revision), str):
+                raise ConfigError([f"{context}: HF_HUB_OFFLINE=1 and it is not in the local cache; "
+                                   "fix the path, download it first, or unset HF_HUB_OFFLINE"])
+            continue  # a cached Hub dataset is found (or not) by the loader
+        try:
+            HfApi().repo_info(repo, repo_type=kind, revision=revision)
+        except Exception as exc:  # noqa: BLE001 - classified: 401/403/404 -> 2, network -> 3, else a bug
+            error = classified(exc, context)
+            if error is None:
+                raise
+            raise error from exc
 
 
 def _model_context(cfg: dict) -> str:

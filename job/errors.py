@@ -144,7 +144,7 @@ def _classify_hub(exc: BaseException) -> JobError | None:
     if isinstance(exc, (EntryNotFoundError, HFValidationError, OfflineModeIsEnabled)):
         return UserError(f"Hub: {_first_line(exc)}")
     if isinstance(exc, LocalEntryNotFoundError):
-        if _hub_offline():
+        if hub_offline():
             return UserError(f"Hub: HF_HUB_OFFLINE=1 and the files are not in the local cache: {_first_line(exc)}")
         return None  # the network error it wraps (its __cause__) decides
     if isinstance(exc, HfHubHTTPError):
@@ -157,7 +157,8 @@ def _classify_hub(exc: BaseException) -> JobError | None:
     return None
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it."""
     import os
 
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")

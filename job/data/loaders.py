@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from job.errors import DataError
+from job.errors import DataError, TransientError, hub_offline
 
 ROW_ID = "row_id"
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -136,6 +136,10 @@ def load_local_split(uri: str, split: str, image_key: str = "image"):
     return ds
 
 
+def _cwd_note(path: str) -> str:
+    return "" if Path(path).is_absolute() else f" (relative to the working directory {Path.cwd()})"
+
+
 def _select_subset(ds, n: int | None, seed: int):
     """A deterministic random subset of n rows (the whole split when n is None or not smaller)."""
     if n is None or n >= len(ds):
@@ -147,14 +151,16 @@ def load_hub_split(dataset_id: str, split: str, config: str | None, revision: st
     """A split of a Hub dataset (cached by `datasets`; HF_HUB_OFFLINE=1 uses the cache only)."""
     import datasets
 
-    from job.errors import TransientError
-
+    not_local = f"SFT_DATASET_URI={dataset_id!r}: no such local path{_cwd_note(dataset_id)}, and as a Hub dataset"
     try:
         ds = datasets.load_dataset(dataset_id, config, revision=revision, split=split)
     except (ConnectionError, TimeoutError) as exc:
-        raise TransientError(f"Hub dataset {dataset_id}: {exc}") from None
+        if hub_offline():  # OfflineModeIsEnabled is a ConnectionError: nothing transient about it
+            raise DataError(f"{not_local} it is not in the local cache and HF_HUB_OFFLINE=1") from None
+        raise TransientError(f"{not_local}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - not found, no access, bad split: all fixable by the user
-        raise DataError(f"Hub dataset {dataset_id!r} split {split!r} (revision {revision}): {type(exc).__name__}: {exc}") from None
+        raise DataError(f"{not_local} split {split!r} (revision {revision}): {type(exc).__name__}: "
+                        f"{(str(exc).splitlines() or [''])[0]}") from None
     if len(ds) == 0:
         raise DataError(f"split {split!r} of Hub dataset {dataset_id} is empty")
     return _with_row_ids(ds, split)
