@@ -219,7 +219,7 @@ MISTAKES = [
             setup=_wrong_columns, not_in_message=("SFT_BAD_ROWS=skip", "missing_field")),
     Mistake("line_not_json", "preflight", {"SFT_DATASET_URI": "{tmp}/broken"}, 2, ("train.jsonl:5", "not valid JSON"),
             setup=_not_json),
-    Mistake("parquet_missing_image", "preflight", {"SFT_DATASET_URI": "{tmp}/pq"}, 2, ("train[3]", "gone.png", "as stored"),
+    Mistake("parquet_missing_image", "preflight", {"SFT_DATASET_URI": "{tmp}/pq", "SFT_TRAIN_SUBSET": None}, 2, ("train[3]", "gone.png", "as stored"),
             setup=_one_missing_image, not_in_message=("JSONL",)),
     Mistake("hub_dataset_offline", "run", {"SFT_DATASET_URI": "data/sarcasm"}, 2,
             ("SFT_DATASET_URI='data/sarcasm'", "no such local path", "HF_HUB_OFFLINE=1")),
@@ -252,7 +252,9 @@ def cli_env(monkeypatch, tiny_assets, tmp_path, request):
         for key in [k for k in os.environ if k.startswith("SFT_")]:
             monkeypatch.delenv(key)
         base = {"SFT_MODEL_ID": str(model_dir), "SFT_DATASET_URI": str(data_dir), "SFT_OUTPUT_DIR": str(tmp_path / "out"),
-                "SFT_RUN_ID": "audit", "SFT_MAX_LENGTH": "512", "SFT_WANDB_ENABLED": "false", **TINY_PIXELS}
+                "SFT_RUN_ID": "audit", "SFT_MAX_LENGTH": "512", "SFT_WANDB_ENABLED": "false", **TINY_PIXELS,
+                # preflight checks these rows only: the data cases need a few rows, not 272
+                "SFT_TRAIN_SUBSET": "8", "SFT_EVAL_SUBSET": "4"}
         for key, value in {**base, **env}.items():
             if value is None:
                 monkeypatch.delenv(key, raising=False)
@@ -285,7 +287,12 @@ def _loopback(case: Mistake, request, monkeypatch) -> None:
         monkeypatch.setenv("HF_HUB_OFFLINE", "0")
 
 
-@pytest.mark.parametrize("case", MISTAKES, ids=lambda c: c.id)
+def _params(cases: list[Mistake]) -> list:
+    """Cases that load the processor (and scan rows) take seconds each: they run in the slow tier."""
+    return [pytest.param(c, id=c.id, marks=() if c.early else pytest.mark.slow) for c in cases]
+
+
+@pytest.mark.parametrize("case", _params(MISTAKES))
 def test_mistake_exits_with_its_code_and_one_message(case: Mistake, cli_env, tiny_assets, tmp_path, request, monkeypatch,
                                                      caplog, capsys):
     if case.setup is not None:
@@ -318,34 +325,23 @@ def test_the_audit_covers_at_least_25_mistakes():
 
 
 # -- classification with real clients ----------------------------------------------------------------------------
+@pytest.mark.slow  # botocore's backoff between attempts
 def test_s3_upload_storm_is_transient_and_names_the_object(slowdown_endpoint, monkeypatch, tmp_path):
-    """The final upload under a 503 SlowDown storm: botocore retries, boto3 raises S3UploadFailedError: exit 3."""
+    """The final upload under a 503 SlowDown storm: botocore retries, boto3 raises S3UploadFailedError: exit 3, one
+    line naming the store and the object, through our uploader and raw boto3 alike."""
     for key, value in {**AWS_ENV, "AWS_ENDPOINT_URL": slowdown_endpoint, "AWS_MAX_ATTEMPTS": "2"}.items():
         monkeypatch.setenv(key, value)
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"x" * 1024)
-    with pytest.raises(Exception) as info:
+    with pytest.raises(Exception) as ours:
         s3io.upload_dir(s3io.client(), tmp_path, s3io.S3Uri.parse("s3://ckpt-store/run-1"))
-    assert cli.exit_code_for(info.value) == ExitCode.TRANSIENT
-    message = str(find_job_error(info.value))
-    assert "ckpt-store" in message and "run-1/adapter/adapter_model.safetensors" in message, message
-
-
-def test_raw_boto3_upload_failed_error_is_classified_transient(slowdown_endpoint, monkeypatch, tmp_path):
-    """Outside s3_errors too: the S3UploadFailedError boto3 raises around a 503 maps to 3, naming bucket and key."""
-    import boto3
-    from botocore.config import Config
-
-    for key, value in AWS_ENV.items():
-        monkeypatch.setenv(key, value)
-    path = tmp_path / "f.bin"
-    path.write_bytes(b"y" * 100)
-    client = boto3.client("s3", endpoint_url=slowdown_endpoint, config=Config(retries={"mode": "standard", "max_attempts": 2}))
-    with pytest.raises(Exception) as info:
-        client.upload_file(str(path), "ckpt-store", "run-1/metrics.json")
-    assert type(info.value).__name__ == "S3UploadFailedError"
-    assert cli.exit_code_for(info.value) == ExitCode.TRANSIENT
-    assert "ckpt-store/run-1/metrics.json" in str(find_job_error(info.value))
+    with pytest.raises(Exception) as raw:
+        s3io.client().upload_file(str(tmp_path / "adapter" / "adapter_model.safetensors"), "ckpt-store", "run-1/m.json")
+    assert type(raw.value).__name__ == "S3UploadFailedError"
+    for exc, key in ((ours.value, "run-1/adapter/adapter_model.safetensors"), (raw.value, "run-1/m.json")):
+        assert cli.exit_code_for(exc) == ExitCode.TRANSIENT
+        message = str(find_job_error(exc))
+        assert "ckpt-store" in message and key in message and "\n" not in message, message
 
 
 def test_collate_wrapping_keeps_the_code_of_its_cause():
@@ -394,3 +390,58 @@ def test_report_reads_every_metrics_file_and_prints_usage(tmp_path):
 def test_report_cli_without_a_file_prints_usage():
     proc = _report()
     assert proc.returncode == 2 and "usage: python -m job.report" in proc.stderr and TRACEBACK not in proc.stderr
+
+
+# -- eval applies the preflight policy -----------------------------------------------------------------------------
+def _thin_image_in_eval(tmp: Path, model: Path, data: Path) -> None:
+    """Six eval rows, the third with a 2000x5 image (the processor refuses aspect ratios over 200)."""
+    from PIL import Image
+
+    out = tmp / "thin"
+    shutil.copytree(data, out)
+    rows = [json.loads(line) for line in (out / "validation.jsonl").read_text().splitlines() if line.strip()][:6]
+    Image.new("RGB", (2000, 5), "white").save(out / "images" / "thin.png")
+    rows[2]["image"] = "images/thin.png"
+    (out / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+EVAL_ENV = {"SFT_DATASET_URI": "{tmp}/thin", "SFT_EVAL_SUBSET": None, "SFT_EVAL_MAX_NEW_TOKENS": "4",
+            "SFT_EVAL_BATCH_SIZE": "6"}
+
+
+@pytest.mark.slow  # loads the processor and checks the rows
+def test_eval_fail_policy_names_the_bad_row_before_weights(cli_env, tiny_assets, tmp_path, caplog, capsys):
+    _thin_image_in_eval(tmp_path, *tiny_assets)
+    cli_env(EVAL_ENV)
+    caplog.set_level(logging.INFO)
+    assert cli.main(["eval"]) == 2
+    err = capsys.readouterr().err
+    assert "validation.jsonl:3" in err and "SFT_BAD_ROWS" in err and TRACEBACK not in err, err[-2000:]
+    assert WEIGHTS_LOADED not in "\n".join(caplog.messages)
+
+
+@pytest.mark.slow  # loads the tiny model and generates
+def test_eval_skip_policy_scores_the_rest_and_names_the_skipped_row(cli_env, tiny_assets, tmp_path, capsys):
+    _thin_image_in_eval(tmp_path, *tiny_assets)
+    cli_env({**EVAL_ENV, "SFT_BAD_ROWS": "skip", "SFT_MAX_BAD_FRACTION": "0.5", "SFT_EVAL_ADAPTER": "none"})
+    assert cli.main(["eval"]) == 0, capsys.readouterr().err[-3000:]
+    out = capsys.readouterr().out
+    assert "skipped 1 bad row(s)" in out and "validation.jsonl:3" in out, out
+    assert "eval (base model)" in out
+    metrics = json.loads((tmp_path / "out" / "eval" / "standalone_metrics.json").read_text())
+    assert metrics["n"] == 5
+    report = json.loads((tmp_path / "out" / "eval" / "standalone_preflight_report.json").read_text())
+    assert report["splits"]["eval"]["skipped_row_ids"] == ["validation.jsonl:3"]
+    assert not (tmp_path / "out" / "preflight_report.json").exists()  # a run's report is never overwritten
+
+
+@pytest.mark.slow
+def test_subprocess_hub_endpoint_401_is_exit_2_before_the_processor(hub_endpoint, tiny_assets, tmp_path):
+    """The same contract through the real entry point, with HF_ENDPOINT set as a user would."""
+    from helpers import job_env, run_job
+
+    env = job_env(tmp_path, tiny_assets, SFT_MODEL_ID="org/private", HF_ENDPOINT=hub_endpoint, HF_HUB_OFFLINE="0")
+    proc = run_job(["run"], env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "SFT_MODEL_ID='org/private'" in proc.stderr and TRACEBACK not in proc.stderr
+    assert PROCESSOR_LOADED not in proc.stderr and WEIGHTS_LOADED not in proc.stderr
