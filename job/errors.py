@@ -101,19 +101,19 @@ def _http_status(exc: BaseException) -> int | None:
 def _classify_s3(exc: BaseException) -> JobError | None:
     try:
         from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
-        from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as BotoConnectionError,
-                                         NoCredentialsError, PartialCredentialsError)
+        from botocore.exceptions import (ClientError, ConnectionError as BotoConnectionError, HTTPClientError,
+                                         NoCredentialsError, NoRegionError, PartialCredentialsError)
     except ImportError:  # boto3 is a dependency; only a broken install lacks it
         return None
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         code, status = str(error.get("Code", "")), exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code in S3_USER_CODES or status in (400, 401, 403, 404):
+        if code not in S3_TRANSIENT_CODES and (code in S3_USER_CODES or status in (400, 401, 403, 404)):
             return UserError(f"S3 {exc.operation_name}: {code} {error.get('Message', '')}".strip()
                              + "; check the bucket, key and AWS credentials")
         return TransientError(f"S3 {exc.operation_name}: {code} {error.get('Message', '')} (after retries)".strip())
-    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-        return UserError(f"S3: {_first_line(exc)} (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a role)")
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError, NoRegionError)):
+        return UserError(f"S3: {_first_line(exc)} (set AWS credentials or a role, and a region)")
     if isinstance(exc, (S3UploadFailedError, S3TransferFailedError)):
         # boto3's transfer manager wraps the ClientError in text only ("Failed to upload f to bucket/key: An error
         # occurred (SlowDown) ..."): a refused credential or bucket is still a user error.
@@ -121,7 +121,7 @@ def _classify_s3(exc: BaseException) -> JobError | None:
         if any(f"({code})" in text for code in S3_USER_CODES):
             return UserError(f"S3 transfer: {text}; check the bucket, key and AWS credentials")
         return TransientError(f"S3 transfer failed after retries: {text}")
-    if isinstance(exc, (BotoConnectionError, BotoCoreError)):
+    if isinstance(exc, (BotoConnectionError, HTTPClientError)):  # incl. connect/read timeouts, resets
         return TransientError(f"S3: {type(exc).__name__}: {_first_line(exc)} (after retries)")
     return None
 
@@ -212,6 +212,9 @@ def _classify_os(exc: BaseException) -> JobError | None:
 S3_USER_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                            "NoSuchBucket", "NoSuchKey", "404", "403", "400", "401", "ExpiredToken", "InvalidToken",
                            "InvalidBucketName", "AccountProblem", "NotFound", "Forbidden"})
+# HTTP 400 in S3 can still be transient (RequestTimeout: the socket was idle too long), as botocore's retries treat it.
+S3_TRANSIENT_CODES = frozenset({"RequestTimeout", "RequestTimeoutException", "SlowDown", "Throttling",
+                                "ThrottlingException", "RequestLimitExceeded", "InternalError", "ServiceUnavailable"})
 _CLASSIFIERS = (_classify_s3, _classify_hub, _classify_http, _classify_os)
 
 

@@ -404,7 +404,8 @@ def test_temperature_zero_is_fine_for_greedy():
 
 
 def test_save_steps_above_max_steps():
-    err = _raises({"SFT_MAX_STEPS": "10"})  # save_steps defaults to 50
+    # Only when both are set: a default SFT_SAVE_STEPS follows the short run instead (tests/test_exit_codes.py).
+    err = _raises({"SFT_MAX_STEPS": "10", "SFT_SAVE_STEPS": "50"})
     assert len(err.problems) == 1
     assert "SFT_SAVE_STEPS=50 exceeds SFT_MAX_STEPS=10" in err.problems[0]
     assert "lower SFT_SAVE_STEPS" in err.problems[0]
