@@ -424,6 +424,7 @@ def test_all_cross_field_problems_reported_together():
         "SFT_EVAL_DO_SAMPLE": "true",
         "SFT_EVAL_TEMPERATURE": "0",
         "SFT_MAX_STEPS": "10",
+        "SFT_SAVE_STEPS": "50",
         "SFT_LEARNIG_RATE": "1e-4",
     }
     err = _raises(env)
