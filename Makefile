@@ -23,13 +23,18 @@ K8S_BUILTIN := k8s/job.yaml k8s/configmap.yaml k8s/secret.example.yaml k8s/servi
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-install: $(STAMP) ## create .venv and install the project with its test extras (re-runs only when pyproject changes)
+install: $(STAMP) ## create .venv and install the project with its test extras at the locked versions (re-runs when pyproject.toml or requirements.lock change)
 
-$(STAMP): pyproject.toml
+# requirements.lock pins every package for Python 3.11 and 3.12 (make lock regenerates it); as constraints, so a
+# pin another platform does not need (nvidia-*) is skipped there. Python 3.10: see README, Development.
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c requirements.lock pip
+	$(PY) -m pip install -q -c requirements.lock -e '.[test]'
 	touch $(STAMP)
+
+lock: install ## regenerate docker/constraints.txt (the image) and requirements.lock (make install, CI) from pyproject.toml
+	$(PY) scripts/lock.py
 
 demo: install ## run the whole job on the tiny offline Qwen3-VL and the synthetic dataset (CPU, W&B offline)
 	$(PY) -m job.tiny $(DEMO_DIR)
@@ -100,4 +105,4 @@ image-smoke: image ## build the image, then run qwen3-sft config and preflight o
 	docker run --rm $(SMOKE_ENV) --entrypoint tini $(IMAGE) -- \
 	  sh -c 'python -m job.tiny /tmp/demo && exec qwen3-sft preflight'
 
-.PHONY: help install demo test test-image-pins lint image push submit preflight image-smoke
+.PHONY: help install lock demo test test-image-pins lint image push submit preflight image-smoke
