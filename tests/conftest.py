@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from job.utils.redact import ignore_third_party_warnings
+
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ignore_third_party_warnings()  # the job's own list of named library warnings (job/utils/redact.py), nothing broader
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +28,6 @@ def tiny_assets(tmp_path_factory) -> tuple[Path, Path]:
 def processor(tiny_assets):
     from transformers import AutoProcessor
 
-    proc = AutoProcessor.from_pretrained(str(tiny_assets[0]), min_pixels=4096, max_pixels=16384)
+    proc = AutoProcessor.from_pretrained(str(tiny_assets[0]), size={"shortest_edge": 4096, "longest_edge": 16384})
     proc.tokenizer.padding_side = "right"
     return proc

@@ -90,6 +90,8 @@ def build_trainer(cfg, model, processor, collator, train_ds, output_dir: Path, r
 
     Callback order matters: the local COMPLETED marker is written before the upload snapshot is taken.
     """
+    from transformers import PrinterCallback
+
     uploader = None
     callbacks = [LogCallback(), CompletedMarkerCallback(extra_files=tuple(extra_files))]
     if remote is not None:
