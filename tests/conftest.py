@@ -7,13 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from job.utils.redact import ignore_third_party_warnings
-
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ignore_third_party_warnings()  # the job's own list of named library warnings (job/utils/redact.py), nothing broader
 
 
 @pytest.fixture(scope="session")
