@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= .cache/demo
 PYTEST_ARGS ?=
+# make test-image-pins: a Python 3.12 venv with docker/constraints.txt's exact versions (the image's, torch 2.8.0 CPU).
+IMAGE_PINS_PYTHON ?= python3.12
+IMAGE_PINS_VENV ?= .cache/venv-image-pins
 # Image and cluster submission (make image / push / submit / image-smoke).
 IMAGE_TAG ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
 IMAGE ?= qwen3-sft:$(IMAGE_TAG)
@@ -20,13 +23,18 @@ K8S_BUILTIN := k8s/job.yaml k8s/configmap.yaml k8s/secret.example.yaml k8s/servi
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-install: $(STAMP) ## create .venv and install the project with its test extras (re-runs only when pyproject changes)
+install: $(STAMP) ## create .venv and install the project with its test extras at the locked versions (re-runs when pyproject.toml or requirements.lock change)
 
-$(STAMP): pyproject.toml
+# requirements.lock pins every package for Python 3.11 and 3.12 (make lock regenerates it); as constraints, so a
+# pin another platform does not need (nvidia-*) is skipped there. Python 3.10: see README, Development.
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c requirements.lock pip
+	$(PY) -m pip install -q -c requirements.lock -e '.[test]'
 	touch $(STAMP)
+
+lock: install ## regenerate docker/constraints.txt (the image) and requirements.lock (make install, CI) from pyproject.toml
+	$(PY) scripts/lock.py
 
 demo: install ## run the whole job on the tiny offline Qwen3-VL and the synthetic dataset (CPU, W&B offline)
 	$(PY) -m job.tiny $(DEMO_DIR)
@@ -42,6 +50,20 @@ demo: install ## run the whole job on the tiny offline Qwen3-VL and the syntheti
 
 test: install ## run the test suite (offline, CPU)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The image's pins minus the GPU-only packages (flash-attn, liger-kernel: the [gpu] extra is not installed here).
+$(IMAGE_PINS_VENV)/.installed: docker/constraints.txt pyproject.toml
+	rm -rf $(IMAGE_PINS_VENV)
+	$(IMAGE_PINS_PYTHON) -m venv $(IMAGE_PINS_VENV)
+	$(IMAGE_PINS_VENV)/bin/python -m pip install -q -c docker/constraints.txt pip setuptools wheel
+	$(IMAGE_PINS_VENV)/bin/python -m pip install -q --no-build-isolation -c docker/constraints.txt -e '.[test]'
+	$(IMAGE_PINS_VENV)/bin/python -m pip check
+	touch $@
+
+test-image-pins: $(IMAGE_PINS_VENV)/.installed ## the fast tier and one end-to-end run under the image's pins (Python 3.12, torch 2.8.0; ~3 GB download)
+	$(IMAGE_PINS_VENV)/bin/python -c "import sys, torch, transformers; print(sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__)"
+	$(IMAGE_PINS_VENV)/bin/python -m pytest -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
+	$(IMAGE_PINS_VENV)/bin/python -m pytest -p no:cacheprovider tests/test_end_to_end.py $(PYTEST_ARGS)
 
 lint: install ## lint docker/Dockerfile, k8s/ and the retrain workflow offline (hadolint, kubernetes-validate, check-jsonschema, zizmor)
 	$(VENV)/bin/hadolint --config .hadolint.yaml docker/Dockerfile
@@ -83,4 +105,4 @@ image-smoke: image ## build the image, then run qwen3-sft config and preflight o
 	docker run --rm $(SMOKE_ENV) --entrypoint tini $(IMAGE) -- \
 	  sh -c 'python -m job.tiny /tmp/demo && exec qwen3-sft preflight'
 
-.PHONY: help install demo test lint image push submit preflight image-smoke
+.PHONY: help install lock demo test test-image-pins lint image push submit preflight image-smoke

@@ -13,6 +13,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The job's named third-party warning filters, applied to every test (pytest resets filters per test)."""
+    from job.utils.redact import THIRD_PARTY_WARNINGS
+
+    for message, category in THIRD_PARTY_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:{category.__name__}")
+
+
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> tuple[Path, Path]:
     """(model_dir, data_dir), built once per session with job.tiny exactly as `make demo` builds them."""
@@ -25,6 +33,6 @@ def tiny_assets(tmp_path_factory) -> tuple[Path, Path]:
 def processor(tiny_assets):
     from transformers import AutoProcessor
 
-    proc = AutoProcessor.from_pretrained(str(tiny_assets[0]), min_pixels=4096, max_pixels=16384)
+    proc = AutoProcessor.from_pretrained(str(tiny_assets[0]), size={"shortest_edge": 4096, "longest_edge": 16384})
     proc.tokenizer.padding_side = "right"
     return proc

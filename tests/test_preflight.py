@@ -392,9 +392,25 @@ def test_worker_count_respects_the_container_cpu_quota(files, limit, tmp_path):
     assert preflight.cgroup_cpu_limit(tmp_path) == limit
 
 
+class DyingView:
+    """A split whose row `fatal` kills the worker process reading it, as the OOM killer would. Module-level, so it
+    reaches the pool's workers pickled (they start from a clean process, not by fork) and dies there."""
+
+    def __init__(self, view, fatal: int):
+        self.view, self.fatal = view, fatal
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def __getitem__(self, index: int):
+        if index == self.fatal:
+            os._exit(9)
+        return self.view[index]
+
+
 def test_a_dead_worker_fails_instead_of_hanging(tmp_path, tiny_assets, processor, monkeypatch):
-    check = preflight._check_task
-    monkeypatch.setattr(preflight, "_check_task", lambda task: os._exit(9) if task == ("train", 5) else check(task))
+    view = preflight._check_view
+    monkeypatch.setattr(preflight, "_check_view", lambda ds, key: DyingView(view(ds, key), fatal=5))
     monkeypatch.setattr(preflight, "POOL_MIN_ROWS", 0)
     monkeypatch.setattr(preflight, "worker_count", lambda: 2)
     root = tmp_path / "data"

@@ -39,6 +39,12 @@ def save_adapter(model, processor, adapter_dir: Path) -> list[str]:
     """Save the LoRA adapter and the processor; fail loudly if the adapter files are not there afterwards."""
     model.save_pretrained(adapter_dir)
     processor.save_pretrained(adapter_dir)
+    # safetensors (0.8, its Rust writer) writes through a private temp file renamed into place, so
+    # adapter_model.safetensors comes out 0600 whatever the umask: a serving container running as another uid could
+    # not read it. Every file here is meant to be read by whoever serves the adapter.
+    for path in adapter_dir.iterdir():
+        if path.is_file():
+            path.chmod(0o644)
     missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).is_file() or (adapter_dir / f).stat().st_size == 0]
     if missing:
         raise JobError(f"adapter save incomplete: {missing} missing or empty in {adapter_dir}")

@@ -26,6 +26,10 @@ class LogCallback(TrainerCallback):
         if not logs or not state.is_world_process_zero:
             return
         self.history.append({"step": state.global_step, **logs})
+        if "train_runtime" in logs:  # the Trainer's end-of-training summary, not another step
+            log.info("training done: %d steps in %.0fs, mean loss %.4g", state.global_step, logs["train_runtime"],
+                     logs.get("train_loss", float("nan")))
+            return
         shown = " ".join(f"{k}={logs[k]:.4g}" for k in _LOGGED if isinstance(logs.get(k), (int, float)))
         elapsed = time.monotonic() - self._started
         log.info("step %d/%d %s (%.0fs)", state.global_step, state.max_steps, shown, elapsed)

@@ -28,7 +28,9 @@ def load_processor(cfg: dict):
     log.info("loading processor %s", model["id"])
     processor = AutoProcessor.from_pretrained(
         model["id"], revision=model["revision"], trust_remote_code=model["trust_remote_code"],
-        min_pixels=cfg["image"]["min_pixels"], max_pixels=cfg["image"]["max_pixels"],
+        # The pixel bounds as transformers >= 5.23 takes them (min_pixels=/max_pixels= are deprecated there and warn on
+        # every processor call); the same resize: identical image_grid_thw and pixel_values for the same images.
+        size={"shortest_edge": cfg["image"]["min_pixels"], "longest_edge": cfg["image"]["max_pixels"]},
     )
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "right"  # training; the eval collator asks for left padding per call

@@ -225,6 +225,7 @@ def _publish(cfg: dict, paths: RunPaths, run_id: str, remote, metrics: dict) -> 
     if passed and hub["repo_id"]:
         metrics["gate"]["pushed_to"] = push_adapter(paths.adapter, hub["repo_id"], hub["private"], run_id)
         artifacts.write_json(paths.root / "metrics.json", metrics)
+    log.info("outputs: %s (%s)", paths.root, ", ".join(FINAL_ARTIFACTS))
     if remote is not None:
         log.info("final artifacts uploaded to %s", remote.upload_final(paths.root, FINAL_ARTIFACTS))
     if not passed:

@@ -33,8 +33,8 @@ def sft_config(cfg: dict, output_dir: Path, run_id: str, report_to: list[str]):
         save_total_limit=train["save_total_limit"], report_to=report_to, disable_tqdm=True,
         bf16=cuda and compute_bf16(), use_cpu=not cuda, optim="adamw_torch",
         # Non-reentrant checkpointing: works with frozen 4-bit inputs and PEFT without enable_input_require_grads.
-        gradient_checkpointing=cfg["model"]["gradient_checkpointing"],
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=cfg["model"]["gradient_checkpointing"],
+        activation_checkpointing_kwargs={"use_reentrant": False},
         # Workers decode and resize images while the GPU trains; pinned memory makes the host-to-device copy async.
         dataloader_num_workers=train["dataloader_num_workers"], dataloader_pin_memory=cuda,
         dataloader_persistent_workers=train["dataloader_num_workers"] > 0,
@@ -90,6 +90,8 @@ def build_trainer(cfg, model, processor, collator, train_ds, output_dir: Path, r
 
     Callback order matters: the local COMPLETED marker is written before the upload snapshot is taken.
     """
+    from transformers import PrinterCallback
+
     uploader = None
     callbacks = [LogCallback(), CompletedMarkerCallback(extra_files=tuple(extra_files))]
     if remote is not None:
@@ -102,6 +104,9 @@ def build_trainer(cfg, model, processor, collator, train_ds, output_dir: Path, r
         model=model, args=sft_config(cfg, output_dir, run_id, report_to), train_dataset=train_ds,
         data_collator=collator, processing_class=processor, callbacks=callbacks,
     )
+    # LogCallback prints one line per logging step; the Trainer's PrinterCallback (disable_tqdm=True) would print
+    # the same numbers again as a dict.
+    trainer.remove_callback(PrinterCallback)
     trainer.group_by_length = cfg["train"]["group_by_length"]
     preemption = PreemptionCallback(guard, lambda: trainer.last_save_s + (uploader.last_upload_s if uploader else 0.0))
     trainer.add_callback(preemption)

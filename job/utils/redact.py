@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from typing import Any
 
 from job.config import SECRET_ENV_VARS
@@ -66,3 +67,20 @@ def setup_logging(level: int = logging.INFO) -> None:
     root.setLevel(level)
     for noisy in ("httpx", "urllib3", "botocore", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    ignore_third_party_warnings()
+
+
+# Warnings raised inside libraries we call, about their own internals; nothing in this job can change them.
+# (message regex, category), each with why. pyproject.toml's pytest filterwarnings repeats them for the tests.
+THIRD_PARTY_WARNINGS = (
+    # peft 0.21 and trl 1.16 read model.is_gradient_checkpointing, which transformers 5.24 deprecated in favour of
+    # is_activation_checkpointing; our own code uses the new names.
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
+    # peft 0.21's prepare_model_for_kbit_training calls model.gradient_checkpointing_enable (same deprecation).
+    (r"`gradient_checkpointing_enable` is deprecated", FutureWarning),
+)
+
+
+def ignore_third_party_warnings() -> None:
+    for message, category in THIRD_PARTY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
