@@ -40,8 +40,11 @@ demo: install ## run the whole job on the tiny offline Qwen3-VL and the syntheti
 	$(VENV)/bin/qwen3-sft run
 	@$(PY) -m job.report $(DEMO_DIR)/out/metrics.json
 
-test: install ## run the test suite (offline, CPU)
+test: install ## run the whole test suite (offline, CPU): in-process tests, then the shared job runs (slow)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install ## run only the in-process tests (no job subprocesses): pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install ## lint docker/Dockerfile, k8s/ and the retrain workflow offline (hadolint, kubernetes-validate, check-jsonschema, zizmor)
 	$(VENV)/bin/hadolint --config .hadolint.yaml docker/Dockerfile
@@ -83,4 +86,4 @@ image-smoke: image ## build the image, then run qwen3-sft config and preflight o
 	docker run --rm $(SMOKE_ENV) --entrypoint tini $(IMAGE) -- \
 	  sh -c 'python -m job.tiny /tmp/demo && exec qwen3-sft preflight'
 
-.PHONY: help install demo test lint image push submit preflight image-smoke
+.PHONY: help install demo test test-fast lint image push submit preflight image-smoke
