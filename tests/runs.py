@@ -162,11 +162,12 @@ class Ctx:
     priority: int
     slots: Slots
     launcher: "Launcher"
-    s3: str | None = None
+    s3: str | None
+    environ: dict[str, str]  # os.environ when the session started: in-process tests change it (monkeypatch)
 
     def job(self, tmp: Path, argv: list[str] | None = None, count: int = 1, **overrides: str) -> Run:
         """Run one job process to its end, holding `count` slots."""
-        env = job_env(tmp, self.tiny_assets, **overrides)
+        env = job_env(tmp, self.tiny_assets, self.environ, **overrides)
         with self.slots.hold(self.priority, count):
             proc = start(tmp, env, argv)
             returncode = proc.wait(timeout=DEADLINE_S)
@@ -244,7 +245,8 @@ def _interrupted_chain(ctx: Ctx) -> Chain:
     out, log = chain.out, ctx.tmp / "log.txt"
 
     def stage(**overrides: str) -> subprocess.Popen:
-        return start(ctx.tmp, job_env(ctx.tmp, ctx.tiny_assets, **reference_env(ctx, ctx.tmp, **overrides)))
+        env = job_env(ctx.tmp, ctx.tiny_assets, ctx.environ, **reference_env(ctx, ctx.tmp, **overrides))
+        return start(ctx.tmp, env)
 
     def newer_checkpoint(after: int, proc) -> int:
         return wait_until(lambda: [s for s in completed_steps(out) if s > after], proc,
@@ -322,9 +324,8 @@ print("RELOAD_OK", len(saved), float(loss))
 def _adapter_reload(ctx: Ctx) -> subprocess.CompletedProcess:
     reference = ctx.result("reference_run")
     argv = [sys.executable, "-c", RELOAD, str(reference.out / "adapter"), *map(str, ctx.tiny_assets)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with ctx.slots.hold(ctx.priority):
-        return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=DEADLINE_S)
+        return subprocess.run(argv, cwd=REPO, env=ctx.environ, capture_output=True, text=True, timeout=DEADLINE_S)
 
 
 @dataclass
@@ -357,7 +358,7 @@ def _s3_resume_run(ctx: Ctx) -> S3Resume:
 
     pod1 = ctx.tmp / "pod1"
     with ctx.slots.hold(ctx.priority):
-        proc = start(pod1, job_env(pod1, ctx.tiny_assets, SFT_CACHE_DIR=str(pod1 / "cache"), **common))
+        proc = start(pod1, job_env(pod1, ctx.tiny_assets, ctx.environ, SFT_CACHE_DIR=str(pod1 / "cache"), **common))
         marker = wait_until(completed_in_s3, proc, "a COMPLETED checkpoint in S3")[0]
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
@@ -397,7 +398,8 @@ def _ddp_preempted_run(ctx: Ctx) -> DDPPreempted:
     argv = [*TORCHRUN, "--log-dir", str(ctx.tmp / "ranks"), "--tee", "3", "-m", "job", "run"]
     done = ctx.tmp / "out/checkpoints/checkpoint-2/COMPLETED"
     with ctx.slots.hold(ctx.priority, 2):
-        proc = start(ctx.tmp, job_env(ctx.tmp, ctx.tiny_assets, **DDP, SFT_MAX_STEPS="40"), argv)
+        env = job_env(ctx.tmp, ctx.tiny_assets, ctx.environ, **{**DDP, "SFT_MAX_STEPS": "40"})
+        proc = start(ctx.tmp, env, argv)
         wait_until(done.exists, proc, "checkpoint-2/COMPLETED")
         ranks = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
                                                     text=True).stdout.split()]
@@ -423,17 +425,20 @@ BENCHMARKS = {
 
 def _benchmark_outputs(ctx: Ctx) -> dict[str, subprocess.CompletedProcess]:
     assets = str(ctx.tiny_assets[0].parent)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
+    env = {**ctx.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            # glibc: keep freed memory instead of returning every large block to the OS. TRL's chunked log-prob
            # kernel allocates ~40 MB temporaries per tile; without this, page faults double gpu_step's dry run.
            "MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
-    done = {}
-    for name, args in BENCHMARKS.items():
+
+    def bench(args: list[str]) -> subprocess.CompletedProcess:
         with ctx.slots.hold(ctx.priority):
-            done[name] = subprocess.run([sys.executable, *args, "--assets", assets], cwd=REPO, env=env, text=True,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=DEADLINE_S)
-    return done
+            return subprocess.run([sys.executable, *args, "--assets", assets], cwd=REPO, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=DEADLINE_S)
+
+    # Four independent short processes: they fill whichever slots the longer runs leave free.
+    with ThreadPoolExecutor(max_workers=len(BENCHMARKS), thread_name_prefix="benchmark") as pool:
+        return dict(zip(BENCHMARKS, pool.map(bench, BENCHMARKS.values())))
 
 
 KINDS: dict[str, Kind] = {
@@ -513,10 +518,10 @@ def _launch_needed_runs(request, tmp_path_factory):
     tiny_assets = request.getfixturevalue("tiny_assets")
     s3 = request.getfixturevalue("s3_endpoint") if any(KINDS[k].s3 for k in needed) else None
     slots = Slots(int(os.environ.get("TEST_JOB_SLOTS", len(os.sched_getaffinity(0)))))
-    launcher = Launcher(slots)
+    launcher, environ = Launcher(slots), dict(os.environ)
     for kind in needed:  # directories made here, in the main thread: mktemp is not meant for threads
         launcher.launch(kind, Ctx(tiny_assets, tmp_path_factory.mktemp(kind), KINDS[kind].priority, slots,
-                                  launcher, s3))
+                                  launcher, s3, environ))
     yield launcher
     launcher.shutdown()
 
