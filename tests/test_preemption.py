@@ -4,7 +4,6 @@ resume to the same losses, weights and metrics as an uninterrupted run (real pro
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
