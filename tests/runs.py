@@ -454,8 +454,8 @@ KINDS: dict[str, Kind] = {
     "ddp_standalone_eval": Kind(_ddp_standalone_eval, 6, ("ddp_run",)),
     "adapter_reload": Kind(_adapter_reload, 7, ("reference_run",)),
     "benchmark_outputs": Kind(_benchmark_outputs, 8),
-    "data_with_one_bad_row": Kind(_data_with_one_bad_row, 0),
-    "checkpoint_bucket": Kind(_checkpoint_bucket, 0, s3=True),
+    "data_with_one_bad_row": Kind(_data_with_one_bad_row, -1),
+    "checkpoint_bucket": Kind(_checkpoint_bucket, -1, s3=True),
 }
 
 
@@ -466,6 +466,8 @@ def _needed(kinds: set[str]) -> list[str]:
         if kind not in seen:
             seen.add(kind)
             todo.extend(KINDS[kind].reads)
+    # Launched in this order: a kind's future must exist before a kind that reads it asks for it.
+    assert all(KINDS[r].priority < KINDS[k].priority for k in seen for r in KINDS[k].reads), "reads run first"
     return sorted(seen, key=lambda k: KINDS[k].priority)
 
 
