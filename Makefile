@@ -48,7 +48,7 @@ demo: install ## run the whole job on the tiny offline Qwen3-VL and the syntheti
 	$(VENV)/bin/qwen3-sft run
 	@$(PY) -m job.report $(DEMO_DIR)/out/metrics.json
 
-test: install ## run the test suite (offline, CPU)
+test: install ## run the whole test suite (offline, CPU): in-process tests, then the shared job runs (slow)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The image's pins minus the GPU-only packages (flash-attn, liger-kernel: the [gpu] extra is not installed here).
@@ -64,6 +64,9 @@ test-image-pins: $(IMAGE_PINS_VENV)/.installed ## the fast tier and one end-to-e
 	$(IMAGE_PINS_VENV)/bin/python -c "import sys, torch, transformers; print(sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__)"
 	$(IMAGE_PINS_VENV)/bin/python -m pytest -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
 	$(IMAGE_PINS_VENV)/bin/python -m pytest -p no:cacheprovider tests/test_end_to_end.py $(PYTEST_ARGS)
+
+test-fast: install ## run only the in-process tests (no job subprocesses): pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install ## lint docker/Dockerfile, k8s/ and the retrain workflow offline (hadolint, kubernetes-validate, check-jsonschema, zizmor)
 	$(VENV)/bin/hadolint --config .hadolint.yaml docker/Dockerfile
@@ -105,4 +108,4 @@ image-smoke: image ## build the image, then run qwen3-sft config and preflight o
 	docker run --rm $(SMOKE_ENV) --entrypoint tini $(IMAGE) -- \
 	  sh -c 'python -m job.tiny /tmp/demo && exec qwen3-sft preflight'
 
-.PHONY: help install lock demo test test-image-pins lint image push submit preflight image-smoke
+.PHONY: help install lock demo test test-fast test-image-pins lint image push submit preflight image-smoke

@@ -1,4 +1,7 @@
-"""Shared fixtures: the tiny offline Qwen3-VL (real processor class, real vocabulary) and its demo dataset."""
+"""Shared fixtures: the tiny offline Qwen3-VL (real processor class, real vocabulary) and its demo dataset.
+
+The shared job runs of the slow tier (reference run, interrupted chain, S3 and DDP runs) are in runs.py.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +10,15 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ("runs",)
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch/OpenMP thread, for these tests and (through job_env) the job runs beside them: on 2 busy cores OpenMP's
+# spinning threads cost more than they bring. Measured under load: an 8-step job run 34 CPU-s with one thread, 55
+# with two; test_eval + test_qlora_gradients 30 CPU-s and 48 s with one, 47 CPU-s and 72 s with two.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -5,16 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PIXELS = {"SFT_IMAGE_MIN_PIXELS": "4096", "SFT_IMAGE_MAX_PIXELS": "16384"}
 
 
-def job_env(tmp_path: Path, tiny_assets, **overrides: str) -> dict[str, str]:
-    """A clean environment for running the job as a subprocess on the tiny model."""
+def job_env(tmp_path: Path, tiny_assets, base: Mapping[str, str] | None = None, **overrides: str) -> dict[str, str]:
+    """A clean environment for running the job as a subprocess on the tiny model (from `base`, else os.environ)."""
     model_dir, data_dir = tiny_assets
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SFT_")}
+    env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith("SFT_")}
     env.update({
         "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
         "SFT_MODEL_ID": str(model_dir), "SFT_DATASET_URI": str(data_dir), "SFT_OUTPUT_DIR": str(tmp_path / "out"),

@@ -7,39 +7,17 @@ padding under 5% with length grouping, and gpu_step's table from its CPU dry run
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-from helpers import REPO
-
-SCRIPTS = {
-    "padding": ["benchmarks/padding.py", "--quick"],
-    "collator": ["benchmarks/collator.py", "--quick"],
-    "eval": ["benchmarks/eval.py", "--quick"],
-    "gpu_step": ["benchmarks/gpu_step.py", "--dry-run"],
-}
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def outputs(tiny_assets) -> dict[str, subprocess.CompletedProcess]:
-    assets = str(tiny_assets[0].parent)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
-           "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-           # glibc: keep freed memory instead of returning every large block to the OS. TRL's chunked log-prob
-           # kernel allocates ~40 MB temporaries per tile; without this, page faults double gpu_step's dry run.
-           "MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
-    procs = {name: subprocess.Popen([sys.executable, *args, "--assets", assets], cwd=REPO, env=env, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for name, args in SCRIPTS.items()}
-    done = {}
-    for name, proc in procs.items():
-        out, _ = proc.communicate(timeout=600)
-        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
-    return done
+def outputs(benchmark_outputs):
+    """The four benchmark scripts' outputs, run once per session in the background (tests/runs.py)."""
+    return benchmark_outputs
 
 
 def _ok(outputs, name: str) -> str:

@@ -544,6 +544,7 @@ def _run_config(**extra: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_config_prints_effective_config_without_secrets():
     proc = _run_config(SFT_MAX_STEPS="7", SFT_SAVE_STEPS="5", HF_TOKEN="hf_supersecret123")
     assert proc.returncode == 0, proc.stderr
@@ -557,6 +558,7 @@ def test_cli_config_prints_effective_config_without_secrets():
     assert "hf_supersecret123" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_config_bad_value_exits_2_without_traceback():
     proc = _run_config(SFT_MAX_STEPS="-5", HF_TOKEN="hf_supersecret123")
     assert proc.returncode == ExitCode.USER == 2
@@ -566,6 +568,7 @@ def test_cli_config_bad_value_exits_2_without_traceback():
     assert proc.stdout == ""
 
 
+@pytest.mark.slow
 def test_cli_config_scrubs_secret_echoed_in_error():
     """A bad value that happens to contain the token is echoed in the message; the CLI must scrub it."""
     proc = _run_config(SFT_RUN_ID="hf_supersecret123/oops", HF_TOKEN="hf_supersecret123")

@@ -351,6 +351,7 @@ def test_entrypoint_is_tini_then_the_console_script():
     assert cmd == ["run"] and cmd[0] in COMMANDS
 
 
+@pytest.mark.slow
 def test_python_dash_m_job_calls_the_same_main():
     tree = ast.parse((ROOT / "job" / "__main__.py").read_text())
     imports = {(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}

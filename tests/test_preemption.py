@@ -4,7 +4,6 @@ resume to the same losses, weights and metrics as an uninterrupted run (real pro
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,13 +16,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerControl
 
-from helpers import REPO, job_env
+from helpers import REPO
 from job.errors import ExitCode, Preempted
 from job.train.preemption import PreemptionCallback, PreemptionGuard
-
-STEPS = 8
-CHAIN = dict(SFT_MAX_STEPS=str(STEPS), SFT_SAVE_STEPS="2", SFT_EVAL_SUBSET="4", SFT_SAVE_TOTAL_LIMIT="10",
-             SFT_PREEMPT_GRACE_S="60", SFT_RUN_ID="chain-run")
+from runs import REFERENCE, STEPS
 
 
 # -- the guard and the callback, in process ----------------------------------------------------------------------
@@ -31,8 +27,7 @@ def test_signal_outside_training_raises_preempted():
     guard = PreemptionGuard(grace_s=60)
     try:
         with pytest.raises(Preempted, match="SIGTERM"), guard:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)  # the handler runs in the main thread at the next bytecode
+            signal.raise_signal(signal.SIGTERM)  # the handler runs (and raises) before raise_signal returns
         assert guard.requested
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # on the way out, a second signal is ignored
     finally:
@@ -43,8 +38,7 @@ def test_signal_outside_training_raises_preempted():
 def test_signal_during_training_only_sets_the_flag():
     with PreemptionGuard(grace_s=60) as guard:
         guard.in_training = True
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.1)
+        signal.raise_signal(signal.SIGINT)  # the handler has run when raise_signal returns
         assert guard.requested and guard.seconds_left() <= 60
         guard.disarm()
 
@@ -65,108 +59,50 @@ def test_no_signal_leaves_control_alone():
     assert not control.should_training_stop and not control.should_save
 
 
+@pytest.mark.slow
 def test_watchdog_exits_143_when_the_budget_runs_out():
+    # The child prints when it signals itself (CLOCK_MONOTONIC is system-wide on Linux): the import before that
+    # takes 3 s on a quiet machine and over 30 s on a busy one, and is not part of the budget.
     code = ("import os, signal, time\nfrom job.train.preemption import PreemptionGuard\n"
             "with PreemptionGuard(grace_s=0.5) as g:\n    g.in_training = True\n"
-            "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(60)\n")
-    started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == ExitCode.PREEMPTED and time.monotonic() - started < 30
+            "    print(time.monotonic(), flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(60)  # the watchdog ends it long before\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    signalled = float(proc.stdout.split()[0])
+    assert proc.returncode == ExitCode.PREEMPTED and time.monotonic() - signalled < 30
     assert "SFT_PREEMPT_GRACE_S=0.5 s elapsed" in proc.stderr
 
 
-# -- real runs ---------------------------------------------------------------------------------------------------
-def _start(tmp: Path, tiny_assets, **overrides) -> subprocess.Popen:
-    env = job_env(tmp, tiny_assets, **{**CHAIN, **overrides})
-    log = open(tmp / "log.txt", "a")
-    return subprocess.Popen([sys.executable, "-m", "job", "run"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _completed_steps(out: Path) -> list[int]:
-    found = (int(p.parent.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*/COMPLETED"))
-    return sorted(found)
-
-
-def _wait_for_checkpoint_after(out: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        newer = [s for s in _completed_steps(out) if s > step]
-        if newer:
-            return newer[0]
-        assert proc.poll() is None, f"run exited early with {proc.returncode}"
-        time.sleep(0.2)
-    raise AssertionError(f"no COMPLETED checkpoint after step {step}")
-
-
-def _interrupt(proc: subprocess.Popen, sig: int) -> tuple[int, float]:
-    sent = time.monotonic()
-    proc.send_signal(sig)
-    return proc.wait(timeout=120), time.monotonic() - sent
-
-
+# -- real runs (the shared reference run and interrupted chain: tests/runs.py) ----------------------------------
 def _losses(out: Path) -> dict[int, float]:
     state = json.loads((out / f"checkpoints/checkpoint-{STEPS}/trainer_state.json").read_text())
     return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
 
 
-@pytest.fixture(scope="module")
-def reference_run(tiny_assets, tmp_path_factory):
-    """The uninterrupted run; it starts when the module does and overlaps the interrupted chain."""
-    tmp = tmp_path_factory.mktemp("reference")
-    proc = _start(tmp, tiny_assets)
-    yield tmp, proc
-    if proc.poll() is None:
-        proc.kill()
-
-
-@pytest.fixture(scope="module")
-def interrupted_chain(reference_run, tiny_assets, tmp_path_factory):
-    """SIGTERM, then SIGKILL, then SIGTERM with a budget too small to save, then a final resume to the end."""
-    tmp = tmp_path_factory.mktemp("chain")
-    out, stages = tmp / "out", {}
-
-    proc = _start(tmp, tiny_assets)
-    _wait_for_checkpoint_after(out, 0, proc)
-    stages["sigterm"] = (*_interrupt(proc, signal.SIGTERM), _completed_steps(out))
-
-    proc = _start(tmp, tiny_assets)
-    _wait_for_checkpoint_after(out, max(stages["sigterm"][2]), proc)
-    stages["sigkill"] = (*_interrupt(proc, signal.SIGKILL), _completed_steps(out))
-
-    proc = _start(tmp, tiny_assets, SFT_PREEMPT_GRACE_S="0.2")
-    _wait_for_checkpoint_after(out, max(stages["sigkill"][2]), proc)
-    time.sleep(0.3)  # mid-step
-    before = _completed_steps(out)
-    stages["overrun"] = (*_interrupt(proc, signal.SIGTERM), before, _completed_steps(out))
-
-    proc = _start(tmp, tiny_assets)
-    stages["final"] = (proc.wait(timeout=600),)
-    return tmp, stages
-
-
+@pytest.mark.slow
 def test_sigterm_saves_a_completed_checkpoint_and_exits_143(interrupted_chain):
-    tmp, stages = interrupted_chain
-    returncode, seconds, completed = stages["sigterm"]
+    returncode, seconds, completed = interrupted_chain.stages["sigterm"]
     assert returncode == ExitCode.PREEMPTED and seconds < 60 + 5  # within SFT_PREEMPT_GRACE_S
-    log = (tmp / "log.txt").read_text()
+    log = interrupted_chain.log
     stopped = int(log.split("preempted at step ")[1].split(":")[0])
     assert stopped in completed and stopped < STEPS  # the checkpoint at the step reached
     assert "preempted by SIGTERM" in log and "Traceback" not in log.split("preempted at step")[0][-2000:]
 
 
+@pytest.mark.slow
 def test_a_save_that_cannot_fit_still_exits_143_and_keeps_the_previous_checkpoint(interrupted_chain):
-    _, stages = interrupted_chain
-    returncode, seconds, before, after = stages["overrun"]
+    returncode, seconds, before, after = interrupted_chain.stages["overrun"]
     assert returncode == ExitCode.PREEMPTED and seconds < 30
     assert max(after) == max(before)  # no new COMPLETED checkpoint; the resume point is the previous one
 
 
+@pytest.mark.slow
 def test_interrupted_chain_matches_the_uninterrupted_run(interrupted_chain, reference_run):
-    tmp, stages = interrupted_chain
-    ref_tmp, ref_proc = reference_run
-    assert ref_proc.wait(timeout=600) == 0, (ref_tmp / "log.txt").read_text()[-3000:]
+    tmp, stages = interrupted_chain.tmp, interrupted_chain.stages
+    ref_tmp = reference_run.tmp
+    assert reference_run.returncode == 0, reference_run.log[-3000:]
     assert stages["sigkill"][0] == -signal.SIGKILL
-    assert stages["final"][0] == 0, (tmp / "log.txt").read_text()[-3000:]
+    assert stages["final"][0] == 0, interrupted_chain.log[-3000:]
 
     meta = json.loads((tmp / "out/training_meta.json").read_text())
     assert meta["global_step"] == STEPS and meta["resumed_from"]
@@ -184,15 +120,15 @@ def test_interrupted_chain_matches_the_uninterrupted_run(interrupted_chain, refe
     assert metrics["post"] == ref_metrics["post"] and metrics["pre"] == ref_metrics["pre"]
 
 
+@pytest.mark.slow
 def test_preempted_runs_never_publish(interrupted_chain):
-    tmp, _ = interrupted_chain
-    log = (tmp / "log.txt").read_text()
+    log = interrupted_chain.log
     # only the final stage ran post-eval and saved the adapter
     assert log.count("post-eval:") == 1 and log.count("pre-eval:") == 1  # pre-eval reused on every resume
 
 
+@pytest.mark.slow
 def test_wandb_keeps_one_run_id_across_resumes(interrupted_chain):
-    tmp, _ = interrupted_chain
-    runs = sorted(p.name for p in (tmp / "wandb").glob("offline-run-*"))
+    runs = sorted(p.name for p in (interrupted_chain.tmp / "wandb").glob("offline-run-*"))
     assert len(runs) == 4  # one directory per process, all of them the same W&B run
-    assert all(name.endswith("-chain-run") for name in runs), runs
+    assert all(name.endswith(f"-{REFERENCE['SFT_RUN_ID']}") for name in runs), runs

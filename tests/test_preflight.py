@@ -423,10 +423,11 @@ def test_a_dead_worker_fails_instead_of_hanging(tmp_path, tiny_assets, processor
 CLI_CASES = ["truncated_jpeg", "non_utf8_line", "valid"]
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def cli_launch(request, tiny_assets, tmp_path_factory) -> dict:
     """Start the CLI runs when the module starts, so their ~10 s each (torch import, processor load) overlaps the
-    in-process tests; output goes to files, so a full pipe can never block them."""
+    in-process tests; output goes to files, so a full pipe can never block them. Session scope: the CLI tests are
+    `slow` and run at the end of the session (runs.py), after the module's in-process tests."""
     procs = {}
     wanted = any("cli_runs" in item.fixturenames for item in request.session.items)
     for case in CLI_CASES if wanted else []:
@@ -448,7 +449,7 @@ def cli_launch(request, tiny_assets, tmp_path_factory) -> dict:
             proc.kill()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cli_runs(cli_launch) -> dict:
     results = {}
     for case, (tmp, proc) in cli_launch.items():
@@ -457,6 +458,7 @@ def cli_runs(cli_launch) -> dict:
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [c for c in CLI_CASES if c != "valid"])
 def test_cli_bad_data_exits_2_without_traceback(case, cli_runs):
     tmp, returncode, stdout, stderr = cli_runs[case]
@@ -468,6 +470,7 @@ def test_cli_bad_data_exits_2_without_traceback(case, cli_runs):
     assert "report: " in stdout
 
 
+@pytest.mark.slow
 def test_cli_valid_data_exits_0(cli_runs):
     tmp, returncode, stdout, stderr = cli_runs["valid"]
     assert returncode == 0, stderr[-2000:]

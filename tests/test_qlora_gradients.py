@@ -14,11 +14,14 @@ CPU and shows that the same check then fails: the invariant is checked for real 
 
 from __future__ import annotations
 
+import json
+
 import bitsandbytes as bnb
 import pytest
 import torch
 from bitsandbytes.functional import dequantize_4bit
 from peft import PeftModel
+from safetensors.torch import load_file
 
 from job.cards import ModelCards
 from job.collators.qwen3_collator import Qwen3VisionSFTCollator
@@ -26,6 +29,7 @@ from job.config import build_cfg
 from job.data.loaders import load_local_split
 from job.train.model import apply_lora, keep_trainable_params_fp32, load_model
 from job.utils.eval_sarcasm import evaluate_qwen3
+from runs import STEPS
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +157,25 @@ def test_an_avx512bf16_cpu_is_emulated_and_caught(cfg, batches):
     assert _layouts(model) != layout, "the emulated avx512_bf16 path no longer repacks: re-check the fix"
     with pytest.raises(AssertionError):
         _assert_matches(_step(model, batch), reference, "emulated avx512_bf16 CPU after generate")
+
+
+@pytest.mark.slow
+def test_a_job_run_trains_the_same_with_and_without_pre_eval(reference_run, pre_eval_off_run):
+    """The same invariant at the flow level: two job runs (tests/runs.py), the shared reference run and the same
+    configuration with SFT_EVAL_PRE=false, log identical losses and grad norms at every step (SFT_LOGGING_STEPS=1)
+    and end with the same adapter. Before the fix, on an avx512_bf16 CPU, the grad norms differed by about 2x."""
+    assert reference_run.returncode == 0, reference_run.log[-3000:]
+    assert "pre-eval:" in reference_run.log and "pre-eval:" not in pre_eval_off_run.log
+    assert (pre_eval_off_run.out / "adapter/adapter_model.safetensors").is_file(), pre_eval_off_run.log[-3000:]
+
+    def per_step(run) -> list[tuple[int, float, float]]:
+        state = json.loads((run.out / f"checkpoints/checkpoint-{STEPS}/trainer_state.json").read_text())
+        return [(e["step"], e["loss"], e["grad_norm"]) for e in state["log_history"] if "loss" in e]
+
+    with_pre, without_pre = per_step(reference_run), per_step(pre_eval_off_run)
+    assert [step for step, *_ in with_pre] == list(range(1, STEPS + 1))
+    assert with_pre == without_pre
+    ref = load_file(str(reference_run.out / "adapter/adapter_model.safetensors"))
+    other = load_file(str(pre_eval_off_run.out / "adapter/adapter_model.safetensors"))
+    assert set(ref) == set(other)
+    assert max((ref[k] - other[k]).abs().max().item() for k in ref) <= 1e-6

@@ -1,46 +1,29 @@
-"""Object storage over the real S3 protocol (moto's server on 127.0.0.1), the gate and the model card."""
+"""Object storage over the real S3 protocol (moto's server on 127.0.0.1), the gate and the model card.
+
+The S3 server (s3_endpoint) and the job runs read here are shared: tests/runs.py.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, job_env, run_job
+from helpers import job_env, run_job
 from job.errors import GateRefused, TransientError, UserError
 from job.storage import s3 as s3io
 from job.storage.checkpoints import RemoteCheckpoints
-
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testingsecret", "AWS_DEFAULT_REGION": "us-east-1"}
+from runs import AWS_ENV, CHECKPOINT_BUCKET, REFERENCE, s3_client
 
 
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    saved = {k: os.environ.get(k) for k in (*AWS_ENV, "AWS_ENDPOINT_URL")}
-    os.environ.update({**AWS_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-    for key, value in saved.items():
-        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
 @pytest.fixture()
@@ -114,6 +97,7 @@ def test_bucket_errors_are_user_errors_and_dead_endpoint_is_transient(s3_endpoin
         s3io.probe_write(s3io.client(), s3io.S3Uri("any", "x"))
 
 
+@pytest.mark.slow
 def test_missing_bucket_fails_run_before_training(s3_endpoint, tiny_assets, tmp_path):
     env = job_env(tmp_path, tiny_assets, SFT_CHECKPOINT_URI="s3://missing-bucket/runs", **AWS_ENV,
                   AWS_ENDPOINT_URL=s3_endpoint)
@@ -123,6 +107,7 @@ def test_missing_bucket_fails_run_before_training(s3_endpoint, tiny_assets, tmp_
     assert not list((tmp_path / "out/checkpoints").glob("checkpoint-*"))
 
 
+@pytest.mark.slow
 def test_failed_preflight_writes_nothing_to_storage_or_hub(bucket, s3_endpoint, tiny_assets, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_assets[1], data)
@@ -141,59 +126,38 @@ def test_failed_preflight_writes_nothing_to_storage_or_hub(bucket, s3_endpoint, 
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["preflight_report.json"]
 
 
-def _wait_for_completed(s3, bucket: str, prefix: str, proc, timeout: float = 300) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        keys = [o["Key"] for o in s3io.list_objects(s3, s3io.S3Uri(bucket, prefix))]
-        done = [k for k in keys if k.endswith("/COMPLETED") and "/checkpoint-" in k]
-        if done:
-            return done[0]
-        time.sleep(0.5)
-    raise AssertionError(f"no COMPLETED checkpoint appeared (rc={proc.poll()})")
-
-
-def test_sigkill_then_same_run_id_resumes_from_s3(bucket, s3_endpoint, tiny_assets, tmp_path):
+@pytest.mark.slow
+def test_sigkill_then_same_run_id_resumes_from_s3(s3_resume_run):
     """Data from S3, checkpoints to S3; SIGKILL after the first COMPLETED; a fresh pod (empty disk) resumes."""
-    s3 = s3io.client()
-    s3io.upload_dir(s3, tiny_assets[1], s3io.S3Uri(bucket, "data"))
-    common = dict(SFT_DATASET_URI=f"s3://{bucket}/data", SFT_CHECKPOINT_URI=f"s3://{bucket}/runs",
-                  SFT_RUN_ID="job-abc", SFT_MAX_STEPS="8", SFT_SAVE_STEPS="2", SFT_EVAL_SUBSET="2",
-                  AWS_ENDPOINT_URL=s3_endpoint, **AWS_ENV)
-    first = job_env(tmp_path / "pod1", tiny_assets, SFT_CACHE_DIR=str(tmp_path / "pod1/cache"), **common)
-    proc = subprocess.Popen([sys.executable, "-m", "job", "run"], env=first, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    marker = _wait_for_completed(s3, bucket, "runs/job-abc", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    killed_at = int(marker.split("checkpoint-")[1].split("/")[0])
-
-    second = job_env(tmp_path / "pod2", tiny_assets, SFT_CACHE_DIR=str(tmp_path / "pod2/cache"), **common)
-    done = run_job(["run"], second)
-    log = done.stdout + done.stderr
+    run, bucket = s3_resume_run, s3_resume_run.bucket
+    done, log = run.pod2, run.pod2.log
     assert done.returncode == 0, log[-3000:]
-    meta = json.loads((tmp_path / "pod2/out/training_meta.json").read_text())
+    meta = json.loads((done.out / "training_meta.json").read_text())
     resumed = int(meta["resumed_from"].rsplit("-", 1)[1])
-    assert resumed >= killed_at and meta["global_step"] == 8
+    assert resumed >= run.killed_at and meta["global_step"] == 8
     assert "reusing the stored pre-eval metrics" in log
-    keys = {o["Key"] for o in s3io.list_objects(s3, s3io.S3Uri(bucket, "runs/job-abc/final"))}
+    keys = {o["Key"] for o in s3io.list_objects(s3_client(done.env["AWS_ENDPOINT_URL"]),
+                                                 s3io.S3Uri(bucket, "runs/job-abc/final"))}
     for rel in ("adapter/adapter_model.safetensors", "adapter/README.md", "training_meta.json", "metrics.json",
                 "eval/post_predictions.jsonl", "COMPLETED"):
         assert f"runs/job-abc/final/{rel}" in keys, rel
     assert meta["dataset"]["uri"] == f"s3://{bucket}/data" and len(meta["dataset"]["version"]) == 64
 
 
-def test_gate_refuses_push_exit_4(bucket, s3_endpoint, tiny_assets, tmp_path):
-    env = job_env(tmp_path, tiny_assets, SFT_CHECKPOINT_URI=f"s3://{bucket}/runs", SFT_MAX_STEPS="2",
-                  SFT_SAVE_STEPS="2", SFT_EVAL_SUBSET="2", SFT_PUSH_MIN_METRIC="macro_f1:0.99",
-                  AWS_ENDPOINT_URL=s3_endpoint, **AWS_ENV)
-    proc = run_job(["run"], env)
-    assert proc.returncode == 4, proc.stderr[-2000:]
-    assert "quality gate refused" in proc.stderr and "Traceback" not in proc.stderr
-    metrics = json.loads((tmp_path / "out/metrics.json").read_text())
+@pytest.mark.slow
+def test_gate_refuses_push_exit_4(pre_eval_off_run):
+    """The shared run with SFT_EVAL_PRE=false also carries SFT_PUSH_MIN_METRIC=macro_f1:0.99 and S3 checkpoints."""
+    run = pre_eval_off_run
+    log = run.log
+    assert run.returncode == 4, log[-2000:]
+    assert "quality gate refused" in log and "Traceback" not in log
+    metrics = json.loads((run.out / "metrics.json").read_text())
     assert metrics["gate"]["passed"] is False and "below SFT_PUSH_MIN_METRIC" in metrics["gate"]["reason"]
     assert metrics["gate"]["pushed_to"] is None
-    keys = {o["Key"] for o in s3io.list_objects(s3io.client(), s3io.S3Uri(bucket, "runs/test-run/final"))}
-    assert "runs/test-run/final/adapter/adapter_model.safetensors" in keys  # artifacts kept in storage
+    final = f"runs/{REFERENCE['SFT_RUN_ID']}/final"
+    keys = {o["Key"] for o in s3io.list_objects(s3_client(run.env["AWS_ENDPOINT_URL"]),
+                                                 s3io.S3Uri(CHECKPOINT_BUCKET, final))}
+    assert f"{final}/adapter/adapter_model.safetensors" in keys  # artifacts kept in storage
 
 
 def test_model_card_metadata_parses(tiny_assets, tmp_path):
