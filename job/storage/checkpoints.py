@@ -74,7 +74,26 @@ class RemoteCheckpoints:
         log.info("restored checkpoint-%d from %s", step, self.run_uri)
         return dest
 
-    def upload_final(self, root: Path, names: tuple[str, ...]) -> str:
+    def move_aside(self) -> str | None:
+        """SFT_RESUME=never: copy this run's objects to `{run_id}.replaced-<time>/` and delete them here."""
+        objects = s3io.list_objects(self.s3, self.run_uri)
+        if not objects:
+            return None
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        target = s3io.S3Uri(self.run_uri.bucket, f"{self.run_uri.prefix}.replaced-{stamp}")
+        for obj in objects:
+            rel = obj["Key"][len(self.run_uri.prefix) + 1:]
+            s3io.copy_object(self.s3, self.run_uri.bucket, obj["Key"], target.key(rel))
+        s3io.delete_prefix(self.s3, self.run_uri)
+        log.warning("SFT_RESUME=never: moved %d objects of %s aside to %s", len(objects), self.run_uri, target)
+        return str(target)
+
+    def final_step(self) -> int | None:
+        """The global step of the complete final upload (None when there is none, or it predates the step field)."""
+        marker = s3io.get_text(self.s3, self.run_uri.child("final"), self.run_uri.child("final").key(COMPLETED))
+        return None if marker is None else json.loads(marker).get("step")
+
+    def upload_final(self, root: Path, names: tuple[str, ...], step: int | None = None) -> str:
         target = self.run_uri.child("final")
         sizes: dict[str, int] = {}
         for name in names:
@@ -84,7 +103,8 @@ class RemoteCheckpoints:
             elif path.is_file():
                 sizes.update(s3io.upload_dir(self.s3, root, target, skip=tuple(p.name for p in root.iterdir() if p.name != name)))
         s3io.verify_sizes(self.s3, target, sizes)
-        s3io.put_text(self.s3, target, target.key(COMPLETED), json.dumps({"objects": len(sizes), "time": time.time()}))
+        s3io.put_text(self.s3, target, target.key(COMPLETED),
+                      json.dumps({"objects": len(sizes), "step": step, "time": time.time()}))
         return str(target)
 
 

@@ -152,6 +152,24 @@ def put_text(s3, uri: S3Uri, key: str, text: str) -> None:
         s3.put_object(Bucket=uri.bucket, Key=key, Body=text.encode())
 
 
+def get_text(s3, uri: S3Uri, key: str) -> str | None:
+    """The object's text, or None when it does not exist."""
+    from botocore.exceptions import ClientError
+
+    with s3_errors(f"read s3://{uri.bucket}/{key}"):
+        try:
+            return s3.get_object(Bucket=uri.bucket, Key=key)["Body"].read().decode()
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code", "")) in ("NoSuchKey", "404"):
+                return None
+            raise
+
+
+def copy_object(s3, bucket: str, source_key: str, key: str) -> None:
+    with s3_errors(f"copy s3://{bucket}/{source_key} to {key}"):
+        s3.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": source_key})
+
+
 def delete_prefix(s3, uri: S3Uri) -> None:
     keys = [{"Key": o["Key"]} for o in list_objects(s3, uri)]
     for start in range(0, len(keys), 1000):
