@@ -4,128 +4,30 @@ store that stays down ends the run with exit 3 and the local checkpoints intact.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import random
-import socket
-import struct
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from helpers import job_env, run_job
+from s3_proxy import AWS_ENV, FaultProxy, create_bucket, moto_server
 from job.errors import TransientError
 from job.storage import s3 as s3io
 from job.storage.checkpoints import RemoteCheckpoints
 
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testingsecret", "AWS_DEFAULT_REGION": "us-east-1"}
-SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-             b"<Message>Please reduce your request rate.</Message></Error>")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class FaultProxy:
-    """An HTTP proxy in front of the S3 server. Each request fails with probability `rate`: half of the failures
-    reset the connection (RST, nothing answered), half answer 503 SlowDown; the rest are forwarded unchanged."""
-
-    def __init__(self, upstream_port: int, rate: float, seed: int = 0):
-        self.rate, self.upstream_port = rate, upstream_port
-        self.random = random.Random(seed)
-        self.lock = threading.Lock()
-        self.counts = {"forwarded": 0, "reset": 0, "slowdown": 0}
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # quiet
-                pass
-
-            def _handle(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                fault = proxy.draw()
-                if fault == "reset":
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    self.close_connection = True
-                    self.connection.close()
-                    return
-                if fault == "slowdown":
-                    self.send_response(503)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(SLOW_DOWN)))
-                    self.end_headers()
-                    self.wfile.write(SLOW_DOWN)
-                    return
-                upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "expect")}
-                upstream.request(self.command, self.path, body=body, headers=headers)
-                response = upstream.getresponse()
-                data = response.read()
-                self.send_response(response.status, response.reason)
-                for key, value in response.getheaders():
-                    if key.lower() not in ("connection", "transfer-encoding", "content-length", "server", "date"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                upstream.close()
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", _free_port()), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def draw(self) -> str:
-        with self.lock:
-            roll = self.random.random()
-            fault = "forwarded" if roll >= self.rate else ("reset" if roll < self.rate / 2 else "slowdown")
-            self.counts[fault] += 1
-            return fault
-
-    def close(self) -> None:
-        self.server.shutdown()
-
 
 @pytest.fixture(scope="module")
 def moto_port():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield port
-    server.stop()
+    with moto_server() as port:
+        yield port
 
 
 @pytest.fixture()
 def aws(monkeypatch):
     for key, value in AWS_ENV.items():
         monkeypatch.setenv(key, value)
-
-
-def _bucket(moto_port: int, name: str) -> str:
-    """Created directly on the server, not through the proxy."""
-    import boto3
-
-    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}", **_credentials()).create_bucket(Bucket=name)
-    return name
-
-
-def _credentials() -> dict[str, str]:
-    return {"aws_access_key_id": AWS_ENV["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": AWS_ENV["AWS_SECRET_ACCESS_KEY"],
-            "region_name": AWS_ENV["AWS_DEFAULT_REGION"]}
 
 
 def _checkpoint(root: Path, step: int, files: int = 6) -> Path:
@@ -152,7 +54,7 @@ def test_uploads_and_restore_ride_out_one_failed_request_in_five(moto_port, aws,
     proxy = FaultProxy(moto_port, rate=0.2, seed=13)
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        _bucket(moto_port, "flaky")
+        create_bucket(moto_port, "flaky")
         remote = RemoteCheckpoints("s3://flaky/ckpts", "run-f", keep=10)
         local = {step: _checkpoint(tmp_path / "local", step, files=3) for step in (2, 4)}
         with caplog.at_level("INFO", logger="job.storage.checkpoints"):
@@ -189,7 +91,7 @@ def test_a_store_that_stays_down_is_transient_after_a_bounded_time(moto_port, aw
 @pytest.mark.slow
 def test_run_through_a_flaky_store_exits_0_with_every_checkpoint_complete(moto_port, aws, monkeypatch, tiny_assets,
                                                                           tmp_path):
-    _bucket(moto_port, "flaky-run")
+    create_bucket(moto_port, "flaky-run")
     proxy = FaultProxy(moto_port, rate=0.2, seed=7)
     try:
         env = job_env(tmp_path, tiny_assets, SFT_CHECKPOINT_URI="s3://flaky-run/runs", SFT_MAX_STEPS="4",
