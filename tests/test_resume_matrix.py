@@ -41,6 +41,7 @@ class Job:
     """One `python -m job run` subprocess, its log in tmp/log.txt (appended across the processes of a chain)."""
 
     def __init__(self, tmp: Path, env: dict[str, str]):
+        tmp.mkdir(parents=True, exist_ok=True)
         self.log_path = tmp / "log.txt"
         self.offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "a") as log:
