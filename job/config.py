@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     group_by_length: bool = Field(True, examples=["true"])
     # seconds between SIGTERM and the forced exit (Kubernetes' grace period minus a margin)
     preempt_grace_s: float = Field(25.0, gt=0, le=3600, examples=["25"])
+    # what to do with COMPLETED checkpoints in SFT_OUTPUT_DIR / SFT_CHECKPOINT_URI (job/train/resume.py)
+    resume: Literal["auto", "never", "require"] = Field("auto", examples=["auto", "never", "require"])
     # LoRA
     lora_r: int | None = Field(None, ge=1, le=1024, examples=["16"])
     lora_alpha: float | None = Field(None, gt=0, examples=["32"])
@@ -282,6 +284,7 @@ def build_cfg(card: ModelSpec, env: Mapping[str, str] | None = None) -> dict[str
             "dataloader_num_workers": s.dataloader_num_workers,
             "group_by_length": s.group_by_length,
             "preempt_grace_s": s.preempt_grace_s,
+            "resume": s.resume,
         },
         "lora": {
             "r": s.lora_r or card.lora_r,

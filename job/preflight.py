@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 from job.cards import ModelCards
 from job.config import build_cfg
 from job.data.checks import RowChecker, RowResult
-from job.data.loaders import ROW_ID, _load_eval_dataset, load_train_dataset
+from job.data.loaders import ROW_ID, _load_eval_dataset, content_fingerprint, load_train_dataset
 from job.early_checks import check_inputs, load_processor_checked
 from job.errors import DataError
 from job.preflight_report import MAX_LISTED_ERRORS, _failure_message, build_report, format_issue, summary_table
@@ -84,6 +84,7 @@ class SplitTally:
     label_rows: dict[str, str] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)
     lengths: dict[int, int] = field(default_factory=dict)  # row index -> total tokens
+    row_digests: dict[int, str] = field(default_factory=dict)  # row index -> digest of its image bytes and fields
     skipped: bool = False
 
     def add(self, r: RowResult, train_digests: dict[str, str] | None) -> None:
@@ -101,7 +102,16 @@ class SplitTally:
             self.labels[r.label] += 1
             self.label_rows.setdefault(r.label, r.row_id)
         if r.digest is not None:
+            self.row_digests[r.index] = r.digest
             self._duplicates(r, train_digests)
+
+    def kept_indices(self) -> list[int]:
+        gone = {index for index, _ in self.bad} if self.skipped else set()
+        return [i for i in range(self.rows) if i not in gone]
+
+    def fingerprint(self) -> str:
+        """The split as training (or eval) reads it: the kept rows' digests in order (image bytes included)."""
+        return content_fingerprint(self.row_digests.get(i, "") for i in self.kept_indices())
 
     def _duplicates(self, r: RowResult, train_digests: dict[str, str] | None) -> None:
         if r.digest in self.digests:
@@ -322,8 +332,7 @@ def _publish(cfg: dict, report: dict, name: str = REPORT_NAME) -> Path:
 # -- entry points ------------------------------------------------------------------------------------------------
 def _plan_entry(tally: SplitTally, with_lengths: bool) -> dict:
     dropped = sorted(index for index, _ in tally.bad) if tally.skipped else []
-    gone = set(dropped)
-    lengths = [tally.lengths.get(i, 0) for i in range(tally.rows) if i not in gone] if with_lengths else None
+    lengths = [tally.lengths.get(i, 0) for i in tally.kept_indices()] if with_lengths else None
     return {"dropped": dropped, "lengths": lengths}
 
 
@@ -403,6 +412,8 @@ def run_preflight(cfg: dict, processor=None, roles: tuple[str, ...] = ROLES,
     if mismatches:  # no SFT_BAD_ROWS setting can help: the column names are wrong
         failure = "the dataset's columns do not match the SFT_*_KEY settings"
     report = build_report(cfg, tallies, mismatches, failure, seconds, workers)
+    # Free: every image was already read and hashed by the row checks above (the duplicate digests).
+    report["data_fingerprint"] = {role: tally.fingerprint() for role, tally in tallies.items()}
     path = _publish(cfg, report, report_name)
     if failure is not None:
         raise DataError(_failure_message(report, path))

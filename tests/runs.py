@@ -20,7 +20,7 @@ The runs (fixture -> what it returns):
 - pre_eval_off_run -> Run: the reference run with SFT_EVAL_PRE=false, checkpoints in S3 (CHECKPOINT_BUCKET, run id
   REFERENCE's) and a gate that refuses (SFT_PUSH_MIN_METRIC=macro_f1:0.99): exit 4, training identical to the reference.
 - resumed_from_an_incomplete_checkpoint -> Run: a copy of the reference run whose last checkpoint lost its COMPLETED
-  marker, rerun with SFT_MAX_STEPS=STEPS+2.
+  marker, rerun with the same settings (it resumes from checkpoint-STEPS-2 and trains to STEPS).
 - adapter_reload -> CompletedProcess: a fresh Python process loads the reference adapter on the base model and runs
   one forward pass (prints RELOAD_OK).
 - s3_resume_run -> S3Resume: data from S3, checkpoints to S3; pod1 is SIGKILLed after its first COMPLETED checkpoint
@@ -293,7 +293,7 @@ def _resumed_from_an_incomplete_checkpoint(ctx: Ctx) -> Run:
     reference = ctx.result("reference_run")
     shutil.copytree(reference.out, ctx.tmp / "out")
     (ctx.tmp / f"out/checkpoints/checkpoint-{STEPS}/COMPLETED").unlink()  # as if the pod died writing it
-    return ctx.job(ctx.tmp, **reference_env(ctx, ctx.tmp, SFT_MAX_STEPS=str(STEPS + 2)))
+    return ctx.job(ctx.tmp, **reference_env(ctx, ctx.tmp))
 
 
 RELOAD = """

@@ -11,7 +11,7 @@ import hashlib
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from job.errors import DataError, TransientError, hub_offline
 
@@ -187,16 +187,23 @@ def _load_eval_dataset(cfg: dict):
     return _select_subset(ds, cfg["data"]["eval_subset"], cfg["train"]["seed"])
 
 
-def dataset_fingerprint(uri: str | None) -> str | None:
-    """sha256 over the dataset's files (names and bytes, in sorted order): changes iff the data changes."""
-    if not uri or not Path(uri).exists():
-        return None
-    root = Path(uri)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+def content_fingerprint(row_digests: Iterable[str]) -> str:
+    """sha256 over a split's per-row digests in training order (each digest covers the row's image bytes and text).
+
+    The digests come from the preflight pass, which reads every image anyway: the fingerprint costs no extra I/O,
+    and it sees the images of a single-file dataset (a JSONL whose rows point at image files) as well as the rows.
+    """
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(str(path.relative_to(root if root.is_dir() else root.parent)).encode())
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+    for row in row_digests:
+        digest.update(row.encode() + b"\n")
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(split_fingerprints: dict[str, str] | None) -> str | None:
+    """One sha256 for the data a run used: its splits' content fingerprints (see content_fingerprint)."""
+    if not split_fingerprints:
+        return None
+    digest = hashlib.sha256()
+    for role in sorted(split_fingerprints):
+        digest.update(f"{role}={split_fingerprints[role]}\n".encode())
     return digest.hexdigest()

@@ -21,6 +21,7 @@ from job.storage import s3 as s3io
 from job.train.callbacks import COMPLETED, checkpoint_step, write_completed_marker
 
 log = logging.getLogger(__name__)
+UPLOAD_ATTEMPTS = 3  # whole-checkpoint attempts, each after botocore's per-request retries (job/storage/s3.py)
 
 
 class RemoteCheckpoints:
@@ -40,11 +41,17 @@ class RemoteCheckpoints:
     def upload(self, local: Path, step: int) -> None:
         target = self.run_uri.child(f"checkpoint-{step}")
         started = time.monotonic()
-        sizes = s3io.upload_dir(self.s3, local, target, skip=(COMPLETED,))
-        s3io.verify_sizes(self.s3, target, sizes)
+
+        def upload_all() -> dict[str, int]:
+            sizes = s3io.upload_dir(self.s3, local, target, skip=(COMPLETED,))
+            s3io.verify_sizes(self.s3, target, sizes)  # every object there, whole, before the marker
+            return sizes
+
+        sizes = s3io.with_retries(f"upload of checkpoint-{step}", upload_all, UPLOAD_ATTEMPTS)
         # Written last: a reader that sees COMPLETED knows every object above is whole.
         s3io.put_text(self.s3, target, target.key(COMPLETED), json.dumps({"step": step, "objects": len(sizes), "time": time.time()}))
-        log.info("checkpoint-%d uploaded to %s (%d objects, %.1fs)", step, target, len(sizes), time.monotonic() - started)
+        log.info("checkpoint-%d uploaded to %s (%d objects, %.1fs, %d request retries)", step, target, len(sizes),
+                 time.monotonic() - started, s3io.retries_taken(self.s3))
         self.apply_retention()
 
     def apply_retention(self) -> None:
@@ -68,23 +75,52 @@ class RemoteCheckpoints:
         dest = local_dir / f"checkpoint-{step}"
         if (dest / COMPLETED).is_file():
             return dest
-        s3io.download_prefix(self.s3, self.run_uri.child(f"checkpoint-{step}"), dest)
+        s3io.with_retries(f"download of checkpoint-{step}",
+                          lambda: s3io.download_prefix(self.s3, self.run_uri.child(f"checkpoint-{step}"), dest),
+                          UPLOAD_ATTEMPTS)
         (dest / s3io.MANIFEST).unlink(missing_ok=True)
         write_completed_marker(dest, step)
         log.info("restored checkpoint-%d from %s", step, self.run_uri)
         return dest
 
-    def upload_final(self, root: Path, names: tuple[str, ...]) -> str:
+    def move_aside(self) -> str | None:
+        """SFT_RESUME=never: copy this run's objects to `{run_id}.replaced-<time>/` and delete them here."""
+        objects = s3io.list_objects(self.s3, self.run_uri)
+        if not objects:
+            return None
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        target = s3io.S3Uri(self.run_uri.bucket, f"{self.run_uri.prefix}.replaced-{stamp}")
+        for obj in objects:
+            rel = obj["Key"][len(self.run_uri.prefix) + 1:]
+            s3io.copy_object(self.s3, self.run_uri.bucket, obj["Key"], target.key(rel))
+        s3io.delete_prefix(self.s3, self.run_uri)
+        log.warning("SFT_RESUME=never: moved %d objects of %s aside to %s", len(objects), self.run_uri, target)
+        return str(target)
+
+    def final_step(self) -> int | None:
+        """The global step of the complete final upload (None when there is none, or it predates the step field)."""
+        marker = s3io.get_text(self.s3, self.run_uri.child("final"), self.run_uri.child("final").key(COMPLETED))
+        return None if marker is None else json.loads(marker).get("step")
+
+    def upload_final(self, root: Path, names: tuple[str, ...], step: int | None = None) -> str:
         target = self.run_uri.child("final")
-        sizes: dict[str, int] = {}
-        for name in names:
-            path = root / name
-            if path.is_dir():
-                sizes.update(s3io.upload_dir(self.s3, path, target.child(name)))
-            elif path.is_file():
-                sizes.update(s3io.upload_dir(self.s3, root, target, skip=tuple(p.name for p in root.iterdir() if p.name != name)))
-        s3io.verify_sizes(self.s3, target, sizes)
-        s3io.put_text(self.s3, target, target.key(COMPLETED), json.dumps({"objects": len(sizes), "time": time.time()}))
+        s3io.delete_key(self.s3, target, target.key(COMPLETED))  # a re-upload is not complete until its own marker
+
+        def upload_all() -> dict[str, int]:
+            sizes: dict[str, int] = {}
+            for name in names:
+                path = root / name
+                if path.is_dir():
+                    sizes.update(s3io.upload_dir(self.s3, path, target.child(name)))
+                elif path.is_file():
+                    sizes.update(s3io.upload_dir(self.s3, root, target, skip=tuple(p.name for p in root.iterdir() if p.name != name)))
+            s3io.verify_sizes(self.s3, target, sizes)
+            return sizes
+
+        sizes = s3io.with_retries("final upload", upload_all, UPLOAD_ATTEMPTS)
+        s3io.put_text(self.s3, target, target.key(COMPLETED),
+                      json.dumps({"objects": len(sizes), "step": step, "time": time.time()}))
+        log.info("final upload to %s: %d objects, %d request retries", target, len(sizes), s3io.retries_taken(self.s3))
         return str(target)
 
 

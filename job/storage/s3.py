@@ -1,9 +1,11 @@
 """S3 (and S3-compatible: MinIO, R2, GCS interop) transfers with botocore's own retries.
 
-`AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` are honoured by botocore itself. Retries use botocore's `standard` mode;
-there is no hand-rolled retry loop here. Errors are mapped once, in `s3_errors`: auth, permission and not-found
-are user errors (exit 2) naming the bucket and key; connection failures that outlived the retries are transient
-(exit 3).
+`AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` are honoured by botocore itself. Every request is retried by botocore
+(`AWS_RETRY_MODE`, default `standard`: exponential backoff with full jitter, capped at 20 s; `AWS_MAX_ATTEMPTS`,
+default 10) on connection resets, timeouts, 5xx and throttling (`503 SlowDown`); the retries each client needed are
+counted (`RetryCounter`) and logged. A whole checkpoint upload that still fails is retried by `with_retries`
+(job/storage/checkpoints.py). Errors are mapped once, in `s3_errors`: auth, permission and not-found are user
+errors (exit 2) naming the bucket and key; failures that outlived the retries are transient (exit 3).
 """
 
 from __future__ import annotations
@@ -12,8 +14,12 @@ import contextlib
 import json
 import logging
 import os
+import random
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from job.errors import S3_USER_CODES, TransientError, UserError, classify_foreign
 
@@ -43,21 +49,78 @@ class S3Uri:
         return f"s3://{self.bucket}/{self.prefix}"
 
 
+DEFAULT_MAX_ATTEMPTS = 10  # per request; with standard mode's backoff (<= 20 s each) a request gives up within ~3 min
+T = TypeVar("T")
+
+
+class RetryCounter:
+    """Counts the retries botocore made for one client (from each response's ResponseMetadata.RetryAttempts)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.retries = 0
+        self.calls = 0
+
+    def __call__(self, parsed=None, **_kwargs) -> None:
+        attempts = ((parsed or {}).get("ResponseMetadata") or {}).get("RetryAttempts") or 0
+        with self._lock:
+            self.calls += 1
+            self.retries += attempts
+
+    def take(self) -> int:
+        """The retries since the last take (for a per-upload log line)."""
+        with self._lock:
+            taken, self.retries = self.retries, 0
+            return taken
+
+
 def client():
     import boto3
     from botocore.config import Config
 
-    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", "8"))
-    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": attempts}))
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", str(DEFAULT_MAX_ATTEMPTS)))
+    mode = os.environ.get("AWS_RETRY_MODE", "standard")
+    s3 = boto3.client("s3", config=Config(retries={"mode": mode, "max_attempts": attempts},
+                                          connect_timeout=10, read_timeout=60))
+    s3.retry_counter = RetryCounter()
+    s3.meta.events.register("after-call.s3", s3.retry_counter)
+    return s3
+
+
+def retries_taken(s3) -> int:
+    counter = getattr(s3, "retry_counter", None)
+    return counter.take() if counter is not None else 0
+
+
+def with_retries(what: str, fn: Callable[[], T], attempts: int, base_s: float = 2.0, cap_s: float = 30.0) -> T:
+    """fn(), retried on TransientError with exponential backoff and full jitter: for a whole multi-object operation
+    (a checkpoint upload) whose requests already exhausted botocore's own retries."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except TransientError as exc:
+            if attempt == attempts:
+                raise TransientError(f"{exc} (gave up after {attempts} attempts of the whole {what})") from None
+            pause = random.uniform(0, min(cap_s, base_s * 2 ** (attempt - 1)))
+            log.warning("%s failed (attempt %d of %d): %s; retrying in %.1f s", what, attempt, attempts, exc, pause)
+            time.sleep(pause)
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager
 def s3_errors(what: str):
     """Turn botocore failures into user (exit 2) or transient (exit 3) errors that name what was being done."""
+    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError, NoCredentialsError
 
     try:
-        yield
+        try:
+            yield
+        except S3UploadFailedError as exc:
+            # boto3's transfer manager re-raises a request's ClientError as this; classify the request's error.
+            if isinstance(exc.__context__, ClientError):
+                raise exc.__context__ from None
+            raise TransientError(f"S3 {what}: {exc} (after retries)") from None
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         message = exc.response.get("Error", {}).get("Message", "")
@@ -153,6 +216,29 @@ def verify_sizes(s3, uri: S3Uri, expected: dict[str, int]) -> None:
 def put_text(s3, uri: S3Uri, key: str, text: str) -> None:
     with s3_errors(f"write s3://{uri.bucket}/{key}"):
         s3.put_object(Bucket=uri.bucket, Key=key, Body=text.encode())
+
+
+def get_text(s3, uri: S3Uri, key: str) -> str | None:
+    """The object's text, or None when it does not exist."""
+    from botocore.exceptions import ClientError
+
+    with s3_errors(f"read s3://{uri.bucket}/{key}"):
+        try:
+            return s3.get_object(Bucket=uri.bucket, Key=key)["Body"].read().decode()
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code", "")) in ("NoSuchKey", "404"):
+                return None
+            raise
+
+
+def delete_key(s3, uri: S3Uri, key: str) -> None:
+    with s3_errors(f"delete s3://{uri.bucket}/{key}"):
+        s3.delete_object(Bucket=uri.bucket, Key=key)
+
+
+def copy_object(s3, bucket: str, source_key: str, key: str) -> None:
+    with s3_errors(f"copy s3://{bucket}/{source_key} to {key}"):
+        s3.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": source_key})
 
 
 def delete_prefix(s3, uri: S3Uri) -> None:

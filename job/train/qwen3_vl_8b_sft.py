@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -19,9 +20,11 @@ from job import early_checks
 from job.config import build_cfg
 from job.data.loaders import dataset_fingerprint
 from job.errors import DataError, JobError
-from job.train import artifacts, distributed
+from job.train import artifacts, distributed, resume
 from job.train.callbacks import latest_completed_checkpoint
-from job.train.model import _count_trainable_params, apply_liger, apply_lora, load_model
+from job.train.model import (
+    _count_trainable_params, apply_liger, apply_lora, keep_trainable_params_fp32, load_model,
+)
 from job.train.preemption import PreemptionGuard
 from job.train.trainer import build_trainer
 from job.utils import tracking
@@ -69,7 +72,15 @@ def _seed_everything(seed: int) -> None:
 
 
 def _resolve_run_id(cfg: dict) -> str:
-    return cfg["train"]["run_id"] or f"qwen3-sft-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    """SFT_RUN_ID; unset, the run id of the checkpoint a rerun continues; else a new timestamped id."""
+    if cfg["train"]["run_id"]:
+        return cfg["train"]["run_id"]
+    if cfg["train"]["resume"] != "never":
+        stored = resume.stored_run_id(RunPaths(Path(cfg["train"]["output_dir"])).checkpoints)
+        if stored is not None:
+            log.info("SFT_RUN_ID unset: continuing run %s (from its newest checkpoint)", stored)
+            return stored
+    return f"qwen3-sft-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
 
 def _uses_hub(cfg: dict) -> bool:
@@ -144,8 +155,6 @@ def _stored_pre_metrics(paths: RunPaths, checkpoint: str) -> dict | None:
     if not stored.is_file():
         stored = paths.eval / "pre_metrics.json"
     if stored.is_file():
-        import json
-
         log.info("resume: reusing the stored pre-eval metrics (%s)", stored)
         return json.loads(stored.read_text())
     return None
@@ -158,7 +167,7 @@ def _save_outputs(cfg, model, processor, paths, run_id, run, *, metrics, timer, 
     from job.storage.hub import build_model_card
 
     files = artifacts.save_adapter(model, processor, paths.adapter)
-    lineage = artifacts.lineage(cfg, model, dataset_fingerprint(cfg["data"]["uri"]))
+    lineage = artifacts.lineage(cfg, model, dataset_fingerprint(preflight.get("data_fingerprint")))
     build_model_card(cfg, run_id, metrics, lineage).save(paths.adapter / "README.md")
     artifacts.write_json(paths.root / "metrics.json", metrics)
     timer.track("save", started)
@@ -176,7 +185,7 @@ def _preflight_summary(report: dict) -> dict:
     return {"rows_checked": report["rows_checked"], "policy": report["policy"],
             "rows_skipped": {s["split"]: s["rows_skipped"] for s in report["splits"].values()},
             "skipped_row_ids": {s["split"]: s["skipped_row_ids"] for s in report["splits"].values()},
-            "warnings_by_kind": report["warnings_by_kind"]}
+            "warnings_by_kind": report["warnings_by_kind"], "data_fingerprint": report.get("data_fingerprint")}
 
 
 # -- storage and publishing ---------------------------------------------------------------------------------------
@@ -212,27 +221,39 @@ def _resume_point(paths: RunPaths, remote) -> str | None:
     return _resume_checkpoint(paths)
 
 
-def _publish(cfg: dict, paths: RunPaths, run_id: str, remote, metrics: dict) -> None:
-    """Gate, then upload the final artifacts (always) and push to the Hub (only when the gate passes)."""
+def _publish(cfg: dict, paths: RunPaths, run_id: str, remote, metrics: dict, step: int | None = None) -> None:
+    """Gate, then upload the final artifacts (always) and push to the Hub (only when the gate passes).
+
+    On a rerun of a finished run, a push that already reached this repo is not repeated.
+    """
     from job.errors import GateRefused
     from job.storage.hub import gate_decision, push_adapter
 
     hub = cfg["hub"]
     gated = bool(hub["repo_id"] or hub["min_metric"])
     passed, reason = gate_decision(metrics, hub["min_metric"], hub["require_improvement"]) if gated else (True, "no gate")
+    earlier_push = _earlier_push(metrics, hub["repo_id"])
     metrics["gate"] = {"passed": passed, "reason": reason, "pushed_to": None}
     artifacts.write_json(paths.root / "metrics.json", metrics)
     if passed and hub["repo_id"]:
-        metrics["gate"]["pushed_to"] = push_adapter(paths.adapter, hub["repo_id"], hub["private"], run_id)
+        if earlier_push:
+            log.info("Hub: already pushed by an earlier process (%s); not pushing again", earlier_push)
+        metrics["gate"]["pushed_to"] = earlier_push or push_adapter(paths.adapter, hub["repo_id"], hub["private"], run_id)
         artifacts.write_json(paths.root / "metrics.json", metrics)
     log.info("outputs: %s (%s)", paths.root, ", ".join(FINAL_ARTIFACTS))
     if remote is not None:
-        log.info("final artifacts uploaded to %s", remote.upload_final(paths.root, FINAL_ARTIFACTS))
+        log.info("final artifacts uploaded to %s", remote.upload_final(paths.root, FINAL_ARTIFACTS, step))
     if not passed:
         raise GateRefused(f"quality gate refused the push: {reason}; artifacts kept in {paths.root}")
 
 
 FINAL_ARTIFACTS = ("adapter", "training_meta.json", "metrics.json", "eval", "preflight_report.json")
+
+
+def _earlier_push(metrics: dict, repo_id: str | None) -> str | None:
+    """The commit URL of a push of these artifacts to repo_id recorded by an earlier process, if any."""
+    pushed = (metrics.get("gate") or {}).get("pushed_to")
+    return pushed if repo_id and pushed and f"/{repo_id}/" in f"{pushed}/" else None
 
 
 # -- the flow ----------------------------------------------------------------------------------------------------
@@ -303,7 +324,7 @@ def _train(p: Prepared, model, run, guard: PreemptionGuard, resume_from: str | N
     report_to = ["wandb"] if run is not None else []
     trainer, uploader, preemption = build_trainer(
         p.cfg, model, p.processor, p.collator, p.train_ds, p.paths.checkpoints, p.run_id, report_to, guard=guard,
-        extra_files=(p.paths.eval / "pre_metrics.json",), remote=p.remote)
+        extra_files=(p.paths.eval / "pre_metrics.json", p.paths.root / resume.FINGERPRINT_FILE), remote=p.remote)
     guard.in_training = True
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
@@ -326,6 +347,9 @@ def run_job(cfg: dict) -> dict[str, Any]:
     timer = Timer()
     with PreemptionGuard(cfg["train"]["preempt_grace_s"]) as guard:
         p = _prepare(cfg, timer)
+        plan = _resume_plan(p)  # drift is refused here, before any model loads
+        if plan.progress is not None and plan.progress.finished:
+            return _complete_finished_run(p, plan, timer)
         started = time.monotonic()
         model = apply_lora(load_model(p.cfg), p.cfg)
         apply_liger(p.cfg, model)  # SFT_USE_LIGER: on with CUDA and liger-kernel (auto); never on the CPU
@@ -333,7 +357,7 @@ def run_job(cfg: dict) -> dict[str, Any]:
         run = tracking.init_wandb(p.cfg, p.run_id, redact(p.cfg)) if distributed.is_main_process() else None
         timer.track("model", started)
         try:
-            resume_from = _resume_point(p.paths, p.remote)
+            resume_from = plan.checkpoint
             started = time.monotonic()
             pre = (_stored_pre_metrics(p.paths, resume_from) if resume_from else None) or _evaluate(
                 "pre", p.cfg, model, p.processor, p.eval_ds, p.eval_collator, p.paths, run)
@@ -342,27 +366,139 @@ def run_job(cfg: dict) -> dict[str, Any]:
             started = time.monotonic()
             trainer, result = _train(p, model, run, guard, resume_from)
             timer.track("train", started)
-            return _finish(p, trainer, result, run, timer, params=params, pre=pre, resume_from=resume_from)
+            return _finish(p, trainer.model, result, run, timer, params=params, pre=pre, resume_from=resume_from)
         finally:
             tracking.finish(run)
 
 
-def _finish(p: Prepared, trainer, result, run, timer: Timer, *, params, pre, resume_from) -> dict[str, Any]:
+def _finish(p: Prepared, model, result, run, timer: Timer, *, params, pre, resume_from) -> dict[str, Any]:
     """Post-eval, then (rank 0) the adapter, metadata, gate, final upload and push."""
     started = time.monotonic()
-    post = _evaluate("post", p.cfg, trainer.model, p.processor, p.eval_ds, p.eval_collator, p.paths, run)
+    post = _evaluate("post", p.cfg, model, p.processor, p.eval_ds, p.eval_collator, p.paths, run)
     timer.track("post_eval", started)
     metrics = {"pre": pre, "post": post, "train": {"loss": result.training_loss, "global_step": result.global_step}}
 
     def outputs() -> dict[str, Any]:
-        meta = _save_outputs(p.cfg, trainer.model, p.processor, p.paths, p.run_id, run, metrics=metrics, timer=timer,
+        meta = _save_outputs(p.cfg, model, p.processor, p.paths, p.run_id, run, metrics=metrics, timer=timer,
                              params=params, resumed_from=resume_from, step=result.global_step,
                              preflight=p.preflight)
-        _publish(p.cfg, p.paths, p.run_id, p.remote, metrics)
+        _publish(p.cfg, p.paths, p.run_id, p.remote, metrics, result.global_step)
         return meta
 
     # Rank 0 writes and publishes; the other ranks wait and exit with its exit code (0, or 4 on a refused gate).
     return distributed.main_process_result(outputs)
+
+
+# -- reruns: SFT_RESUME, drift, a finished run ------------------------------------------------------------------
+@dataclass(frozen=True)
+class ResumePlan:
+    checkpoint: str | None  # the COMPLETED checkpoint to continue, None for a fresh start
+    progress: resume.Progress | None
+
+
+def _resume_plan(p: Prepared) -> ResumePlan:
+    """SFT_RESUME and the newest COMPLETED checkpoint (local, else restored from storage), checked for drift.
+
+    Runs before any model loads, so a refused resume costs no GPU time. The run's fingerprint is written to
+    SFT_OUTPUT_DIR and copied into every checkpoint it saves (and uploads).
+    """
+    mode = p.cfg["train"]["resume"]
+    current = resume.Fingerprint.of(p.cfg, p.run_id, p.preflight.get("data_fingerprint") or {})
+    checkpoint = None
+    if mode == "never":
+        with distributed.local_main_first():
+            if distributed.is_main_process():
+                resume.move_aside(p.paths.checkpoints)
+                if p.remote is not None:
+                    p.remote.move_aside()
+    else:
+        checkpoint = _resume_point(p.paths, p.remote)
+    if checkpoint is None and mode == "require":
+        where = [str(p.paths.checkpoints)] + ([str(p.remote.run_uri)] if p.remote is not None else [])
+        raise resume.NothingToResume(where)
+    if checkpoint is not None:
+        resume.check_resumable(Path(checkpoint), current)
+    if distributed.is_main_process():
+        artifacts.write_json(p.paths.root / resume.FINGERPRINT_FILE, current.to_json())
+    return ResumePlan(checkpoint, resume.Progress.read(Path(checkpoint)) if checkpoint else None)
+
+
+def _training_loss(log_history: list[dict]) -> float | None:
+    """Mean loss over every step of the run, from the logged per-interval means (not only this process's steps)."""
+    total, steps, last = 0.0, 0, 0
+    for entry in log_history:
+        if "loss" in entry:
+            total += entry["loss"] * (entry["step"] - last)
+            steps += entry["step"] - last
+            last = entry["step"]
+    return total / steps if steps else None
+
+
+def _finished_metrics(p: Prepared, step: int) -> dict | None:
+    """The saved metrics of a run that got through post-eval and the save at this step; None if it did not."""
+    path = p.paths.root / "metrics.json"
+    if not all(f.is_file() for f in (path, p.paths.root / "training_meta.json",
+                                        *(p.paths.adapter / n for n in artifacts.ADAPTER_FILES))):
+        return None
+    metrics = json.loads(path.read_text())
+    if (metrics.get("train") or {}).get("global_step") != step or (p.cfg["eval"]["post"] and not metrics.get("post")):
+        return None
+    return metrics
+
+
+def _already_published(p: Prepared, metrics: dict, step: int) -> bool:
+    gate = metrics.get("gate") or {}
+    if not gate.get("passed"):
+        return False  # never gated, or refused: the gate runs again (and refuses again with the same settings)
+    if p.cfg["hub"]["repo_id"] and not _earlier_push(metrics, p.cfg["hub"]["repo_id"]):
+        return False
+    return p.remote is None or p.remote.final_step() == step
+
+
+def _complete_finished_run(p: Prepared, plan: ResumePlan, timer: Timer) -> dict[str, Any]:
+    """Training reached its last step in an earlier process: train nothing, redo only what did not finish.
+
+    Post-eval and the save when their outputs are missing (the model loads with the checkpoint's adapter); then the
+    gate, the final upload and the push (one that failed before is retried). The exit code is the one the first
+    run would have given: 4 when the gate refuses again.
+    """
+    step, checkpoint = plan.progress.step, plan.checkpoint
+    log.info("training already finished: %s is at step %d of %d; no step is trained again", Path(checkpoint).name,
+             step, plan.progress.max_steps)
+    metrics = _finished_metrics(p, step)
+    if metrics is None:
+        log.info("post-eval or the save did not finish: running them on the checkpoint's adapter")
+        return _evaluate_finished_checkpoint(p, plan, timer)
+    meta = json.loads((p.paths.root / "training_meta.json").read_text())
+    if _already_published(p, metrics, step):
+        log.info("nothing to do: run %s finished at step %d; its artifacts are in %s and were published (%s)",
+                 p.run_id, step, p.paths.root, metrics["gate"].get("pushed_to") or metrics["gate"]["reason"])
+        return meta
+    log.info("the publish step did not finish: gate, final upload and push again")
+    distributed.main_process_result(_publish, p.cfg, p.paths, p.run_id, p.remote, metrics, step)
+    return meta
+
+
+def _evaluate_finished_checkpoint(p: Prepared, plan: ResumePlan, timer: Timer) -> dict[str, Any]:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers.trainer_utils import TrainOutput
+
+    started = time.monotonic()
+    model = apply_lora(load_model(p.cfg), p.cfg)
+    apply_liger(p.cfg, model)
+    keep_trainable_params_fp32(model)  # as the Trainer left it: fp32 LoRA weights
+    set_peft_model_state_dict(model, load_file(str(Path(plan.checkpoint) / "adapter_model.safetensors")))
+    params = _count_trainable_params(model)
+    run = tracking.init_wandb(p.cfg, p.run_id, redact(p.cfg)) if distributed.is_main_process() else None
+    timer.track("model", started)
+    try:
+        state = json.loads((Path(plan.checkpoint) / "trainer_state.json").read_text())
+        result = TrainOutput(plan.progress.step, _training_loss(state["log_history"]), {})
+        pre = _stored_pre_metrics(p.paths, plan.checkpoint)
+        return _finish(p, model, result, run, timer, params=params, pre=pre, resume_from=plan.checkpoint)
+    finally:
+        tracking.finish(run)
 
 
 def main(env: dict[str, str] | None = None) -> dict[str, Any]:

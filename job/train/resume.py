@@ -1,0 +1,192 @@
+"""Safe re-runs: what a checkpoint was trained with, and whether this run may continue it.
+
+Every checkpoint carries `resume_fingerprint.json`: the settings that shape training, the content fingerprint of the
+data (rows and image bytes, per split, from preflight) and the run id. A run that finds a COMPLETED checkpoint
+compares it with its own before any model loads; a difference is `ResumeDrift` (exit 2) listing each change as
+`old -> new`. Settings that cannot change the trained weights (logging, eval batch size and generation length,
+output paths, secrets, W&B, Hub repo and gate, preemption budget, dataloader workers, save cadence) are not in it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from job.errors import UserError
+from job.train.callbacks import latest_completed_checkpoint
+
+log = logging.getLogger("job.train")
+
+FINGERPRINT_FILE = "resume_fingerprint.json"
+FINGERPRINT_VERSION = 1
+RESUME_MODES = ("auto", "never", "require")
+
+# Env name -> where the flow reads it. Each of these changes the weights a step produces, the order of the rows or
+# which rows there are; the pre-eval metrics stored in a checkpoint depend on the model and eval rows, covered here.
+TRAINING_SETTINGS: tuple[tuple[str, Callable[[dict], Any]], ...] = (
+    ("SFT_MODEL_ID", lambda c: c["model"].get("source", c["model"]["id"])),
+    ("SFT_MODEL_REVISION", lambda c: c["model"]["revision"]),
+    ("SFT_LOAD_IN_4BIT", lambda c: c["model"]["load_in_4bit"]),
+    ("SFT_ATTN_IMPLEMENTATION", lambda c: c["model"]["attn_implementation"]),
+    ("SFT_GRADIENT_CHECKPOINTING", lambda c: c["model"]["gradient_checkpointing"]),
+    ("SFT_USE_LIGER", lambda c: c["model"]["use_liger"]),
+    ("SFT_DATASET_REVISION", lambda c: c["data"]["revision"]),
+    ("SFT_DATASET_CONFIG", lambda c: c["data"]["config"]),
+    ("SFT_TRAIN_SPLIT", lambda c: c["data"]["train_split"]),
+    ("SFT_EVAL_SPLIT", lambda c: c["data"]["eval_split"]),
+    ("SFT_TRAIN_SUBSET", lambda c: c["data"]["train_subset"]),
+    ("SFT_EVAL_SUBSET", lambda c: c["data"]["eval_subset"]),
+    ("SFT_IMAGE_KEY", lambda c: c["data"]["image_key"]),
+    ("SFT_QUERY_KEY", lambda c: c["data"]["query_key"]),
+    ("SFT_CAPTION_KEY", lambda c: c["data"]["caption_key"]),
+    ("SFT_TARGET_KEY", lambda c: c["data"]["target_key"]),
+    ("SFT_LABEL_FIELD", lambda c: c["data"]["label_field"]),
+    ("SFT_SYSTEM_PROMPT", lambda c: c["data"]["system_prompt"]),
+    ("SFT_IMAGE_MIN_PIXELS", lambda c: c["image"]["min_pixels"]),
+    ("SFT_IMAGE_MAX_PIXELS", lambda c: c["image"]["max_pixels"]),
+    ("SFT_SEED", lambda c: c["train"]["seed"]),
+    ("SFT_MAX_STEPS", lambda c: c["train"]["max_steps"]),
+    # Ignored by the Trainer when SFT_MAX_STEPS > 0, so it only counts then.
+    ("SFT_NUM_EPOCHS", lambda c: c["train"]["num_epochs"] if c["train"]["max_steps"] <= 0 else None),
+    ("SFT_LEARNING_RATE", lambda c: c["train"]["learning_rate"]),
+    ("SFT_LR_SCHEDULER_TYPE", lambda c: c["train"]["lr_scheduler_type"]),
+    ("SFT_WARMUP_RATIO", lambda c: c["train"]["warmup_ratio"]),
+    ("SFT_WEIGHT_DECAY", lambda c: c["train"]["weight_decay"]),
+    ("SFT_MAX_GRAD_NORM", lambda c: c["train"]["max_grad_norm"]),
+    ("SFT_PER_DEVICE_BATCH_SIZE", lambda c: c["train"]["per_device_batch_size"]),
+    ("SFT_GRAD_ACCUM", lambda c: c["train"]["grad_accum"]),
+    ("SFT_MAX_LENGTH", lambda c: c["train"]["max_length"]),
+    ("SFT_GROUP_BY_LENGTH", lambda c: c["train"]["group_by_length"]),
+    ("SFT_LORA_R", lambda c: c["lora"]["r"]),
+    ("SFT_LORA_ALPHA", lambda c: c["lora"]["alpha"]),
+    ("SFT_LORA_DROPOUT", lambda c: c["lora"]["dropout"]),
+    ("SFT_LORA_TARGET_MODULES", lambda c: ",".join(c["lora"]["target_modules"])),
+    # The global batch is per-device batch x accumulation x processes.
+    ("WORLD_SIZE", lambda c: int(os.environ.get("WORLD_SIZE", "1"))),
+)
+
+
+class ResumeDrift(UserError):
+    """The checkpoint to resume was trained with other settings, data or run id: exit 2, before any model loads."""
+
+    def __init__(self, checkpoint: Path, changes: list[str]):
+        self.checkpoint, self.changes = checkpoint, list(changes)
+        listed = "\n".join(f"  - {c}" for c in self.changes)
+        super().__init__(
+            f"refusing to resume {checkpoint}: it was trained with different settings ({len(self.changes)} changed):"
+            f"\n{listed}\nways out: restore the settings above to resume; or use a new SFT_OUTPUT_DIR (and "
+            "SFT_RUN_ID) for a new run; or set SFT_RESUME=never to start fresh here (the old checkpoints are moved "
+            "aside, not deleted)")
+
+
+class NothingToResume(UserError):
+    """SFT_RESUME=require found no COMPLETED checkpoint: exit 2."""
+
+    def __init__(self, where: list[str]):
+        self.where = list(where)
+        super().__init__(f"SFT_RESUME=require but there is no COMPLETED checkpoint to resume in {' or '.join(where)}; "
+                         "check SFT_OUTPUT_DIR / SFT_RUN_ID / SFT_CHECKPOINT_URI, or set SFT_RESUME=auto")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    run_id: str
+    settings: dict[str, Any]
+    data: dict[str, str]  # split role -> content fingerprint (rows and image bytes)
+    dataset_uri: str | None  # informative only: the same content under another path is not drift
+
+    @classmethod
+    def of(cls, cfg: dict, run_id: str, data: dict[str, str]) -> Fingerprint:
+        settings = {name: get(cfg) for name, get in TRAINING_SETTINGS}
+        # Stored as JSON: compare what the file will hold (tuples become lists, ints stay ints).
+        settings = json.loads(json.dumps(settings, default=str))
+        return cls(run_id, settings, dict(data), cfg["data"].get("source_uri", cfg["data"]["uri"]))
+
+    def to_json(self) -> dict:
+        return {"version": FINGERPRINT_VERSION, "run_id": self.run_id, "settings": self.settings, "data": self.data,
+                "dataset_uri": self.dataset_uri}
+
+    @classmethod
+    def read(cls, checkpoint: Path) -> Fingerprint | None:
+        path = checkpoint / FINGERPRINT_FILE
+        if not path.is_file():
+            return None
+        raw = json.loads(path.read_text())
+        return cls(raw["run_id"], raw["settings"], raw["data"], raw.get("dataset_uri"))
+
+    def changes_since(self, stored: Fingerprint) -> list[str]:
+        """Every difference, as `NAME: old -> new`."""
+        changes = []
+        if stored.run_id != self.run_id:
+            changes.append(f"SFT_RUN_ID: {stored.run_id} -> {self.run_id}")
+        for name in [n for n, _ in TRAINING_SETTINGS] + sorted(set(stored.settings) - {n for n, _ in TRAINING_SETTINGS}):
+            old, new = stored.settings.get(name, "<not recorded>"), self.settings.get(name, "<not recorded>")
+            if old != new:
+                changes.append(f"{name}: {_show(old)} -> {_show(new)}")
+        for role in sorted(set(stored.data) | set(self.data)):
+            old, new = stored.data.get(role), self.data.get(role)
+            if old != new:
+                where = f" (SFT_DATASET_URI {stored.dataset_uri} -> {self.dataset_uri})" \
+                    if stored.dataset_uri != self.dataset_uri else ""
+                changes.append(f"data ({role} split rows and images){where}: sha256 {str(old)[:12]} -> {str(new)[:12]}")
+        return changes
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a checkpoint got: its global step and the Trainer's planned max_steps (also set for epoch runs)."""
+
+    step: int
+    max_steps: int
+
+    @property
+    def finished(self) -> bool:
+        return self.max_steps > 0 and self.step >= self.max_steps
+
+    @classmethod
+    def read(cls, checkpoint: Path) -> Progress:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        return cls(int(state["global_step"]), int(state.get("max_steps") or 0))
+
+
+def stored_run_id(checkpoints: Path) -> str | None:
+    """The run id recorded in the newest COMPLETED checkpoint (SFT_RUN_ID unset: a rerun continues that run)."""
+    latest, _ = latest_completed_checkpoint(checkpoints)
+    stored = Fingerprint.read(latest) if latest is not None else None
+    return stored.run_id if stored is not None else None
+
+
+def check_resumable(checkpoint: Path, current: Fingerprint) -> None:
+    """Raise ResumeDrift when the checkpoint was made with other settings/data/run id; warn if it predates this."""
+    stored = Fingerprint.read(checkpoint)
+    if stored is None:
+        log.warning("%s has no %s (written by an older version): cannot check it for changed settings",
+                    checkpoint.name, FINGERPRINT_FILE)
+        return
+    changes = current.changes_since(stored)
+    if changes:
+        raise ResumeDrift(checkpoint, changes)
+
+
+def move_aside(checkpoints: Path) -> Path | None:
+    """SFT_RESUME=never: rename the checkpoints directory (kept, not deleted); None when there was nothing."""
+    if not checkpoints.is_dir() or not any(checkpoints.iterdir()):
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+    target = checkpoints.with_name(f"{checkpoints.name}.replaced-{stamp}")
+    shutil.move(str(checkpoints), str(target))
+    checkpoints.mkdir()
+    log.warning("SFT_RESUME=never: moved the previous checkpoints aside to %s", target)
+    return target
