@@ -43,7 +43,8 @@ def _unreadable(path: Path) -> str | None:
     """Why path cannot be read (a file that cannot be opened, a directory that cannot be listed), or None."""
     try:
         if path.is_dir():
-            next(os.scandir(path), None)
+            with os.scandir(path) as entries:
+                next(entries, None)
         else:
             with path.open("rb") as handle:
                 handle.read(1)
