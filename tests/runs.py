@@ -23,8 +23,9 @@ The runs (fixture -> what it returns):
   marker, rerun with the same settings (it resumes from checkpoint-STEPS-2 and trains to STEPS).
 - adapter_reload -> CompletedProcess: a fresh Python process loads the reference adapter on the base model and runs
   one forward pass (prints RELOAD_OK).
-- s3_resume_run -> S3Resume: data from S3, checkpoints to S3; pod1 is SIGKILLed after its first COMPLETED checkpoint
-  in S3, pod2 (an empty disk, the same SFT_RUN_ID) resumes and finishes.
+- s3_resume_run -> S3Resume: REFERENCE with data and checkpoints in S3 behind a proxy that fails 20% of requests;
+  pod1 is SIGKILLed while its checkpoint-4 upload is held, pod2 (an empty disk, the same SFT_RUN_ID) restores
+  checkpoint-2 from the store and finishes exactly like the reference run.
 - ddp_run -> Run: `torchrun --nproc_per_node=2` (gloo), 4 steps. ddp_standalone_eval -> Run: `qwen3-sft eval` of its
   adapter in a single process.
 - ddp_preempted_run -> DDPPreempted: torchrun with 40 steps, one rank SIGTERMed after checkpoint-2 is COMPLETED; each
@@ -59,14 +60,17 @@ import boto3
 import pytest
 
 from helpers import REPO, job_env
+from s3_proxy import AWS_ENV, FaultProxy
 from job.storage import s3 as s3io
 
 STEPS = 8
+# PYTHONWARNINGS=default prints every warning once per location, library DeprecationWarnings included, so the logs
+# show any warning at all (tests/test_warnings.py reads the reference run's).
 REFERENCE = dict(SFT_MAX_STEPS=str(STEPS), SFT_SAVE_STEPS="2", SFT_EVAL_SUBSET="4", SFT_SAVE_TOTAL_LIMIT="10",
-                 SFT_PREEMPT_GRACE_S="60", SFT_RUN_ID="test-run", SFT_BAD_ROWS="skip", SFT_MAX_BAD_FRACTION="0.1")
+                 SFT_PREEMPT_GRACE_S="60", SFT_RUN_ID="test-run", SFT_BAD_ROWS="skip", SFT_MAX_BAD_FRACTION="0.1",
+                 PYTHONWARNINGS="default")
 SECRET = "hf_TESTSECRET_do_not_leak_123"
 WANDB_SECRET = "wandbkey_TESTSECRET_0123456789"
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testingsecret", "AWS_DEFAULT_REGION": "us-east-1"}
 CHECKPOINT_BUCKET = "shared-runs"
 BAD_ROW = {"id": "bad-empty-query", "image": "images/train-00000.png", "query": " ", "caption": None,
            "target_json": '{"label": "sarcastic"}'}
@@ -332,8 +336,11 @@ def _adapter_reload(ctx: Ctx) -> subprocess.CompletedProcess:
 class S3Resume:
     tmp: Path
     bucket: str
-    killed_at: int
+    run_id: str
+    pod1_code: int
+    pod1_completed: list[int]  # pod1's local COMPLETED checkpoints when it was killed
     pod2: Run
+    faults: dict[str, int]  # what the proxy did: forwarded, reset, slowdown
 
 
 def s3_client(endpoint: str):
@@ -343,28 +350,41 @@ def s3_client(endpoint: str):
         aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"], aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"])
 
 
+HELD_CHECKPOINT = 4
+
+
 def _s3_resume_run(ctx: Ctx) -> S3Resume:
+    """REFERENCE's run with its data and checkpoints in S3, reached through a proxy that fails one request in five
+    (resets and 503 SlowDown) and holds the upload of checkpoint-4. pod1 is SIGKILLed while that upload is held (the
+    store then has checkpoint-2 COMPLETED and checkpoint-4 incomplete); pod2 starts on an empty disk, restores
+    checkpoint-2 from the store and finishes. Training is REFERENCE's, so pod2 must end exactly where the reference
+    run ends."""
     bucket = "s3-resume"
     s3 = s3_client(ctx.s3)
     s3.create_bucket(Bucket=bucket)
-    s3io.upload_dir(s3, ctx.tiny_assets[1], s3io.S3Uri(bucket, "data"))
-    common = dict(SFT_DATASET_URI=f"s3://{bucket}/data", SFT_CHECKPOINT_URI=f"s3://{bucket}/runs",
-                  SFT_RUN_ID="job-abc", SFT_MAX_STEPS="8", SFT_SAVE_STEPS="2", SFT_EVAL_SUBSET="2",
-                  AWS_ENDPOINT_URL=ctx.s3, **AWS_ENV)
+    s3io.upload_dir(s3, ctx.result("data_with_one_bad_row"), s3io.S3Uri(bucket, "data"))
+    proxy = FaultProxy(int(ctx.s3.rsplit(":", 1)[1]), rate=0.2, seed=7)
 
-    def completed_in_s3() -> list[str]:
-        keys = [o["Key"] for o in s3io.list_objects(s3, s3io.S3Uri(bucket, "runs/job-abc"))]
-        return [k for k in keys if k.endswith("/COMPLETED") and "/checkpoint-" in k]
+    def env(pod: Path) -> dict[str, str]:
+        storage = dict(SFT_DATASET_URI=f"s3://{bucket}/data", SFT_CHECKPOINT_URI=f"s3://{bucket}/runs",
+                       SFT_CACHE_DIR=str(pod / "cache"), AWS_ENDPOINT_URL=proxy.url, **AWS_ENV)
+        return {**reference_env(ctx, pod), **storage}
 
-    pod1 = ctx.tmp / "pod1"
-    with ctx.slots.hold(ctx.priority):
-        proc = start(pod1, job_env(pod1, ctx.tiny_assets, ctx.environ, SFT_CACHE_DIR=str(pod1 / "cache"), **common))
-        marker = wait_until(completed_in_s3, proc, "a COMPLETED checkpoint in S3")[0]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    killed_at = int(marker.split("checkpoint-")[1].split("/")[0])
-    pod2 = ctx.tmp / "pod2"
-    return S3Resume(ctx.tmp, bucket, killed_at, ctx.job(pod2, SFT_CACHE_DIR=str(pod2 / "cache"), **common))
+    try:
+        proxy.hold(f"/checkpoint-{HELD_CHECKPOINT}/")
+        pod1 = ctx.tmp / "pod1"
+        with ctx.slots.hold(ctx.priority):
+            proc = start(pod1, job_env(pod1, ctx.tiny_assets, ctx.environ, **env(pod1)))
+            wait_until(proxy.held.is_set, proc, f"the upload of checkpoint-{HELD_CHECKPOINT}")
+            proc.send_signal(signal.SIGKILL)
+            pod1_code = proc.wait(timeout=60)
+        pod1_completed = completed_steps(pod1 / "out")
+        proxy.release()
+        pod2 = ctx.tmp / "pod2"
+        done = ctx.job(pod2, **env(pod2))
+    finally:
+        proxy.close()
+    return S3Resume(ctx.tmp, bucket, REFERENCE["SFT_RUN_ID"], pod1_code, pod1_completed, done, dict(proxy.counts))
 
 
 def _checkpoint_bucket(ctx: Ctx) -> str:
@@ -446,7 +466,7 @@ KINDS: dict[str, Kind] = {
     "interrupted_chain": Kind(_interrupted_chain, 0, ("data_with_one_bad_row",)),
     "reference_run": Kind(_reference_run, 1, ("data_with_one_bad_row",)),
     "ddp_run": Kind(_ddp_run, 2),
-    "s3_resume_run": Kind(_s3_resume_run, 3, s3=True),
+    "s3_resume_run": Kind(_s3_resume_run, 3, ("data_with_one_bad_row",), s3=True),
     "pre_eval_off_run": Kind(_pre_eval_off_run, 4, ("data_with_one_bad_row", "checkpoint_bucket"), s3=True),
     "ddp_preempted_run": Kind(_ddp_preempted_run, 5),
     "resumed_from_an_incomplete_checkpoint": Kind(_resumed_from_an_incomplete_checkpoint, 6,

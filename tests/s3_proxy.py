@@ -9,7 +9,11 @@ import socket
 import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Iterator
+
+from job.storage import s3 as s3io
+from job.storage.checkpoints import RemoteCheckpoints
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testingsecret", "AWS_DEFAULT_REGION": "us-east-1"}
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
@@ -130,3 +134,12 @@ class FaultProxy:
         self.server.shutdown()
 
 
+def assert_store_complete(s3, remote: RemoteCheckpoints, local: dict[int, Path]) -> None:
+    """Every checkpoint in the store has its marker and exactly the local files, byte for byte in size."""
+    complete, incomplete = remote._steps()
+    assert incomplete == [] and complete
+    for step in complete:
+        objects = {o["Key"].rsplit(f"checkpoint-{step}/", 1)[1]: o["Size"]
+                   for o in s3io.list_objects(s3, remote.run_uri.child(f"checkpoint-{step}"))}
+        expected = {p.name: p.stat().st_size for p in local[step].iterdir() if p.name != "COMPLETED"}
+        assert objects.pop("COMPLETED") > 0 and objects == expected, step

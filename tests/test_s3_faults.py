@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import job_env, run_job
-from s3_proxy import AWS_ENV, FaultProxy, create_bucket, moto_server
+from s3_proxy import AWS_ENV, FaultProxy, assert_store_complete, create_bucket, moto_server
 from job.errors import TransientError
-from job.storage import s3 as s3io
 from job.storage.checkpoints import RemoteCheckpoints
 
 
@@ -39,17 +37,6 @@ def _checkpoint(root: Path, step: int, files: int = 6) -> Path:
     return ckpt
 
 
-def _assert_store_complete(s3, remote: RemoteCheckpoints, local: dict[int, Path]) -> None:
-    """Every checkpoint in the store has its marker and exactly the local files, byte for byte in size."""
-    complete, incomplete = remote._steps()
-    assert incomplete == [] and complete
-    for step in complete:
-        objects = {o["Key"].rsplit(f"checkpoint-{step}/", 1)[1]: o["Size"]
-                   for o in s3io.list_objects(s3, remote.run_uri.child(f"checkpoint-{step}"))}
-        expected = {p.name: p.stat().st_size for p in local[step].iterdir() if p.name != "COMPLETED"}
-        assert objects.pop("COMPLETED") > 0 and objects == expected, step
-
-
 def test_uploads_and_restore_ride_out_one_failed_request_in_five(moto_port, aws, monkeypatch, tmp_path, caplog):
     proxy = FaultProxy(moto_port, rate=0.2, seed=13)
     try:
@@ -66,7 +53,7 @@ def test_uploads_and_restore_ride_out_one_failed_request_in_five(moto_port, aws,
     finally:
         proxy.close()
     assert proxy.counts["reset"] > 0 and proxy.counts["slowdown"] > 0, proxy.counts
-    _assert_store_complete(remote.s3, remote, local)
+    assert_store_complete(remote.s3, remote, local)
     logged = sum(int(r.getMessage().split(" request retries")[0].rsplit(", ", 1)[1])
                  for r in caplog.records if "request retries" in r.getMessage())
     assert logged > 0  # the retries are counted and logged
@@ -86,26 +73,3 @@ def test_a_store_that_stays_down_is_transient_after_a_bounded_time(moto_port, aw
     finally:
         proxy.close()
     assert (tmp_path / "checkpoint-2/trainer_state.json").is_file()  # the local checkpoint is untouched
-
-
-@pytest.mark.slow
-def test_run_through_a_flaky_store_exits_0_with_every_checkpoint_complete(moto_port, aws, monkeypatch, tiny_assets,
-                                                                          tmp_path):
-    create_bucket(moto_port, "flaky-run")
-    proxy = FaultProxy(moto_port, rate=0.2, seed=7)
-    try:
-        env = job_env(tmp_path, tiny_assets, SFT_CHECKPOINT_URI="s3://flaky-run/runs", SFT_MAX_STEPS="4",
-                      SFT_SAVE_STEPS="2", SFT_SAVE_TOTAL_LIMIT="5", SFT_EVAL_SUBSET="2", SFT_WANDB_ENABLED="false",
-                      AWS_ENDPOINT_URL=proxy.url, **AWS_ENV)
-        proc = run_job(["run"], env)
-    finally:
-        proxy.close()
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
-    assert proxy.counts["reset"] + proxy.counts["slowdown"] > 0, proxy.counts
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{moto_port}")
-    remote = RemoteCheckpoints("s3://flaky-run/runs", "test-run", keep=5)
-    local = {s: tmp_path / f"out/checkpoints/checkpoint-{s}" for s in (2, 4)}
-    _assert_store_complete(remote.s3, remote, local)
-    assert remote.final_step() == 4
-    assert "request retries" in log

@@ -156,6 +156,9 @@ def _stored_pre_metrics(paths: RunPaths, checkpoint: str) -> dict | None:
         stored = paths.eval / "pre_metrics.json"
     if stored.is_file():
         log.info("resume: reusing the stored pre-eval metrics (%s)", stored)
+        local = paths.eval / "pre_metrics.json"
+        if stored != local:  # a fresh pod: keep them in eval/, so later checkpoints and the final upload carry them
+            artifacts.write_json(local, json.loads(stored.read_text()))
         return json.loads(stored.read_text())
     return None
 
