@@ -26,7 +26,7 @@ from unittest import mock
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import draw_image, load_average, machine, tiny_assets  # noqa: E402
+from benchmarks.common import draw_image, load_average, machine, tiny_assets
 
 
 def build_dataset(root: Path, rows: int) -> Path:

@@ -168,7 +168,7 @@ def check_hub_repos(cfg: dict) -> None:
             continue  # a cached Hub dataset is found (or not) by the loader
         try:
             HfApi().repo_info(repo, repo_type=kind, revision=revision)
-        except Exception as exc:  # noqa: BLE001 - classified: 401/403/404 -> 2, network -> 3, else a bug
+        except Exception as exc:  # classified: 401/403/404 -> 2, network -> 3, else a bug
             error = classified(exc, context)
             if error is None:
                 raise
@@ -194,7 +194,7 @@ def check_lora_targets(cfg: dict) -> None:
     try:
         config = AutoConfig.from_pretrained(model["id"], revision=model["revision"],
                                             trust_remote_code=model["trust_remote_code"])
-    except Exception as exc:  # noqa: BLE001 - classified: 401/403/404 -> 2, network -> 3, else a bug
+    except Exception as exc:  # classified: 401/403/404 -> 2, network -> 3, else a bug
         error = classified(exc, _model_context(cfg))
         if error is None:
             raise
@@ -225,7 +225,7 @@ def load_processor_checked(cfg: dict):
     """load_processor, with a download or access failure classified and naming SFT_MODEL_ID."""
     try:
         return load_processor(cfg)
-    except Exception as exc:  # noqa: BLE001 - classified: 401/403/404 -> 2, network -> 3, else a bug
+    except Exception as exc:  # classified: 401/403/404 -> 2, network -> 3, else a bug
         error = classified(exc, _model_context(cfg))
         if error is None:
             raise

@@ -24,11 +24,12 @@ import re
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from job.cards import ModelCards
 from job.config import build_cfg
@@ -360,7 +361,7 @@ def _jobs(cfg: dict, loaded: dict[str, Any], processor) -> dict[str, tuple[Any, 
     from job.train.qwen3_vl_8b_sft import _build_collators  # lazy: the training flow imports this module
 
     # The checkers wrap the very collators training and eval use, so both see rows the same way.
-    collators = dict(zip(ROLES, _build_collators(cfg, processor)))
+    collators = dict(zip(ROLES, _build_collators(cfg, processor), strict=True))
     data = cfg["data"]
     return {role: (_check_view(loaded[role], data["image_key"]), RowChecker(collators[role], data["label_field"]),
                    data[f"{role}_split"]) for role in loaded}

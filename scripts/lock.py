@@ -77,7 +77,7 @@ def lock_image() -> None:
     header = IMAGE_FILE.read_text().split(IMAGE_HEADER_END)[0]
     lines = [f"{n}=={v}" for n, v in sorted(resolved.items(), key=lambda item: canonical(item[0]))]
     build = "# Build-only: flash-attn has no wheel on PyPI, so it is built --no-build-isolation against the torch above."
-    IMAGE_FILE.write_text(header + IMAGE_HEADER_END + "\n" + "\n".join(lines + [build, *IMAGE_BUILD_ONLY]) + "\n")
+    IMAGE_FILE.write_text(header + IMAGE_HEADER_END + "\n" + "\n".join([*lines, build, *IMAGE_BUILD_ONLY]) + "\n")
     print(f"wrote {IMAGE_FILE.relative_to(ROOT)} ({len(lines)} pins)")
 
 

@@ -44,9 +44,9 @@ def _flatten(cfg: dict, prefix: tuple = ()) -> dict[tuple, object]:
     out = {}
     for key, value in cfg.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, prefix + (key,)))
+            out.update(_flatten(value, (*prefix, key)))
         else:
-            out[prefix + (key,)] = value
+            out[(*prefix, key)] = value
     return out
 
 

@@ -69,7 +69,7 @@ def test_trimming_returns_only_new_tokens(model, processor, cfg, eval_rows):
 
 def test_eval_errors_are_wrapped(model, processor, cfg, eval_rows):
     bad = eval_rows.select([0]).map(lambda r: {"query": ""})
-    with pytest.raises(RuntimeError, match="evaluate_qwen3 failed: .*field 'query'"):
+    with pytest.raises(RuntimeError, match=r"evaluate_qwen3 failed: .*field 'query'"):
         evaluate_qwen3(model, processor, bad, Qwen3VisionSFTCollator(processor, training=False), cfg)
 
 

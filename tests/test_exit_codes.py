@@ -19,17 +19,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import ClassVar
 
 import pytest
-
 from helpers import REPO, TINY_PIXELS
+
 from job import cli
-from job.config import build_cfg
 from job.cards import ModelCards
-from job.errors import ExitCode, DataError, find_job_error
+from job.config import build_cfg
+from job.errors import DataError, ExitCode, find_job_error
 from job.storage import s3 as s3io
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testingsecret", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -48,10 +49,10 @@ def _free_port() -> int:
 class _HubHandler(http.server.BaseHTTPRequestHandler):
     """The Hub's API as huggingface_hub reads it: the status and X-Error-Code decide the exception it raises."""
 
-    ROUTES = {"org/private": (401, "RepoNotFound"), "org/gated": (403, "GatedRepo"), "org/down": (503, None),
+    ROUTES: ClassVar[dict[str, tuple[int, str | None]]] = {"org/private": (401, "RepoNotFound"), "org/gated": (403, "GatedRepo"), "org/down": (503, None),
               "org/missing-rev": (404, "RevisionNotFound")}
 
-    def do_GET(self):  # noqa: N802 - http.server's name
+    def do_GET(self):  # http.server's name
         status, code = next((v for k, v in self.ROUTES.items() if f"/{k}" in self.path), (404, "RepoNotFound"))
         body = json.dumps({"error": f"loopback hub says {status}"}).encode()
         self.send_response(status)
@@ -81,7 +82,7 @@ class _SlowDownHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _reply  # noqa: N815
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _reply
 
     def log_message(self, *args):
         pass

@@ -13,13 +13,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import REPO
+from runs import REFERENCE, STEPS
 from safetensors.torch import load_file
 from transformers import TrainerControl
 
-from helpers import REPO
 from job.errors import ExitCode, Preempted
 from job.train.preemption import PreemptionCallback, PreemptionGuard
-from runs import REFERENCE, STEPS
 
 
 # -- the guard and the callback, in process ----------------------------------------------------------------------

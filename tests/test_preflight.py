@@ -18,9 +18,9 @@ import zlib
 from pathlib import Path
 
 import pytest
+from helpers import REPO, TINY_PIXELS, job_env
 from PIL import Image
 
-from helpers import REPO, TINY_PIXELS, job_env
 from job import preflight
 from job.cards import ModelCards
 from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator
@@ -369,12 +369,12 @@ def test_token_estimate_equals_collator_length(tmp_path, processor):
 
 def test_pool_and_in_process_scans_agree(tmp_path, tiny_assets, processor, monkeypatch):
     root = tmp_path / "data"
-    bad = [row(root, 50, query=""), row(root, 51, image="images/none.png")] + [dict(row(root, 0))]
+    bad = [row(root, 50, query=""), row(root, 51, image="images/none.png"), dict(row(root, 0))]
     cfg = make_cfg(tiny_assets, dataset(root, [row(root, 10 + i) for i in range(20)] + bad), tmp_path / "out")
     reports = []
     for pool_min_rows, workers in ((10**9, 1), (0, 2)):
         monkeypatch.setattr(preflight, "POOL_MIN_ROWS", pool_min_rows)
-        monkeypatch.setattr(preflight, "worker_count", lambda: workers)
+        monkeypatch.setattr(preflight, "worker_count", lambda workers=workers: workers)
         _, report = failing_report(cfg, processor)
         assert report["workers"] == workers
         reports.append({k: v for k, v in report.items() if k not in ("seconds", "rows_per_s", "workers", "failure")})

@@ -23,10 +23,9 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
 from helpers import REPO, job_env
 from s3_proxy import AWS_ENV, FaultProxy, create_bucket, moto_server
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 

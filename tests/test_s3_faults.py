@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import job_env, run_job
 from s3_proxy import AWS_ENV, FaultProxy, create_bucket, moto_server
+
 from job.errors import TransientError
 from job.storage import s3 as s3io
 from job.storage.checkpoints import RemoteCheckpoints

@@ -12,12 +12,12 @@ import socket
 from pathlib import Path
 
 import pytest
-
 from helpers import job_env, run_job
+from runs import AWS_ENV, CHECKPOINT_BUCKET, REFERENCE, s3_client
+
 from job.errors import GateRefused, TransientError, UserError
 from job.storage import s3 as s3io
 from job.storage.checkpoints import RemoteCheckpoints
-from runs import AWS_ENV, CHECKPOINT_BUCKET, REFERENCE, s3_client
 
 
 def _free_port() -> int:

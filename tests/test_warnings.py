@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from helpers import job_env, run_job
 
 # How the warnings module prints a warning: "path:line: Category: message".

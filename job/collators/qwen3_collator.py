@@ -105,7 +105,7 @@ class Qwen3VisionSFTCollator:
     def _collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("empty batch")
-        texts, images = zip(*(self._render(ex, i) for i, ex in enumerate(examples)))
+        texts, images = zip(*(self._render(ex, i) for i, ex in enumerate(examples)), strict=True)
         batch = self.processor(
             text=list(texts), images=list(images), return_tensors="pt", padding=True,
             padding_side="right" if self.training else "left",
@@ -121,7 +121,7 @@ class Qwen3VisionSFTCollator:
         if self.max_length is None:
             return
         lengths = batch["attention_mask"].sum(dim=1).tolist()
-        too_long = [(row_name(ex, i), n) for i, (ex, n) in enumerate(zip(examples, lengths)) if n > self.max_length]
+        too_long = [(row_name(ex, i), n) for i, (ex, n) in enumerate(zip(examples, lengths, strict=True)) if n > self.max_length]
         if too_long:
             rows = ", ".join(f"{r} ({n} tokens)" for r, n in too_long)
             raise DataError(

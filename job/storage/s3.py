@@ -17,9 +17,10 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from job.errors import S3_USER_CODES, TransientError, UserError, classify_foreign
 
@@ -111,7 +112,12 @@ def with_retries(what: str, fn: Callable[[], T], attempts: int, base_s: float = 
 def s3_errors(what: str):
     """Turn botocore failures into user (exit 2) or transient (exit 3) errors that name what was being done."""
     from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError, NoCredentialsError
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionError as BotoConnectionError,
+        NoCredentialsError,
+    )
 
     try:
         try:

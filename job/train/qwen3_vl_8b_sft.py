@@ -14,16 +14,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from job import early_checks
 from job.cards import ModelCards
 from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator
-from job import early_checks
 from job.config import build_cfg
 from job.data.loaders import dataset_fingerprint
 from job.errors import DataError, JobError
 from job.train import artifacts, distributed, resume
 from job.train.callbacks import latest_completed_checkpoint
 from job.train.model import (
-    _count_trainable_params, apply_liger, apply_lora, keep_trainable_params_fp32, load_model,
+    _count_trainable_params,
+    apply_liger,
+    apply_lora,
+    keep_trainable_params_fp32,
+    load_model,
 )
 from job.train.preemption import PreemptionGuard
 from job.train.trainer import build_trainer
@@ -116,7 +120,7 @@ def _check_supervised_tokens(collator: Qwen3VisionSFTCollator, train_ds, batch_s
     counts = (batch["labels"] != IGNORE_INDEX).sum(dim=1).tolist()
     print(f"supervised tokens per row (first batch): {counts}", flush=True)
     if min(counts) == 0:
-        raise DataError(f"rows {[r.get('row_id') for r, c in zip(rows, counts) if c == 0]} have no supervised tokens")
+        raise DataError(f"rows {[r.get('row_id') for r, c in zip(rows, counts, strict=True) if c == 0]} have no supervised tokens")
     return counts
 
 
