@@ -104,7 +104,7 @@ class SplitTally:
             self.label_rows.setdefault(r.label, r.row_id)
         if r.digest is not None:
             self.row_digests[r.index] = r.digest
-            self._duplicates(r, train_digests)
+            self._duplicates(r, r.digest, train_digests)
 
     def kept_indices(self) -> list[int]:
         gone = {index for index, _ in self.bad} if self.skipped else set()
@@ -114,17 +114,17 @@ class SplitTally:
         """The split as training (or eval) reads it: the kept rows' digests in order (image bytes included)."""
         return content_fingerprint(self.row_digests.get(i, "") for i in self.kept_indices())
 
-    def _duplicates(self, r: RowResult, train_digests: dict[str, str] | None) -> None:
-        if r.digest in self.digests:
-            first = self.digests[r.digest]
+    def _duplicates(self, r: RowResult, digest: str, train_digests: dict[str, str] | None) -> None:
+        if digest in self.digests:
+            first = self.digests[digest]
             self.warnings.append(_issue(self.name, r.row_id, r.index, "duplicate_row", "row",
                                         f"repeats {first} (same image bytes, query, caption and target)",
                                         "drop the repeated row (duplicates over-weight it)"))
         else:
-            self.digests[r.digest] = r.row_id
-        if train_digests and r.digest in train_digests:
+            self.digests[digest] = r.row_id
+        if train_digests and digest in train_digests:
             self.warnings.append(_issue(self.name, r.row_id, r.index, "eval_row_in_train", "row",
-                                        f"is identical to training row {train_digests[r.digest]}, so eval scores are "
+                                        f"is identical to training row {train_digests[digest]}, so eval scores are "
                                         "inflated", "remove it from one of the splits"))
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 from job.config import SECRET_ENV_VARS
@@ -15,10 +16,10 @@ REDACTED = "***redacted***"
 _SECRET_KEY = re.compile(r"(?:^|_)(?:token|secret|password|passwd|api_key|access_key|access_key_id|credentials?)$", re.IGNORECASE)
 
 
-def secret_values(env: dict | None = None) -> list[str]:
-    env = os.environ if env is None else env
+def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
+    source = os.environ if env is None else env
     # Very short values would redact ordinary words; real tokens and keys are long.
-    return [v for k in SECRET_ENV_VARS if len(v := env.get(k, "") or "") >= 6]
+    return [v for k in SECRET_ENV_VARS if len(v := source.get(k, "") or "") >= 6]
 
 
 def scrub(text: str, secrets: list[str] | None = None) -> str:
