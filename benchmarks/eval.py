@@ -32,7 +32,9 @@ GOAL = 5.0
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--assets", help="job.tiny assets directory (built there if missing; default .cache/bench)")
-    parser.add_argument("--quick", action="store_true", help="8 rows, batch 8, 4 new tokens (for tests; no timing goal)")
+    parser.add_argument(
+        "--quick", action="store_true", help="8 rows, batch 8, 4 new tokens (for tests; no timing goal)"
+    )
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -340,8 +340,10 @@ def _run(args, work: Path, cuda: bool) -> int:
     for data, ds in datasets_.items():
         results.append(run_stack("ours", data, cfg, model, processor, collator, ds, args, work, n_lm, n_vis, peak))
 
-    stacks = {"baseline": "two-pass collator, random batches, sdpa, no Liger",
-              "ours": f"single-pass collator, grouped batches, {attn}, Liger {'on' if liger else 'off (not available)'}"}
+    stacks = {
+        "baseline": "two-pass collator, random batches, sdpa, no Liger",
+        "ours": f"single-pass collator, grouped batches, {attn}, Liger {'on' if liger else 'off (not available)'}",
+    }
     print(f"\nstacks: baseline = {stacks['baseline']}; ours = {stacks['ours']}")
     print(f"batch {args.batch_size}, {args.warmup} warm-up + {args.steps} measured steps, peak bf16 "
           f"{f'{peak:g} TFLOP/s' if peak else 'unknown (MFU n/a)'}"

@@ -216,9 +216,13 @@ def check_lora_targets(cfg: dict) -> None:
     for target in unmatched:
         close = difflib.get_close_matches(target, leaves, n=1)
         hints.append(f"{target!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    raise ConfigError([f"SFT_LORA_TARGET_MODULES={','.join(cfg['lora']['target_modules'])!r}: "
-                       f"{', '.join(hints)} matches no language-model layer of {config.model_type}; "
-                       f"its layers have {', '.join(x for x in leaves if x.endswith('proj')) or ', '.join(leaves[:12])}"])
+    raise ConfigError(
+        [
+            f"SFT_LORA_TARGET_MODULES={','.join(cfg['lora']['target_modules'])!r}: "
+            f"{', '.join(hints)} matches no language-model layer of {config.model_type}; "
+            f"its layers have {', '.join(x for x in leaves if x.endswith('proj')) or ', '.join(leaves[:12])}"
+        ]
+    )
 
 
 def load_processor_checked(cfg: dict):

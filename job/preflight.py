@@ -63,7 +63,9 @@ class PreflightResult:
     plan: dict = field(default_factory=dict)
 
 
-def _issue(split: str, row_id: str | None, index: int | None, kind: str, field_name: str, message: str, fix: str) -> dict:
+def _issue(
+    split: str, row_id: str | None, index: int | None, kind: str, field_name: str, message: str, fix: str
+) -> dict:
     return {"split": split, "row_id": row_id, "index": index, "kind": kind, "field": field_name, "message": message,
             "fix": fix}
 
@@ -228,8 +230,12 @@ def _mapper(workers: int, total: int) -> Iterator[Callable]:
         return
     chunksize = max(1, min(32, total // (workers * 16)))
     processors = {type(checker.processor).__module__ for _, checker in _JOBS.values()}
-    with ProcessPoolExecutor(workers, mp_context=_pool_context([__name__, *sorted(processors)]), initializer=_init_worker,
-                             initargs=(dict(_JOBS),)) as executor:
+    with ProcessPoolExecutor(
+        workers,
+        mp_context=_pool_context([__name__, *sorted(processors)]),
+        initializer=_init_worker,
+        initargs=(dict(_JOBS),),
+    ) as executor:
         yield lambda tasks: _pool_map(executor, iter(tasks), chunksize, window=workers * 4)
 
 
@@ -314,8 +320,14 @@ def _policy_failure(cfg: dict, tallies: dict[str, SplitTally]) -> str | None:
                   f"fix the rows, or set SFT_BAD_ROWS=skip to drop up to SFT_MAX_BAD_FRACTION={limit} of a split")
         return f"{sum(bad.values())} bad row(s) ({counts}); SFT_BAD_ROWS=fail stops here ({advice})"
     if over:
-        return "; ".join(f"{t.name}: {len(t.bad)} of {t.rows} rows are bad ({len(t.bad) / t.rows:.1%}), above "
-                         f"SFT_MAX_BAD_FRACTION={limit}" for t in over) + " (fix the rows or raise SFT_MAX_BAD_FRACTION)"
+        return (
+            "; ".join(
+                f"{t.name}: {len(t.bad)} of {t.rows} rows are bad ({len(t.bad) / t.rows:.1%}), above "
+                f"SFT_MAX_BAD_FRACTION={limit}"
+                for t in over
+            )
+            + " (fix the rows or raise SFT_MAX_BAD_FRACTION)"
+        )
     for t in tallies.values():
         t.skipped = bool(t.bad)
     return None

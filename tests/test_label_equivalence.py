@@ -26,11 +26,15 @@ QUERIES = ["Is this sarcastic?", "  Classify this post.  ", "Sarcastique ? 皮�
 CAPTIONS = [None, "", "   ", "Oh great, another Monday", "Génial… encore de la pluie ☔️🙃", "line one\nline two\n",
             "😀" * 40, "The assistant said: sure", "Тонкий сарказм, ага.", "a" * 300]  # noqa: RUF001 - Russian
 ANSWERS = [
-    {"label": "sarcastic"}, {"label": "not_sarcastic"}, '{"label":"sarcastic"}',
-    {"label": "sarcastic", "note": "ünïcødé ☔ 皮肉"}, {"label": "not_sarcastic", "scores": {"a": 0.25, "b": [1, 2, 3]}},
+    {"label": "sarcastic"},
+    {"label": "not_sarcastic"},
+    '{"label":"sarcastic"}',
+    {"label": "sarcastic", "note": "ünïcødé ☔ 皮肉"},
+    {"label": "not_sarcastic", "scores": {"a": 0.25, "b": [1, 2, 3]}},
     {"label": "sarcastic", "rationale": "The caption praises an obviously bad situation. " * 12},
-    {"label": "not_sarcastic", "rationale": "line\nbreaks\tand \"quotes\" and \\ backslashes"},
-    {"label": 1}, {"label": None, "other": True},
+    {"label": "not_sarcastic", "rationale": 'line\nbreaks\tand "quotes" and \\ backslashes'},
+    {"label": 1},
+    {"label": None, "other": True},
 ]
 SYSTEM_PROMPTS = [None, "", "Tu es un détecteur de sarcasme. 你是讽刺检测器。"]
 

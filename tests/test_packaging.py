@@ -555,7 +555,9 @@ def test_render_applies_kustomize_images_then_the_run():
     kustomization, docs = renderer.load_kustomization()
     renderer.apply_kustomize_images(docs, kustomization["images"])
     override = kustomization["images"][0]
-    assert container(pod_spec(by_kind(docs, "Job")), "trainer")["image"] == f"{override['newName']}:{override['newTag']}"
+    assert (
+        container(pod_spec(by_kind(docs, "Job")), "trainer")["image"] == f"{override['newName']}:{override['newTag']}"
+    )
     digest = "sha256:" + "ab" * 32
     docs = renderer.render(f"registry.example.com/qwen3-sft@{digest}", "run-1", "s3://b/d", namespace="ml")
     c = container(pod_spec(by_kind(docs, "Job")), "trainer")

@@ -74,7 +74,10 @@ def _history(out: Path) -> dict[int, tuple[float, float]]:
 
 
 def _adapter_gap(a: Path, b: Path) -> float:
-    left, right = load_file(str(a / "out/adapter/adapter_model.safetensors")), load_file(str(b / "out/adapter/adapter_model.safetensors"))
+    left, right = (
+        load_file(str(a / "out/adapter/adapter_model.safetensors")),
+        load_file(str(b / "out/adapter/adapter_model.safetensors")),
+    )
     assert set(left) == set(right)
     return max((left[k] - right[k]).abs().max().item() for k in left)
 

@@ -131,10 +131,14 @@ def s3_errors(what: str):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         message = exc.response.get("Error", {}).get("Message", "")
         if code in S3_USER_CODES:
-            raise UserError(f"S3 {what}: {code} {message}".strip() + "; check the bucket name, key and credentials") from None
+            raise UserError(
+                f"S3 {what}: {code} {message}".strip() + "; check the bucket name, key and credentials"
+            ) from None
         raise TransientError(f"S3 {what}: {code} {message} (after retries)") from None
     except NoCredentialsError:
-        raise UserError(f"S3 {what}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a role)") from None
+        raise UserError(
+            f"S3 {what}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a role)"
+        ) from None
     except (BotoConnectionError, BotoCoreError) as exc:
         raise TransientError(f"S3 {what}: {type(exc).__name__}: {exc} (after retries)") from None
     except Exception as exc:  # boto3's transfer manager: S3UploadFailedError around a 503 or an AccessDenied

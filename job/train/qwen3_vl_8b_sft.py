@@ -120,7 +120,9 @@ def _check_supervised_tokens(collator: Qwen3VisionSFTCollator, train_ds, batch_s
     counts = (batch["labels"] != IGNORE_INDEX).sum(dim=1).tolist()
     print(f"supervised tokens per row (first batch): {counts}", flush=True)
     if min(counts) == 0:
-        raise DataError(f"rows {[r.get('row_id') for r, c in zip(rows, counts, strict=True) if c == 0]} have no supervised tokens")
+        raise DataError(
+            f"rows {[r.get('row_id') for r, c in zip(rows, counts, strict=True) if c == 0]} have no supervised tokens"
+        )
     return counts
 
 
@@ -235,14 +237,18 @@ def _publish(cfg: dict, paths: RunPaths, run_id: str, remote, metrics: dict, ste
 
     hub = cfg["hub"]
     gated = bool(hub["repo_id"] or hub["min_metric"])
-    passed, reason = gate_decision(metrics, hub["min_metric"], hub["require_improvement"]) if gated else (True, "no gate")
+    passed, reason = (
+        gate_decision(metrics, hub["min_metric"], hub["require_improvement"]) if gated else (True, "no gate")
+    )
     earlier_push = _earlier_push(metrics, hub["repo_id"])
     metrics["gate"] = {"passed": passed, "reason": reason, "pushed_to": None}
     artifacts.write_json(paths.root / "metrics.json", metrics)
     if passed and hub["repo_id"]:
         if earlier_push:
             log.info("Hub: already pushed by an earlier process (%s); not pushing again", earlier_push)
-        metrics["gate"]["pushed_to"] = earlier_push or push_adapter(paths.adapter, hub["repo_id"], hub["private"], run_id)
+        metrics["gate"]["pushed_to"] = earlier_push or push_adapter(
+            paths.adapter, hub["repo_id"], hub["private"], run_id
+        )
         artifacts.write_json(paths.root / "metrics.json", metrics)
     log.info("outputs: %s (%s)", paths.root, ", ".join(FINAL_ARTIFACTS))
     if remote is not None:
@@ -341,7 +347,9 @@ def _train(p: Prepared, model, run, guard: PreemptionGuard, resume_from: str | N
         distributed.barrier()
         if run is not None:
             run.mark_preempting()  # W&B shows the run as preempted, not crashed; it resumes under the same id
-        saved = f"checkpoint-{preemption.stopped_at} is COMPLETED" if preemption.saved else "no new checkpoint (no time)"
+        saved = (
+            f"checkpoint-{preemption.stopped_at} is COMPLETED" if preemption.saved else "no new checkpoint (no time)"
+        )
         log.warning("preempted at step %s: %s", preemption.stopped_at, saved)
         guard.raise_if_requested(preemption.stopped_at)
     return trainer, result
