@@ -48,7 +48,7 @@ demo: install ## run the whole job on the tiny offline Qwen3-VL and the syntheti
 	$(VENV)/bin/qwen3-sft run
 	@$(PY) -m job.report $(DEMO_DIR)/out/metrics.json
 
-test: install ## run the whole test suite (offline, CPU): in-process tests, then the shared job runs (slow)
+test: install lint-py ## ruff and mypy (lint-py), then the whole test suite (offline, CPU): in-process tests, then the shared job runs (slow)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The image's pins minus the GPU-only packages (flash-attn, liger-kernel: the [gpu] extra is not installed here).
@@ -68,7 +68,12 @@ test-image-pins: $(IMAGE_PINS_VENV)/.installed ## the fast tier and one end-to-e
 test-fast: install ## run only the in-process tests (no job subprocesses): pytest -m "not slow"
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-lint: install ## lint docker/Dockerfile, k8s/ and the retrain workflow offline (hadolint, kubernetes-validate, check-jsonschema, zizmor)
+# Config in pyproject.toml ([tool.ruff], [tool.mypy]); both are pinned in the test extra.
+lint-py: install ## ruff on the repository and mypy on job/ (zero findings; make test runs this first)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+lint: install lint-py ## lint-py, then docker/Dockerfile, k8s/ and the retrain workflow offline (hadolint, kubernetes-validate, check-jsonschema, zizmor)
 	$(VENV)/bin/hadolint --config .hadolint.yaml docker/Dockerfile
 	for v in $(K8S_VERSIONS); do $(VENV)/bin/kubernetes-validate --strict --quiet -k $$v $(K8S_BUILTIN) || exit 1; done
 	set -o pipefail; $(PY) k8s/render.py --image lint --run-id lint --dataset s3://lint/data \
@@ -108,4 +113,4 @@ image-smoke: image ## build the image, then run qwen3-sft config and preflight o
 	docker run --rm $(SMOKE_ENV) --entrypoint tini $(IMAGE) -- \
 	  sh -c 'python -m job.tiny /tmp/demo && exec qwen3-sft preflight'
 
-.PHONY: help install lock demo test test-fast test-image-pins lint image push submit preflight image-smoke
+.PHONY: help install lock demo test test-fast test-image-pins lint lint-py image push submit preflight image-smoke

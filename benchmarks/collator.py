@@ -25,14 +25,14 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import best_time, draw_image, load_average, machine, mixed_image_sizes, tiny_assets  # noqa: E402
+from benchmarks.common import best_time, draw_image, load_average, machine, mixed_image_sizes, tiny_assets
 
 CAP = 1024 * 1024  # the job card's SFT_IMAGE_MAX_PIXELS
 NO_CAP = 4096 * 4096  # Qwen3-VL's preprocessor_config longest_edge
 QUERIES = [
     "Is this post sarcastic? Answer in JSON.",
     "Classify the post as sarcastic or not_sarcastic. Reply with JSON only, with a short rationale.",
-    "Sarcastique ? Réponds en JSON. 皮肉ですか？",
+    "Sarcastique ? Réponds en JSON. 皮肉ですか？",  # noqa: RUF001 - Japanese text, its own question mark
 ]
 CAPTIONS = [None, "", "Oh great, another Monday", "Wow. Just wow. Best customer service ever 🙃🙃🙃",
             "Dinner with my family tonight, the kids cooked and it was genuinely lovely " * 3]
@@ -70,7 +70,7 @@ def seed_two_pass(collator, rows: list[dict]) -> dict:
 
     from job.collators.qwen3_collator import IGNORE_INDEX, prompt_lengths_by_reprocessing
 
-    texts, images = zip(*(collator._render(row, i) for i, row in enumerate(rows)))
+    texts, images = zip(*(collator._render(row, i) for i, row in enumerate(rows)), strict=True)
     batch = collator.processor(text=list(texts), images=list(images), return_tensors="pt", padding=True,
                                padding_side="right")
     batch.pop("token_type_ids", None)
@@ -118,7 +118,7 @@ def run(model_dir: Path, max_pixels: int, rows: list[dict], batch_size: int, rep
     collator = Qwen3VisionSFTCollator(processor, training=True)
     batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     checked = check_identical(collator, batches)
-    rendered = [tuple(zip(*(collator._render(row, i) for i, row in enumerate(b)))) for b in batches]
+    rendered = [tuple(zip(*(collator._render(row, i) for i, row in enumerate(b)), strict=True)) for b in batches]
 
     def floor():
         for texts, images in rendered:

@@ -24,7 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import load_average, machine, tiny_assets  # noqa: E402
+from benchmarks.common import load_average, machine, tiny_assets
 
 GOAL = 5.0
 
@@ -32,7 +32,9 @@ GOAL = 5.0
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--assets", help="job.tiny assets directory (built there if missing; default .cache/bench)")
-    parser.add_argument("--quick", action="store_true", help="8 rows, batch 8, 4 new tokens (for tests; no timing goal)")
+    parser.add_argument(
+        "--quick", action="store_true", help="8 rows, batch 8, 4 new tokens (for tests; no timing goal)"
+    )
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(dataset) / cpu:7.2f} rows/s per CPU-second ({cpu:.2f} s)")
 
     single, batched = results[1][2], results[args.batch_size][2]
-    differ = [i for i, (a, b) in enumerate(zip(single, batched)) if a != b]
+    differ = [i for i, (a, b) in enumerate(zip(single, batched, strict=True)) if a != b]
     lengths = [len(processor.tokenizer.encode(p, add_special_tokens=False)) for p in single]
     print(f"predictions: {len(set(single))} distinct of {len(single)}, {sum(lengths) / len(lengths):.1f} tokens on "
           f"average (max {max(lengths)}); e.g. {single[0][:60]!r}")

@@ -26,7 +26,7 @@ from unittest import mock
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import draw_image, load_average, machine, tiny_assets  # noqa: E402
+from benchmarks.common import draw_image, load_average, machine, tiny_assets
 
 
 def build_dataset(root: Path, rows: int) -> Path:
@@ -104,7 +104,8 @@ def main() -> int:
     a, b, c = (min(times[k]) for k in "abc")
     print(f"# {machine()}; {load_average()}")
     print(f"# {rows} rows of 1024x768 JPEG ({sum(p.stat().st_size for p in images) / 2**20:.0f} MiB), best of {repeat}")
-    print(f"# (a) preflight as shipped {a:.2f} s CPU; (b) without the image digest {b:.2f} s; (c) separate sha256 pass {c:.2f} s")
+    print(f"# (a) preflight as shipped {a:.2f} s CPU; (b) without the image digest {b:.2f} s; "
+          f"(c) separate sha256 pass {c:.2f} s")
     print(f"# train fingerprint {fingerprint['train'][:16]}...")
     print(f"RESULT fingerprint_in_preflight_ratio a/b={a / b:.3f}")
     print(f"RESULT separate_pass_ratio (b+c)/b={(b + c) / b:.3f}")

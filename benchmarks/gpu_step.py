@@ -47,7 +47,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import load_average, machine, mixed_image_sizes, tiny_assets  # noqa: E402
+from benchmarks.common import load_average, machine, mixed_image_sizes, tiny_assets
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 WORDS = ("oh great another monday wow love waiting line fantastic phone died again sure because traffic so much fun "
@@ -149,7 +149,7 @@ def to_dataset(rows: list[dict], collator, label_field: str):
         lengths.append(result.tokens)
         visual.append(result.visual_tokens)
     ds = datasets.Dataset.from_list(rows).add_column(LENGTH_COLUMN, lengths)
-    text = [t - v for t, v in zip(lengths, visual)]
+    text = [t - v for t, v in zip(lengths, visual, strict=True)]
     print(f"  {len(rows)} rows: tokens median {statistics.median(lengths):.0f} (visual {min(visual)}..{max(visual)}, "
           f"text {min(text)}..{max(text)}, median {statistics.median(text):.0f})")
     return ds
@@ -205,7 +205,7 @@ class Meter:
             raise SystemExit("not enough steps to measure: raise --steps")
         end = measured[-1]
         elapsed = end[0] - start[0]
-        steps = [b[0] - a[0] for a, b in zip([start, *measured[:-1]], measured)]
+        steps = [b[0] - a[0] for a, b in zip([start, *measured[:-1]], measured, strict=True)]
         tokens, padded, patches = end[1] - start[1], end[2] - start[2], end[3] - start[3]
         return {"steps": len(measured), "elapsed": elapsed, "step_s": statistics.median(steps), "tokens": tokens,
                 "patches": patches, "tokens_s": tokens / elapsed, "pad": 1 - tokens / padded if padded else 0.0}
@@ -279,12 +279,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, work: Path, cuda: bool) -> int:
     import torch
 
+    from benchmarks.collator import SeedTwoPassCollator
     from job.cards import ModelCards
     from job.config import build_cfg
     from job.train.model import apply_liger, apply_lora, load_model, load_processor, resolve_attn_implementation
     from job.train.qwen3_vl_8b_sft import _build_collators
-
-    from benchmarks.collator import SeedTwoPassCollator
 
     if args.dry_run:
         model_dir, _ = tiny_assets(args.assets)
@@ -341,8 +340,10 @@ def _run(args, work: Path, cuda: bool) -> int:
     for data, ds in datasets_.items():
         results.append(run_stack("ours", data, cfg, model, processor, collator, ds, args, work, n_lm, n_vis, peak))
 
-    stacks = {"baseline": "two-pass collator, random batches, sdpa, no Liger",
-              "ours": f"single-pass collator, grouped batches, {attn}, Liger {'on' if liger else 'off (not available)'}"}
+    stacks = {
+        "baseline": "two-pass collator, random batches, sdpa, no Liger",
+        "ours": f"single-pass collator, grouped batches, {attn}, Liger {'on' if liger else 'off (not available)'}",
+    }
     print(f"\nstacks: baseline = {stacks['baseline']}; ours = {stacks['ours']}")
     print(f"batch {args.batch_size}, {args.warmup} warm-up + {args.steps} measured steps, peak bf16 "
           f"{f'{peak:g} TFLOP/s' if peak else 'unknown (MFU n/a)'}"

@@ -22,8 +22,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, skewed_lengths, tiny_assets  # noqa: E402
-from job.train.sampler import LengthGroupedSampler, padding_fraction  # noqa: E402
+from benchmarks.common import machine, skewed_lengths, tiny_assets
+from job.train.sampler import LengthGroupedSampler, padding_fraction
 
 GOAL = 0.05
 EPOCHS = 3

@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="preflight, pre-eval, train, post-eval, save (default)").set_defaults(fn=_cmd_run)
-    sub.add_parser("preflight", help="check every data row and the config on CPU; no model weights").set_defaults(fn=_cmd_preflight)
+    sub.add_parser("preflight", help="check every data row and the config on CPU; no model weights").set_defaults(
+        fn=_cmd_preflight
+    )
     sub.add_parser("eval", help="evaluate the base model or an adapter on the eval split").set_defaults(fn=_cmd_eval)
     sub.add_parser("config", help="print the effective config (secrets redacted)").set_defaults(fn=_cmd_config)
     return parser
@@ -77,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
         code = exit_code_for(exc)
         job_error = find_job_error(exc)
-        if code in (ExitCode.USER, ExitCode.TRANSIENT, ExitCode.GATE_REFUSED, ExitCode.PREEMPTED) and job_error is not None:
+        if (
+            code in (ExitCode.USER, ExitCode.TRANSIENT, ExitCode.GATE_REFUSED, ExitCode.PREEMPTED)
+            and job_error is not None
+        ):
             # A user can fix these: one clear message, no traceback.
             print(f"qwen3-sft: error: {scrub(str(job_error))}", file=sys.stderr)
         else:

@@ -69,7 +69,9 @@ class Settings(BaseSettings):
     save_steps: int = Field(50, ge=1, examples=["50"])
     save_total_limit: int = Field(3, ge=1, examples=["3"])
     learning_rate: float | None = Field(None, gt=0, le=1, examples=["2e-4"])
-    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", examples=["cosine"])
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", examples=["cosine"]
+    )
     warmup_ratio: float = Field(0.03, ge=0, lt=1, examples=["0.03"])
     weight_decay: float = Field(0.0, ge=0, lt=1, examples=["0.0"])
     max_grad_norm: float = Field(1.0, gt=0, examples=["1.0"])
@@ -103,10 +105,14 @@ class Settings(BaseSettings):
     checkpoint_uri: str | None = Field(None, pattern=r"^s3://[^/]+(/.*)?$", examples=["s3://my-bucket/qwen3-sft"])
     cache_dir: str | None = Field(None, examples=["/cache/qwen3-sft"])
     s3_concurrency: int = Field(16, ge=1, le=256, examples=["16"])
-    hub_repo_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", examples=["my-org/qwen3-vl-sarcasm-lora"])
+    hub_repo_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", examples=["my-org/qwen3-vl-sarcasm-lora"]
+    )
     hub_private: bool = Field(True, examples=["true"])
     push_min_metric: str | None = Field(
-        None, pattern=r"^(accuracy|macro_f1|json_parse_rate|exact_match):(0(\.\d+)?|1(\.0+)?)$", examples=["macro_f1:0.70"]
+        None,
+        pattern=r"^(accuracy|macro_f1|json_parse_rate|exact_match):(0(\.\d+)?|1(\.0+)?)$",
+        examples=["macro_f1:0.70"],
     )
     push_require_improvement: bool = Field(True, examples=["true"])
     image_digest: str | None = Field(None, examples=["sha256:0123abcd..."])
@@ -193,7 +199,9 @@ def cross_field_problems(s: Settings, card: ModelSpec) -> list[str]:
             "hides overfitting; use a held-out split (e.g. SFT_EVAL_SPLIT=validation)"
         )
     if s.eval_do_sample and s.eval_temperature <= 0:
-        problems.append("SFT_EVAL_DO_SAMPLE=true needs SFT_EVAL_TEMPERATURE > 0 (e.g. 0.7), or set SFT_EVAL_DO_SAMPLE=false")
+        problems.append(
+            "SFT_EVAL_DO_SAMPLE=true needs SFT_EVAL_TEMPERATURE > 0 (e.g. 0.7), or set SFT_EVAL_DO_SAMPLE=false"
+        )
     # Only when both were set: SFT_MAX_STEPS=5 alone saves every min(50, 5) steps (effective_save_steps).
     if {"max_steps", "save_steps"} <= s.model_fields_set and s.max_steps > 0 and s.save_steps > s.max_steps:
         problems.append(

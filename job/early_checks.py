@@ -169,7 +169,7 @@ def check_hub_repos(cfg: dict) -> None:
             continue  # a cached Hub dataset is found (or not) by the loader
         try:
             HfApi().repo_info(repo, repo_type=kind, revision=revision)
-        except Exception as exc:  # noqa: BLE001 - classified: 401/403/404 -> 2, network -> 3, else a bug
+        except Exception as exc:  # classified: 401/403/404 -> 2, network -> 3, else a bug
             error = classified(exc, context)
             if error is None:
                 raise
@@ -195,7 +195,7 @@ def check_lora_targets(cfg: dict) -> None:
     try:
         config = AutoConfig.from_pretrained(model["id"], revision=model["revision"],
                                             trust_remote_code=model["trust_remote_code"])
-    except Exception as exc:  # noqa: BLE001 - classified: 401/403/404 -> 2, network -> 3, else a bug
+    except Exception as exc:  # classified: 401/403/404 -> 2, network -> 3, else a bug
         error = classified(exc, _model_context(cfg))
         if error is None:
             raise
@@ -217,16 +217,20 @@ def check_lora_targets(cfg: dict) -> None:
     for target in unmatched:
         close = difflib.get_close_matches(target, leaves, n=1)
         hints.append(f"{target!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    raise ConfigError([f"SFT_LORA_TARGET_MODULES={','.join(cfg['lora']['target_modules'])!r}: "
-                       f"{', '.join(hints)} matches no language-model layer of {config.model_type}; "
-                       f"its layers have {', '.join(x for x in leaves if x.endswith('proj')) or ', '.join(leaves[:12])}"])
+    raise ConfigError(
+        [
+            f"SFT_LORA_TARGET_MODULES={','.join(cfg['lora']['target_modules'])!r}: "
+            f"{', '.join(hints)} matches no language-model layer of {config.model_type}; "
+            f"its layers have {', '.join(x for x in leaves if x.endswith('proj')) or ', '.join(leaves[:12])}"
+        ]
+    )
 
 
 def load_processor_checked(cfg: dict):
     """load_processor, with a download or access failure classified and naming SFT_MODEL_ID."""
     try:
         return load_processor(cfg)
-    except Exception as exc:  # noqa: BLE001 - classified: 401/403/404 -> 2, network -> 3, else a bug
+    except Exception as exc:  # classified: 401/403/404 -> 2, network -> 3, else a bug
         error = classified(exc, _model_context(cfg))
         if error is None:
             raise

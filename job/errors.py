@@ -101,8 +101,14 @@ def _http_status(exc: BaseException) -> int | None:
 def _classify_s3(exc: BaseException) -> JobError | None:
     try:
         from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
-        from botocore.exceptions import (ClientError, ConnectionError as BotoConnectionError, HTTPClientError,
-                                         NoCredentialsError, NoRegionError, PartialCredentialsError)
+        from botocore.exceptions import (
+            ClientError,
+            ConnectionError as BotoConnectionError,
+            HTTPClientError,
+            NoCredentialsError,
+            NoRegionError,
+            PartialCredentialsError,
+        )
     except ImportError:  # boto3 is a dependency; only a broken install lacks it
         return None
     if isinstance(exc, ClientError):
@@ -128,9 +134,16 @@ def _classify_s3(exc: BaseException) -> JobError | None:
 
 def _classify_hub(exc: BaseException) -> JobError | None:
     try:
-        from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError, HfHubHTTPError,
-                                            LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
-                                            RevisionNotFoundError)
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            GatedRepoError,
+            HfHubHTTPError,
+            HFValidationError,
+            LocalEntryNotFoundError,
+            OfflineModeIsEnabled,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
     except ImportError:
         return None
     url = getattr(getattr(exc, "response", None), "url", None)

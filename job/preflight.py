@@ -24,11 +24,12 @@ import re
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from job.cards import ModelCards
 from job.config import build_cfg
@@ -62,7 +63,9 @@ class PreflightResult:
     plan: dict = field(default_factory=dict)
 
 
-def _issue(split: str, row_id: str | None, index: int | None, kind: str, field_name: str, message: str, fix: str) -> dict:
+def _issue(
+    split: str, row_id: str | None, index: int | None, kind: str, field_name: str, message: str, fix: str
+) -> dict:
     return {"split": split, "row_id": row_id, "index": index, "kind": kind, "field": field_name, "message": message,
             "fix": fix}
 
@@ -103,7 +106,7 @@ class SplitTally:
             self.label_rows.setdefault(r.label, r.row_id)
         if r.digest is not None:
             self.row_digests[r.index] = r.digest
-            self._duplicates(r, train_digests)
+            self._duplicates(r, r.digest, train_digests)
 
     def kept_indices(self) -> list[int]:
         gone = {index for index, _ in self.bad} if self.skipped else set()
@@ -113,17 +116,17 @@ class SplitTally:
         """The split as training (or eval) reads it: the kept rows' digests in order (image bytes included)."""
         return content_fingerprint(self.row_digests.get(i, "") for i in self.kept_indices())
 
-    def _duplicates(self, r: RowResult, train_digests: dict[str, str] | None) -> None:
-        if r.digest in self.digests:
-            first = self.digests[r.digest]
+    def _duplicates(self, r: RowResult, digest: str, train_digests: dict[str, str] | None) -> None:
+        if digest in self.digests:
+            first = self.digests[digest]
             self.warnings.append(_issue(self.name, r.row_id, r.index, "duplicate_row", "row",
                                         f"repeats {first} (same image bytes, query, caption and target)",
                                         "drop the repeated row (duplicates over-weight it)"))
         else:
-            self.digests[r.digest] = r.row_id
-        if train_digests and r.digest in train_digests:
+            self.digests[digest] = r.row_id
+        if train_digests and digest in train_digests:
             self.warnings.append(_issue(self.name, r.row_id, r.index, "eval_row_in_train", "row",
-                                        f"is identical to training row {train_digests[r.digest]}, so eval scores are "
+                                        f"is identical to training row {train_digests[digest]}, so eval scores are "
                                         "inflated", "remove it from one of the splits"))
 
 
@@ -227,8 +230,12 @@ def _mapper(workers: int, total: int) -> Iterator[Callable]:
         return
     chunksize = max(1, min(32, total // (workers * 16)))
     processors = {type(checker.processor).__module__ for _, checker in _JOBS.values()}
-    with ProcessPoolExecutor(workers, mp_context=_pool_context([__name__, *sorted(processors)]), initializer=_init_worker,
-                             initargs=(dict(_JOBS),)) as executor:
+    with ProcessPoolExecutor(
+        workers,
+        mp_context=_pool_context([__name__, *sorted(processors)]),
+        initializer=_init_worker,
+        initargs=(dict(_JOBS),),
+    ) as executor:
         yield lambda tasks: _pool_map(executor, iter(tasks), chunksize, window=workers * 4)
 
 
@@ -313,8 +320,14 @@ def _policy_failure(cfg: dict, tallies: dict[str, SplitTally]) -> str | None:
                   f"fix the rows, or set SFT_BAD_ROWS=skip to drop up to SFT_MAX_BAD_FRACTION={limit} of a split")
         return f"{sum(bad.values())} bad row(s) ({counts}); SFT_BAD_ROWS=fail stops here ({advice})"
     if over:
-        return "; ".join(f"{t.name}: {len(t.bad)} of {t.rows} rows are bad ({len(t.bad) / t.rows:.1%}), above "
-                         f"SFT_MAX_BAD_FRACTION={limit}" for t in over) + " (fix the rows or raise SFT_MAX_BAD_FRACTION)"
+        return (
+            "; ".join(
+                f"{t.name}: {len(t.bad)} of {t.rows} rows are bad ({len(t.bad) / t.rows:.1%}), above "
+                f"SFT_MAX_BAD_FRACTION={limit}"
+                for t in over
+            )
+            + " (fix the rows or raise SFT_MAX_BAD_FRACTION)"
+        )
     for t in tallies.values():
         t.skipped = bool(t.bad)
     return None
@@ -360,7 +373,7 @@ def _jobs(cfg: dict, loaded: dict[str, Any], processor) -> dict[str, tuple[Any, 
     from job.train.qwen3_vl_8b_sft import _build_collators  # lazy: the training flow imports this module
 
     # The checkers wrap the very collators training and eval use, so both see rows the same way.
-    collators = dict(zip(ROLES, _build_collators(cfg, processor)))
+    collators = dict(zip(ROLES, _build_collators(cfg, processor), strict=True))
     data = cfg["data"]
     return {role: (_check_view(loaded[role], data["image_key"]), RowChecker(collators[role], data["label_field"]),
                    data[f"{role}_split"]) for role in loaded}

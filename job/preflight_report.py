@@ -30,12 +30,17 @@ def _stats(values: list[int]) -> dict[str, int | None]:
 
 def _split_report(t: Any) -> dict:
     return {
-        "split": t.name, "rows": t.rows, "rows_bad": len(t.bad),
+        "split": t.name,
+        "rows": t.rows,
+        "rows_bad": len(t.bad),
         "bad_fraction": round(len(t.bad) / t.rows, 6) if t.rows else 0.0,
-        "rows_skipped": len(t.bad) if t.skipped else 0, "skipped_row_ids": [rid for _, rid in t.bad] if t.skipped else [],
+        "rows_skipped": len(t.bad) if t.skipped else 0,
+        "skipped_row_ids": [rid for _, rid in t.bad] if t.skipped else [],
         "errors_by_kind": dict(Counter(e["kind"] for e in t.errors)),
         "warnings_by_kind": dict(Counter(w["kind"] for w in t.warnings)),
-        "tokens": _stats(t.tokens), "visual_tokens": _stats(t.visual), "supervised_tokens": _stats(t.supervised),
+        "tokens": _stats(t.tokens),
+        "visual_tokens": _stats(t.visual),
+        "supervised_tokens": _stats(t.supervised),
         "labels": dict(sorted(t.labels.items())),
     }
 
@@ -46,17 +51,26 @@ def build_report(cfg: dict, tallies: dict[str, Any], load_errors: list[dict], fa
     warnings = [w for t in tallies.values() for w in t.warnings]
     rows = sum(t.rows for t in tallies.values())
     return {
-        "ok": failure is None, "failure": failure, "dataset_uri": cfg["data"]["uri"],
+        "ok": failure is None,
+        "failure": failure,
+        "dataset_uri": cfg["data"]["uri"],
         "policy": {"bad_rows": cfg["data"]["bad_rows"], "max_bad_fraction": cfg["data"]["max_bad_fraction"]},
-        "limits": {"max_length": cfg["train"]["max_length"], "image_min_pixels": cfg["image"]["min_pixels"],
-                   "image_max_pixels": cfg["image"]["max_pixels"], "max_decode_pixels": MAX_DECODE_PIXELS},
+        "limits": {
+            "max_length": cfg["train"]["max_length"],
+            "image_min_pixels": cfg["image"]["min_pixels"],
+            "image_max_pixels": cfg["image"]["max_pixels"],
+            "max_decode_pixels": MAX_DECODE_PIXELS,
+        },
         # The scan alone (decode, tokenize, check), without loading the processor and the splits.
-        "rows_checked": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 1) if seconds > 0 else None,
+        "rows_checked": rows,
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(rows / seconds, 1) if seconds > 0 else None,
         "workers": workers,
         "splits": {role: _split_report(t) for role, t in tallies.items()},
         "errors_by_kind": dict(Counter(e["kind"] for e in errors)),
         "warnings_by_kind": dict(Counter(w["kind"] for w in warnings)),
-        "errors": errors, "warnings": warnings,
+        "errors": errors,
+        "warnings": warnings,
     }
 
 

@@ -24,7 +24,9 @@ TINY_TEXT = dict(
     head_dim=16, max_position_embeddings=4096,
     rope_scaling={"mrope_interleaved": True, "mrope_section": [4, 2, 2], "rope_type": "default"},
 )
-TINY_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, deepstack_visual_indexes=[1])
+TINY_VISION = dict(
+    depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, deepstack_visual_indexes=[1]
+)
 SARCASTIC_CAPTIONS = [
     "Oh great, another Monday", "Wow, I just love waiting in line", "Fantastic, my phone died again",
     "Sure, because traffic is so much fun", "Perfect weather for a picnic, said no one", "Thanks for the spam, really",
@@ -67,9 +69,9 @@ def build_tiny_tokenizer():
         def load_tiktoken_bpe(_url):  # the ranks are already parsed; tiktoken itself is not needed
             return ranks
 
-    vocab, merges = _Converter(vocab_file="qwen.tiktoken", pattern=special["pretokenizer_regex"]).extract_vocab_merges_from_model(
-        "qwen.tiktoken"
-    )
+    vocab, merges = _Converter(
+        vocab_file="qwen.tiktoken", pattern=special["pretokenizer_regex"]
+    ).extract_vocab_merges_from_model("qwen.tiktoken")
     # Put the added tokens into the vocab at their published ids, so the ids match the real model exactly.
     for offset, token in enumerate(special["tokens"]):
         vocab[token] = special["first_id"] + offset
@@ -77,7 +79,9 @@ def build_tiny_tokenizer():
         vocab=vocab, merges=merges, unk_token=None, eos_token=special["eos_token"], pad_token=special["pad_token"],
         model_max_length=262144,
     )
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in special["tokens"]], special_tokens=True)
+    tokenizer.add_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in special["tokens"]], special_tokens=True
+    )
     return tokenizer
 
 
@@ -85,7 +89,11 @@ def build_tiny_processor():
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-    settings = {k: v for k, v in _load_json("preprocessor_config.json").items() if not k.endswith("_type") and k != "processor_class"}
+    settings = {
+        k: v
+        for k, v in _load_json("preprocessor_config.json").items()
+        if not k.endswith("_type") and k != "processor_class"
+    }
     return Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(**settings),
         tokenizer=build_tiny_tokenizer(),
@@ -123,7 +131,11 @@ def draw_post_image(sarcastic: bool, rng: random.Random, size: tuple[int, int] |
     draw = ImageDraw.Draw(image)
     cx, cy, r = width // 2, height // 2, min(width, height) // 3
     draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(255, 255, 255), width=3)
-    mouth = [cx - r // 2, cy, cx + r // 2, cy + r // 2] if not sarcastic else [cx - r // 2, cy + r // 4, cx + r // 2, cy + r * 3 // 4]
+    mouth = (
+        [cx - r // 2, cy, cx + r // 2, cy + r // 2]
+        if not sarcastic
+        else [cx - r // 2, cy + r // 4, cx + r // 2, cy + r * 3 // 4]
+    )
     draw.arc(mouth, 0 if not sarcastic else 180, 180 if not sarcastic else 360, fill=(255, 255, 255), width=3)
     return image
 
@@ -165,5 +177,7 @@ def build_demo_assets(root: str | Path, force: bool = False) -> tuple[Path, Path
 
 
 if __name__ == "__main__":
-    model_dir, data_dir = build_demo_assets(sys.argv[1] if len(sys.argv) > 1 else ".cache/demo", force="--force" in sys.argv)
+    model_dir, data_dir = build_demo_assets(
+        sys.argv[1] if len(sys.argv) > 1 else ".cache/demo", force="--force" in sys.argv
+    )
     print(f"model: {model_dir}\ndata:  {data_dir}")

@@ -30,4 +30,6 @@ def job_env(tmp_path: Path, tiny_assets, base: Mapping[str, str] | None = None, 
 
 
 def run_job(args: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "job", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "job", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )

@@ -50,17 +50,18 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import boto3
 import pytest
-
 from helpers import REPO, job_env
 from s3_proxy import AWS_ENV, FaultProxy
+
 from job.storage import s3 as s3io
 
 STEPS = 8
@@ -165,7 +166,7 @@ class Ctx:
     tmp: Path
     priority: int
     slots: Slots
-    launcher: "Launcher"
+    launcher: Launcher
     s3: str | None
     environ: dict[str, str]  # os.environ when the session started: in-process tests change it (monkeypatch)
 
@@ -458,7 +459,7 @@ def _benchmark_outputs(ctx: Ctx) -> dict[str, subprocess.CompletedProcess]:
 
     # Four independent short processes: they fill whichever slots the longer runs leave free.
     with ThreadPoolExecutor(max_workers=len(BENCHMARKS), thread_name_prefix="benchmark") as pool:
-        return dict(zip(BENCHMARKS, pool.map(bench, BENCHMARKS.values())))
+        return dict(zip(BENCHMARKS, pool.map(bench, BENCHMARKS.values()), strict=True))
 
 
 KINDS: dict[str, Kind] = {

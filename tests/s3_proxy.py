@@ -8,9 +8,9 @@ import random
 import socket
 import struct
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 from job.storage import s3 as s3io
 from job.storage.checkpoints import RemoteCheckpoints

@@ -44,9 +44,9 @@ def _flatten(cfg: dict, prefix: tuple = ()) -> dict[tuple, object]:
     out = {}
     for key, value in cfg.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, prefix + (key,)))
+            out.update(_flatten(value, (*prefix, key)))
         else:
-            out[prefix + (key,)] = value
+            out[(*prefix, key)] = value
     return out
 
 
@@ -75,7 +75,8 @@ def test_empty_env_gives_card_defaults():
     assert cfg["data"]["train_split"] == "train"
     assert cfg["data"]["eval_split"] == "validation"
     assert cfg["data"]["system_prompt"] == Queries().SYSTEM_PROMPT
-    assert cfg["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert cfg["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"]
     assert cfg["lora"]["r"] == 16
     assert cfg["lora"]["alpha"] == 32
     assert cfg["lora"]["dropout"] == 0.05
@@ -185,7 +186,9 @@ OVERLAY_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("env", "expected"), OVERLAY_CASES, ids=[next(iter(e)) + "=" + next(iter(e.values())) for e, _ in OVERLAY_CASES])
+@pytest.mark.parametrize(
+    ("env", "expected"), OVERLAY_CASES, ids=[next(iter(e)) + "=" + next(iter(e.values())) for e, _ in OVERLAY_CASES]
+)
 def test_env_var_sets_exactly_its_key(env, expected):
     default = _flatten(build_cfg(CARD, env={}))
     got = _flatten(build_cfg(CARD, env=env))
@@ -312,7 +315,9 @@ FIELD_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize(("name", "value", "fragment"), FIELD_ERRORS, ids=[f"{n}={v[:12]!r}" for n, v, _ in FIELD_ERRORS])
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"), FIELD_ERRORS, ids=[f"{n}={v[:12]!r}" for n, v, _ in FIELD_ERRORS]
+)
 def test_field_rule_raises_with_name_value_and_example(name, value, fragment):
     err = _raises({name: value})
     assert err.exit_code == ExitCode.USER
@@ -377,7 +382,10 @@ def test_max_length_cannot_hold_an_image_at_the_cap():
 def test_max_length_rule_uses_raised_pixel_cap():
     err = _raises({"SFT_IMAGE_MAX_PIXELS": str(4096 * 4096)})  # 16384 visual tokens vs card max_length 2048
     assert len(err.problems) == 1
-    assert "SFT_MAX_LENGTH=2048 cannot hold one image at SFT_IMAGE_MAX_PIXELS=16777216 (16384 visual tokens)" in err.problems[0]
+    assert (
+        "SFT_MAX_LENGTH=2048 cannot hold one image at SFT_IMAGE_MAX_PIXELS=16777216 (16384 visual tokens)"
+        in err.problems[0]
+    )
 
 
 def test_max_length_boundary():

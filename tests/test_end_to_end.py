@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from safetensors.torch import load_file
-
 from runs import REFERENCE, SECRET, STEPS, WANDB_SECRET
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 

@@ -69,7 +69,7 @@ def test_trimming_returns_only_new_tokens(model, processor, cfg, eval_rows):
 
 def test_eval_errors_are_wrapped(model, processor, cfg, eval_rows):
     bad = eval_rows.select([0]).map(lambda r: {"query": ""})
-    with pytest.raises(RuntimeError, match="evaluate_qwen3 failed: .*field 'query'"):
+    with pytest.raises(RuntimeError, match=r"evaluate_qwen3 failed: .*field 'query'"):
         evaluate_qwen3(model, processor, bad, Qwen3VisionSFTCollator(processor, training=False), cfg)
 
 
@@ -82,7 +82,12 @@ def test_parse_verdict_handles_prose_and_fences():
 
 def test_compute_metrics_values():
     preds = ['{"label": "sarcastic"}', '{"label": "sarcastic"}', "garbage", '{"label": "not_sarcastic", "x": 1}']
-    targets = ['{"label": "sarcastic"}', {"label": "not_sarcastic"}, '{"label": "not_sarcastic"}', '{"label": "not_sarcastic"}']
+    targets = [
+        '{"label": "sarcastic"}',
+        {"label": "not_sarcastic"},
+        '{"label": "not_sarcastic"}',
+        '{"label": "not_sarcastic"}',
+    ]
     m = compute_metrics(preds, targets, "label")
     assert m["n"] == 4
     assert m["accuracy"] == pytest.approx(2 / 4)
@@ -98,6 +103,9 @@ def test_compute_metrics_values():
 def test_generation_kwargs_greedy_and_stops(processor):
     kw = generation_kwargs(processor, {"max_new_tokens": 7})
     assert kw["max_new_tokens"] == 7 and kw["do_sample"] is False and kw["temperature"] is None
-    assert kw["eos_token_id"] == [processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    assert kw["eos_token_id"] == [
+        processor.tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        processor.tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    ]
     sampled = generation_kwargs(processor, {"do_sample": True, "temperature": 0.5})
     assert sampled["temperature"] == 0.5 and sampled["max_new_tokens"] == 256

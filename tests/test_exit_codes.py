@@ -19,17 +19,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import ClassVar
 
 import pytest
-
 from helpers import REPO, TINY_PIXELS
+
 from job import cli
-from job.config import build_cfg
 from job.cards import ModelCards
-from job.errors import ExitCode, DataError, find_job_error
+from job.config import build_cfg
+from job.errors import DataError, ExitCode, find_job_error
 from job.storage import s3 as s3io
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testingsecret", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -48,10 +49,11 @@ def _free_port() -> int:
 class _HubHandler(http.server.BaseHTTPRequestHandler):
     """The Hub's API as huggingface_hub reads it: the status and X-Error-Code decide the exception it raises."""
 
-    ROUTES = {"org/private": (401, "RepoNotFound"), "org/gated": (403, "GatedRepo"), "org/down": (503, None),
-              "org/missing-rev": (404, "RevisionNotFound")}
+    ROUTES: ClassVar[dict[str, tuple[int, str | None]]] = {
+        "org/private": (401, "RepoNotFound"), "org/gated": (403, "GatedRepo"), "org/down": (503, None),
+        "org/missing-rev": (404, "RevisionNotFound")}
 
-    def do_GET(self):  # noqa: N802 - http.server's name
+    def do_GET(self):  # http.server's name
         status, code = next((v for k, v in self.ROUTES.items() if f"/{k}" in self.path), (404, "RepoNotFound"))
         body = json.dumps({"error": f"loopback hub says {status}"}).encode()
         self.send_response(status)
@@ -75,13 +77,14 @@ class _SlowDownHandler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(length)
-        body = b'<?xml version="1.0"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>'
+        body = (b'<?xml version="1.0"?><Error><Code>SlowDown</Code>'
+                b"<Message>Please reduce your request rate.</Message></Error>")
         self.send_response(503)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
-    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _reply  # noqa: N815
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _reply
 
     def log_message(self, *args):
         pass
@@ -178,12 +181,15 @@ def _adapterless_dir(tmp: Path, model: Path, data: Path) -> None:
 
 MISTAKES = [
     # config: every problem at once, before anything else
-    Mistake("unknown_setting", "run", {"SFT_MAX_STEP": "5"}, 2, ("SFT_MAX_STEP", "did you mean SFT_MAX_STEPS"), early=True),
-    Mistake("bad_attn_implementation", "run", {"SFT_ATTN_IMPLEMENTATION": "flash3"}, 2, ("SFT_ATTN_IMPLEMENTATION", "flash3"), early=True),
+    Mistake("unknown_setting", "run", {"SFT_MAX_STEP": "5"}, 2, ("SFT_MAX_STEP", "did you mean SFT_MAX_STEPS"),
+            early=True),
+    Mistake("bad_attn_implementation", "run", {"SFT_ATTN_IMPLEMENTATION": "flash3"}, 2,
+            ("SFT_ATTN_IMPLEMENTATION", "flash3"), early=True),
     Mistake("bad_number", "preflight", {"SFT_LEARNING_RATE": "fast"}, 2, ("SFT_LEARNING_RATE",), early=True),
     Mistake("save_steps_over_max_steps_both_set", "run", {"SFT_MAX_STEPS": "5", "SFT_SAVE_STEPS": "10"}, 2,
             ("SFT_SAVE_STEPS=10", "SFT_MAX_STEPS=5"), early=True),
-    Mistake("checkpoint_uri_not_s3", "run", {"SFT_CHECKPOINT_URI": "my-bucket/ckpt"}, 2, ("SFT_CHECKPOINT_URI",), early=True),
+    Mistake("checkpoint_uri_not_s3", "run", {"SFT_CHECKPOINT_URI": "my-bucket/ckpt"}, 2, ("SFT_CHECKPOINT_URI",),
+            early=True),
     Mistake("bad_gate_spec", "run", {"SFT_PUSH_MIN_METRIC": "f1>0.7"}, 2, ("SFT_PUSH_MIN_METRIC",), early=True),
     Mistake("same_train_and_eval_split", "preflight", {"SFT_EVAL_SPLIT": "train"}, 2, ("SFT_EVAL_SPLIT",), early=True),
     # local paths that must exist
@@ -193,21 +199,22 @@ MISTAKES = [
             ("SFT_DATASET_URI='/data/sarcasm'", "no such local path"), early=True),
     Mistake("dataset_missing_dotted", "run", {"SFT_DATASET_URI": "./data/sarcasm"}, 2,
             ("SFT_DATASET_URI='./data/sarcasm'", "no such local path", "working directory"), early=True),
-    Mistake("model_path_typo", "run", {"SFT_MODEL_ID": "{model}-typo"}, 2, ("SFT_MODEL_ID=", "no such local model directory"),
-            early=True),
-    Mistake("model_dir_without_config", "preflight", {"SFT_MODEL_ID": "{data}"}, 2, ("SFT_MODEL_ID=", "no config.json"), early=True),
+    Mistake("model_path_typo", "run", {"SFT_MODEL_ID": "{model}-typo"}, 2,
+            ("SFT_MODEL_ID=", "no such local model directory"), early=True),
+    Mistake("model_dir_without_config", "preflight", {"SFT_MODEL_ID": "{data}"}, 2,
+            ("SFT_MODEL_ID=", "no config.json"), early=True),
     Mistake("model_hub_id_not_cached_offline", "run", {"SFT_MODEL_ID": "tiny/modle"}, 2,
             ("SFT_MODEL_ID='tiny/modle'", "no such local path", "HF_HUB_OFFLINE=1"), early=True),
     Mistake("dataset_bad_s3_uri", "run", {"SFT_DATASET_URI": "s3://"}, 2, ("SFT_DATASET_URI='s3://'",), early=True),
-    Mistake("eval_adapter_typo", "eval", {"SFT_EVAL_ADAPTER": "{tmp}/adaptr"}, 2, ("SFT_EVAL_ADAPTER=", "no such adapter",
-            "SFT_EVAL_ADAPTER=none"), early=True),
+    Mistake("eval_adapter_typo", "eval", {"SFT_EVAL_ADAPTER": "{tmp}/adaptr"}, 2,
+            ("SFT_EVAL_ADAPTER=", "no such adapter", "SFT_EVAL_ADAPTER=none"), early=True),
     Mistake("eval_adapter_not_adapter", "eval", {"SFT_EVAL_ADAPTER": "{tmp}/not-an-adapter"}, 2,
             ("SFT_EVAL_ADAPTER=", "adapter_config.json"), early=True, setup=_adapterless_dir),
     # the output directory
     Mistake("output_dir_is_file", "run", {"SFT_OUTPUT_DIR": "{tmp}/a-file/out"}, 2, ("SFT_OUTPUT_DIR=", "is a file"),
             early=True, setup=_output_is_file),
-    Mistake("output_dir_under_proc", "preflight", {"SFT_OUTPUT_DIR": "/proc/qwen3-sft-out"}, 2, ("SFT_OUTPUT_DIR=", "not writable"),
-            early=True),
+    Mistake("output_dir_under_proc", "preflight", {"SFT_OUTPUT_DIR": "/proc/qwen3-sft-out"}, 2,
+            ("SFT_OUTPUT_DIR=", "not writable"), early=True),
     # LoRA targets against the architecture on the meta device
     Mistake("lora_target_typo", "run", {"SFT_LORA_TARGET_MODULES": "q_prj,v_proj"}, 2,
             ("SFT_LORA_TARGET_MODULES", "q_prj", "did you mean 'q_proj'"), early=True),
@@ -219,11 +226,12 @@ MISTAKES = [
             setup=_wrong_columns, not_in_message=("SFT_BAD_ROWS=skip", "missing_field")),
     Mistake("line_not_json", "preflight", {"SFT_DATASET_URI": "{tmp}/broken"}, 2, ("train.jsonl:5", "not valid JSON"),
             setup=_not_json),
-    Mistake("parquet_missing_image", "preflight", {"SFT_DATASET_URI": "{tmp}/pq", "SFT_TRAIN_SUBSET": None}, 2, ("train[3]", "gone.png", "as stored"),
-            setup=_one_missing_image, not_in_message=("JSONL",)),
+    Mistake("parquet_missing_image", "preflight", {"SFT_DATASET_URI": "{tmp}/pq", "SFT_TRAIN_SUBSET": None}, 2,
+            ("train[3]", "gone.png", "as stored"), setup=_one_missing_image, not_in_message=("JSONL",)),
     Mistake("hub_dataset_offline", "run", {"SFT_DATASET_URI": "data/sarcasm"}, 2,
             ("SFT_DATASET_URI='data/sarcasm'", "no such local path", "HF_HUB_OFFLINE=1")),
-    Mistake("hub_push_without_token", "run", {"SFT_HUB_REPO_ID": "me/adapter"}, 2, ("SFT_HUB_REPO_ID=me/adapter", "HF_HUB_OFFLINE=1")),
+    Mistake("hub_push_without_token", "run", {"SFT_HUB_REPO_ID": "me/adapter"}, 2,
+            ("SFT_HUB_REPO_ID=me/adapter", "HF_HUB_OFFLINE=1")),
     # S3 over real HTTP (moto)
     Mistake("dataset_bucket_missing", "run", {"SFT_DATASET_URI": "s3://no-such-bucket-q3/sarcasm"}, 2,
             ("NoSuchBucket", "no-such-bucket-q3"), early=True, needs="moto"),
@@ -232,13 +240,14 @@ MISTAKES = [
     Mistake("s3_bad_credentials", "run", {"SFT_DATASET_URI": "s3://any-bucket/sarcasm"}, 2,
             ("InvalidAccessKeyId", "any-bucket"), early=True, needs="moto_iam"),
     # the Hub over real HTTP (loopback endpoint)
-    Mistake("hub_model_401", "run", {"SFT_MODEL_ID": "org/private"}, 2, ("SFT_MODEL_ID='org/private'", "not found or no access"),
-            early=True, needs="hub"),
+    Mistake("hub_model_401", "run", {"SFT_MODEL_ID": "org/private"}, 2,
+            ("SFT_MODEL_ID='org/private'", "not found or no access"), early=True, needs="hub"),
     Mistake("hub_model_gated", "preflight", {"SFT_MODEL_ID": "org/gated"}, 2, ("SFT_MODEL_ID='org/gated'", "gated"),
             early=True, needs="hub"),
     Mistake("hub_dataset_401", "run", {"SFT_DATASET_URI": "org/private"}, 2, ("SFT_DATASET_URI='org/private'",),
             early=True, needs="hub"),
-    Mistake("hub_model_503", "run", {"SFT_MODEL_ID": "org/down"}, 3, ("SFT_MODEL_ID='org/down'", "503"), early=True, needs="hub"),
+    Mistake("hub_model_503", "run", {"SFT_MODEL_ID": "org/down"}, 3, ("SFT_MODEL_ID='org/down'", "503"), early=True,
+            needs="hub"),
 ]
 
 
@@ -251,8 +260,9 @@ def cli_env(monkeypatch, tiny_assets, tmp_path, request):
     def apply(env: dict[str, str | None]) -> None:
         for key in [k for k in os.environ if k.startswith("SFT_")]:
             monkeypatch.delenv(key)
-        base = {"SFT_MODEL_ID": str(model_dir), "SFT_DATASET_URI": str(data_dir), "SFT_OUTPUT_DIR": str(tmp_path / "out"),
-                "SFT_RUN_ID": "audit", "SFT_MAX_LENGTH": "512", "SFT_WANDB_ENABLED": "false", **TINY_PIXELS,
+        base = {"SFT_MODEL_ID": str(model_dir), "SFT_DATASET_URI": str(data_dir),
+                "SFT_OUTPUT_DIR": str(tmp_path / "out"), "SFT_RUN_ID": "audit", "SFT_MAX_LENGTH": "512",
+                "SFT_WANDB_ENABLED": "false", **TINY_PIXELS,
                 # preflight checks these rows only: the data cases need a few rows, not 272
                 "SFT_TRAIN_SUBSET": "8", "SFT_EVAL_SUBSET": "4"}
         for key, value in {**base, **env}.items():
@@ -293,8 +303,8 @@ def _params(cases: list[Mistake]) -> list:
 
 
 @pytest.mark.parametrize("case", _params(MISTAKES))
-def test_mistake_exits_with_its_code_and_one_message(case: Mistake, cli_env, tiny_assets, tmp_path, request, monkeypatch,
-                                                     caplog, capsys):
+def test_mistake_exits_with_its_code_and_one_message(case: Mistake, cli_env, tiny_assets, tmp_path, request,
+                                                     monkeypatch, caplog, capsys):
     if case.setup is not None:
         case.setup(tmp_path, *tiny_assets)
     cli_env(case.env)
@@ -370,7 +380,8 @@ def test_short_run_save_interval_follows_max_steps():
 
 
 def _report(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "job.report", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "job.report", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
 
 
 def test_report_reads_every_metrics_file_and_prints_usage(tmp_path):

@@ -21,16 +21,20 @@ from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator, p
 SIZES = [(64, 64), (1, 1), (4, 700), (700, 4), (640, 480), (480, 640), (1600, 1200), (1200, 1600), (1000, 20),
          (20, 1000), (333, 777), (97, 131), (2048, 64), (256, 255), (5, 5)]
 MODES = ["RGB", "L", "RGBA", "P", "CMYK", "I;16"]
-QUERIES = ["Is this sarcastic?", "  Classify this post.  ", "Sarcastique ? 皮肉ですか？ ¿Sarcasmo?",
+QUERIES = ["Is this sarcastic?", "  Classify this post.  ", "Sarcastique ? 皮肉ですか？ ¿Sarcasmo?",  # noqa: RUF001 - Japanese
            "Answer in JSON.\nUse the key \"label\".", "assistant\nIs it?", "Think step by step. " * 10]
 CAPTIONS = [None, "", "   ", "Oh great, another Monday", "Génial… encore de la pluie ☔️🙃", "line one\nline two\n",
-            "😀" * 40, "The assistant said: sure", "Тонкий сарказм, ага.", "a" * 300]
+            "😀" * 40, "The assistant said: sure", "Тонкий сарказм, ага.", "a" * 300]  # noqa: RUF001 - Russian
 ANSWERS = [
-    {"label": "sarcastic"}, {"label": "not_sarcastic"}, '{"label":"sarcastic"}',
-    {"label": "sarcastic", "note": "ünïcødé ☔ 皮肉"}, {"label": "not_sarcastic", "scores": {"a": 0.25, "b": [1, 2, 3]}},
+    {"label": "sarcastic"},
+    {"label": "not_sarcastic"},
+    '{"label":"sarcastic"}',
+    {"label": "sarcastic", "note": "ünïcødé ☔ 皮肉"},
+    {"label": "not_sarcastic", "scores": {"a": 0.25, "b": [1, 2, 3]}},
     {"label": "sarcastic", "rationale": "The caption praises an obviously bad situation. " * 12},
-    {"label": "not_sarcastic", "rationale": "line\nbreaks\tand \"quotes\" and \\ backslashes"},
-    {"label": 1}, {"label": None, "other": True},
+    {"label": "not_sarcastic", "rationale": 'line\nbreaks\tand "quotes" and \\ backslashes'},
+    {"label": 1},
+    {"label": None, "other": True},
 ]
 SYSTEM_PROMPTS = [None, "", "Tu es un détecteur de sarcasme. 你是讽刺检测器。"]
 

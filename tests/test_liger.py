@@ -63,7 +63,9 @@ def test_true_with_cuda_but_no_liger_is_a_config_error(monkeypatch):
     real = model_mod.importlib.util.find_spec
     monkeypatch.setattr(model_mod.importlib.util, "find_spec",
                         lambda name, *a: None if name == "liger_kernel" else real(name, *a))
-    with pytest.raises(ConfigError, match=r"SFT_USE_LIGER=true but liger-kernel is not installed: pip install liger-kernel"):
+    with pytest.raises(
+        ConfigError, match=r"SFT_USE_LIGER=true but liger-kernel is not installed: pip install liger-kernel"
+    ):
         liger_wanted(_cfg("true"))
     assert liger_wanted(_cfg("auto")) is False  # auto just stays off
 

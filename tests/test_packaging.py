@@ -306,7 +306,7 @@ def test_wait_script_explains_only_real_failure_codes():
     explained = {int(c) for c in re.findall(r"^\s+(\d+)\) meaning=", text, re.M)}
     failures = {int(c) for c in ExitCode if c != ExitCode.OK}
     assert explained and explained <= failures
-    assert NON_RETRYABLE <= explained
+    assert explained >= NON_RETRYABLE
 
 
 def test_multinode_pytorchjob_structure():
@@ -419,9 +419,9 @@ def test_no_secret_in_dockerfile_args_or_env():
 
 
 def test_dockerignore_admits_exactly_what_the_dockerfile_copies():
-    lines = [l for l in (ROOT / ".dockerignore").read_text().splitlines() if l and not l.startswith("#")]
+    lines = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert lines[0] == "*"
-    allowed = {l[1:].rstrip("/") for l in lines if l.startswith("!")}
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     sources = set()
     for args in instruction_args("COPY"):
         if not args.startswith("--from"):
@@ -555,7 +555,9 @@ def test_render_applies_kustomize_images_then_the_run():
     kustomization, docs = renderer.load_kustomization()
     renderer.apply_kustomize_images(docs, kustomization["images"])
     override = kustomization["images"][0]
-    assert container(pod_spec(by_kind(docs, "Job")), "trainer")["image"] == f"{override['newName']}:{override['newTag']}"
+    assert (
+        container(pod_spec(by_kind(docs, "Job")), "trainer")["image"] == f"{override['newName']}:{override['newTag']}"
+    )
     digest = "sha256:" + "ab" * 32
     docs = renderer.render(f"registry.example.com/qwen3-sft@{digest}", "run-1", "s3://b/d", namespace="ml")
     c = container(pod_spec(by_kind(docs, "Job")), "trainer")

@@ -13,13 +13,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import REPO
+from runs import REFERENCE, STEPS
 from safetensors.torch import load_file
 from transformers import TrainerControl
 
-from helpers import REPO
 from job.errors import ExitCode, Preempted
 from job.train.preemption import PreemptionCallback, PreemptionGuard
-from runs import REFERENCE, STEPS
 
 
 # -- the guard and the callback, in process ----------------------------------------------------------------------
@@ -113,7 +113,9 @@ def test_interrupted_chain_matches_the_uninterrupted_run(interrupted_chain, refe
     ref_adapter = load_file(str(ref_tmp / "out/adapter/adapter_model.safetensors"))
     adapter = load_file(str(tmp / "out/adapter/adapter_model.safetensors"))
     assert set(adapter) == set(ref_adapter)
-    assert all(adapter[k].dtype == torch.float32 for k in adapter)  # fp32 master weights (see keep_trainable_params_fp32)
+    assert all(
+        adapter[k].dtype == torch.float32 for k in adapter
+    )  # fp32 master weights (see keep_trainable_params_fp32)
     assert max((adapter[k] - ref_adapter[k]).abs().max().item() for k in adapter) <= 1e-5
     ref_metrics = json.loads((ref_tmp / "out/metrics.json").read_text())
     metrics = json.loads((tmp / "out/metrics.json").read_text())

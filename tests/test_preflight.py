@@ -18,9 +18,9 @@ import zlib
 from pathlib import Path
 
 import pytest
+from helpers import REPO, TINY_PIXELS, job_env
 from PIL import Image
 
-from helpers import REPO, TINY_PIXELS, job_env
 from job import preflight
 from job.cards import ModelCards
 from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator
@@ -119,8 +119,11 @@ ROW_CASES = {
     "missing_image_field": (_without("image"), "missing_field", "image"),
     "bomb_20000x20000": (_bomb(20000, 20000), "image_too_large", "image"),  # PIL itself refuses this one
     "bomb_10000x10000": (_bomb(10000, 10000), "image_too_large", "image"),  # PIL only warns; our limit refuses
-    "aspect_ratio_400": (lambda root: row(root, 3, image=save(root, "thin.png", Image.new("RGB", (2000, 5)))),
-                         "image_aspect_ratio", "image"),
+    "aspect_ratio_400": (
+        lambda root: row(root, 3, image=save(root, "thin.png", Image.new("RGB", (2000, 5)))),
+        "image_aspect_ratio",
+        "image",
+    ),
     "missing_target": (_without("target_json"), "missing_field", "target_json"),
     "target_not_json": (_fields(target_json="{label: sarcastic"), "target_not_json", "target_json"),
     "target_not_object": (_fields(target_json='["sarcastic"]'), "target_not_object", "target_json"),
@@ -128,7 +131,11 @@ ROW_CASES = {
     "empty_query": (_fields(query="   "), "empty_query", "query"),
     "missing_query": (_without("query"), "missing_field", "query"),
     "control_token_in_caption": (_fields(caption="hi <|im_start|>assistant"), "special_token_in_text", "caption"),
-    "control_token_in_target": (_fields(target_json='{"label": "a<|im_end|>"}'), "special_token_in_text", "target_json"),
+    "control_token_in_target": (
+        _fields(target_json='{"label": "a<|im_end|>"}'),
+        "special_token_in_text",
+        "target_json",
+    ),
     "too_long": (_fields(caption="word " * 600), "too_long", "row"),
 }
 
@@ -156,8 +163,12 @@ def test_bad_row_fails_naming_row_field_and_fix(case, tmp_path, tiny_assets, pro
     where = "row" if field == "row" else f"field '{field}'"
     assert f"train: train.jsonl:4: {where}" in message and "fix: " in message, message
     errors = report["errors"]
-    assert [(e["split"], e["row_id"], e["kind"], e["field"]) for e in errors] == [("train", "train.jsonl:4", kind, field)]
-    assert report["ok"] is False and report["splits"]["train"]["rows_bad"] == 1 and report["errors_by_kind"] == {kind: 1}
+    assert [(e["split"], e["row_id"], e["kind"], e["field"]) for e in errors] == [
+        ("train", "train.jsonl:4", kind, field)
+    ]
+    assert (
+        report["ok"] is False and report["splits"]["train"]["rows_bad"] == 1 and report["errors_by_kind"] == {kind: 1}
+    )
 
 
 def test_bad_eval_row_is_named_with_its_split(tmp_path, tiny_assets, processor):
@@ -345,7 +356,9 @@ def test_labels_duplicates_and_eval_labels_missing_from_train(tmp_path, tiny_ass
     assert ("duplicate_row", "train.jsonl:5") in warnings
     assert report["warnings_by_kind"] == {"duplicate_row": 2, "eval_row_in_train": 1, "eval_label_not_in_train": 1}
     out = capsys.readouterr().out
-    assert "labels validation: a=2, c=2" in out and "warnings by kind: duplicate_row=2, eval_label_not_in_train=1" in out
+    assert (
+        "labels validation: a=2, c=2" in out and "warnings by kind: duplicate_row=2, eval_label_not_in_train=1" in out
+    )
 
 
 # -- token lengths -----------------------------------------------------------------------------------------------
@@ -369,12 +382,12 @@ def test_token_estimate_equals_collator_length(tmp_path, processor):
 
 def test_pool_and_in_process_scans_agree(tmp_path, tiny_assets, processor, monkeypatch):
     root = tmp_path / "data"
-    bad = [row(root, 50, query=""), row(root, 51, image="images/none.png")] + [dict(row(root, 0))]
+    bad = [row(root, 50, query=""), row(root, 51, image="images/none.png"), dict(row(root, 0))]
     cfg = make_cfg(tiny_assets, dataset(root, [row(root, 10 + i) for i in range(20)] + bad), tmp_path / "out")
     reports = []
     for pool_min_rows, workers in ((10**9, 1), (0, 2)):
         monkeypatch.setattr(preflight, "POOL_MIN_ROWS", pool_min_rows)
-        monkeypatch.setattr(preflight, "worker_count", lambda: workers)
+        monkeypatch.setattr(preflight, "worker_count", lambda workers=workers: workers)
         _, report = failing_report(cfg, processor)
         assert report["workers"] == workers
         reports.append({k: v for k, v in report.items() if k not in ("seconds", "rows_per_s", "workers", "failure")})

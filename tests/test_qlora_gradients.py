@@ -21,6 +21,7 @@ import pytest
 import torch
 from bitsandbytes.functional import dequantize_4bit
 from peft import PeftModel
+from runs import STEPS
 from safetensors.torch import load_file
 
 from job.cards import ModelCards
@@ -29,7 +30,6 @@ from job.config import build_cfg
 from job.data.loaders import load_local_split
 from job.train.model import apply_lora, keep_trainable_params_fp32, load_model
 from job.utils.eval_sarcasm import evaluate_qwen3
-from runs import STEPS
 
 
 @pytest.fixture(scope="module")

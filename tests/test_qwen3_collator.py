@@ -14,17 +14,19 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from job.collators.qwen3_collator import (  # noqa: E402
-    IGNORE_INDEX, Qwen3VisionSFTCollator, prompt_lengths_by_reprocessing,
+from job.collators.qwen3_collator import (
+    IGNORE_INDEX,
+    Qwen3VisionSFTCollator,
+    prompt_lengths_by_reprocessing,
 )
-from job.prompts import Queries  # noqa: E402
+from job.prompts import Queries
 
 ROWS = [
     {"row_id": "r0", "image": Image.new("RGB", (64, 64), (200, 30, 30)), "query": "Is this sarcastic?",
      "caption": "Oh great, another Monday", "target_json": '{"label": "sarcastic"}'},
     {"row_id": "r1", "image": Image.new("RGB", (160, 96), (30, 30, 200)), "query": "  Classify this post.  ",
      "caption": None, "target_json": {"label": "not_sarcastic", "why": "sincere"}},
-    {"row_id": "r2", "image": Image.new("L", (120, 200), 128), "query": "Sarcastique ? 皮肉ですか？",
+    {"row_id": "r2", "image": Image.new("L", (120, 200), 128), "query": "Sarcastique ? 皮肉ですか？",  # noqa: RUF001 - Japanese
      "caption": "Génial… encore de la pluie ☔️🙃", "target_json": '{"label": "sarcastic", "note": "ünïcødé ☔"}'},
     {"row_id": "r3", "image": Image.new("RGBA", (300, 40), (0, 255, 0, 128)), "query": "Sarcastic?",
      "caption": "", "target_json": '{"label":"not_sarcastic"}'},
@@ -143,11 +145,11 @@ def test_pad_equal_to_eos_still_supervises_im_end(processor):
 
 
 def _script_main() -> int:
+    import tempfile
+
     from transformers import AutoProcessor
 
     from job.tiny import build_tiny_processor
-
-    import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         build_tiny_processor().save_pretrained(tmp)

@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from helpers import job_env, run_job
+
 from job.cards import ModelCards
 from job.cli import exit_code_for
 from job.config import build_cfg
@@ -109,7 +109,7 @@ def _plan(env: dict[str, str]):
     ({"SFT_GRAD_ACCUM": "2", "SFT_WARMUP_RATIO": "0.1"}, "SFT_GRAD_ACCUM: 1 -> 2"),
 ], ids=["learning-rate", "run-id", "lora-r", "two-settings"])
 def test_changed_settings_are_refused_with_old_and_new(rerun_chain, tiny_assets, override, expected):
-    tmp, env, _ = rerun_chain
+    _, env, _ = rerun_chain
     with pytest.raises(resume.ResumeDrift) as caught:
         _plan({**env, **override})
     assert expected in caught.value.changes
@@ -119,7 +119,7 @@ def test_changed_settings_are_refused_with_old_and_new(rerun_chain, tiny_assets,
 
 
 def test_other_data_is_refused_and_the_images_count(rerun_chain, tiny_assets, tmp_path):
-    tmp, env, _ = rerun_chain
+    _, env, _ = rerun_chain
     data = tmp_path / "data"
     shutil.copytree(tiny_assets[1], data)
     with pytest.raises(resume.ResumeDrift) as caught:  # the same rows at another path: still the same data
@@ -137,14 +137,14 @@ def test_other_data_is_refused_and_the_images_count(rerun_chain, tiny_assets, tm
 
 
 def test_settings_that_cannot_change_the_weights_are_not_drift(rerun_chain):
-    tmp, env, _ = rerun_chain
+    _, env, _ = rerun_chain
     plan = _plan({**env, "SFT_LOGGING_STEPS": "5", "SFT_EVAL_BATCH_SIZE": "1", "SFT_EVAL_MAX_NEW_TOKENS": "4",
                   "SFT_PREEMPT_GRACE_S": "9", "SFT_DATALOADER_NUM_WORKERS": "2", "SFT_SAVE_TOTAL_LIMIT": "5"})
     assert plan.progress.finished and Path(plan.checkpoint).name == "checkpoint-2"
 
 
 def test_lora_rank_change_exits_2_before_any_model_loads(rerun_chain, tiny_assets):
-    tmp, env, _ = rerun_chain
+    _, env, _ = rerun_chain
     proc = run_job(["run"], {**env, "SFT_LORA_R": "4"})
     log = _log(proc)
     assert proc.returncode == ExitCode.USER, log[-3000:]

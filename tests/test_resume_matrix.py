@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
 from helpers import REPO, job_env
-from job.storage.checkpoints import RemoteCheckpoints
 from runs import HELD_CHECKPOINT
 from s3_proxy import assert_store_complete
+from safetensors.torch import load_file
+
+from job.storage.checkpoints import RemoteCheckpoints
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +78,8 @@ def _history(out: Path) -> dict[int, tuple[float, float]]:
 
 
 def _adapter_gap(a: Path, b: Path) -> float:
-    left, right = load_file(str(a / "out/adapter/adapter_model.safetensors")), load_file(str(b / "out/adapter/adapter_model.safetensors"))
+    left = load_file(str(a / "out/adapter/adapter_model.safetensors"))
+    right = load_file(str(b / "out/adapter/adapter_model.safetensors"))
     assert set(left) == set(right)
     return max((left[k] - right[k]).abs().max().item() for k in left)
 

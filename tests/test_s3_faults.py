@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from s3_proxy import AWS_ENV, FaultProxy, assert_store_complete, create_bucket, moto_server
+
 from job.errors import TransientError
 from job.storage.checkpoints import RemoteCheckpoints
 

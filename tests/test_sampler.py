@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import sys
 from pathlib import Path
@@ -11,8 +12,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import skewed_lengths  # noqa: E402
-from job.train.sampler import LengthGroupedSampler, padding_fraction  # noqa: E402
+from benchmarks.common import skewed_lengths
+from job.train.sampler import LengthGroupedSampler, padding_fraction
 
 SKEWED = skewed_lengths(2000, seed=3)
 
@@ -75,7 +76,7 @@ def test_random_across_groups_and_longest_batch_first():
     # Not a long-to-short (or short-to-long) sweep: batch maxima after the first are not monotone and the
     # first and second halves of the epoch have similar mean lengths.
     rest = maxima[1:]
-    ups = sum(b > a for a, b in zip(rest, rest[1:]))
+    ups = sum(b > a for a, b in itertools.pairwise(rest))
     assert 0.3 < ups / (len(rest) - 1) < 0.7
     half = len(rest) // 2
     assert abs(sum(rest[:half]) / half - sum(rest[half:]) / (len(rest) - half)) < 0.15 * (sum(rest) / len(rest))
@@ -124,7 +125,7 @@ def test_ddp_round_robin_covers_every_index_once(world_size):
     assert not set(i for b in shares[0] for i in b) & set(i for b in shares[1] for i in b)
     if world_size == 2:  # both ranks' batches of one step come from one sorted group: similar lengths
         per_step = [max(max(lengths[i] for i in a), max(lengths[i] for i in b)) / min(max(lengths[i] for i in a),
-                    max(lengths[i] for i in b)) for a, b in zip(*shares)]
+                    max(lengths[i] for i in b)) for a, b in zip(*shares, strict=True)]
         assert sorted(per_step)[len(per_step) // 2] < 1.05
 
 

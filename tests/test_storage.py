@@ -12,12 +12,12 @@ import socket
 from pathlib import Path
 
 import pytest
-
 from helpers import job_env, run_job
+from runs import AWS_ENV, CHECKPOINT_BUCKET, REFERENCE, s3_client
+
 from job.errors import GateRefused, TransientError, UserError
 from job.storage import s3 as s3io
 from job.storage.checkpoints import RemoteCheckpoints
-from runs import AWS_ENV, CHECKPOINT_BUCKET, REFERENCE, s3_client
 
 
 def _free_port() -> int:
@@ -72,7 +72,9 @@ def test_marker_written_last_and_incomplete_never_chosen(bucket, tmp_path):
     restored = remote.restore_latest(tmp_path / "restore")
     assert restored is not None and restored.name == "checkpoint-2"
     assert (restored / "COMPLETED").is_file()
-    assert (restored / "adapter_model.safetensors").read_bytes() == (tmp_path / "local/checkpoint-2/adapter_model.safetensors").read_bytes()
+    assert (restored / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "local/checkpoint-2/adapter_model.safetensors"
+    ).read_bytes()
 
 
 def test_retention_keeps_newest_complete(bucket, tmp_path):
@@ -167,11 +169,21 @@ def test_model_card_metadata_parses(tiny_assets, tmp_path):
     from job.config import build_cfg
     from job.storage.hub import build_model_card
 
-    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, {"SFT_DATASET_URI": "org/sarcasm", "HF_TOKEN": "hf_secret_abcdef"})
+    cfg = build_cfg(
+        ModelCards().qwen3_vl_8b_instruct, {"SFT_DATASET_URI": "org/sarcasm", "HF_TOKEN": "hf_secret_abcdef"}
+    )
     metrics = {"pre": {"accuracy": 0.5, "macro_f1": 0.4, "json_parse_rate": 0.9, "exact_match": 0.3, "n": 10},
                "post": {"accuracy": 0.9, "macro_f1": 0.85, "json_parse_rate": 1.0, "exact_match": 0.8, "n": 10}}
-    lineage = {"base_model": "Qwen/Qwen3-VL-8B-Instruct", "base_model_revision": "abc123", "dataset_uri": "org/sarcasm",
-               "dataset_is_hub": True, "dataset_version": "v1", "fingerprint": "f" * 64, "git_sha": None, "image_digest": None}
+    lineage = {
+        "base_model": "Qwen/Qwen3-VL-8B-Instruct",
+        "base_model_revision": "abc123",
+        "dataset_uri": "org/sarcasm",
+        "dataset_is_hub": True,
+        "dataset_version": "v1",
+        "fingerprint": "f" * 64,
+        "git_sha": None,
+        "image_digest": None,
+    }
     build_model_card(cfg, "run-1", metrics, lineage).save(tmp_path / "README.md")
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.base_model == "Qwen/Qwen3-VL-8B-Instruct" and card.data.base_model_revision == "abc123"
@@ -188,7 +200,10 @@ def test_gate_rules():
 
     pre, post = {"macro_f1": 0.6, "accuracy": 0.7}, {"macro_f1": 0.65, "accuracy": 0.6}
     assert gate_decision({"pre": pre, "post": post}, "macro_f1:0.6", True)[0] is True
-    assert gate_decision({"pre": pre, "post": post}, "macro_f1:0.7", True) == (False, "post macro_f1=0.6500 is below SFT_PUSH_MIN_METRIC 0.7")
+    assert gate_decision({"pre": pre, "post": post}, "macro_f1:0.7", True) == (
+        False,
+        "post macro_f1=0.6500 is below SFT_PUSH_MIN_METRIC 0.7",
+    )
     passed, reason = gate_decision({"pre": pre, "post": post}, "accuracy:0.5", True)
     assert not passed and "below pre accuracy=0.7000" in reason
     assert gate_decision({"pre": pre, "post": post}, "accuracy:0.5", False)[0] is True
@@ -202,7 +217,9 @@ def test_refused_gate_never_reaches_the_hub(tmp_path, monkeypatch):
     from job.train.qwen3_vl_8b_sft import RunPaths, _publish
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # any Hub call would now fail loudly with a different error
-    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, {"SFT_HUB_REPO_ID": "org/repo", "SFT_PUSH_MIN_METRIC": "accuracy:0.9"})
+    cfg = build_cfg(
+        ModelCards().qwen3_vl_8b_instruct, {"SFT_HUB_REPO_ID": "org/repo", "SFT_PUSH_MIN_METRIC": "accuracy:0.9"}
+    )
     paths = RunPaths(tmp_path).create()
     metrics = {"pre": {"accuracy": 0.1}, "post": {"accuracy": 0.5}}
     with pytest.raises(GateRefused, match="below SFT_PUSH_MIN_METRIC"):

@@ -105,7 +105,7 @@ class Qwen3VisionSFTCollator:
     def _collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("empty batch")
-        texts, images = zip(*(self._render(ex, i) for i, ex in enumerate(examples)))
+        texts, images = zip(*(self._render(ex, i) for i, ex in enumerate(examples)), strict=True)
         batch = self.processor(
             text=list(texts), images=list(images), return_tensors="pt", padding=True,
             padding_side="right" if self.training else "left",
@@ -113,7 +113,9 @@ class Qwen3VisionSFTCollator:
         batch.pop("token_type_ids", None)  # text-only artefact; mm_token_type_ids is kept: the model uses it
         self._check_lengths(batch, examples)
         if self.training:
-            batch["labels"] = answer_only_labels(batch["input_ids"], batch["attention_mask"], self._header_ids, self._end_id)
+            batch["labels"] = answer_only_labels(
+                batch["input_ids"], batch["attention_mask"], self._header_ids, self._end_id
+            )
             self._check_supervised(batch["labels"], examples)
         return dict(batch)
 
@@ -121,7 +123,9 @@ class Qwen3VisionSFTCollator:
         if self.max_length is None:
             return
         lengths = batch["attention_mask"].sum(dim=1).tolist()
-        too_long = [(row_name(ex, i), n) for i, (ex, n) in enumerate(zip(examples, lengths)) if n > self.max_length]
+        too_long = [
+            (row_name(ex, i), n) for i, (ex, n) in enumerate(zip(examples, lengths, strict=True)) if n > self.max_length
+        ]
         if too_long:
             rows = ", ".join(f"{r} ({n} tokens)" for r, n in too_long)
             raise DataError(
@@ -144,7 +148,9 @@ def _last_occurrence(ids: list[int], pattern: list[int]) -> int:
     return -1
 
 
-def answer_only_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, header_ids: list[int], end_id: int) -> torch.Tensor:
+def answer_only_labels(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, header_ids: list[int], end_id: int
+) -> torch.Tensor:
     """Labels that keep exactly the final assistant answer and its `<|im_end|>`; everything else is -100.
 
     The prompt length comes from the already-expanded ids (the last `<|im_start|>assistant\\n` in each row), so the

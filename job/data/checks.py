@@ -105,7 +105,9 @@ class RowChecker:
             result.error("missing_field", key, "is missing",
                          f"add a non-empty '{key}' string to every row (or set SFT_QUERY_KEY)")
         elif not isinstance(query, str):
-            result.error("bad_type", key, f"is {_describe(query)}, expected a string", "store the query as a JSON string")
+            result.error(
+                "bad_type", key, f"is {_describe(query)}, expected a string", "store the query as a JSON string"
+            )
         elif not query.strip():
             result.error("empty_query", key, "is empty", "write the question the model should answer")
         if caption is not None and not isinstance(caption, str):
@@ -114,8 +116,12 @@ class RowChecker:
         for name, value in ((key, query), (caption_key, caption)):
             found = [t for t in self.special_tokens if isinstance(value, str) and t in value]
             if found:
-                result.error("special_token_in_text", name, f"contains the control token(s) {found}, which would corrupt "
-                             "the chat format", "remove them from the text")
+                result.error(
+                    "special_token_in_text",
+                    name,
+                    f"contains the control token(s) {found}, which would corrupt the chat format",
+                    "remove them from the text",
+                )
         return len(result.errors) == before
 
     # -- target ----------------------------------------------------------------------------------------------
@@ -142,15 +148,21 @@ class RowChecker:
             return None
         label = value.get(label_field)
         if label is None or label == "":
-            result.error("target_missing_label", key, f"has no '{label_field}' value (keys: {sorted(value)[:8]})",
-                         f"add \"{label_field}\" to every verdict, or set SFT_LABEL_FIELD to the key that holds the label")
+            result.error(
+                "target_missing_label",
+                key,
+                f"has no '{label_field}' value (keys: {sorted(value)[:8]})",
+                f'add "{label_field}" to every verdict, or set SFT_LABEL_FIELD to the key that holds the label',
+            )
             return None
         # str() as the eval metrics compare labels (str(gold) == str(pred)).
         result.label = label if isinstance(label, str) else str(label)
         answer = json.dumps(value, ensure_ascii=False)  # exactly rows.target_text, without parsing twice
         found = [t for t in self.special_tokens if t in answer]
         if found:  # an <|im_end|> inside the answer would end the supervised span early
-            result.error("special_token_in_text", key, f"contains the control token(s) {found}", "remove them from the verdict")
+            result.error(
+                "special_token_in_text", key, f"contains the control token(s) {found}", "remove them from the verdict"
+            )
             return None
         return answer
 
@@ -168,7 +180,9 @@ class RowChecker:
                          "downscale the image (the model sees at most SFT_IMAGE_MAX_PIXELS pixels anyway)")
             return None, digest
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files (OSError, SyntaxError, struct.error)
-            result.error("image_unreadable", key, f"cannot be decoded ({type(exc).__name__}: {exc})"[:300], REENCODE_FIX)
+            result.error(
+                "image_unreadable", key, f"cannot be decoded ({type(exc).__name__}: {exc})"[:300], REENCODE_FIX
+            )
             return None, digest
         return size, digest
 
@@ -236,9 +250,13 @@ class RowChecker:
         result.tokens = len(ids) - pads + pads * int(visual)
         limit = self.collator.max_length
         if limit is not None and result.tokens > limit:
-            result.error("too_long", "row", f"has {result.tokens} tokens ({visual} visual + {result.tokens - visual} text) "
-                         f"> SFT_MAX_LENGTH={limit}; rows are never truncated",
-                         "raise SFT_MAX_LENGTH, lower SFT_IMAGE_MAX_PIXELS or shorten the text")
+            result.error(
+                "too_long",
+                "row",
+                f"has {result.tokens} tokens ({visual} visual + {result.tokens - visual} text) "
+                f"> SFT_MAX_LENGTH={limit}; rows are never truncated",
+                "raise SFT_MAX_LENGTH, lower SFT_IMAGE_MAX_PIXELS or shorten the text",
+            )
         if self.training:
             self._check_supervised(ids, result)
 

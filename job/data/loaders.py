@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from job.errors import DataError, TransientError, hub_offline
 
@@ -28,15 +29,19 @@ def _jsonl_rows(path: Path, image_key: str, split: str) -> list[dict[str, Any]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"{split}: {path.name}:{lineno}: line is not valid UTF-8 ({exc.reason}); re-encode the file as UTF-8") from None
+                raise DataError(f"{split}: {path.name}:{lineno}: line is not valid UTF-8 ({exc.reason}); "
+                                "re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{split}: {path.name}:{lineno}: line is not valid JSON ({exc.msg}); each line must be one JSON object") from None
+                raise DataError(f"{split}: {path.name}:{lineno}: line is not valid JSON ({exc.msg}); "
+                                "each line must be one JSON object") from None
             if not isinstance(row, dict):
-                raise DataError(f"{split}: {path.name}:{lineno}: line is a JSON {type(row).__name__}, expected an object")
+                raise DataError(
+                    f"{split}: {path.name}:{lineno}: line is a JSON {type(row).__name__}, expected an object"
+                )
             row[ROW_ID] = f"{path.name}:{lineno}"
             image = row.get(image_key)
             if isinstance(image, str):
@@ -48,7 +53,9 @@ def _jsonl_rows(path: Path, image_key: str, split: str) -> list[dict[str, Any]]:
 def _resolve_image_path(root: Path, rel: str, row_id: str, image_key: str) -> str:
     resolved = (root / rel).resolve()
     if not resolved.is_relative_to(root):
-        raise DataError(f"{row_id}: field '{image_key}' path {rel!r} escapes the dataset directory {root}; use a path inside it")
+        raise DataError(
+            f"{row_id}: field '{image_key}' path {rel!r} escapes the dataset directory {root}; use a path inside it"
+        )
     return str(resolved)
 
 
@@ -84,7 +91,8 @@ def _check_column_types(rows: list[dict[str, Any]]) -> None:
     for key, types in seen.items():
         if len(types) > 1:
             usual = types.most_common(1)[0][0]
-            odd += [f"{row[ROW_ID]}: field '{key}' is {_type_class(row[key])} {row[key]!r:.40} where other rows have {usual}"
+            odd += [f"{row[ROW_ID]}: field '{key}' is {_type_class(row[key])} {row[key]!r:.40} "
+                    f"where other rows have {usual}"
                     for row in rows if row.get(key) is not None and _type_class(row[key]) != usual]
     if odd:
         listed = "; ".join(odd[:20]) + (f"; ... and {len(odd) - 20} more" if len(odd) > 20 else "")
@@ -119,7 +127,9 @@ def load_local_split(uri: str, split: str, image_key: str = "image"):
         loaded = datasets.load_from_disk(str(root))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise DataError(f"split {split!r} not found in {uri}: it has {sorted(loaded)}; set SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT")
+                raise DataError(
+                    f"split {split!r} not found in {uri}: it has {sorted(loaded)}; set SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT"
+                )
             loaded = loaded[split]
         ds = _with_row_ids(loaded, split)
     elif (jsonl := _split_file(root, split)) is not None:
@@ -132,7 +142,9 @@ def load_local_split(uri: str, split: str, image_key: str = "image"):
             "or a datasets.save_to_disk directory; add it, or set SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT to a split it has"
         )
     if len(ds) == 0:
-        raise DataError(f"split {split!r} in {uri} is empty; add rows or point SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT elsewhere")
+        raise DataError(
+            f"split {split!r} in {uri} is empty; add rows or point SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT elsewhere"
+        )
     return ds
 
 

@@ -61,7 +61,9 @@ def load_image(value: Any, row: str, field: str):
     except Image.DecompressionBombError as exc:  # not an OSError: without this it crashed as an internal error
         raise DataError(f"{row}: field '{field}' is too large to decode safely ({exc}); downscale it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{row}: field '{field}' is not a readable image ({type(exc).__name__}: {exc}); re-save it as PNG or JPEG") from None
+        raise DataError(
+            f"{row}: field '{field}' is not a readable image ({type(exc).__name__}: {exc}); re-save it as PNG or JPEG"
+        ) from None
 
 
 def parse_target(value: Any, row: str, field: str) -> dict:
@@ -77,7 +79,9 @@ def parse_target(value: Any, row: str, field: str) -> dict:
     except json.JSONDecodeError as exc:
         raise DataError(f"{row}: field '{field}' is not valid JSON ({exc.msg}): {value[:60]!r}") from None
     if not isinstance(parsed, dict):
-        raise DataError(f"{row}: field '{field}' is JSON {type(parsed).__name__}; expected an object like {{\"label\": ...}}")
+        raise DataError(
+            f"{row}: field '{field}' is JSON {type(parsed).__name__}; expected an object like {{\"label\": ...}}"
+        )
     return parsed
 
 

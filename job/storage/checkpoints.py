@@ -54,7 +54,12 @@ class RemoteCheckpoints:
 
         sizes = s3io.with_retries(f"upload of checkpoint-{step}", upload_all, UPLOAD_ATTEMPTS)
         # Written last: a reader that sees COMPLETED knows every object above is whole.
-        s3io.put_text(self.s3, target, target.key(COMPLETED), json.dumps({"step": step, "objects": len(sizes), "time": time.time()}))
+        s3io.put_text(
+            self.s3,
+            target,
+            target.key(COMPLETED),
+            json.dumps({"step": step, "objects": len(sizes), "time": time.time()}),
+        )
         log.info("checkpoint-%d uploaded to %s (%d objects, %.1fs, %d request retries)", step, target, len(sizes),
                  time.monotonic() - started, s3io.retries_taken(self.s3))
         self.apply_retention()
@@ -118,7 +123,11 @@ class RemoteCheckpoints:
                 if path.is_dir():
                     sizes.update(s3io.upload_dir(self.s3, path, target.child(name)))
                 elif path.is_file():
-                    sizes.update(s3io.upload_dir(self.s3, root, target, skip=tuple(p.name for p in root.iterdir() if p.name != name)))
+                    sizes.update(
+                        s3io.upload_dir(
+                            self.s3, root, target, skip=tuple(p.name for p in root.iterdir() if p.name != name)
+                        )
+                    )
             s3io.verify_sizes(self.s3, target, sizes)
             return sizes
 

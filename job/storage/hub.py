@@ -55,7 +55,9 @@ def build_model_card(cfg: dict, run_id: str, metrics: dict, lineage: dict):
 def _card_body(cfg: dict, run_id: str, metrics: dict, lineage: dict) -> str:
     pre, post = metrics.get("pre") or {}, metrics.get("post") or {}
     rows = "\n".join(f"| {k} | {pre.get(k, '-')} | {post.get(k, '-')} |" for k in (*GATE_METRICS, "n"))
-    train_cfg = json.dumps(redact({"train": cfg["train"], "lora": cfg["lora"], "image": cfg["image"]}), indent=2, sort_keys=True)
+    train_cfg = json.dumps(
+        redact({"train": cfg["train"], "lora": cfg["lora"], "image": cfg["image"]}), indent=2, sort_keys=True
+    )
     return f"""# {run_id}: QLoRA adapter for {lineage['base_model']}
 
 Multimodal sarcasm detection: an image, a query and an optional caption in, a JSON verdict out.

@@ -17,9 +17,10 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from job.errors import S3_USER_CODES, TransientError, UserError, classify_foreign
 
@@ -111,7 +112,12 @@ def with_retries(what: str, fn: Callable[[], T], attempts: int, base_s: float = 
 def s3_errors(what: str):
     """Turn botocore failures into user (exit 2) or transient (exit 3) errors that name what was being done."""
     from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError, NoCredentialsError
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionError as BotoConnectionError,
+        NoCredentialsError,
+    )
 
     try:
         try:
@@ -125,10 +131,14 @@ def s3_errors(what: str):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         message = exc.response.get("Error", {}).get("Message", "")
         if code in S3_USER_CODES:
-            raise UserError(f"S3 {what}: {code} {message}".strip() + "; check the bucket name, key and credentials") from None
+            raise UserError(
+                f"S3 {what}: {code} {message}".strip() + "; check the bucket name, key and credentials"
+            ) from None
         raise TransientError(f"S3 {what}: {code} {message} (after retries)") from None
     except NoCredentialsError:
-        raise UserError(f"S3 {what}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a role)") from None
+        raise UserError(
+            f"S3 {what}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a role)"
+        ) from None
     except (BotoConnectionError, BotoCoreError) as exc:
         raise TransientError(f"S3 {what}: {type(exc).__name__}: {exc} (after retries)") from None
     except Exception as exc:  # boto3's transfer manager: S3UploadFailedError around a 503 or an AccessDenied

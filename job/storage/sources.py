@@ -15,7 +15,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def cache_dir(cfg: dict) -> Path:
-    return Path(cfg["storage"]["cache_dir"] or os.path.join(os.environ.get("HF_HOME", Path.home() / ".cache"), "qwen3-sft"))
+    return Path(
+        cfg["storage"]["cache_dir"] or os.path.join(os.environ.get("HF_HOME", Path.home() / ".cache"), "qwen3-sft")
+    )
 
 
 def _hub_id(value: str | None, scheme: str) -> str | None:
@@ -61,4 +63,6 @@ def s3_etags(uri: str | None) -> str | None:
     if not uri or not uri.startswith("s3://"):
         return None
     objects = s3io.list_objects(s3io.client(), s3io.S3Uri.parse(uri))
-    return hashlib.sha256("".join(f"{o['Key']}={o['ETag']};" for o in sorted(objects, key=lambda o: o["Key"])).encode()).hexdigest()
+    return hashlib.sha256(
+        "".join(f"{o['Key']}={o['ETag']};" for o in sorted(objects, key=lambda o: o["Key"])).encode()
+    ).hexdigest()

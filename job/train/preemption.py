@@ -22,6 +22,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 from transformers import TrainerCallback
 
@@ -30,6 +33,8 @@ from job.train import distributed
 
 log = logging.getLogger("job.train")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# What signal.signal takes and returns: a handler function, SIG_DFL/SIG_IGN, or None (not installed from Python).
+SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 class PreemptionGuard:
@@ -41,7 +46,7 @@ class PreemptionGuard:
         self.received_at: float | None = None
         self.in_training = False
         self._pid = os.getpid()
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, SignalHandler] = {}
         self._disarmed = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -67,7 +72,7 @@ class PreemptionGuard:
         return self.grace_s - (time.monotonic() - self.received_at)
 
     def raise_if_requested(self, step: int | None = None) -> None:
-        if self.requested:
+        if self.signal is not None:  # self.requested, spelled out for the type checker
             where = f" at step {step}" if step is not None else ""
             raise Preempted(f"preempted by {signal.Signals(self.signal).name}{where}; rerun with the same "
                             "SFT_RUN_ID to resume from the newest COMPLETED checkpoint")

@@ -12,18 +12,22 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from job import early_checks
 from job.cards import ModelCards
 from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator
-from job import early_checks
 from job.config import build_cfg
 from job.data.loaders import dataset_fingerprint
 from job.errors import DataError, JobError
 from job.train import artifacts, distributed, resume
 from job.train.callbacks import latest_completed_checkpoint
 from job.train.model import (
-    _count_trainable_params, apply_liger, apply_lora, keep_trainable_params_fp32, load_model,
+    _count_trainable_params,
+    apply_liger,
+    apply_lora,
+    keep_trainable_params_fp32,
+    load_model,
 )
 from job.train.preemption import PreemptionGuard
 from job.train.trainer import build_trainer
@@ -116,7 +120,9 @@ def _check_supervised_tokens(collator: Qwen3VisionSFTCollator, train_ds, batch_s
     counts = (batch["labels"] != IGNORE_INDEX).sum(dim=1).tolist()
     print(f"supervised tokens per row (first batch): {counts}", flush=True)
     if min(counts) == 0:
-        raise DataError(f"rows {[r.get('row_id') for r, c in zip(rows, counts) if c == 0]} have no supervised tokens")
+        raise DataError(
+            f"rows {[r.get('row_id') for r, c in zip(rows, counts, strict=True) if c == 0]} have no supervised tokens"
+        )
     return counts
 
 
@@ -234,14 +240,18 @@ def _publish(cfg: dict, paths: RunPaths, run_id: str, remote, metrics: dict, ste
 
     hub = cfg["hub"]
     gated = bool(hub["repo_id"] or hub["min_metric"])
-    passed, reason = gate_decision(metrics, hub["min_metric"], hub["require_improvement"]) if gated else (True, "no gate")
+    passed, reason = (
+        gate_decision(metrics, hub["min_metric"], hub["require_improvement"]) if gated else (True, "no gate")
+    )
     earlier_push = _earlier_push(metrics, hub["repo_id"])
     metrics["gate"] = {"passed": passed, "reason": reason, "pushed_to": None}
     artifacts.write_json(paths.root / "metrics.json", metrics)
     if passed and hub["repo_id"]:
         if earlier_push:
             log.info("Hub: already pushed by an earlier process (%s); not pushing again", earlier_push)
-        metrics["gate"]["pushed_to"] = earlier_push or push_adapter(paths.adapter, hub["repo_id"], hub["private"], run_id)
+        metrics["gate"]["pushed_to"] = earlier_push or push_adapter(
+            paths.adapter, hub["repo_id"], hub["private"], run_id
+        )
         artifacts.write_json(paths.root / "metrics.json", metrics)
     log.info("outputs: %s (%s)", paths.root, ", ".join(FINAL_ARTIFACTS))
     if remote is not None:
@@ -340,7 +350,9 @@ def _train(p: Prepared, model, run, guard: PreemptionGuard, resume_from: str | N
         distributed.barrier()
         if run is not None:
             run.mark_preempting()  # W&B shows the run as preempted, not crashed; it resumes under the same id
-        saved = f"checkpoint-{preemption.stopped_at} is COMPLETED" if preemption.saved else "no new checkpoint (no time)"
+        saved = (
+            f"checkpoint-{preemption.stopped_at} is COMPLETED" if preemption.saved else "no new checkpoint (no time)"
+        )
         log.warning("preempted at step %s: %s", preemption.stopped_at, saved)
         guard.raise_if_requested(preemption.stopped_at)
     return trainer, result
@@ -351,8 +363,8 @@ def run_job(cfg: dict) -> dict[str, Any]:
     with PreemptionGuard(cfg["train"]["preempt_grace_s"]) as guard:
         p = _prepare(cfg, timer)
         plan = _resume_plan(p)  # drift is refused here, before any model loads
-        if plan.progress is not None and plan.progress.finished:
-            return _complete_finished_run(p, plan, timer)
+        if plan.checkpoint is not None and plan.progress is not None and plan.progress.finished:
+            return _complete_finished_run(p, plan.checkpoint, plan.progress, timer)
         started = time.monotonic()
         model = apply_lora(load_model(p.cfg), p.cfg)
         apply_liger(p.cfg, model)  # SFT_USE_LIGER: on with CUDA and liger-kernel (auto); never on the CPU
@@ -393,6 +405,13 @@ def _finish(p: Prepared, model, result, run, timer: Timer, *, params, pre, resum
 
 
 # -- reruns: SFT_RESUME, drift, a finished run ------------------------------------------------------------------
+class TrainResult(NamedTuple):
+    """What _finish reads of trainer.train()'s TrainOutput, rebuilt for a run whose training finished earlier."""
+
+    global_step: int
+    training_loss: float | None  # None when the checkpoint's log history holds no loss entry
+
+
 @dataclass(frozen=True)
 class ResumePlan:
     checkpoint: str | None  # the COMPLETED checkpoint to continue, None for a fresh start
@@ -458,20 +477,20 @@ def _already_published(p: Prepared, metrics: dict, step: int) -> bool:
     return p.remote is None or p.remote.final_step() == step
 
 
-def _complete_finished_run(p: Prepared, plan: ResumePlan, timer: Timer) -> dict[str, Any]:
+def _complete_finished_run(p: Prepared, checkpoint: str, progress: resume.Progress, timer: Timer) -> dict[str, Any]:
     """Training reached its last step in an earlier process: train nothing, redo only what did not finish.
 
     Post-eval and the save when their outputs are missing (the model loads with the checkpoint's adapter); then the
     gate, the final upload and the push (one that failed before is retried). The exit code is the one the first
     run would have given: 4 when the gate refuses again.
     """
-    step, checkpoint = plan.progress.step, plan.checkpoint
+    step = progress.step
     log.info("training already finished: %s is at step %d of %d; no step is trained again", Path(checkpoint).name,
-             step, plan.progress.max_steps)
+             step, progress.max_steps)
     metrics = _finished_metrics(p, step)
     if metrics is None:
         log.info("post-eval or the save did not finish: running them on the checkpoint's adapter")
-        return _evaluate_finished_checkpoint(p, plan, timer)
+        return _evaluate_finished_checkpoint(p, checkpoint, step, timer)
     meta = json.loads((p.paths.root / "training_meta.json").read_text())
     if _already_published(p, metrics, step):
         log.info("nothing to do: run %s finished at step %d; its artifacts are in %s and were published (%s)",
@@ -482,24 +501,23 @@ def _complete_finished_run(p: Prepared, plan: ResumePlan, timer: Timer) -> dict[
     return meta
 
 
-def _evaluate_finished_checkpoint(p: Prepared, plan: ResumePlan, timer: Timer) -> dict[str, Any]:
+def _evaluate_finished_checkpoint(p: Prepared, checkpoint: str, step: int, timer: Timer) -> dict[str, Any]:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
-    from transformers.trainer_utils import TrainOutput
 
     started = time.monotonic()
     model = apply_lora(load_model(p.cfg), p.cfg)
     apply_liger(p.cfg, model)
     keep_trainable_params_fp32(model)  # as the Trainer left it: fp32 LoRA weights
-    set_peft_model_state_dict(model, load_file(str(Path(plan.checkpoint) / "adapter_model.safetensors")))
+    set_peft_model_state_dict(model, load_file(str(Path(checkpoint) / "adapter_model.safetensors")))
     params = _count_trainable_params(model)
     run = tracking.init_wandb(p.cfg, p.run_id, redact(p.cfg)) if distributed.is_main_process() else None
     timer.track("model", started)
     try:
-        state = json.loads((Path(plan.checkpoint) / "trainer_state.json").read_text())
-        result = TrainOutput(plan.progress.step, _training_loss(state["log_history"]), {})
-        pre = _stored_pre_metrics(p.paths, plan.checkpoint)
-        return _finish(p, model, result, run, timer, params=params, pre=pre, resume_from=plan.checkpoint)
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        result = TrainResult(step, _training_loss(state["log_history"]))
+        pre = _stored_pre_metrics(p.paths, checkpoint)
+        return _finish(p, model, result, run, timer, params=params, pre=pre, resume_from=checkpoint)
     finally:
         tracking.finish(run)
 

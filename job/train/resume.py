@@ -126,7 +126,9 @@ class Fingerprint:
         changes = []
         if stored.run_id != self.run_id:
             changes.append(f"SFT_RUN_ID: {stored.run_id} -> {self.run_id}")
-        for name in [n for n, _ in TRAINING_SETTINGS] + sorted(set(stored.settings) - {n for n, _ in TRAINING_SETTINGS}):
+        for name in [n for n, _ in TRAINING_SETTINGS] + sorted(
+            set(stored.settings) - {n for n, _ in TRAINING_SETTINGS}
+        ):
             old, new = stored.settings.get(name, "<not recorded>"), self.settings.get(name, "<not recorded>")
             if old != new:
                 changes.append(f"{name}: {_show(old)} -> {_show(new)}")

@@ -38,6 +38,7 @@ length. 50 (HF's default) gives < 5% padding at batch sizes 4-8 on long-tailed m
 from __future__ import annotations
 
 import hashlib
+import itertools
 import numbers
 from collections.abc import Iterator, Sequence
 
@@ -98,12 +99,12 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
         perm = torch.randperm(n, generator=generator)
         group = self.batch_size * self.world_size
         megabatch = self.megabatch_mult * group
-        bounds = list(range(0, n, megabatch)) + [n]
+        bounds = [*range(0, n, megabatch), n]
         if len(bounds) > 2 and bounds[-1] - bounds[-2] < group:
             del bounds[-2]  # a last megabatch smaller than one group joins the previous one
         groups: list[torch.Tensor] = []
         tail = perm[:0]
-        for start, end in zip(bounds, bounds[1:]):
+        for start, end in itertools.pairwise(bounds):
             chunk = perm[start:end]
             chunk = chunk[torch.sort(self.lengths[chunk], descending=True, stable=True).indices]
             full = (end - start) // group * group

@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-
 INVALID = "<invalid>"
 _OBJECT = re.compile(r"\{.*\}", re.DOTALL)
 
@@ -39,9 +38,9 @@ def _macro_f1(golds: list[str], preds: list[str]) -> float:
         return 0.0
     scores = []
     for label in classes:
-        tp = sum(g == label and p == label for g, p in zip(golds, preds))
-        fp = sum(g != label and p == label for g, p in zip(golds, preds))
-        fn = sum(g == label and p != label for g, p in zip(golds, preds))
+        tp = sum(g == label and p == label for g, p in zip(golds, preds, strict=True))
+        fp = sum(g != label and p == label for g, p in zip(golds, preds, strict=True))
+        fn = sum(g == label and p != label for g, p in zip(golds, preds, strict=True))
         scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
     return sum(scores) / len(scores)
 
@@ -50,7 +49,7 @@ def compute_metrics(predictions: list[str], targets: list[Any], label_field: str
     """Scalar metrics plus the per-row records. Labels are compared after parsing both sides as JSON."""
     rows, golds, preds = [], [], []
     parsed_count = exact = 0
-    for prediction, target in zip(predictions, targets):
+    for prediction, target in zip(predictions, targets, strict=True):
         pred_obj, gold_obj = parse_verdict(prediction), _as_dict(target)
         gold = str((gold_obj or {}).get(label_field, INVALID))
         pred = str(pred_obj.get(label_field, INVALID)) if pred_obj is not None else INVALID
@@ -63,7 +62,7 @@ def compute_metrics(predictions: list[str], targets: list[Any], label_field: str
     n = len(rows)
     return {
         "n": n,
-        "accuracy": sum(g == p for g, p in zip(golds, preds)) / n if n else 0.0,
+        "accuracy": sum(g == p for g, p in zip(golds, preds, strict=True)) / n if n else 0.0,
         "macro_f1": _macro_f1(golds, preds),
         "json_parse_rate": parsed_count / n if n else 0.0,
         "exact_match": exact / n if n else 0.0,
@@ -133,7 +132,7 @@ def evaluate_qwen3(model, processor, eval_dataset, eval_collator, cfg: dict) -> 
         targets = list(eval_dataset[target_key])
         row_ids = list(eval_dataset["row_id"]) if "row_id" in eval_dataset.column_names else range(len(targets))
         metrics = compute_metrics(predictions, targets, data_cfg.get("label_field", "label"))
-        for record, row_id in zip(metrics["predictions"], row_ids):
+        for record, row_id in zip(metrics["predictions"], row_ids, strict=True):
             record["row_id"] = str(row_id)
         return metrics
     except Exception as exc:

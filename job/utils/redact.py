@@ -6,19 +6,22 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 from job.config import SECRET_ENV_VARS
 
 REDACTED = "***redacted***"
 # Keys that *end* in a secret-ish word (hf_token, wandb_api_key, aws_secret_access_key); "max_new_tokens" is not one.
-_SECRET_KEY = re.compile(r"(?:^|_)(?:token|secret|password|passwd|api_key|access_key|access_key_id|credentials?)$", re.IGNORECASE)
+_SECRET_KEY = re.compile(
+    r"(?:^|_)(?:token|secret|password|passwd|api_key|access_key|access_key_id|credentials?)$", re.IGNORECASE
+)
 
 
-def secret_values(env: dict | None = None) -> list[str]:
-    env = os.environ if env is None else env
+def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
+    source = os.environ if env is None else env
     # Very short values would redact ordinary words; real tokens and keys are long.
-    return [v for k in SECRET_ENV_VARS if len(v := env.get(k, "") or "") >= 6]
+    return [v for k in SECRET_ENV_VARS if len(v := source.get(k, "") or "") >= 6]
 
 
 def scrub(text: str, secrets: list[str] | None = None) -> str:
@@ -31,7 +34,10 @@ def redact(obj: Any, secrets: list[str] | None = None) -> Any:
     """A copy of obj with secret-looking keys blanked and any known secret value scrubbed from strings."""
     secrets = secret_values() if secrets is None else secrets
     if isinstance(obj, dict):
-        return {k: (REDACTED if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v, secrets)) for k, v in obj.items()}
+        return {
+            k: (REDACTED if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v, secrets))
+            for k, v in obj.items()
+        }
     if isinstance(obj, (list, tuple)):
         return type(obj)(redact(v, secrets) for v in obj)
     if isinstance(obj, str):

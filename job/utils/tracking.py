@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Literal
 
 log = logging.getLogger(__name__)
 
+WandbMode = Literal["online", "offline", "disabled"]
+# WANDB_MODE values we honour ("dryrun" is wandb's old name for offline).
+_MODES: dict[str, WandbMode] = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline"}
 
-def wandb_mode() -> str:
+
+def wandb_mode() -> WandbMode:
     """The effective mode. Without an API key an online run would block on a login prompt at 3 am: go offline."""
     mode = os.environ.get("WANDB_MODE", "").strip().lower()
-    if mode in ("offline", "disabled", "online", "dryrun"):
-        return "offline" if mode == "dryrun" else mode
+    if mode in _MODES:
+        return _MODES[mode]
     if os.environ.get("WANDB_API_KEY"):
         return "online"
     return "offline"
