@@ -42,12 +42,10 @@ class RemoteCheckpoints:
         target = self.run_uri.child(f"checkpoint-{step}")
         started = time.monotonic()
 
-        # A prefix left by an interrupted upload of the same step (another pod, killed mid-upload) may hold objects
-        # this checkpoint does not have: the new one replaces it rather than merging into it.
-        s3io.with_retries(f"clearing the stale checkpoint-{step}", lambda: s3io.delete_prefix(self.s3, target),
-                          UPLOAD_ATTEMPTS)
-
         def upload_all() -> dict[str, int]:
+            # A prefix left by an interrupted upload of the same step (another pod, killed mid-upload) may hold
+            # objects this checkpoint does not have: the new one replaces it rather than merging into it.
+            s3io.delete_prefix(self.s3, target)
             sizes = s3io.upload_dir(self.s3, local, target, skip=(COMPLETED,))
             s3io.verify_sizes(self.s3, target, sizes)  # every object there, whole, before the marker
             return sizes
