@@ -380,6 +380,7 @@ def test_token_estimate_equals_collator_length(tmp_path, processor):
                 assert result.supervised_tokens == int((batch["labels"] != IGNORE_INDEX).sum()), r["row_id"]
 
 
+@pytest.mark.slow  # starts the forkserver worker pool: 20-40 s of process start-up on 2 cores
 def test_pool_and_in_process_scans_agree(tmp_path, tiny_assets, processor, monkeypatch):
     root = tmp_path / "data"
     bad = [row(root, 50, query=""), row(root, 51, image="images/none.png"), dict(row(root, 0))]
@@ -421,6 +422,7 @@ class DyingView:
         return self.view[index]
 
 
+@pytest.mark.slow  # starts the forkserver worker pool
 def test_a_dead_worker_fails_instead_of_hanging(tmp_path, tiny_assets, processor, monkeypatch):
     view = preflight._check_view
     monkeypatch.setattr(preflight, "_check_view", lambda ds, key: DyingView(view(ds, key), fatal=5))
