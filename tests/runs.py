@@ -2,9 +2,17 @@
 
 Each kind of job run happens at most once per session, and only when a selected test needs it. When the session
 starts, every run the selected tests need is launched in the background (`_launch_needed_runs`), while the in-process
-tests run first (`pytest_collection_modifyitems` puts the `slow` tests last). At most `slots` job processes run at a
-time (TEST_JOB_SLOTS, default: the CPUs pytest may use), the longest chain of dependent processes first. A test then
-asks for the run by fixture name and reads its outputs; many assertions share one run.
+tests run first; then come the slow tests that need no shared run, then the others in the order their runs are
+scheduled (`pytest_collection_modifyitems`). At most `slots` job processes run at a time (TEST_JOB_SLOTS, default:
+the CPUs pytest may use), the longest chain of dependent processes first. A test then asks for the run by fixture
+name and reads its outputs; many assertions share one run.
+
+Job processes are forked by the zygote (tests/zygote.py: one interpreter that has imported the job, which saves
+11-14 CPU-s of imports per process on 2 cores); each is still its own process with its own environment, signals and
+exit code. Fresh interpreters: the reference run (`python -m job run` itself, PYTHONWARNINGS from the first import),
+the torchrun ranks, and the tests that need an environment read at import time (HF_ENDPOINT). `run_forked` runs a
+one-off process the same way. At the end of the session, the terminal summary says when each run finished and the
+CPU seconds each folder's forked processes used.
 
 To reuse a run in a new test, request its fixture and read its files; never change them (copy the directory first,
 as the `resumed_from_an_incomplete_checkpoint` run does). Every run writes its console output to `tmp/log.txt`, its
@@ -12,20 +20,24 @@ outputs to `tmp/out` and W&B's offline files to `tmp/wandb`. To add a kind: writ
 register it in KINDS with its priority and the kinds it reads, and add a one-line fixture.
 
 The runs (fixture -> what it returns):
-- reference_run -> Run: the uninterrupted run: REFERENCE (8 steps, a COMPLETED checkpoint every 2, pre- and post-eval,
+- reference_run -> Run: the uninterrupted run: REFERENCE (STEPS=6 steps of 2 rows, one per micro-batch with gradient
+  accumulation 2, two dataloader workers, LoRA dropout 0.1, a COMPLETED checkpoint every 2, pre- and post-eval,
   logging every step) on the tiny data plus one blank-query row that SFT_BAD_ROWS=skip drops, with HF_TOKEN and
   WANDB_API_KEY set to known secrets (SECRET, WANDB_SECRET). Exit 0.
-- interrupted_chain -> Chain: the same configuration interrupted by SIGTERM, then SIGKILL, then a SIGTERM whose save
-  cannot fit (SFT_PREEMPT_GRACE_S=0.2), then resumed to the end; `stages` holds what each stage returned.
+- interrupted_chain -> Chain: the same configuration stopped by SIGTERM (a preemption save), then by SIGKILL in the
+  middle of a step, then by a SIGTERM whose save cannot fit (SFT_PREEMPT_GRACE_S=0.2), then resumed to the end;
+  `stages` holds what each stage returned (its driver's docstring).
 - pre_eval_off_run -> Run: the reference run with SFT_EVAL_PRE=false, checkpoints in S3 (CHECKPOINT_BUCKET, run id
   REFERENCE's) and a gate that refuses (SFT_PUSH_MIN_METRIC=macro_f1:0.99): exit 4, training identical to the reference.
 - resumed_from_an_incomplete_checkpoint -> Run: a copy of the reference run whose last checkpoint lost its COMPLETED
   marker, rerun with the same settings (it resumes from checkpoint-STEPS-2 and trains to STEPS).
-- adapter_reload -> CompletedProcess: a fresh Python process loads the reference adapter on the base model and runs
-  one forward pass (prints RELOAD_OK).
+- adapter_reload -> CompletedProcess: a separate Python process loads the reference adapter on the base model and
+  runs one forward pass (prints RELOAD_OK).
 - s3_resume_run -> S3Resume: REFERENCE with data and checkpoints in S3 behind a proxy that fails 20% of requests;
   pod1 is SIGKILLed while its checkpoint-4 upload is held, pod2 (an empty disk, the same SFT_RUN_ID) restores
   checkpoint-2 from the store and finishes exactly like the reference run.
+- rerun_chain -> Rerun: a 2-step run whose gate refuses, then the same command again, a rerun after its adapter and
+  metrics were lost, and once more (the re-run tests of tests/test_rerun.py).
 - ddp_run -> Run: `torchrun --nproc_per_node=2` (gloo), 4 steps. ddp_standalone_eval -> Run: `qwen3-sft eval` of its
   adapter in a single process.
 - ddp_preempted_run -> DDPPreempted: torchrun with 40 steps, one rank SIGTERMed after checkpoint-2 is COMPLETED; each
@@ -41,6 +53,7 @@ import itertools
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -64,18 +77,22 @@ from s3_proxy import AWS_ENV, FaultProxy
 
 from job.storage import s3 as s3io
 
-STEPS = 8
+STEPS = 6
 # PYTHONWARNINGS=default prints every warning once per location, library DeprecationWarnings included, so the logs
 # show any warning at all (tests/test_warnings.py reads the reference run's).
+# Two dataloader workers, gradient accumulation and LoRA dropout: every resume below must restore the sampler, the
+# partial accumulation window and the RNG streams of the workers and of dropout, or it does not end where this ends.
 REFERENCE = dict(SFT_MAX_STEPS=str(STEPS), SFT_SAVE_STEPS="2", SFT_EVAL_SUBSET="4", SFT_SAVE_TOTAL_LIMIT="10",
                  SFT_PREEMPT_GRACE_S="60", SFT_RUN_ID="test-run", SFT_BAD_ROWS="skip", SFT_MAX_BAD_FRACTION="0.1",
-                 PYTHONWARNINGS="default")
+                 SFT_DATALOADER_NUM_WORKERS="2", SFT_PER_DEVICE_BATCH_SIZE="1", SFT_GRAD_ACCUM="2",
+                 SFT_LORA_DROPOUT="0.1", PYTHONWARNINGS="default")
+NO_WANDB = dict(SFT_WANDB_ENABLED="false")  # for runs whose W&B files no test reads (W&B's service costs CPU)
 SECRET = "hf_TESTSECRET_do_not_leak_123"
 WANDB_SECRET = "wandbkey_TESTSECRET_0123456789"
 CHECKPOINT_BUCKET = "shared-runs"
 BAD_ROW = {"id": "bad-empty-query", "image": "images/train-00000.png", "query": " ", "caption": None,
            "target_json": '{"label": "sarcastic"}'}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # its ranks: fresh interpreters
 DDP = dict(SFT_MAX_STEPS="4", SFT_SAVE_STEPS="2", SFT_EVAL_SUBSET="4")
 DEADLINE_S = 600  # a failsafe only: every wait below ends on an event (a file, a log line, an exit)
 
@@ -98,12 +115,108 @@ class Run:
         return (self.tmp / "log.txt").read_text(errors="replace")
 
 
-def start(tmp: Path, env: dict[str, str], argv: list[str] | None = None) -> subprocess.Popen:
-    """Start `python -m job run` (or argv) in the repo with its output appended to tmp/log.txt."""
+class Forked:
+    """A job process forked by the zygote (tests/zygote.py), with the part of subprocess.Popen's interface we use."""
+
+    def __init__(self, pid: int, exit_code: Future):
+        self.pid, self._exit = pid, exit_code
+
+    @property
+    def returncode(self) -> int | None:
+        return self._exit.result() if self._exit.done() else None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self._exit.result(timeout=timeout)
+
+    def send_signal(self, sig: int) -> None:
+        if not self._exit.done():  # never signal a pid that may already belong to another process
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class Zygote:
+    """tests/zygote.py: one interpreter that has imported the job forks every job process (its docstring says why)."""
+
+    def __init__(self, env: dict[str, str]):
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests/zygote.py")], env=env, cwd=REPO,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._lock, self._forked = threading.Lock(), threading.Condition()
+        self._pids: list[int] = []
+        self._exits: dict[int, Future] = {}
+        self._where: dict[int, Path] = {}
+        self.cpu_s: dict[Path, float] = {}  # the folder of each forked process's output -> its CPU seconds
+        threading.Thread(target=self._read, name="zygote", daemon=True).start()
+
+    def _exit_of(self, pid: int) -> Future:
+        with self._forked:
+            return self._exits.setdefault(pid, Future())
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            message = json.loads(line)
+            if "pid" in message:
+                with self._forked:
+                    self._pids.append(message["pid"])
+                    self._forked.notify_all()
+            else:
+                self.cpu_s[self._where.get(message["exited"], Path("?"))] = message["cpu_s"]
+                self._exit_of(message["exited"]).set_result(message["code"])
+        with self._forked:  # the zygote is gone: nothing it forked will be reported any more
+            self._pids.append(-1)
+            self._forked.notify_all()
+            for future in self._exits.values():
+                if not future.done():
+                    future.set_exception(RuntimeError(f"the zygote exited with {self.proc.wait()}"))
+
+    def fork(self, argv: list[str], env: dict[str, str], stdout: Path, stderr: Path) -> Forked:
+        """Start `python *argv` (argv after the interpreter's name) as a child of the zygote."""
+        request = dict(argv=argv, env=env, cwd=str(REPO), stdout=str(stdout), stderr=str(stderr))
+        with self._lock:
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            self.proc.stdin.flush()
+            with self._forked:
+                self._forked.wait_for(lambda: self._pids, timeout=DEADLINE_S)
+                pid = self._pids.pop(0)
+        if pid < 0:
+            raise RuntimeError(f"the zygote exited with {self.proc.wait()}")
+        self._where[pid] = stdout.parent
+        return Forked(pid, self._exit_of(pid))
+
+    def run(self, argv: list[str], env: dict[str, str], tmp: Path, timeout: float = DEADLINE_S
+            ) -> subprocess.CompletedProcess:
+        """subprocess.run(capture_output=True, text=True) of `python *argv`: its stdout and stderr in tmp/."""
+        tmp.mkdir(parents=True, exist_ok=True)
+        stdout, stderr = tmp / "stdout.txt", tmp / "stderr.txt"
+        returncode = self.fork(argv, env, stdout, stderr).wait(timeout=timeout)
+        return subprocess.CompletedProcess([sys.executable, *argv], returncode, stdout.read_text(errors="replace"),
+                                           stderr.read_text(errors="replace"))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def zygote_env(environ: dict[str, str]) -> dict[str, str]:
+    """What the zygote imports under: the environment every forked job run shares (job_env sets the same values)."""
+    env = {k: v for k, v in environ.items() if not k.startswith("SFT_")}
+    return {**env, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def start(tmp: Path, env: dict[str, str], argv: list[str] | None = None, zygote: Zygote | None = None):
+    """Start `python -m job run` (or `python *argv`) with its output appended to tmp/log.txt: forked by `zygote`
+    when one is given, else a fresh interpreter."""
     tmp.mkdir(parents=True, exist_ok=True)
+    argv = argv or ["-m", "job", "run"]
+    if zygote is not None:
+        return zygote.fork(argv, env, tmp / "log.txt", tmp / "log.txt")
     with open(tmp / "log.txt", "a") as log:
-        return subprocess.Popen(argv or [sys.executable, "-m", "job", "run"], env=env, cwd=REPO, stdout=log,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, *argv], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
 def wait_until(ready: Callable[[], Any], proc: subprocess.Popen | None, what: str, timeout: float = DEADLINE_S):
@@ -169,13 +282,18 @@ class Ctx:
     launcher: Launcher
     s3: str | None
     environ: dict[str, str]  # os.environ when the session started: in-process tests change it (monkeypatch)
+    zygote: Zygote
 
-    def job(self, tmp: Path, argv: list[str] | None = None, count: int = 1, **overrides: str) -> Run:
+    def start(self, tmp: Path, env: dict[str, str], argv: list[str] | None = None, fresh: bool = False):
+        """Start `python -m job run` (or `python *argv`), forked by the zygote unless `fresh`."""
+        return start(tmp, env, argv, None if fresh else self.zygote)
+
+    def job(self, tmp: Path, argv: list[str] | None = None, count: int = 1, fresh: bool = False,
+            **overrides: str) -> Run:
         """Run one job process to its end, holding `count` slots."""
         env = job_env(tmp, self.tiny_assets, self.environ, **overrides)
         with self.slots.hold(self.priority, count):
-            proc = start(tmp, env, argv)
-            returncode = proc.wait(timeout=DEADLINE_S)
+            returncode = self.start(tmp, env, argv, fresh).wait(timeout=DEADLINE_S)
         return Run(tmp, env, returncode)
 
     def result(self, kind: str):
@@ -193,13 +311,19 @@ class Kind:
 class Launcher:
     """Starts the needed kinds in background threads (they only wait on processes) and hands out their results."""
 
-    def __init__(self, slots: Slots):
-        self.slots = slots
+    def __init__(self, slots: Slots, zygote: Zygote):
+        self.slots, self.zygote = slots, zygote
         self.futures: dict[str, Future] = {}
+        self.started, self.finished_s = time.monotonic(), {}  # kind -> seconds from launch to its result
         self._pool = ThreadPoolExecutor(max_workers=len(KINDS), thread_name_prefix="job-run")
 
     def launch(self, kind: str, ctx: Ctx) -> None:
-        self.futures[kind] = self._pool.submit(KINDS[kind].driver, ctx)
+        def timed():
+            try:
+                return KINDS[kind].driver(ctx)
+            finally:
+                self.finished_s[kind] = time.monotonic() - self.started
+        self.futures[kind] = self._pool.submit(timed)
 
     def result(self, kind: str):
         return self.futures[kind].result(timeout=3 * DEADLINE_S)
@@ -227,7 +351,8 @@ def _data_with_one_bad_row(ctx: Ctx) -> Path:
 
 
 def _reference_run(ctx: Ctx) -> Run:
-    return ctx.job(ctx.tmp, **reference_env(ctx, ctx.tmp))
+    # A fresh interpreter: `python -m job run` itself, and PYTHONWARNINGS applies from the first import.
+    return ctx.job(ctx.tmp, fresh=True, **reference_env(ctx, ctx.tmp))
 
 
 @dataclass
@@ -245,19 +370,25 @@ class Chain:
 
 
 def _interrupted_chain(ctx: Ctx) -> Chain:
-    """SIGTERM, then SIGKILL, then SIGTERM with a budget too small to save, then a final resume to the end."""
+    """REFERENCE's run stopped three times, then resumed to the end (stages: (exit code, seconds to exit, ...)):
+    - sigterm: SIGTERM once checkpoint-2 is COMPLETED: a preemption save at the step reached, exit 143;
+    - sigkill: SIGKILL in the middle of the step after the log line of step KILL_AFTER (at least 5, after the
+      resume point): it resumes from the regular save before it;
+    - overrun: SIGTERM in the middle of a step with SFT_PREEMPT_GRACE_S=0.2, too short to save: exit 143 and no new
+      checkpoint;
+    - final: a resume to the end."""
     chain = Chain(ctx.tmp)
     out, log = chain.out, ctx.tmp / "log.txt"
 
-    def stage(**overrides: str) -> subprocess.Popen:
+    def stage(**overrides: str):
         env = job_env(ctx.tmp, ctx.tiny_assets, ctx.environ, **reference_env(ctx, ctx.tmp, **overrides))
-        return start(ctx.tmp, env)
+        return ctx.start(ctx.tmp, env)
 
     def newer_checkpoint(after: int, proc) -> int:
         return wait_until(lambda: [s for s in completed_steps(out) if s > after], proc,
                           f"a COMPLETED checkpoint after step {after}")[0]
 
-    def interrupt(proc: subprocess.Popen, sig: int) -> tuple[int, float]:
+    def interrupt(proc, sig: int) -> tuple[int, float]:
         sent = time.monotonic()
         proc.send_signal(sig)
         return proc.wait(timeout=120), time.monotonic() - sent
@@ -268,9 +399,11 @@ def _interrupted_chain(ctx: Ctx) -> Chain:
         chain.stages["sigterm"] = (*interrupt(proc, signal.SIGTERM), completed_steps(out))
 
     with ctx.slots.hold(ctx.priority):
+        kill_after = max(5, max(chain.stages["sigterm"][2]) + 1)
+        offset = log.stat().st_size
         proc = stage()
-        newer_checkpoint(max(chain.stages["sigterm"][2]), proc)
-        chain.stages["sigkill"] = (*interrupt(proc, signal.SIGKILL), completed_steps(out))
+        wait_until(log_has(log, rf"step {kill_after}/{STEPS} ", offset), proc, f"the log line of step {kill_after}")
+        chain.stages["sigkill"] = (*interrupt(proc, signal.SIGKILL), completed_steps(out), kill_after)
 
     with ctx.slots.hold(ctx.priority):
         resume_point = max(chain.stages["sigkill"][2])
@@ -290,7 +423,7 @@ def _interrupted_chain(ctx: Ctx) -> Chain:
 def _pre_eval_off_run(ctx: Ctx) -> Run:
     ctx.launcher.result("checkpoint_bucket")
     return ctx.job(ctx.tmp, **reference_env(
-        ctx, ctx.tmp, SFT_EVAL_PRE="false", SFT_CHECKPOINT_URI=f"s3://{CHECKPOINT_BUCKET}/runs",
+        ctx, ctx.tmp, **NO_WANDB, SFT_EVAL_PRE="false", SFT_CHECKPOINT_URI=f"s3://{CHECKPOINT_BUCKET}/runs",
         SFT_PUSH_MIN_METRIC="macro_f1:0.99", AWS_ENDPOINT_URL=ctx.s3, **AWS_ENV))
 
 
@@ -298,7 +431,7 @@ def _resumed_from_an_incomplete_checkpoint(ctx: Ctx) -> Run:
     reference = ctx.result("reference_run")
     shutil.copytree(reference.out, ctx.tmp / "out")
     (ctx.tmp / f"out/checkpoints/checkpoint-{STEPS}/COMPLETED").unlink()  # as if the pod died writing it
-    return ctx.job(ctx.tmp, **reference_env(ctx, ctx.tmp))
+    return ctx.job(ctx.tmp, **reference_env(ctx, ctx.tmp, **NO_WANDB))
 
 
 RELOAD = """
@@ -328,9 +461,9 @@ print("RELOAD_OK", len(saved), float(loss))
 
 def _adapter_reload(ctx: Ctx) -> subprocess.CompletedProcess:
     reference = ctx.result("reference_run")
-    argv = [sys.executable, "-c", RELOAD, str(reference.out / "adapter"), *map(str, ctx.tiny_assets)]
+    argv = ["-c", RELOAD, str(reference.out / "adapter"), *map(str, ctx.tiny_assets)]
     with ctx.slots.hold(ctx.priority):
-        return subprocess.run(argv, cwd=REPO, env=ctx.environ, capture_output=True, text=True, timeout=DEADLINE_S)
+        return ctx.zygote.run(argv, zygote_env(ctx.environ), ctx.tmp)
 
 
 @dataclass
@@ -369,13 +502,13 @@ def _s3_resume_run(ctx: Ctx) -> S3Resume:
     def env(pod: Path) -> dict[str, str]:
         storage = dict(SFT_DATASET_URI=f"s3://{bucket}/data", SFT_CHECKPOINT_URI=f"s3://{bucket}/runs",
                        SFT_CACHE_DIR=str(pod / "cache"), AWS_ENDPOINT_URL=proxy.url, **AWS_ENV)
-        return {**reference_env(ctx, pod), **storage}
+        return {**reference_env(ctx, pod, **NO_WANDB), **storage}
 
     try:
         proxy.hold(f"/checkpoint-{HELD_CHECKPOINT}/")
         pod1 = ctx.tmp / "pod1"
         with ctx.slots.hold(ctx.priority):
-            proc = start(pod1, job_env(pod1, ctx.tiny_assets, ctx.environ, **env(pod1)))
+            proc = ctx.start(pod1, job_env(pod1, ctx.tiny_assets, ctx.environ, **env(pod1)))
             wait_until(proxy.held.is_set, proc, f"the upload of checkpoint-{HELD_CHECKPOINT}")
             proc.send_signal(signal.SIGKILL)
             pod1_code = proc.wait(timeout=60)
@@ -386,6 +519,47 @@ def _s3_resume_run(ctx: Ctx) -> S3Resume:
     finally:
         proxy.close()
     return S3Resume(ctx.tmp, bucket, REFERENCE["SFT_RUN_ID"], pod1_code, pod1_completed, done, dict(proxy.counts))
+
+
+RERUN = dict(SFT_MAX_STEPS="2", SFT_SAVE_STEPS="2", SFT_EVAL_SUBSET="2", SFT_WANDB_ENABLED="false", SFT_RUN_ID="rerun")
+GATE = dict(SFT_PUSH_MIN_METRIC="macro_f1:0.99")  # the tiny model scores 0: the gate refuses (exit 4)
+
+
+def checkpoint_files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "checkpoints").rglob("*")) if p.is_file()}
+
+
+@dataclass
+class Rerun:
+    tmp: Path
+    env: dict[str, str]  # the first run's (RERUN and GATE)
+    stages: dict[str, Any]
+
+
+def _rerun_chain(ctx: Ctx) -> Rerun:
+    """A 2-step run whose gate refuses (first), the same command again (again), a rerun without the gate after
+    post-eval and the save were lost (lost_outputs), then once more (published). Each stage's CompletedProcess, and
+    the files the later stages must leave alone (*_files, first_adapter, first_metrics)."""
+    out = ctx.tmp / "out"
+    env = job_env(ctx.tmp, ctx.tiny_assets, ctx.environ, **RERUN, **GATE)
+    no_gate = job_env(ctx.tmp, ctx.tiny_assets, ctx.environ, **RERUN)
+
+    def stage(name: str, env: dict[str, str]) -> None:
+        with ctx.slots.hold(ctx.priority):
+            stages[name] = ctx.zygote.run(["-m", "job", "run"], env, ctx.tmp / name)
+
+    stages: dict[str, Any] = {}
+    stage("first", env)
+    stages["first_files"] = checkpoint_files(out)
+    stages["first_adapter"] = (out / "adapter/adapter_model.safetensors").read_bytes()
+    stages["first_metrics"] = json.loads((out / "metrics.json").read_text())
+    stage("again", env)
+    stages["again_files"] = checkpoint_files(out)
+    shutil.rmtree(out / "adapter")  # the pod died after training, before post-eval and the save finished
+    (out / "metrics.json").unlink()
+    stage("lost_outputs", no_gate)
+    stage("published", no_gate)
+    return Rerun(ctx.tmp, env, stages)
 
 
 def _checkpoint_bucket(ctx: Ctx) -> str:
@@ -399,7 +573,7 @@ def _ddp_run(ctx: Ctx) -> Run:
 
 def _ddp_standalone_eval(ctx: Ctx) -> Run:
     ddp = ctx.result("ddp_run")
-    return ctx.job(ctx.tmp, [sys.executable, "-m", "job", "eval"], **DDP, SFT_EVAL_ADAPTER=str(ddp.out / "adapter"))
+    return ctx.job(ctx.tmp, ["-m", "job", "eval"], **DDP, SFT_EVAL_ADAPTER=str(ddp.out / "adapter"))
 
 
 @dataclass
@@ -419,8 +593,8 @@ def _ddp_preempted_run(ctx: Ctx) -> DDPPreempted:
     argv = [*TORCHRUN, "--log-dir", str(ctx.tmp / "ranks"), "--tee", "3", "-m", "job", "run"]
     done = ctx.tmp / "out/checkpoints/checkpoint-2/COMPLETED"
     with ctx.slots.hold(ctx.priority, 2):
-        env = job_env(ctx.tmp, ctx.tiny_assets, ctx.environ, **{**DDP, "SFT_MAX_STEPS": "40"})
-        proc = start(ctx.tmp, env, argv)
+        env = job_env(ctx.tmp, ctx.tiny_assets, ctx.environ, **{**DDP, "SFT_MAX_STEPS": "40", "SFT_EVAL_PRE": "false"})
+        proc = ctx.start(ctx.tmp, env, argv)
         wait_until(done.exists, proc, "checkpoint-2/COMPLETED")
         ranks = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
                                                     text=True).stdout.split()]
@@ -452,29 +626,31 @@ def _benchmark_outputs(ctx: Ctx) -> dict[str, subprocess.CompletedProcess]:
            # kernel allocates ~40 MB temporaries per tile; without this, page faults double gpu_step's dry run.
            "MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 
-    def bench(args: list[str]) -> subprocess.CompletedProcess:
+    def bench(name: str) -> subprocess.CompletedProcess:
         with ctx.slots.hold(ctx.priority):
-            return subprocess.run([sys.executable, *args, "--assets", assets], cwd=REPO, env=env, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=DEADLINE_S)
+            done = ctx.zygote.run([*BENCHMARKS[name], "--assets", assets], env, ctx.tmp / name)
+        return subprocess.CompletedProcess(done.args, done.returncode, done.stdout + done.stderr)
 
     # Four independent short processes: they fill whichever slots the longer runs leave free.
     with ThreadPoolExecutor(max_workers=len(BENCHMARKS), thread_name_prefix="benchmark") as pool:
-        return dict(zip(BENCHMARKS, pool.map(bench, BENCHMARKS.values()), strict=True))
+        return dict(zip(BENCHMARKS, pool.map(bench, BENCHMARKS), strict=True))
 
 
 KINDS: dict[str, Kind] = {
-    # priority: the chain and the runs other kinds wait for first; the chain is the longest line of processes
+    # priority: the longest line of dependent processes first (the chain), then the runs other kinds or many
+    # in-process assertions wait for (reference, rerun chain), the two-slot DDP runs, and the short ones last
     "interrupted_chain": Kind(_interrupted_chain, 0, ("data_with_one_bad_row",)),
     "reference_run": Kind(_reference_run, 1, ("data_with_one_bad_row",)),
-    "ddp_run": Kind(_ddp_run, 2),
+    "rerun_chain": Kind(_rerun_chain, 2),
     "s3_resume_run": Kind(_s3_resume_run, 3, ("data_with_one_bad_row",), s3=True),
     "pre_eval_off_run": Kind(_pre_eval_off_run, 4, ("data_with_one_bad_row", "checkpoint_bucket"), s3=True),
-    "ddp_preempted_run": Kind(_ddp_preempted_run, 5),
-    "resumed_from_an_incomplete_checkpoint": Kind(_resumed_from_an_incomplete_checkpoint, 6,
+    "ddp_run": Kind(_ddp_run, 5),
+    "ddp_preempted_run": Kind(_ddp_preempted_run, 6),
+    "resumed_from_an_incomplete_checkpoint": Kind(_resumed_from_an_incomplete_checkpoint, 7,
                                                   ("reference_run", "data_with_one_bad_row")),
-    "ddp_standalone_eval": Kind(_ddp_standalone_eval, 6, ("ddp_run",)),
-    "adapter_reload": Kind(_adapter_reload, 7, ("reference_run",)),
-    "benchmark_outputs": Kind(_benchmark_outputs, 8),
+    "ddp_standalone_eval": Kind(_ddp_standalone_eval, 7, ("ddp_run",)),
+    "adapter_reload": Kind(_adapter_reload, 8, ("reference_run",)),
+    "benchmark_outputs": Kind(_benchmark_outputs, 9),
     "data_with_one_bad_row": Kind(_data_with_one_bad_row, -1),
     "checkpoint_bucket": Kind(_checkpoint_bucket, -1, s3=True),
 }
@@ -494,8 +670,14 @@ def _needed(kinds: set[str]) -> list[str]:
 
 # -- pytest hooks and fixtures -------------------------------------------------------------------------------------
 def pytest_collection_modifyitems(config, items):
-    """In-process tests first: they run while the background job runs make progress."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+    """In-process tests first, then the slow tests that wait for no shared run, then the others in the order their
+    runs are scheduled: the main process works while the background runs make progress, and waits as little as
+    possible. (A stable sort: pytest's grouping by module-scoped fixtures holds within each rank.)"""
+    def rank(item) -> tuple[bool, int]:
+        if item.get_closest_marker("slow") is None:
+            return False, 0
+        return True, max((KINDS[name].priority for name in item.fixturenames if name in KINDS), default=-10)
+    items.sort(key=rank)
 
 
 def _free_port() -> int:
@@ -530,23 +712,58 @@ def s3_endpoint(tmp_path_factory):
         os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
+@pytest.fixture(scope="session")
+def zygote() -> Zygote:
+    """The preloaded interpreter that forks the job processes (tests/zygote.py); made on first use."""
+    forks = Zygote(zygote_env(dict(os.environ)))
+    _ZYGOTES.append(forks)
+    yield forks
+    forks.close()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _launch_needed_runs(request, tmp_path_factory):
     """Launch, in the background, every kind of run that a selected test needs (none when only fast tests run)."""
-    wanted = {name for item in request.session.items for name in item.fixturenames if name in KINDS}
-    needed = _needed(wanted)
+    needed = _needed({name for item in request.session.items for name in item.fixturenames if name in KINDS})
     if not needed:
         yield None
         return
+    forks = request.getfixturevalue("zygote")  # it imports while the fixtures below are made
     tiny_assets = request.getfixturevalue("tiny_assets")
     s3 = request.getfixturevalue("s3_endpoint") if any(KINDS[k].s3 for k in needed) else None
+    environ = dict(os.environ)
     slots = Slots(int(os.environ.get("TEST_JOB_SLOTS", len(os.sched_getaffinity(0)))))
-    launcher, environ = Launcher(slots), dict(os.environ)
+    launcher = Launcher(slots, forks)
+    _LAUNCHERS.append(launcher)
     for kind in needed:  # directories made here, in the main thread: mktemp is not meant for threads
         launcher.launch(kind, Ctx(tiny_assets, tmp_path_factory.mktemp(kind), KINDS[kind].priority, slots,
-                                  launcher, s3, environ))
+                                  launcher, s3, environ, forks))
     yield launcher
     launcher.shutdown()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Where the slow tier's CPU went: each folder's forked job processes (the zygote measures them), then the
+    session's own CPU and its children's (fresh interpreters, torchrun ranks, moto, the zygote and its forks)."""
+    for launcher in _LAUNCHERS:
+        done = ", ".join(f"{kind} {s:.0f}" for kind, s in sorted(launcher.finished_s.items(), key=lambda kv: kv[1]))
+        terminalreporter.write_line(f"shared runs finished, seconds after the session started: {done}")
+    if _ZYGOTES:
+        by_folder: dict[str, float] = {}
+        for zygote in _ZYGOTES:
+            base = Path(config._tmp_path_factory.getbasetemp())
+            for folder, cpu_s in zygote.cpu_s.items():
+                name = folder.relative_to(base).parts[0] if folder.is_relative_to(base) else str(folder)
+                by_folder[name] = by_folder.get(name, 0.0) + cpu_s
+        listed = ", ".join(f"{name} {cpu:.0f}" for name, cpu in sorted(by_folder.items(), key=lambda kv: -kv[1]))
+        terminalreporter.write_line(f"forked job processes, CPU-s: {sum(by_folder.values()):.0f} ({listed})")
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    terminalreporter.write_line(f"CPU-s: pytest {own.ru_utime + own.ru_stime:.0f}, "
+                                f"its child processes {children.ru_utime + children.ru_stime:.0f}")
+
+
+_ZYGOTES: list[Zygote] = []
+_LAUNCHERS: list[Launcher] = []
 
 
 def _result(request, kind: str):
@@ -598,6 +815,22 @@ def ddp_standalone_eval(request) -> Run:
 @pytest.fixture(scope="session")
 def ddp_preempted_run(request) -> DDPPreempted:
     return _result(request, "ddp_preempted_run")
+
+
+@pytest.fixture(scope="session")
+def rerun_chain(request) -> Rerun:
+    return _result(request, "rerun_chain")
+
+
+@pytest.fixture()
+def run_forked(zygote, tmp_path) -> Callable[..., subprocess.CompletedProcess]:
+    """`run_forked(argv, env)`: subprocess.run(capture_output=True, text=True) of `python *argv`, forked by the
+    zygote (argv: what follows the interpreter's name, e.g. ["-m", "job", "run"]); its output files in tmp_path."""
+    runs = itertools.count()
+
+    def run(argv: list[str], env: dict[str, str], timeout: float = DEADLINE_S) -> subprocess.CompletedProcess:
+        return zygote.run(argv, env, tmp_path / f"process-{next(runs)}", timeout)
+    return run
 
 
 @pytest.fixture(scope="session")

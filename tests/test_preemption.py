@@ -4,16 +4,14 @@ resume to the same losses, weights and metrics as an uninterrupted run (real pro
 from __future__ import annotations
 
 import json
+import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import REPO
 from runs import REFERENCE, STEPS
 from safetensors.torch import load_file
 from transformers import TrainerControl
@@ -60,14 +58,14 @@ def test_no_signal_leaves_control_alone():
 
 
 @pytest.mark.slow
-def test_watchdog_exits_143_when_the_budget_runs_out():
+def test_watchdog_exits_143_when_the_budget_runs_out(run_forked):
     # The child prints when it signals itself (CLOCK_MONOTONIC is system-wide on Linux): the import before that
     # takes 3 s on a quiet machine and over 30 s on a busy one, and is not part of the budget.
     code = ("import os, signal, time\nfrom job.train.preemption import PreemptionGuard\n"
             "with PreemptionGuard(grace_s=0.5) as g:\n    g.in_training = True\n"
             "    print(time.monotonic(), flush=True)\n"
             "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(60)  # the watchdog ends it long before\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = run_forked(["-c", code], dict(os.environ), timeout=300)
     signalled = float(proc.stdout.split()[0])
     assert proc.returncode == ExitCode.PREEMPTED and time.monotonic() - signalled < 30
     assert "SFT_PREEMPT_GRACE_S=0.5 s elapsed" in proc.stderr

@@ -12,13 +12,11 @@ import json
 import os
 import random
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TINY_PIXELS, job_env
+from helpers import TINY_PIXELS, job_env
 from PIL import Image
 
 from job import preflight
@@ -440,8 +438,9 @@ CLI_CASES = ["truncated_jpeg", "non_utf8_line", "valid"]
 
 @pytest.fixture(scope="session", autouse=True)
 def cli_launch(request, tiny_assets, tmp_path_factory) -> dict:
-    """Start the CLI runs when the module starts, so their ~10 s each (torch import, processor load) overlaps the
-    in-process tests; output goes to files, so a full pipe can never block them. Session scope: the CLI tests are
+    """Start the CLI runs (`python -m job preflight`, forked by the zygote of tests/runs.py) when the module starts,
+    so their processor loads and checks overlap the in-process tests; output goes to files, so a full pipe can
+    never block them. Session scope: the CLI tests are
     `slow` and run at the end of the session (runs.py), after the module's in-process tests."""
     procs = {}
     wanted = any("cli_runs" in item.fixturenames for item in request.session.items)
@@ -455,9 +454,8 @@ def cli_launch(request, tiny_assets, tmp_path_factory) -> dict:
         else:
             dataset(root, [LOAD_CASES[case][0](root)])
         env = job_env(tmp, tiny_assets, SFT_DATASET_URI=str(root))
-        with open(tmp / "stdout", "w") as out, open(tmp / "stderr", "w") as err:
-            command = [sys.executable, "-m", "job", "preflight"]
-            procs[case] = (tmp, subprocess.Popen(command, env=env, cwd=REPO, stdout=out, stderr=err))
+        forks = request.getfixturevalue("zygote")
+        procs[case] = (tmp, forks.fork(["-m", "job", "preflight"], env, tmp / "stdout", tmp / "stderr"))
     yield procs
     for _, proc in procs.values():
         if proc.poll() is None:

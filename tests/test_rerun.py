@@ -1,8 +1,9 @@
 """Re-runs are safe: a finished run trains nothing and redoes only what did not finish; drift is refused (exit 2).
 
-One real 2-step run (tiny Qwen3-VL, CPU) is shared by every test here: the reruns run as subprocesses on its
-output directory; the drift cases go through the flow's own `_prepare` + `_resume_plan` in-process (no model loads
-there), and one of them also as a subprocess, for the exit code and the message a user sees.
+One real 2-step run (tiny Qwen3-VL, CPU) is shared by every test here: the reruns run as job processes on its
+output directory (`rerun_chain` in tests/runs.py); the drift cases go through the flow's own `_prepare` +
+`_resume_plan` in-process (no model loads there), and one of them also as a job process, for the exit code and the
+message a user sees.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import job_env, run_job
+from runs import checkpoint_files as _checkpoint_files
 
 from job.cards import ModelCards
 from job.cli import exit_code_for
@@ -23,47 +24,19 @@ from job.train.qwen3_vl_8b_sft import Timer, _prepare, _resume_plan
 
 pytestmark = pytest.mark.slow
 
-RUN = dict(SFT_MAX_STEPS="2", SFT_SAVE_STEPS="2", SFT_EVAL_SUBSET="2", SFT_WANDB_ENABLED="false", SFT_RUN_ID="rerun")
-GATE = dict(SFT_PUSH_MIN_METRIC="macro_f1:0.99")  # the tiny model scores 0: the gate refuses (exit 4)
-
-
-def _checkpoint_files(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "checkpoints").rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def rerun_chain(tiny_assets, tmp_path_factory):
-    """First run (gate refuses), the same command again, a rerun after post-eval/save were lost, then once more."""
-    tmp = tmp_path_factory.mktemp("rerun")
-    out = tmp / "out"
-    env = job_env(tmp, tiny_assets, **RUN, **GATE)
-    stages = {"first": run_job(["run"], env)}
-    stages["first_files"] = _checkpoint_files(out)
-    stages["first_adapter"] = (out / "adapter/adapter_model.safetensors").read_bytes()
-    stages["first_metrics"] = json.loads((out / "metrics.json").read_text())
-    stages["again"] = run_job(["run"], env)
-    stages["again_files"] = _checkpoint_files(out)
-    # The pod died after training, before post-eval and the save finished.
-    shutil.rmtree(out / "adapter")
-    (out / "metrics.json").unlink()
-    no_gate = job_env(tmp, tiny_assets, **RUN)
-    stages["lost_outputs"] = run_job(["run"], no_gate)
-    stages["published"] = run_job(["run"], no_gate)
-    return tmp, env, stages
-
 
 def _log(proc) -> str:
     return proc.stdout + proc.stderr
 
 
 def test_first_run_finishes_and_the_gate_refuses(rerun_chain):
-    _, _, stages = rerun_chain
+    stages = rerun_chain.stages
     assert stages["first"].returncode == ExitCode.GATE_REFUSED, _log(stages["first"])[-3000:]
     assert "step 2/2" in _log(stages["first"])
 
 
 def test_same_command_again_trains_nothing_and_exits_with_the_same_code(rerun_chain):
-    tmp, _, stages = rerun_chain
+    tmp, stages = rerun_chain.tmp, rerun_chain.stages
     again = _log(stages["again"])
     assert stages["again"].returncode == ExitCode.GATE_REFUSED, again[-3000:]
     assert "training already finished: checkpoint-2 is at step 2 of 2" in again
@@ -75,7 +48,7 @@ def test_same_command_again_trains_nothing_and_exits_with_the_same_code(rerun_ch
 
 
 def test_lost_post_eval_is_redone_on_the_checkpoint_without_training(rerun_chain):
-    tmp, _, stages = rerun_chain
+    tmp, stages = rerun_chain.tmp, rerun_chain.stages
     log = _log(stages["lost_outputs"])
     assert stages["lost_outputs"].returncode == ExitCode.OK, log[-3000:]
     assert "post-eval or the save did not finish" in log and "post-eval:" in log
@@ -89,7 +62,7 @@ def test_lost_post_eval_is_redone_on_the_checkpoint_without_training(rerun_chain
 
 
 def test_finished_and_published_run_says_so_and_exits_0(rerun_chain):
-    _, _, stages = rerun_chain
+    stages = rerun_chain.stages
     log = _log(stages["published"])
     assert stages["published"].returncode == ExitCode.OK, log[-3000:]
     assert "nothing to do: run rerun finished at step 2" in log and "post-eval:" not in log
@@ -109,7 +82,7 @@ def _plan(env: dict[str, str]):
     ({"SFT_GRAD_ACCUM": "2", "SFT_WARMUP_RATIO": "0.1"}, "SFT_GRAD_ACCUM: 1 -> 2"),
 ], ids=["learning-rate", "run-id", "lora-r", "two-settings"])
 def test_changed_settings_are_refused_with_old_and_new(rerun_chain, tiny_assets, override, expected):
-    _, env, _ = rerun_chain
+    env = rerun_chain.env
     with pytest.raises(resume.ResumeDrift) as caught:
         _plan({**env, **override})
     assert expected in caught.value.changes
@@ -119,7 +92,7 @@ def test_changed_settings_are_refused_with_old_and_new(rerun_chain, tiny_assets,
 
 
 def test_other_data_is_refused_and_the_images_count(rerun_chain, tiny_assets, tmp_path):
-    _, env, _ = rerun_chain
+    env = rerun_chain.env
     data = tmp_path / "data"
     shutil.copytree(tiny_assets[1], data)
     with pytest.raises(resume.ResumeDrift) as caught:  # the same rows at another path: still the same data
@@ -137,22 +110,22 @@ def test_other_data_is_refused_and_the_images_count(rerun_chain, tiny_assets, tm
 
 
 def test_settings_that_cannot_change_the_weights_are_not_drift(rerun_chain):
-    _, env, _ = rerun_chain
+    env = rerun_chain.env
     plan = _plan({**env, "SFT_LOGGING_STEPS": "5", "SFT_EVAL_BATCH_SIZE": "1", "SFT_EVAL_MAX_NEW_TOKENS": "4",
                   "SFT_PREEMPT_GRACE_S": "9", "SFT_DATALOADER_NUM_WORKERS": "2", "SFT_SAVE_TOTAL_LIMIT": "5"})
     assert plan.progress.finished and Path(plan.checkpoint).name == "checkpoint-2"
 
 
-def test_lora_rank_change_exits_2_before_any_model_loads(rerun_chain, tiny_assets):
-    _, env, _ = rerun_chain
-    proc = run_job(["run"], {**env, "SFT_LORA_R": "4"})
+def test_lora_rank_change_exits_2_before_any_model_loads(rerun_chain, run_forked):
+    env = rerun_chain.env
+    proc = run_forked(["-m", "job", "run"], {**env, "SFT_LORA_R": "4"})
     log = _log(proc)
     assert proc.returncode == ExitCode.USER, log[-3000:]
     assert "SFT_LORA_R: 16 -> 4" in proc.stderr and "Traceback" not in log and " loaded: attn=" not in log
 
 
 def test_resume_never_moves_old_checkpoints_aside(rerun_chain, tmp_path):
-    tmp, env, stages = rerun_chain
+    tmp, env, stages = rerun_chain.tmp, rerun_chain.env, rerun_chain.stages
     shutil.copytree(tmp / "out", tmp_path / "out")
     plan = _plan({**env, "SFT_OUTPUT_DIR": str(tmp_path / "out"), "SFT_RESUME": "never", "SFT_LORA_R": "4"})
     assert plan.checkpoint is None
@@ -163,7 +136,7 @@ def test_resume_never_moves_old_checkpoints_aside(rerun_chain, tmp_path):
 
 
 def test_resume_require_without_a_checkpoint_is_a_user_error(rerun_chain, tmp_path):
-    _, env, _ = rerun_chain
+    env = rerun_chain.env
     with pytest.raises(resume.NothingToResume, match="SFT_RESUME=require"):
         _plan({**env, "SFT_OUTPUT_DIR": str(tmp_path / "empty"), "SFT_RESUME": "require"})
     plan = _plan({**env, "SFT_RESUME": "require"})  # with one, it resumes as auto does

@@ -1,16 +1,16 @@
-"""Exact resume on every path (slow tier): each interrupted chain ends where its uninterrupted reference ends.
+"""Exact resume on every path (slow tier): each interrupted chain ends where the uninterrupted reference run ends.
 
 Exact means identical per-step losses and grad norms and a final adapter within 1e-6 (max abs) of the reference.
-Two chains, each against an uninterrupted reference run on the same settings:
+Both chains and the reference are the shared runs of tests/runs.py, on REFERENCE's settings (two dataloader workers,
+gradient accumulation 2, LoRA dropout 0.1):
 
-- local, SFT_DATALOADER_NUM_WORKERS=2, SFT_GRAD_ACCUM=2, LoRA dropout 0.1: SIGTERM once checkpoint-2 is COMPLETED
-  (a preemption save at the step reached), then SIGKILL in the middle of the step after the log line of step 5
-  (resumes from the regular save checkpoint-4), then a run to the end;
-- S3 (the shared `s3_resume_run` of tests/runs.py against the shared `reference_run`: workers 0, accumulation 1,
-  dropout 0), through a proxy that fails one request in five and holds the upload of checkpoint-4: SIGKILL while
-  that upload is held, then a fresh pod with an empty SFT_OUTPUT_DIR that restores the newest COMPLETED checkpoint
-  from the store and runs to the end. The same run shows that a flaky store still ends with exit 0 and every
-  checkpoint in the store complete.
+- local (`interrupted_chain`): SIGTERM once checkpoint-2 is COMPLETED (a preemption save at the step reached), then
+  SIGKILL in the middle of the step after the log line of step 5 (it resumes from the regular save checkpoint-4),
+  then a SIGTERM whose save cannot fit, then a run to the end;
+- S3 (`s3_resume_run`), through a proxy that fails one request in five and holds the upload of checkpoint-4: SIGKILL
+  while that upload is held, then a fresh pod with an empty SFT_OUTPUT_DIR that restores the newest COMPLETED
+  checkpoint from the store and runs to the end. The same run shows that a flaky store still ends with exit 0 and
+  every checkpoint in the store complete.
 
 Every stop is chosen by an event (a COMPLETED marker, a log line, a held upload request), never by a sleep.
 """
@@ -19,57 +19,16 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, job_env
-from runs import HELD_CHECKPOINT
+from runs import HELD_CHECKPOINT, STEPS
 from s3_proxy import assert_store_complete
 from safetensors.torch import load_file
 
 from job.storage.checkpoints import RemoteCheckpoints
 
 pytestmark = pytest.mark.slow
-
-STEPS = 8
-COMMON = dict(SFT_MAX_STEPS=str(STEPS), SFT_SAVE_STEPS="2", SFT_SAVE_TOTAL_LIMIT="10", SFT_EVAL_SUBSET="2",
-              SFT_PREEMPT_GRACE_S="120", SFT_WANDB_ENABLED="false", SFT_TRAIN_SUBSET="24")
-LOCAL_CHAIN = dict(SFT_DATALOADER_NUM_WORKERS="2", SFT_GRAD_ACCUM="2", SFT_LORA_DROPOUT="0.1", SFT_RUN_ID="chain-local")
-
-
-class Job:
-    """One `python -m job run` subprocess, its log in tmp/log.txt (appended across the processes of a chain)."""
-
-    def __init__(self, tmp: Path, env: dict[str, str]):
-        tmp.mkdir(parents=True, exist_ok=True)
-        self.log_path = tmp / "log.txt"
-        self.offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "job", "run"], env=env, cwd=REPO, stdout=log,
-                                         stderr=subprocess.STDOUT)
-
-    def text(self) -> str:
-        return self.log_path.read_text()[self.offset:]
-
-    def wait_for(self, condition, what: str, timeout: float = 400) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if condition():
-                return
-            assert self.proc.poll() is None, f"exited {self.proc.returncode} before {what}:\n{self.text()[-3000:]}"
-            time.sleep(0.05)  # failsafe: poll interval
-        raise AssertionError(f"timed out waiting for {what}")
-
-    def stop(self, sig: int) -> int:
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=300)
-
-
-def _completed(out: Path) -> list[int]:
-    return sorted(int(p.parent.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*/COMPLETED"))
 
 
 def _history(out: Path) -> dict[int, tuple[float, float]]:
@@ -84,28 +43,6 @@ def _adapter_gap(a: Path, b: Path) -> float:
     return max((left[k] - right[k]).abs().max().item() for k in left)
 
 
-@pytest.fixture(scope="module")
-def local_chain(tiny_assets, tmp_path_factory):
-    ref_tmp, tmp = tmp_path_factory.mktemp("local-ref"), tmp_path_factory.mktemp("local-chain")
-    settings = {**COMMON, **LOCAL_CHAIN}
-    reference = Job(ref_tmp, job_env(ref_tmp, tiny_assets, **settings))
-    env, out, codes = job_env(tmp, tiny_assets, **settings), tmp / "out", {}
-
-    job = Job(tmp, env)
-    job.wait_for(lambda: 2 in _completed(out), "checkpoint-2 COMPLETED")
-    codes["sigterm"] = job.stop(signal.SIGTERM)
-    codes["preempted_at"] = max(_completed(out))
-
-    job = Job(tmp, env)
-    job.wait_for(lambda: "step 5/" in job.text(), "the log line of step 5")
-    codes["sigkill"] = job.stop(signal.SIGKILL)
-
-    job = Job(tmp, env)
-    codes["final"] = job.proc.wait(timeout=600)
-    codes["reference"] = reference.proc.wait(timeout=600)
-    return ref_tmp, tmp, codes
-
-
 def _assert_exact(ref_tmp: Path, tmp: Path) -> None:
     reference, resumed = _history(ref_tmp / "out"), _history(tmp / "out")
     assert sorted(resumed) == list(range(1, STEPS + 1))
@@ -114,15 +51,18 @@ def _assert_exact(ref_tmp: Path, tmp: Path) -> None:
     assert _adapter_gap(ref_tmp, tmp) <= 1e-6
 
 
-def test_preemption_save_then_sigkill_mid_step_resume_exactly(local_chain):
-    ref_tmp, tmp, codes = local_chain
-    log = (tmp / "log.txt").read_text()
-    assert codes["reference"] == 0, (ref_tmp / "log.txt").read_text()[-3000:]
-    assert codes["sigterm"] == 143 and codes["sigkill"] == -signal.SIGKILL and codes["final"] == 0, log[-3000:]
-    assert codes["preempted_at"] > 2  # the preemption save is at the step reached after checkpoint-2
-    assert f"resuming from {tmp / 'out/checkpoints'}/checkpoint-{codes['preempted_at']}" in log
-    assert f"resuming from {tmp / 'out/checkpoints'}/checkpoint-4" in log  # the regular save before the SIGKILL
-    _assert_exact(ref_tmp, tmp)
+def test_preemption_save_then_sigkill_mid_step_resume_exactly(interrupted_chain, reference_run):
+    stages, log, checkpoints = interrupted_chain.stages, interrupted_chain.log, interrupted_chain.out / "checkpoints"
+    assert reference_run.returncode == 0, reference_run.log[-3000:]
+    preempted_at = max(stages["sigterm"][2])
+    assert stages["sigterm"][0] == 143 and preempted_at > 2  # the preemption save is at the step reached
+    code, _, completed, kill_after = stages["sigkill"]
+    assert code == -signal.SIGKILL and stages["final"][0] == 0, log[-3000:]
+    regular = max(completed)  # the newest save when the SIGKILL landed in the step after kill_after
+    assert regular % 2 == 0 and regular <= kill_after
+    assert f"resuming from {checkpoints}/checkpoint-{preempted_at}" in log
+    assert f"resuming from {checkpoints}/checkpoint-{regular}" in log
+    _assert_exact(reference_run.tmp, interrupted_chain.tmp)
 
 
 def test_sigkill_during_upload_then_fresh_pod_from_s3_resume_exactly(s3_resume_run, reference_run):

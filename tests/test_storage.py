@@ -12,8 +12,8 @@ import socket
 from pathlib import Path
 
 import pytest
-from helpers import job_env, run_job
-from runs import AWS_ENV, CHECKPOINT_BUCKET, REFERENCE, s3_client
+from helpers import job_env
+from runs import AWS_ENV, CHECKPOINT_BUCKET, REFERENCE, STEPS, s3_client
 
 from job.errors import GateRefused, TransientError, UserError
 from job.storage import s3 as s3io
@@ -100,17 +100,17 @@ def test_bucket_errors_are_user_errors_and_dead_endpoint_is_transient(s3_endpoin
 
 
 @pytest.mark.slow
-def test_missing_bucket_fails_run_before_training(s3_endpoint, tiny_assets, tmp_path):
+def test_missing_bucket_fails_run_before_training(s3_endpoint, tiny_assets, tmp_path, run_forked):
     env = job_env(tmp_path, tiny_assets, SFT_CHECKPOINT_URI="s3://missing-bucket/runs", **AWS_ENV,
                   AWS_ENDPOINT_URL=s3_endpoint)
-    proc = run_job(["run"], env)
+    proc = run_forked(["-m", "job", "run"], env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "missing-bucket" in proc.stderr and "Traceback" not in proc.stderr
     assert not list((tmp_path / "out/checkpoints").glob("checkpoint-*"))
 
 
 @pytest.mark.slow
-def test_failed_preflight_writes_nothing_to_storage_or_hub(bucket, s3_endpoint, tiny_assets, tmp_path):
+def test_failed_preflight_writes_nothing_to_storage_or_hub(bucket, s3_endpoint, tiny_assets, tmp_path, run_forked):
     data = tmp_path / "data"
     shutil.copytree(tiny_assets[1], data)
     with open(data / "train.jsonl", "a") as f:
@@ -118,7 +118,7 @@ def test_failed_preflight_writes_nothing_to_storage_or_hub(bucket, s3_endpoint, 
     env = job_env(tmp_path, tiny_assets, SFT_DATASET_URI=str(data), SFT_TRAIN_SUBSET="100000",
                   SFT_CHECKPOINT_URI=f"s3://{bucket}/runs", SFT_HUB_REPO_ID="org/never-pushed",
                   AWS_ENDPOINT_URL=s3_endpoint, **AWS_ENV)  # HF_HUB_OFFLINE=1: any Hub call would fail differently
-    proc = run_job(["run"], env)
+    proc = run_forked(["-m", "job", "run"], env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "preflight failed" in proc.stderr and "Traceback" not in proc.stderr
     line = len((data / "train.jsonl").read_text().splitlines())
@@ -136,7 +136,7 @@ def test_sigkill_then_same_run_id_resumes_from_s3(s3_resume_run, s3_endpoint):
     done, log = run.pod2, run.pod2.log
     assert done.returncode == 0, log[-3000:]
     meta = json.loads((done.out / "training_meta.json").read_text())
-    assert meta["resumed_from"].endswith("checkpoint-2") and meta["global_step"] == 8
+    assert meta["resumed_from"].endswith("checkpoint-2") and meta["global_step"] == STEPS
     assert "reusing the stored pre-eval metrics" in log
     final = f"runs/{run.run_id}/final"
     keys = {o["Key"] for o in s3io.list_objects(s3_client(s3_endpoint), s3io.S3Uri(bucket, final))}
