@@ -46,10 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from job.cards import ModelCards
+    from job.collators.qwen3_collator import build_collators
     from job.config import build_cfg
     from job.data.loaders import load_local_split
     from job.train.model import load_model, load_processor
-    from job.train.qwen3_vl_8b_sft import _build_collators
     from job.utils.eval_sarcasm import evaluate_qwen3
 
     rows, new_tokens = (8, 4) if args.quick else (args.rows, args.max_new_tokens)
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     })
     processor = load_processor(cfg)
     model = load_model(cfg).eval()
-    _, eval_collator = _build_collators(cfg, processor)
+    _, eval_collator = build_collators(cfg, processor)
     dataset = load_local_split(str(data_dir), "validation")
     dataset = dataset.select(range(min(rows, len(dataset))))
     print(f"{len(dataset)} rows, max_new_tokens {new_tokens}, 4-bit {cfg['model']['load_in_4bit']}, "

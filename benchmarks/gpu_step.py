@@ -281,9 +281,9 @@ def _run(args, work: Path, cuda: bool) -> int:
 
     from benchmarks.collator import SeedTwoPassCollator
     from job.cards import ModelCards
+    from job.collators.qwen3_collator import build_collators
     from job.config import build_cfg
     from job.train.model import apply_liger, apply_lora, load_model, load_processor, resolve_attn_implementation
-    from job.train.qwen3_vl_8b_sft import _build_collators
 
     if args.dry_run:
         model_dir, _ = tiny_assets(args.assets)
@@ -305,7 +305,7 @@ def _run(args, work: Path, cuda: bool) -> int:
                    SFT_GRADIENT_CHECKPOINTING="false")
     cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
     processor = load_processor(cfg)
-    collator, _ = _build_collators(cfg, processor)
+    collator, _ = build_collators(cfg, processor)
     print("data:")
     datasets_ = {}
     for n, kind in enumerate(("fixed", "mixed")):

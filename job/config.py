@@ -20,10 +20,10 @@ from pydantic_settings.sources.utils import parse_env_vars
 from job.cards import ModelSpec
 from job.errors import ConfigError
 from job.prompts import Queries
+from job.utils.redact import SECRET_ENV_VARS as SECRET_ENV_VARS  # its home is job.utils.redact
 
 ENV_PREFIX = "SFT_"
 # Standard variables that keep their own names. Their values are secrets: never logged, never stored.
-SECRET_ENV_VARS = ("HF_TOKEN", "WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 class Settings(BaseSettings):

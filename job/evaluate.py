@@ -12,12 +12,12 @@ import logging
 from pathlib import Path
 
 from job.cards import ModelCards
+from job.collators.qwen3_collator import build_collators
 from job.config import build_cfg
 from job.early_checks import check_inputs, eval_adapter, load_processor_checked
 from job.preflight import run_preflight
 from job.train import artifacts
 from job.train.model import load_model
-from job.train.qwen3_vl_8b_sft import _build_collators
 from job.utils.eval_sarcasm import evaluate_qwen3
 
 log = logging.getLogger("job.evaluate")
@@ -34,7 +34,7 @@ def run_eval(cfg: dict) -> dict:
     if skipped:
         print(f"eval: skipped {len(skipped)} bad row(s) (SFT_BAD_ROWS=skip, see {out / PREFLIGHT_REPORT}): "
               + ", ".join(skipped), flush=True)
-    _, eval_collator = _build_collators(cfg, processor)
+    _, eval_collator = build_collators(cfg, processor)
     model = load_model(cfg)
     if adapter is not None:
         from peft import PeftModel

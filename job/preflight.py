@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from job.cards import ModelCards
+from job.collators.qwen3_collator import build_collators
 from job.config import build_cfg
 from job.data.checks import RowChecker, RowResult
-from job.data.loaders import ROW_ID, _load_eval_dataset, content_fingerprint, load_train_dataset
+from job.data.loaders import LENGTH_COLUMN, ROW_ID, _load_eval_dataset, content_fingerprint, load_train_dataset
 from job.early_checks import check_inputs, load_processor_checked
 from job.errors import DataError
 from job.preflight_report import MAX_LISTED_ERRORS, _failure_message, build_report, format_issue, summary_table
@@ -50,7 +51,6 @@ POOL_MIN_ROWS = 2000
 ROLES = ("train", "eval")
 
 
-LENGTH_COLUMN = "sft_num_tokens"  # added to the train split: text + visual tokens per row, for length grouping
 
 
 @dataclass
@@ -370,10 +370,9 @@ def apply_plan(cfg: dict, plan: dict) -> tuple[Any, Any]:
 
 
 def _jobs(cfg: dict, loaded: dict[str, Any], processor) -> dict[str, tuple[Any, RowChecker, str]]:
-    from job.train.qwen3_vl_8b_sft import _build_collators  # lazy: the training flow imports this module
 
     # The checkers wrap the very collators training and eval use, so both see rows the same way.
-    collators = dict(zip(ROLES, _build_collators(cfg, processor), strict=True))
+    collators = dict(zip(ROLES, build_collators(cfg, processor), strict=True))
     data = cfg["data"]
     return {role: (_check_view(loaded[role], data["image_key"]), RowChecker(collators[role], data["label_field"]),
                    data[f"{role}_split"]) for role in loaded}

@@ -192,3 +192,14 @@ def _init_fields(collator: Qwen3VisionSFTCollator) -> dict:
         "image_key": collator.image_key, "query_key": collator.query_key, "caption_key": collator.caption_key,
         "target_key": collator.target_key, "system_prompt": collator.system_prompt,
     }
+
+
+def build_collators(cfg: dict, processor) -> tuple[Qwen3VisionSFTCollator, Qwen3VisionSFTCollator]:
+    """The training collator (labels on the answer only) and the eval collator (prompt only), from the config."""
+    data = cfg["data"]
+    common = dict(
+        processor=processor, max_length=cfg["train"]["max_length"], image_key=data["image_key"],
+        query_key=data["query_key"], caption_key=data["caption_key"], target_key=data["target_key"],
+        system_prompt=data["system_prompt"],
+    )
+    return Qwen3VisionSFTCollator(training=True, **common), Qwen3VisionSFTCollator(training=False, **common)

@@ -16,7 +16,10 @@ from typing import Any
 
 from job.errors import DataError, TransientError, hub_offline
 
+# Columns the job adds to a split: each row's name in messages (loading), and its text + visual token count
+# (preflight, for length-grouped sampling).
 ROW_ID = "row_id"
+LENGTH_COLUMN = "sft_num_tokens"
 JSONL_SUFFIXES = (".jsonl", ".json")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from job.storage import s3 as s3io
-from job.train.callbacks import COMPLETED, checkpoint_step, write_completed_marker
+from job.storage.completed import COMPLETED, checkpoint_step, write_completed_marker
 
 log = logging.getLogger(__name__)
 UPLOAD_ATTEMPTS = 3  # whole-checkpoint attempts, each after botocore's per-request retries (job/storage/s3.py)

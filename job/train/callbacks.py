@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -10,8 +9,13 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+# Re-exported: the marker's home is job.storage.completed (the store and the resume logic read it too).
+from job.storage.completed import COMPLETED, checkpoint_step, latest_completed_checkpoint, write_completed_marker
+
+__all__ = ["COMPLETED", "CompletedMarkerCallback", "LogCallback", "checkpoint_step", "latest_completed_checkpoint",
+           "write_completed_marker"]
+
 log = logging.getLogger("job.train")
-COMPLETED = "COMPLETED"
 _LOGGED = ("loss", "grad_norm", "learning_rate", "mean_token_accuracy", "epoch")
 
 
@@ -55,28 +59,3 @@ class CompletedMarkerCallback(TrainerCallback):
                         shutil.copy2(extra, ckpt / extra.name)
                 write_completed_marker(ckpt, state.global_step)
         return control
-
-
-def write_completed_marker(ckpt: Path, step: int) -> None:
-    tmp = ckpt / f".{COMPLETED}.tmp"
-    tmp.write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
-    tmp.replace(ckpt / COMPLETED)  # atomic: the marker is either absent or whole
-
-
-def checkpoint_step(path: Path) -> int:
-    try:
-        return int(path.name.rsplit("-", 1)[1])
-    except (IndexError, ValueError):
-        return -1
-
-
-def latest_completed_checkpoint(checkpoints_dir: Path) -> tuple[Path | None, list[Path]]:
-    """The newest checkpoint with a COMPLETED marker, and the incomplete ones that were skipped."""
-    if not checkpoints_dir.is_dir():
-        return None, []
-    candidates = sorted(
-        (p for p in checkpoints_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) >= 0), key=checkpoint_step
-    )
-    complete = [p for p in candidates if (p / COMPLETED).is_file()]
-    incomplete = [p for p in candidates if not (p / COMPLETED).is_file()]
-    return (complete[-1] if complete else None), incomplete

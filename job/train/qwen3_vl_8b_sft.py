@@ -16,12 +16,12 @@ from typing import Any, NamedTuple
 
 from job import early_checks
 from job.cards import ModelCards
-from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator
+from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator, build_collators
 from job.config import build_cfg
 from job.data.loaders import dataset_fingerprint
 from job.errors import DataError, JobError
+from job.storage.completed import latest_completed_checkpoint
 from job.train import artifacts, distributed, resume
-from job.train.callbacks import latest_completed_checkpoint
 from job.train.model import (
     _count_trainable_params,
     apply_liger,
@@ -36,6 +36,7 @@ from job.utils.eval_sarcasm import evaluate_qwen3
 from job.utils.redact import redact
 
 log = logging.getLogger("job.train")
+_build_collators = build_collators  # the old name, for code that imported it from here (one release)
 
 
 @dataclass
@@ -101,16 +102,6 @@ def _hub_access(cfg: dict) -> None:
         log.info("Hub: authenticating with HF_TOKEN")
     else:
         log.info("Hub: no HF_TOKEN set, anonymous access (public repos only)")
-
-
-def _build_collators(cfg: dict, processor) -> tuple[Qwen3VisionSFTCollator, Qwen3VisionSFTCollator]:
-    data = cfg["data"]
-    common = dict(
-        processor=processor, max_length=cfg["train"]["max_length"], image_key=data["image_key"],
-        query_key=data["query_key"], caption_key=data["caption_key"], target_key=data["target_key"],
-        system_prompt=data["system_prompt"],
-    )
-    return Qwen3VisionSFTCollator(training=True, **common), Qwen3VisionSFTCollator(training=False, **common)
 
 
 def _check_supervised_tokens(collator: Qwen3VisionSFTCollator, train_ds, batch_size: int) -> list[int]:
@@ -326,7 +317,7 @@ def _prepare(cfg: dict, timer: Timer) -> Prepared:
     remote = _remote_checkpoints(cfg, run_id)
     _check_publish_access(cfg)
     paths = RunPaths(Path(cfg["train"]["output_dir"])).create()
-    collator, eval_collator = _build_collators(cfg, processor)
+    collator, eval_collator = build_collators(cfg, processor)
     _check_supervised_tokens(collator, train_ds, cfg["train"]["per_device_batch_size"])
     timer.track("setup", started)
     return Prepared(cfg, paths, run_id, remote, processor, train_ds, eval_ds, collator, eval_collator, preflight)

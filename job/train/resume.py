@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from job.errors import UserError
-from job.train.callbacks import latest_completed_checkpoint
+from job.storage.completed import latest_completed_checkpoint
 
 log = logging.getLogger("job.train")
 

@@ -52,7 +52,7 @@ def sft_config(cfg: dict, output_dir: Path, run_id: str, report_to: list[str]):
 def _trainer_class():
     from trl import SFTTrainer
 
-    from job.preflight import LENGTH_COLUMN
+    from job.data.loaders import LENGTH_COLUMN
     from job.train.sampler import LengthGroupedSampler
 
     class Qwen3SFTTrainer(SFTTrainer):

@@ -9,7 +9,8 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from job.config import SECRET_ENV_VARS
+# The environment variables whose values never reach a log, metadata, W&B or a card (job.config re-exports it).
+SECRET_ENV_VARS = ("HF_TOKEN", "WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 REDACTED = "***redacted***"
 # Keys that *end* in a secret-ish word (hf_token, wandb_api_key, aws_secret_access_key); "max_new_tokens" is not one.
