@@ -1,3 +1,60 @@
-"""qwen3-sft: QLoRA supervised fine-tuning of Qwen3-VL-8B-Instruct for multimodal sarcasm detection."""
+"""qwen3-sft: QLoRA supervised fine-tuning of Qwen3-VL-8B-Instruct for multimodal sarcasm detection.
+
+The public API: the names the `gemma3sft` script's users know, plus the pieces other code builds on. They load on
+first use (PEP 562), so `import job` and `qwen3-sft config` stay fast (no torch import):
+
+    from job import ModelCards, build_cfg, build_collators, evaluate_qwen3
+    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# name -> the module that defines it
+_EXPORTS = {
+    "ModelCards": "job.cards",
+    "Queries": "job.prompts",
+    "build_cfg": "job.config",
+    "Qwen3VisionSFTCollator": "job.collators.qwen3_collator",
+    "build_collators": "job.collators.qwen3_collator",
+    "load_train_dataset": "job.data.loaders",
+    "load_local_split": "job.data.loaders",
+    "_load_eval_dataset": "job.data.loaders",
+    "_select_subset": "job.data.loaders",
+    "evaluate_qwen3": "job.utils.eval_sarcasm",
+    "LogCallback": "job.train.callbacks",
+    "_count_trainable_params": "job.train.model",
+    "log_run_metadata": "job.train.artifacts",
+}
+__all__ = [  # the keys of _EXPORTS, written out for linters and type checkers (a test keeps the two equal)
+    "LogCallback", "ModelCards", "Queries", "Qwen3VisionSFTCollator", "__version__", "_count_trainable_params",
+    "_load_eval_dataset", "_select_subset", "build_cfg", "build_collators", "evaluate_qwen3", "load_local_split",
+    "load_train_dataset", "log_run_metadata",
+]
+
+if TYPE_CHECKING:
+    from job.cards import ModelCards
+    from job.collators.qwen3_collator import Qwen3VisionSFTCollator, build_collators
+    from job.config import build_cfg
+    from job.data.loaders import _load_eval_dataset, _select_subset, load_local_split, load_train_dataset
+    from job.prompts import Queries
+    from job.train.artifacts import log_run_metadata
+    from job.train.callbacks import LogCallback
+    from job.train.model import _count_trainable_params
+    from job.utils.eval_sarcasm import evaluate_qwen3
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'job' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
