@@ -58,8 +58,26 @@ class ConfigError(UserError):
 class DataError(UserError, ValueError):
     """A dataset row or split is unusable; the message names the split, row and field.
 
-    It is also a ValueError, so code written against the seed collator (which raised ValueError) still catches it.
+    What the message names is also carried, when one row is at fault: `row` ("train.jsonl:4", "train[17]"),
+    `field` (a column, or "line" for a line of a JSONL file that cannot be parsed) and `fix` (what to do about it).
+    Preflight reads these instead of parsing the message. It is also a ValueError, so code written against the seed
+    collator (which raised ValueError) still catches it.
+
+        >>> err = DataError.for_row("train.jsonl:4", "image", "is missing", fix="every row needs an image")
+        >>> str(err)
+        "train.jsonl:4: field 'image' is missing; every row needs an image"
+        >>> err.row, err.field
+        ('train.jsonl:4', 'image')
     """
+
+    def __init__(self, message: str, *, row: str | None = None, field: str | None = None, fix: str | None = None):
+        super().__init__(message)
+        self.row, self.field, self.fix = row, field, fix
+
+    @classmethod
+    def for_row(cls, row: str, field: str, problem: str, fix: str | None = None) -> DataError:
+        """`{row}: field '{field}' {problem}[; {fix}]`, with row, field and fix carried."""
+        return cls(f"{row}: field '{field}' {problem}" + (f"; {fix}" if fix else ""), row=row, field=field, fix=fix)
 
 
 class TransientError(JobError):

@@ -20,7 +20,6 @@ import itertools
 import logging
 import multiprocessing
 import os
-import re
 import sys
 import time
 from collections import Counter
@@ -261,15 +260,12 @@ def scan(jobs: dict[str, tuple[Any, RowChecker, str]], workers: int) -> dict[str
 
 # -- loading -----------------------------------------------------------------------------------------------------
 def _load_error(split: str, exc: DataError) -> dict:
-    """The loader stops at the first unparseable line; keep its message (which names file:line) and pull the row out."""
-    message = str(exc)
-    row = re.search(r"([\w.-]+\.jsonl?:\d+)", message)
-    found = re.search(r"field '([^']+)'", message)
+    """The loader stops at the first unparseable line: keep its message, and the row and field it carries."""
     # Only a file:line problem is fixed in the file; the others (unset URI, missing split, empty split) carry
     # their own fix in the loader's message.
-    fix = "correct the file; until then the whole split cannot be loaded" if row else ""
-    return _issue(split, row.group(1) if row else None, None, "split_unreadable", found.group(1) if found else "line",
-                  message.removeprefix(f"{split}: "), fix)
+    fix = "correct the file; until then the whole split cannot be loaded" if exc.row else ""
+    return _issue(split, exc.row, None, "split_unreadable", exc.field or "line",
+                  str(exc).removeprefix(f"{split}: "), fix)
 
 
 def _load_splits(cfg: dict, roles: tuple[str, ...] = ROLES) -> tuple[dict[str, Any], list[dict]]:

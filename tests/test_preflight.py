@@ -489,3 +489,29 @@ def test_cli_valid_data_exits_0(cli_runs):
     assert returncode == 0, stderr[-2000:]
     assert "labels train: not_sarcastic=2, sarcastic=10" in stdout and "errors by kind:   none" in stdout
     assert json.loads((tmp / "out" / REPORT).read_text())["ok"]
+
+
+# -- errors carry their data -------------------------------------------------------------------------------------
+def test_data_errors_carry_row_field_and_fix(tmp_path):
+    """Preflight reads row, field and fix from the error, not from its message; a worker's error pickles whole."""
+    import pickle
+
+    from job.data.loaders import load_local_split
+    from job.data.rows import parse_target
+
+    with pytest.raises(DataError) as caught:
+        parse_target("{not json", "train.jsonl:4", "target_json")
+    assert (caught.value.row, caught.value.field) == ("train.jsonl:4", "target_json")
+    assert str(caught.value).startswith("train.jsonl:4: field 'target_json' is not valid JSON")
+    (tmp_path / "train.jsonl").write_bytes(b'{"query": "q"}\n\xff\n')
+    with pytest.raises(DataError) as caught:
+        load_local_split(str(tmp_path), "train")
+    err = caught.value
+    assert (err.row, err.field, err.fix) == ("train.jsonl:2", "line", "re-encode the file as UTF-8")
+    assert str(err).endswith("; re-encode the file as UTF-8")
+    again = pickle.loads(pickle.dumps(err))
+    assert (str(again), again.row, again.field, again.fix) == (str(err), err.row, err.field, err.fix)
+    (tmp_path / "train.jsonl").write_text('{"query": "q"}\n{"query": 3}\n{"query": "r"}\n')
+    with pytest.raises(DataError) as caught:
+        load_local_split(str(tmp_path), "train")
+    assert (caught.value.row, caught.value.field) == ("train.jsonl:2", "query")

@@ -71,7 +71,7 @@ class Qwen3VisionSFTCollator:
         query = ex.get(self.query_key)
         if not isinstance(query, str) or not query.strip():
             got = "missing" if query is None else f"{type(query).__name__} {query!r}"[:60]
-            raise DataError(f"{row}: field '{self.query_key}' must be a non-empty string (got {got})")
+            raise DataError.for_row(row, self.query_key, f"must be a non-empty string (got {got})")
         text = query.strip()
         caption = ex.get(self.caption_key)
         if caption is not None and str(caption).strip():

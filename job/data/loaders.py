@@ -33,18 +33,20 @@ def _jsonl_rows(path: Path, image_key: str, split: str) -> list[dict[str, Any]]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise DataError(f"{split}: {path.name}:{lineno}: line is not valid UTF-8 ({exc.reason}); "
-                                "re-encode the file as UTF-8") from None
+                                "re-encode the file as UTF-8", row=f"{path.name}:{lineno}", field="line",
+                                fix="re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{split}: {path.name}:{lineno}: line is not valid JSON ({exc.msg}); "
-                                "each line must be one JSON object") from None
+                                "each line must be one JSON object", row=f"{path.name}:{lineno}", field="line",
+                                fix="each line must be one JSON object") from None
             if not isinstance(row, dict):
                 raise DataError(
-                    f"{split}: {path.name}:{lineno}: line is a JSON {type(row).__name__}, expected an object"
-                )
+                    f"{split}: {path.name}:{lineno}: line is a JSON {type(row).__name__}, expected an object",
+                    row=f"{path.name}:{lineno}", field="line", fix="each line must be one JSON object")
             row[ROW_ID] = f"{path.name}:{lineno}"
             image = row.get(image_key)
             if isinstance(image, str):
@@ -56,9 +58,8 @@ def _jsonl_rows(path: Path, image_key: str, split: str) -> list[dict[str, Any]]:
 def _resolve_image_path(root: Path, rel: str, row_id: str, image_key: str) -> str:
     resolved = (root / rel).resolve()
     if not resolved.is_relative_to(root):
-        raise DataError(
-            f"{row_id}: field '{image_key}' path {rel!r} escapes the dataset directory {root}; use a path inside it"
-        )
+        raise DataError.for_row(row_id, image_key, f"path {rel!r} escapes the dataset directory {root}",
+                                fix="use a path inside it")
     return str(resolved)
 
 
@@ -90,16 +91,17 @@ def _check_column_types(rows: list[dict[str, Any]]) -> None:
         for key, value in row.items():
             if value is not None:
                 seen.setdefault(key, Counter())[_type_class(value)] += 1
-    odd = []
+    odd: list[tuple[str, str, str]] = []  # (row id, column, what is odd)
     for key, types in seen.items():
         if len(types) > 1:
             usual = types.most_common(1)[0][0]
-            odd += [f"{row[ROW_ID]}: field '{key}' is {_type_class(row[key])} {row[key]!r:.40} "
-                    f"where other rows have {usual}"
+            odd += [(row[ROW_ID], key, f"is {_type_class(row[key])} {row[key]!r:.40} where other rows have {usual}")
                     for row in rows if row.get(key) is not None and _type_class(row[key]) != usual]
     if odd:
-        listed = "; ".join(odd[:20]) + (f"; ... and {len(odd) - 20} more" if len(odd) > 20 else "")
-        raise DataError(f"{listed}; every row must use one type per column (e.g. a JSON string)")
+        listed = "; ".join(f"{row}: field '{key}' {what}" for row, key, what in odd[:20])
+        listed += f"; ... and {len(odd) - 20} more" if len(odd) > 20 else ""
+        fix = "every row must use one type per column (e.g. a JSON string)"
+        raise DataError(f"{listed}; {fix}", row=odd[0][0], field=odd[0][1], fix=fix)
 
 
 def _with_row_ids(ds, split: str):

@@ -32,7 +32,8 @@ def to_rgb(image, row: str, field: str):
             return background
         return image.convert("RGB")
     except OSError as exc:
-        raise DataError(f"{row}: field '{field}' image cannot be decoded ({exc}); re-save it as PNG or JPEG") from None
+        raise DataError.for_row(row, field, f"image cannot be decoded ({exc})",
+                                fix="re-save it as PNG or JPEG") from None
 
 
 def load_image(value: Any, row: str, field: str):
@@ -40,7 +41,7 @@ def load_image(value: Any, row: str, field: str):
     from PIL import Image, UnidentifiedImageError
 
     if value is None or value == "":
-        raise DataError(f"{row}: field '{field}' is missing; every row needs an image")
+        raise DataError.for_row(row, field, "is missing", fix="every row needs an image")
     if isinstance(value, Image.Image):
         return to_rgb(value, row, field)
     source: Any
@@ -51,19 +52,18 @@ def load_image(value: Any, row: str, field: str):
     elif isinstance(value, (str, Path)):
         source = str(value)
     else:
-        raise DataError(f"{row}: field '{field}' has type {type(value).__name__}; expected an image path or image")
+        raise DataError.for_row(row, field, f"has type {type(value).__name__}", fix="expected an image path or image")
     if isinstance(source, str) and not Path(source).is_file():
-        raise DataError(f"{row}: field '{field}' file {source!r} does not exist")
+        raise DataError.for_row(row, field, f"file {source!r} does not exist")
     try:
         with Image.open(source) as opened:
             opened.load()  # decode fully now, not lazily inside the processor
             return to_rgb(opened, row, field)
     except Image.DecompressionBombError as exc:  # not an OSError: without this it crashed as an internal error
-        raise DataError(f"{row}: field '{field}' is too large to decode safely ({exc}); downscale it") from None
+        raise DataError.for_row(row, field, f"is too large to decode safely ({exc})", fix="downscale it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(
-            f"{row}: field '{field}' is not a readable image ({type(exc).__name__}: {exc}); re-save it as PNG or JPEG"
-        ) from None
+        raise DataError.for_row(row, field, f"is not a readable image ({type(exc).__name__}: {exc})",
+                                fix="re-save it as PNG or JPEG") from None
 
 
 def parse_target(value: Any, row: str, field: str) -> dict:
@@ -71,17 +71,16 @@ def parse_target(value: Any, row: str, field: str) -> dict:
     if isinstance(value, dict):
         return value
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise DataError(f"{row}: field '{field}' is empty; training rows need a JSON verdict")
+        raise DataError.for_row(row, field, "is empty", fix="training rows need a JSON verdict")
     if not isinstance(value, str):
-        raise DataError(f"{row}: field '{field}' has type {type(value).__name__}; expected a JSON object or string")
+        raise DataError.for_row(row, field, f"has type {type(value).__name__}", fix="expected a JSON object or string")
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{row}: field '{field}' is not valid JSON ({exc.msg}): {value[:60]!r}") from None
+        raise DataError.for_row(row, field, f"is not valid JSON ({exc.msg}): {value[:60]!r}") from None
     if not isinstance(parsed, dict):
-        raise DataError(
-            f"{row}: field '{field}' is JSON {type(parsed).__name__}; expected an object like {{\"label\": ...}}"
-        )
+        raise DataError.for_row(row, field, f"is JSON {type(parsed).__name__}",
+                                fix='expected an object like {"label": ...}')
     return parsed
 
 
