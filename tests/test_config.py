@@ -603,3 +603,14 @@ def test_storage_settings_reject_bad_values(name, value):
 def test_gate_needs_post_eval():
     with pytest.raises(ConfigError, match="SFT_PUSH_MIN_METRIC needs the post-eval"):
         build_cfg(CARD, env={"SFT_PUSH_MIN_METRIC": "macro_f1:0.7", "SFT_EVAL_POST": "false"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["run", "preflight", "eval"])
+def test_a_config_mistake_exits_2_before_torch_is_imported(command):
+    """Fail early and cheap: the SFT_* environment is validated before a command imports the training stack."""
+    code = f"import sys, job.cli; rc = job.cli.main([{command!r}]); print(rc, 'torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=_cli_env(SFT_MAX_STEPS="abc"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False"], proc.stderr[-2000:]
+    assert "SFT_MAX_STEPS" in proc.stderr and "Traceback" not in proc.stderr
