@@ -106,3 +106,13 @@ def test_the_checks_report_what_this_repository_used_to_have():
     assert _upward(old) == ["job.preflight (layer 5) imports job.train.qwen3_vl_8b_sft (layer 6)",
                             "job.storage.checkpoints (layer 2) imports job.train.callbacks (layer 4)"]
     assert _cycles(old) == ["job.preflight -> job.train.qwen3_vl_8b_sft -> job.preflight"]
+
+
+def test_the_readme_lists_every_module():
+    """README's tree of job/ names each module once, and nothing that is gone."""
+    readme = (REPO / "README.md").read_text()
+    tree = readme.split("```\njob/\n", 1)[1].split("```", 1)[0]
+    listed = {line.split()[0] for line in tree.splitlines() if line.strip()}
+    present = {str(p.relative_to(REPO / "job")) for p in (REPO / "job").rglob("*.py") if p.name != "__init__.py"
+               or p.parent == REPO / "job"}
+    assert listed == present
