@@ -9,13 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-
-from transformers import TrainerCallback
 
 from job.storage import s3 as s3io
 from job.storage.completed import COMPLETED, checkpoint_step, write_completed_marker
@@ -134,47 +129,3 @@ class RemoteCheckpoints:
                       json.dumps({"objects": len(sizes), "step": step, "time": time.time()}))
         log.info("final upload to %s: %d objects, %d request retries", target, len(sizes), s3io.retries_taken(self.s3))
         return str(target)
-
-
-class RemoteCheckpointCallback(TrainerCallback):
-    """After each local save (and its local COMPLETED), snapshot the checkpoint and upload it in the background."""
-
-    def __init__(self, remote: RemoteCheckpoints, staging: Path):
-        self.remote, self.staging = remote, staging
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
-        self._pending: list[Future] = []
-        self.last_upload_s = 0.0  # feeds the preemption budget: a save counts only once it is uploaded
-
-    def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return control
-        self._raise_failed()
-        step = state.global_step
-        snapshot = self.staging / f"checkpoint-{step}"
-        shutil.rmtree(snapshot, ignore_errors=True)
-        shutil.copytree(Path(args.output_dir) / f"checkpoint-{step}", snapshot, copy_function=os.link)
-        self._pending.append(self._pool.submit(self._upload, snapshot, step))
-        return control
-
-    def _upload(self, snapshot: Path, step: int) -> None:
-        started = time.monotonic()
-        try:
-            self.remote.upload(snapshot, step)
-            self.last_upload_s = time.monotonic() - started
-        finally:
-            shutil.rmtree(snapshot, ignore_errors=True)
-
-    def _raise_failed(self) -> None:
-        for future in [f for f in self._pending if f.done()]:
-            self._pending.remove(future)
-            future.result()  # re-raises an upload error here, on the training thread
-
-    def drain(self) -> None:
-        """Wait for every queued upload; raise the first failure."""
-        for future in self._pending:
-            future.result()
-        self._pending.clear()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.drain()
-        return control

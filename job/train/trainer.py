@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from job.train.callbacks import CompletedMarkerCallback, LogCallback
+from job.train.callbacks import CompletedMarkerCallback, LogCallback, RemoteCheckpointCallback
 from job.train.model import has_cuda, keep_trainable_params_fp32
 from job.train.preemption import PreemptionCallback, PreemptionGuard
 
@@ -99,8 +99,6 @@ def build_trainer(cfg, model, processor, collator, train_ds, output_dir: Path, r
     uploader = None
     callbacks = [LogCallback(), CompletedMarkerCallback(extra_files=tuple(extra_files))]
     if remote is not None:
-        from job.storage.checkpoints import RemoteCheckpointCallback
-
         uploader = RemoteCheckpointCallback(remote, output_dir.parent / ".upload-staging")
         callbacks.append(uploader)
     trainer_cls = _trainer_class()
