@@ -63,7 +63,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -180,7 +180,8 @@ class Zygote:
             self.proc.stdin.write((json.dumps(request) + "\n").encode())
             self.proc.stdin.flush()
             with self._forked:
-                self._forked.wait_for(lambda: self._pids, timeout=DEADLINE_S)
+                if not self._forked.wait_for(lambda: self._pids, timeout=DEADLINE_S):
+                    raise RuntimeError(f"the zygote did not fork within {DEADLINE_S} s")
                 pid = self._pids.pop(0)
         if pid < 0:
             raise RuntimeError(f"the zygote exited with {self.proc.wait()}")
@@ -713,10 +714,10 @@ def s3_endpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def zygote() -> Zygote:
+def zygote(tmp_path_factory) -> Iterator[Zygote]:
     """The preloaded interpreter that forks the job processes (tests/zygote.py); made on first use."""
     forks = Zygote(zygote_env(dict(os.environ)))
-    _ZYGOTES.append(forks)
+    _ZYGOTES.append((forks, tmp_path_factory.getbasetemp()))
     yield forks
     forks.close()
 
@@ -750,8 +751,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(f"shared runs finished, seconds after the session started: {done}")
     if _ZYGOTES:
         by_folder: dict[str, float] = {}
-        for zygote in _ZYGOTES:
-            base = Path(config._tmp_path_factory.getbasetemp())
+        for zygote, base in _ZYGOTES:
             for folder, cpu_s in zygote.cpu_s.items():
                 name = folder.relative_to(base).parts[0] if folder.is_relative_to(base) else str(folder)
                 by_folder[name] = by_folder.get(name, 0.0) + cpu_s
@@ -762,7 +762,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                                 f"its child processes {children.ru_utime + children.ru_stime:.0f}")
 
 
-_ZYGOTES: list[Zygote] = []
+_ZYGOTES: list[tuple[Zygote, Path]] = []  # each with the session's base temporary directory
 _LAUNCHERS: list[Launcher] = []
 
 
