@@ -32,27 +32,31 @@ def _jsonl_rows(path: Path, image_key: str, split: str) -> list[dict[str, Any]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"{split}: {path.name}:{lineno}: line is not valid UTF-8 ({exc.reason}); "
-                                "re-encode the file as UTF-8", row=f"{path.name}:{lineno}", field="line",
-                                fix="re-encode the file as UTF-8") from None
+                raise _line_error(split, f"{path.name}:{lineno}", f"is not valid UTF-8 ({exc.reason})",
+                                  "re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{split}: {path.name}:{lineno}: line is not valid JSON ({exc.msg}); "
-                                "each line must be one JSON object", row=f"{path.name}:{lineno}", field="line",
-                                fix="each line must be one JSON object") from None
+                raise _line_error(split, f"{path.name}:{lineno}", f"is not valid JSON ({exc.msg})",
+                                  "each line must be one JSON object") from None
             if not isinstance(row, dict):
-                raise DataError(
-                    f"{split}: {path.name}:{lineno}: line is a JSON {type(row).__name__}, expected an object",
-                    row=f"{path.name}:{lineno}", field="line", fix="each line must be one JSON object")
+                raise _line_error(split, f"{path.name}:{lineno}", f"is a JSON {type(row).__name__}",
+                                  "expected an object", carried_fix="each line must be one JSON object")
             row[ROW_ID] = f"{path.name}:{lineno}"
             image = row.get(image_key)
             if isinstance(image, str):
                 row[image_key] = _resolve_image_path(root, image, row[ROW_ID], image_key)
             rows.append(row)
     return rows
+
+
+def _line_error(split: str, row: str, problem: str, fix: str, carried_fix: str | None = None) -> DataError:
+    """A JSONL line that cannot be read: `{split}: {file}:{line}: line {problem}; {fix}` (`, {fix}` after "a JSON
+    list"), carrying the row, field "line" and the fix."""
+    joiner = ", " if carried_fix else "; "
+    return DataError(f"{split}: {row}: line {problem}{joiner}{fix}", row=row, field="line", fix=carried_fix or fix)
 
 
 def _resolve_image_path(root: Path, rel: str, row_id: str, image_key: str) -> str:
