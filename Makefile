@@ -37,7 +37,7 @@ lock: install ## regenerate docker/constraints.txt (the image) and requirements.
 	$(PY) scripts/lock.py
 
 demo: install ## run the whole job on the tiny offline Qwen3-VL and the synthetic dataset (CPU, W&B offline)
-	$(PY) -m job.tiny $(DEMO_DIR)
+	$(PY) -m job.demo.tiny $(DEMO_DIR)
 	rm -rf $(DEMO_DIR)/out
 	WANDB_MODE=offline WANDB_DIR=$(DEMO_DIR) HF_HUB_OFFLINE=1 \
 	SFT_MODEL_ID=$(DEMO_DIR)/model SFT_DATASET_URI=$(DEMO_DIR)/data SFT_OUTPUT_DIR=$(DEMO_DIR)/out SFT_RUN_ID=demo \
@@ -46,7 +46,7 @@ demo: install ## run the whole job on the tiny offline Qwen3-VL and the syntheti
 	SFT_IMAGE_MIN_PIXELS=4096 SFT_IMAGE_MAX_PIXELS=16384 SFT_EVAL_MAX_NEW_TOKENS=16 SFT_EVAL_BATCH_SIZE=16 \
 	SFT_DATALOADER_NUM_WORKERS=0 \
 	$(VENV)/bin/qwen3-sft run
-	@$(PY) -m job.report $(DEMO_DIR)/out/metrics.json
+	@$(PY) -m job.demo.report $(DEMO_DIR)/out/metrics.json
 
 test: install lint-py ## ruff and mypy (lint-py), then the whole test suite (offline, CPU): in-process tests, then the shared job runs (slow)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -111,6 +111,6 @@ image-smoke: image ## build the image, then run qwen3-sft config and preflight o
 	  "import torch, importlib.metadata as m; assert torch.version.cuda.startswith('12.'), torch.version.cuda; \
 	  print('torch', torch.__version__, 'cuda', torch.version.cuda, 'flash-attn', m.version('flash-attn'))"
 	docker run --rm $(SMOKE_ENV) --entrypoint tini $(IMAGE) -- \
-	  sh -c 'python -m job.tiny /tmp/demo && exec qwen3-sft preflight'
+	  sh -c 'python -m job.demo.tiny /tmp/demo && exec qwen3-sft preflight'
 
 .PHONY: help install lock demo test test-fast test-image-pins lint lint-py image push submit preflight image-smoke

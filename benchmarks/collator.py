@@ -10,7 +10,7 @@ Variants, on the same rows (in-memory RGB images of mixed sizes up to 1600x1200,
 Goals: b/a >= 1.3 (speed-up over the seed) and time(b)/time(c) <= 1.15 (our overhead over the floor).
 Each is measured with the job card's pixel cap (1024^2 px) and without a cap (Qwen3-VL's own 4096^2 px).
 The script also checks (not a timing) that (a) and (b) produce identical input_ids and labels.
-The processor is the real Qwen3VLProcessor (job.tiny); image processing costs what it costs for the 8B model.
+The processor is the real Qwen3VLProcessor (job.demo.tiny); image processing costs what it costs for the 8B model.
 Times are CPU times of this process with 1 torch thread (what a DataLoader worker uses), best of --repeat runs,
 variants interleaved: robust on a shared machine where wall time swings with other jobs.
 """
@@ -55,7 +55,7 @@ def load_processor_capped(model_dir: Path, max_pixels: int):
     """The job's own `load_processor` (min/max pixels passed as it passes them), for the tiny assets' processor."""
     from job.cards import ModelCards
     from job.config import build_cfg
-    from job.train.model import load_processor
+    from job.model import load_processor
 
     cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, {
         "SFT_MODEL_ID": str(model_dir), "SFT_IMAGE_MAX_PIXELS": str(max_pixels),
@@ -145,7 +145,7 @@ def run(model_dir: Path, max_pixels: int, rows: list[dict], batch_size: int, rep
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--assets", help="job.tiny assets directory (built there if missing; default .cache/bench)")
+    parser.add_argument("--assets", help="tiny model assets directory (built there if missing; default .cache/bench)")
     parser.add_argument("--quick", action="store_true",
                         help="8 small rows, capped only, one repeat (for tests: the label check, not the timings)")
     parser.add_argument("--rows", type=int, default=48)

@@ -23,8 +23,8 @@ ASPECTS = ((1, 1), (4, 3), (3, 4), (16, 9), (9, 16), (3, 2), (2, 1), (1, 3))
 
 
 def tiny_assets(path: str | Path | None = None) -> tuple[Path, Path]:
-    """(model_dir, data_dir) of job.tiny's offline Qwen3-VL, built once into `path` (default .cache/bench)."""
-    from job.tiny import build_demo_assets
+    """(model_dir, data_dir) of job.demo.tiny's offline Qwen3-VL, built once into `path` (default .cache/bench)."""
+    from job.demo.tiny import build_demo_assets
 
     return build_demo_assets(Path(path) if path else DEFAULT_ASSETS)
 

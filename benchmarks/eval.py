@@ -2,7 +2,7 @@
 
     python benchmarks/eval.py [--assets DIR] [--quick] [--rows N] [--max-new-tokens T] [--no-4bit]
 
-Runs the job's real eval path, `job.utils.eval_sarcasm.evaluate_qwen3`, on the tiny Qwen3-VL (loaded by the job's
+Runs the job's real eval path, `job.eval.generate.evaluate_qwen3`, on the tiny Qwen3-VL (loaded by the job's
 `load_model`: 4-bit NF4 through bitsandbytes, as in a run) over the demo validation rows, once with
 SFT_EVAL_BATCH_SIZE=1 and once with 16, and checks that every row's decoded prediction is identical.
 Goal: >= 5x rows/s at batch 16 on the CPU. The goal is judged on this process's CPU time with 1 torch thread
@@ -31,7 +31,7 @@ GOAL = 5.0
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--assets", help="job.tiny assets directory (built there if missing; default .cache/bench)")
+    parser.add_argument("--assets", help="tiny model assets directory (built there if missing; default .cache/bench)")
     parser.add_argument(
         "--quick", action="store_true", help="8 rows, batch 8, 4 new tokens (for tests; no timing goal)"
     )
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from job.collators.qwen3_collator import build_collators
     from job.config import build_cfg
     from job.data.loaders import load_local_split
-    from job.train.model import load_model, load_processor
-    from job.utils.eval_sarcasm import evaluate_qwen3
+    from job.eval.generate import evaluate_qwen3
+    from job.model import load_model, load_processor
 
     rows, new_tokens = (8, 4) if args.quick else (args.rows, args.max_new_tokens)
     if args.quick:

@@ -68,8 +68,8 @@ def main() -> int:
     from job.cards import ModelCards
     from job.config import build_cfg
     from job.data import checks
-    from job.preflight import run_preflight
-    from job.train.model import load_processor
+    from job.model import load_processor
+    from job.preflight.run import run_preflight
 
     model_dir, _ = tiny_assets(args.assets)
     data = build_dataset(model_dir.parent, rows)
@@ -93,7 +93,7 @@ def main() -> int:
                 hashlib.file_digest(handle, "sha256")
 
     # preflight forks workers for >= 200 rows; one worker keeps the CPU time of this process the whole cost
-    with mock.patch("job.preflight.worker_count", return_value=1):
+    with mock.patch("job.preflight.run.worker_count", return_value=1):
         times = {"a": [], "b": [], "c": []}
         fingerprint = shipped()  # warm-up: page cache, tokenizer caches
         for _ in range(repeat):

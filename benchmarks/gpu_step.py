@@ -6,9 +6,9 @@
 What it does (GPU):
   1. builds `Qwen3VLForConditionalGeneration` from the 8B config (job/assets/qwen3_vl/config-8b-instruct.json, the
      public Qwen/Qwen3-VL-8B-Instruct architecture, see SOURCE.md there) with random weights, on the GPU in bf16,
-     and saves it once to --work-dir (~17 GB of safetensors) with the real Qwen3VLProcessor (job.tiny's builder:
+     and saves it once to --work-dir (~17 GB of safetensors) with the real Qwen3VLProcessor (job.demo.tiny's builder:
      the 8B uses this exact tokenizer and image processor);
-  2. loads it exactly as the job does (`job.train.model.load_model`: 4-bit NF4, vision tower and lm_head in bf16,
+  2. loads it exactly as the job does (`job.model.load_model`: 4-bit NF4, vision tower and lm_head in bf16,
      gradient checkpointing) and applies the job's LoRA (`apply_lora`);
   3. trains --warmup + --steps steps with the job's own trainer (`job.train.trainer.build_trainer`: TRL SFTTrainer
      with the job's SFTConfig) on synthetic rows, for two stacks and two data sets:
@@ -61,7 +61,7 @@ def build_random_8b(model_dir: Path) -> None:
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    from job.tiny import _load_json, build_tiny_processor
+    from job.demo.tiny import _load_json, build_tiny_processor
 
     marker = model_dir / ".complete"
     if marker.exists():
@@ -137,7 +137,7 @@ def to_dataset(rows: list[dict], collator, label_field: str):
     from job.data.checks import RowChecker
 
     try:
-        from job.preflight import LENGTH_COLUMN
+        from job.data.loaders import LENGTH_COLUMN
     except ImportError:  # pragma: no cover - older layout
         LENGTH_COLUMN = "sft_num_tokens"
     checker = RowChecker(collator, label_field)
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="dataloader workers (default: the job's)")
     parser.add_argument("--work-dir", default=None, help="model, images and outputs (default: a temp dir; the "
                         "~17 GB random model is reused when --work-dir is given again)")
-    parser.add_argument("--assets", help="--dry-run: job.tiny assets directory (default .cache/bench)")
+    parser.add_argument("--assets", help="--dry-run: job.demo.tiny assets directory (default .cache/bench)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of this GPU, for MFU")
     parser.add_argument("--no-fa2", action="store_true", help="ours: keep sdpa (to isolate FlashAttention-2's share)")
     parser.add_argument("--no-liger", action="store_true", help="ours: no Liger kernels (to isolate their share)")
@@ -283,7 +283,7 @@ def _run(args, work: Path, cuda: bool) -> int:
     from job.cards import ModelCards
     from job.collators.qwen3_collator import build_collators
     from job.config import build_cfg
-    from job.train.model import apply_liger, apply_lora, load_model, load_processor, resolve_attn_implementation
+    from job.model import apply_liger, apply_lora, load_model, load_processor, resolve_attn_implementation
 
     if args.dry_run:
         model_dir, _ = tiny_assets(args.assets)

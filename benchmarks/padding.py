@@ -3,7 +3,7 @@
     python benchmarks/padding.py [--assets DIR] [--quick]
 
 Two length sets:
-  * the demo dataset (job.tiny), with the token estimate the preflight uses (job/data/checks.py: rendered text
+  * the demo dataset (job.demo.tiny), with the token estimate the preflight uses (job/data/checks.py: rendered text
     tokens + `processor._get_num_multimodal_tokens` for the image size), at the job card's pixel range and at the
     `make demo` pixel range;
   * a long-tailed synthetic set typical of multimodal rows (benchmarks/common.py `skewed_lengths`: 64..1024 visual
@@ -67,7 +67,7 @@ def compare(name: str, lengths: list[int], batch_sizes: list[int], megabatch_mul
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--assets", help="job.tiny assets directory (built there if missing; default .cache/bench)")
+    parser.add_argument("--assets", help="tiny model assets directory (built there if missing; default .cache/bench)")
     parser.add_argument("--quick", action="store_true", help="one demo pixel range, 2,000 synthetic rows (for tests)")
     args = parser.parse_args(argv)
 

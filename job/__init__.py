@@ -1,7 +1,8 @@
 """qwen3-sft: QLoRA supervised fine-tuning of Qwen3-VL-8B-Instruct for multimodal sarcasm detection.
 
-The public API: the names the `gemma3sft` script's users know, plus the pieces other code builds on. They load on
-first use (PEP 562), so `import job` and `qwen3-sft config` stay fast (no torch import):
+The public API: the names users of `gemma3sft` (the Gemma 3 training script this job was ported from; not in this
+repository) know, plus the pieces other code builds on. They load on first use (PEP 562), so `import job` and
+`qwen3-sft config` stay fast (no torch import):
 
     from job import ModelCards, build_cfg, build_collators, evaluate_qwen3
     cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct)
@@ -25,10 +26,10 @@ _EXPORTS = {
     "load_local_split": "job.data.loaders",
     "_load_eval_dataset": "job.data.loaders",
     "_select_subset": "job.data.loaders",
-    "evaluate_qwen3": "job.utils.eval_sarcasm",
+    "evaluate_qwen3": "job.eval.generate",
     "LogCallback": "job.train.callbacks",
-    "_count_trainable_params": "job.train.model",
-    "log_run_metadata": "job.train.artifacts",
+    "_count_trainable_params": "job.model",
+    "log_run_metadata": "job.outputs",
 }
 __all__ = [  # the keys of _EXPORTS, written out for linters and type checkers (a test keeps the two equal)
     "LogCallback", "ModelCards", "Queries", "Qwen3VisionSFTCollator", "__version__", "_count_trainable_params",
@@ -41,11 +42,11 @@ if TYPE_CHECKING:
     from job.collators.qwen3_collator import Qwen3VisionSFTCollator, build_collators
     from job.config import build_cfg
     from job.data.loaders import _load_eval_dataset, _select_subset, load_local_split, load_train_dataset
+    from job.eval.generate import evaluate_qwen3
+    from job.model import _count_trainable_params
+    from job.outputs import log_run_metadata
     from job.prompts import Queries
-    from job.train.artifacts import log_run_metadata
     from job.train.callbacks import LogCallback
-    from job.train.model import _count_trainable_params
-    from job.utils.eval_sarcasm import evaluate_qwen3
 
 
 def __getattr__(name: str) -> Any:

@@ -8,7 +8,10 @@ import logging
 import sys
 import traceback
 
+from job.cards import ModelCards
+from job.config import build_cfg
 from job.errors import ExitCode, find_job_error
+from job.utils.redact import redact, scrub, setup_logging
 
 log = logging.getLogger("job")
 COMMANDS = ("run", "preflight", "eval", "config")
@@ -17,15 +20,14 @@ COMMANDS = ("run", "preflight", "eval", "config")
 def _check_config() -> None:
     """Validate the SFT_* environment before a command imports torch and the training stack (12-17 s on 2 cores):
     a mistyped setting is exit 2 within a second. The command builds the same config again (milliseconds)."""
-    from job.cards import ModelCards
-    from job.config import build_cfg
-
     build_cfg(ModelCards().qwen3_vl_8b_instruct)
 
 
+# Each command imports its module (and with it torch and the training stack) only when it runs, so `config`,
+# `--help` and a mistyped setting answer within a second: the one place job/ imports its own modules lazily.
 def _cmd_run(_args) -> int:
     _check_config()
-    from job.train.qwen3_vl_8b_sft import main as train_main
+    from job.train.flow import main as train_main
 
     train_main()
     return ExitCode.OK
@@ -33,7 +35,7 @@ def _cmd_run(_args) -> int:
 
 def _cmd_preflight(_args) -> int:
     _check_config()
-    from job.preflight import main as preflight_main
+    from job.preflight.run import main as preflight_main
 
     preflight_main()
     return ExitCode.OK
@@ -41,17 +43,13 @@ def _cmd_preflight(_args) -> int:
 
 def _cmd_eval(_args) -> int:
     _check_config()
-    from job.evaluate import main as eval_main
+    from job.eval.command import main as eval_main
 
     eval_main()
     return ExitCode.OK
 
 
 def _cmd_config(_args) -> int:
-    from job.cards import ModelCards
-    from job.config import build_cfg
-    from job.utils.redact import redact
-
     print(json.dumps(redact(build_cfg(ModelCards().qwen3_vl_8b_instruct)), indent=2, sort_keys=True))
     return ExitCode.OK
 
@@ -77,8 +75,6 @@ def exit_code_for(exc: BaseException) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from job.utils.redact import scrub, setup_logging
-
     setup_logging()
     args = build_parser().parse_args(argv)
     if args.command is None:

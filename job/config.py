@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     system_prompt: str | None = Field(None, examples=["You are a sarcasm detector."])
     image_min_pixels: int | None = Field(None, ge=1024, examples=["65536"])
     image_max_pixels: int | None = Field(None, ge=1024, le=4096 * 4096, examples=["1048576"])
-    # preflight: what to do with rows that fail the checks (job/preflight.py)
+    # preflight: what to do with rows that fail the checks (job/preflight/run.py)
     bad_rows: Literal["fail", "skip"] = Field("fail", examples=["fail", "skip"])
     max_bad_fraction: float = Field(0.01, ge=0, le=1, examples=["0.01"])
     # run and output

@@ -60,8 +60,8 @@ class DataError(UserError, ValueError):
 
     What the message names is also carried, when one row is at fault: `row` ("train.jsonl:4", "train[17]"),
     `field` (a column, or "line" for a line of a JSONL file that cannot be parsed) and `fix` (what to do about it).
-    Preflight reads these instead of parsing the message. It is also a ValueError, so code written against the seed
-    collator (which raised ValueError) still catches it.
+    Preflight reads these instead of parsing the message. It is also a ValueError, so code written against the
+    first collator of this job (it raised ValueError) still catches it.
 
         >>> err = DataError.for_row("train.jsonl:4", "image", "is missing", fix="every row needs an image")
         >>> str(err)

@@ -1,55 +1,7 @@
-"""`qwen3-sft eval`: score the base model, or the base model plus an adapter, on the eval split.
+"""Moved to `job.eval.command` in 0.1.0; this old path is an alias of it until 0.2 (README, Development)."""
 
-Which model is scored (job.early_checks.eval_adapter): SFT_EVAL_ADAPTER=<dir> that adapter (a path that is not an
-adapter directory is exit 2); SFT_EVAL_ADAPTER=none the base model; unset $SFT_OUTPUT_DIR/adapter when a run saved
-one, else the base model. The eval split goes through the same preflight as `run` (SFT_BAD_ROWS,
-SFT_MAX_BAD_FRACTION); skipped rows are printed and listed in eval/standalone_preflight_report.json.
-"""
+import sys
 
-from __future__ import annotations
+from job.eval import command
 
-import logging
-from pathlib import Path
-
-from job.cards import ModelCards
-from job.collators.qwen3_collator import build_collators
-from job.config import build_cfg
-from job.early_checks import check_inputs, eval_adapter, load_processor_checked
-from job.preflight import run_preflight
-from job.train import artifacts
-from job.train.model import load_model
-from job.utils.eval_sarcasm import evaluate_qwen3
-
-log = logging.getLogger("job.evaluate")
-PREFLIGHT_REPORT = "eval/standalone_preflight_report.json"
-
-
-def run_eval(cfg: dict) -> dict:
-    check_inputs(cfg, "eval")
-    out = Path(cfg["train"]["output_dir"])
-    adapter = eval_adapter(cfg)
-    processor = load_processor_checked(cfg)
-    checked = run_preflight(cfg, processor, roles=("eval",), report_name=PREFLIGHT_REPORT)
-    skipped = checked.report["splits"]["eval"]["skipped_row_ids"]
-    if skipped:
-        print(f"eval: skipped {len(skipped)} bad row(s) (SFT_BAD_ROWS=skip, see {out / PREFLIGHT_REPORT}): "
-              + ", ".join(skipped), flush=True)
-    _, eval_collator = build_collators(cfg, processor)
-    model = load_model(cfg)
-    if adapter is not None:
-        from peft import PeftModel
-
-        log.info("eval: loading adapter %s", adapter)
-        model = PeftModel.from_pretrained(model, str(adapter))
-    else:
-        log.info("eval: scoring the base model (SFT_EVAL_ADAPTER=none, or unset with no %s)", out / "adapter")
-    metrics = evaluate_qwen3(model, processor, checked.eval_dataset, eval_collator, cfg)
-    artifacts.write_predictions(out / "eval" / "standalone_predictions.jsonl", metrics["predictions"])
-    scalars = artifacts.scalar_metrics(metrics)
-    artifacts.write_json(out / "eval" / "standalone_metrics.json", scalars)  # the same keys as post_metrics.json
-    print(f"eval ({adapter or 'base model'}): " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items()), flush=True)
-    return scalars
-
-
-def main(env: dict | None = None) -> dict:
-    return run_eval(build_cfg(ModelCards().qwen3_vl_8b_instruct, env))
+sys.modules[__name__] = command

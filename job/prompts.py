@@ -1,4 +1,5 @@
-"""Prompt text shared by training and eval (the name `Queries` is kept from gemma3sft)."""
+"""Prompt text shared by training and eval (the name `Queries` is kept from `gemma3sft`, the
+Gemma 3 training script this job was ported from)."""
 
 from __future__ import annotations
 

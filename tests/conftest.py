@@ -31,8 +31,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> tuple[Path, Path]:
-    """(model_dir, data_dir), built once per session with job.tiny exactly as `make demo` builds them."""
-    from job.tiny import build_demo_assets
+    """(model_dir, data_dir), built once per session with job.demo.tiny exactly as `make demo` builds them."""
+    from job.demo.tiny import build_demo_assets
 
     return build_demo_assets(tmp_path_factory.mktemp("tiny"))
 

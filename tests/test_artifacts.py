@@ -8,8 +8,8 @@ import pytest
 
 from job.cards import ModelCards
 from job.config import build_cfg
-from job.train.artifacts import ADAPTER_FILES, save_adapter
-from job.train.model import apply_lora, load_model
+from job.model import apply_lora, load_model
+from job.outputs import ADAPTER_FILES, save_adapter
 
 
 @pytest.fixture(scope="module")

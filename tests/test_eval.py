@@ -11,8 +11,8 @@ from job.cards import ModelCards
 from job.collators.qwen3_collator import Qwen3VisionSFTCollator
 from job.config import build_cfg
 from job.data.loaders import load_local_split
-from job.train.model import load_model
-from job.utils.eval_sarcasm import compute_metrics, evaluate_qwen3, generation_kwargs, parse_verdict
+from job.eval.generate import compute_metrics, evaluate_qwen3, generation_kwargs, parse_verdict
+from job.model import load_model
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 Every row of MISTAKES runs `job.cli.main([command])` in-process with an environment built from the tiny offline
 Qwen3-VL, and asserts: the exit code; that the one-line message names the setting or row; no traceback for codes
 2-4; and for rows marked `early`, that the job failed before any processor or model was loaded: the log lines
-"loading processor" / "loading model weights" (job/train/model.py) never appear. S3 runs against moto's server on
+"loading processor" / "loading model weights" (job/model.py) never appear. S3 runs against moto's server on
 127.0.0.1 and the Hub against a loopback HTTP server set as the Hub endpoint: real clients, real HTTP status codes.
 """
 
@@ -380,12 +380,12 @@ def test_short_run_save_interval_follows_max_steps():
 
 
 def _report(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "job.report", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "job.demo.report", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
 
 
 def test_report_reads_every_metrics_file_and_prints_usage(tmp_path):
-    from job.report import format_metrics, main
+    from job.demo.report import format_metrics, main
 
     scalars = {"accuracy": 0.5, "macro_f1": 0.25, "json_parse_rate": 1.0, "exact_match": 0.5, "n": 4}
     table = format_metrics(scalars, "standalone_metrics")
@@ -400,7 +400,7 @@ def test_report_reads_every_metrics_file_and_prints_usage(tmp_path):
 @pytest.mark.slow
 def test_report_cli_without_a_file_prints_usage():
     proc = _report()
-    assert proc.returncode == 2 and "usage: python -m job.report" in proc.stderr and TRACEBACK not in proc.stderr
+    assert proc.returncode == 2 and "usage: python -m job.demo.report" in proc.stderr and TRACEBACK not in proc.stderr
 
 
 # -- eval applies the preflight policy -----------------------------------------------------------------------------

@@ -13,18 +13,34 @@ from pathlib import Path
 
 from helpers import REPO
 
-# From the bottom up: what every module may use, then storage and data, the training parts, the checks that run
-# before training, the flows, and the entry points. A prefix names a package and everything in it.
+# The old import paths of modules moved in 0.1.0 (README, Development): each is an alias of its new home until 0.2.
+MOVED = {
+    "job.early_checks": "job.preflight.early",
+    "job.evaluate": "job.eval.command",
+    "job.preflight_report": "job.preflight.report",
+    "job.report": "job.demo.report",
+    "job.tiny": "job.demo.tiny",
+    "job.train.artifacts": "job.outputs",
+    "job.train.model": "job.model",
+    "job.train.qwen3_vl_8b_sft": "job.train.flow",
+    "job.utils.eval_sarcasm": "job.eval.generate",
+}
+
+# From the bottom up: what every module may use; config; storage; data and collators; the model, the outputs, the
+# eval core and the training parts; the checks before training; the flows; the entry points and the demo; last, the
+# aliases at old paths. A prefix names a package and everything in it (the longest prefix wins).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("job.errors", "job.prompts", "job.cards", "job.utils"),
     ("job.config",),
     ("job.storage",),
     ("job.data.rows", "job.collators", "job.data.checks", "job.data.loaders", "job.data"),
-    ("job.train.callbacks", "job.train.distributed", "job.train.model", "job.train.preemption", "job.train.resume",
-     "job.train.sampler", "job.train.artifacts", "job.train.trainer", "job.train"),
-    ("job.early_checks", "job.preflight_report", "job.preflight"),
-    ("job.train.qwen3_vl_8b_sft", "job.evaluate"),
-    ("job.cli", "job.__main__", "job.report", "job.tiny", "job"),
+    ("job.model", "job.outputs", "job.eval.generate"),
+    ("job.train.callbacks", "job.train.distributed", "job.train.preemption", "job.train.resume", "job.train.sampler",
+     "job.train.trainer", "job.train"),
+    ("job.preflight",),
+    ("job.train.flow", "job.eval.command", "job.eval"),
+    ("job.cli", "job.__main__", "job.demo", "job"),
+    tuple(MOVED),
 )
 
 
@@ -102,17 +118,61 @@ def test_the_checks_report_what_this_repository_used_to_have():
     each other (a cycle, hidden by a function-local import), as they did before job.storage.completed and
     job.collators' build_collators existed."""
     old = {"job.storage.checkpoints": {"job.train.callbacks"}, "job.train.callbacks": set(),
-           "job.preflight": {"job.train.qwen3_vl_8b_sft"}, "job.train.qwen3_vl_8b_sft": {"job.preflight"}}
-    assert _upward(old) == ["job.preflight (layer 5) imports job.train.qwen3_vl_8b_sft (layer 6)",
-                            "job.storage.checkpoints (layer 2) imports job.train.callbacks (layer 4)"]
-    assert _cycles(old) == ["job.preflight -> job.train.qwen3_vl_8b_sft -> job.preflight"]
+           "job.preflight": {"job.train.flow"}, "job.train.flow": {"job.preflight"}}
+    assert _upward(old) == ["job.preflight (layer 6) imports job.train.flow (layer 7)",
+                            "job.storage.checkpoints (layer 2) imports job.train.callbacks (layer 5)"]
+    assert _cycles(old) == ["job.preflight -> job.train.flow -> job.preflight"]
 
 
 def test_the_readme_lists_every_module():
     """README's tree of job/ names each module once, and nothing that is gone."""
     readme = (REPO / "README.md").read_text()
     tree = readme.split("```\njob/\n", 1)[1].split("```", 1)[0]
-    listed = {line.split()[0] for line in tree.splitlines() if line.strip()}
+    listed = set()
+    for line in tree.splitlines():  # "path  what it is", or "a.py, b.py, ...  what they are"
+        for word in line.split():
+            if not word.rstrip(",").endswith(".py"):
+                break
+            listed.add(word.rstrip(","))
     present = {str(p.relative_to(REPO / "job")) for p in (REPO / "job").rglob("*.py") if p.name != "__init__.py"
                or p.parent == REPO / "job"}
     assert listed == present
+
+
+def test_each_old_path_is_its_new_module():
+    """`import job.tiny` (and every other moved path) gives the very module object of the new home, private names
+    included, so code written against 0.0.x keeps working and monkeypatching either name patches both."""
+    import importlib
+
+    for old, new in MOVED.items():
+        assert importlib.import_module(old) is importlib.import_module(new), old
+    from job.preflight import run_preflight, worker_count  # the old module job.preflight's names
+    from job.preflight.run import run_preflight as moved_run
+    from job.preflight.scan import worker_count as moved_count
+    assert (run_preflight, worker_count) == (moved_run, moved_count)
+
+
+# Where a function may import a job module: the CLI's commands (so `config` and `--help` skip torch), the lazy
+# public API and the aliases at old paths. Anywhere else a local import would only hide a cycle or a layer.
+LOCAL_IMPORTS_ALLOWED = {"job.cli", "job", "job.tiny", "job.report"}
+
+
+def _local_job_imports() -> list[str]:
+    found = []
+    for path in (REPO / "job").rglob("*.py"):
+        name = _module_name(path)
+        if name in LOCAL_IMPORTS_ALLOWED:
+            continue
+        tree = ast.parse(path.read_text())
+        top = set(tree.body)
+        for node in ast.walk(tree):
+            module = node.module if isinstance(node, ast.ImportFrom) else None
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [module or ""]
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and node not in top and any(
+                    n == "job" or n.startswith("job.") for n in names):
+                found.append(f"{name}:{node.lineno}")
+    return sorted(found)
+
+
+def test_job_modules_are_imported_at_module_level():
+    assert _local_job_imports() == []

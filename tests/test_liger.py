@@ -12,9 +12,9 @@ import types
 
 import pytest
 
+from job import model as model_mod
 from job.errors import ConfigError
-from job.train import model as model_mod
-from job.train.model import apply_liger, liger_wanted
+from job.model import apply_liger, liger_wanted
 
 
 def _cfg(setting: str) -> dict:
@@ -53,7 +53,7 @@ def test_auto_and_false_are_off_on_cpu(monkeypatch):
 
 def test_true_on_cpu_warns_and_skips(monkeypatch, caplog):
     monkeypatch.setattr(model_mod, "has_cuda", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="job.train.model"):
+    with caplog.at_level(logging.WARNING, logger="job.model"):
         assert liger_wanted(_cfg("true")) is False
     assert "SFT_USE_LIGER=true" in caplog.text and "GPU" in caplog.text
 

@@ -19,12 +19,12 @@ import pytest
 from helpers import TINY_PIXELS, job_env
 from PIL import Image
 
-from job import preflight
 from job.cards import ModelCards
 from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator
 from job.config import build_cfg
 from job.data.checks import RowChecker
 from job.errors import DataError
+from job.preflight import run as preflight, scan
 
 CARD = ModelCards().qwen3_vl_8b_instruct
 REPORT = "preflight_report.json"
@@ -401,7 +401,7 @@ def test_worker_count_respects_the_container_cpu_quota(files, limit, tmp_path):
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    assert preflight.cgroup_cpu_limit(tmp_path) == limit
+    assert scan.cgroup_cpu_limit(tmp_path) == limit
 
 
 class DyingView:

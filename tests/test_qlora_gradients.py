@@ -1,6 +1,6 @@
 """A QLoRA training step's gradients never depend on what ran before it.
 
-Guards against the bitsandbytes CPU repacking bug (see `keep_4bit_layout_unpacked` in job/train/model.py): on a CPU
+Guards against the bitsandbytes CPU repacking bug (see `keep_4bit_layout_unpacked` in job/model.py): on a CPU
 with avx512_bf16, generation repacked every 4-bit weight in place, after which the training forward went through a
 kernel with no autograd, so the gradients after pre-eval were about half the true ones, and a save converted the
 weights back lossily. The reference is the same PEFT model with every 4-bit base layer replaced by a plain fp32
@@ -28,8 +28,8 @@ from job.cards import ModelCards
 from job.collators.qwen3_collator import Qwen3VisionSFTCollator
 from job.config import build_cfg
 from job.data.loaders import load_local_split
-from job.train.model import apply_lora, keep_trainable_params_fp32, load_model
-from job.utils.eval_sarcasm import evaluate_qwen3
+from job.eval.generate import evaluate_qwen3
+from job.model import apply_lora, keep_trainable_params_fp32, load_model
 
 
 @pytest.fixture(scope="module")

@@ -149,7 +149,7 @@ def _script_main() -> int:
 
     from transformers import AutoProcessor
 
-    from job.tiny import build_tiny_processor
+    from job.demo.tiny import build_tiny_processor
 
     with tempfile.TemporaryDirectory() as tmp:
         build_tiny_processor().save_pretrained(tmp)

@@ -20,7 +20,7 @@ from job.cli import exit_code_for
 from job.config import build_cfg
 from job.errors import ExitCode
 from job.train import resume
-from job.train.qwen3_vl_8b_sft import Timer, _prepare, _resume_plan
+from job.train.flow import Timer, _prepare, _resume_plan
 
 pytestmark = pytest.mark.slow
 

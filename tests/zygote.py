@@ -33,8 +33,8 @@ import datasets  # noqa: F401
 import wandb  # noqa: F401
 
 import job.cli
-import job.evaluate
-import job.train.qwen3_vl_8b_sft  # noqa: F401
+import job.eval.command
+import job.train.flow  # noqa: F401
 
 
 def _malloc_tunables(env: dict[str, str]) -> None:

@@ -174,7 +174,7 @@ def answer_only_labels(
 
 
 def prompt_lengths_by_reprocessing(collator: Qwen3VisionSFTCollator, examples: list[dict]) -> list[int]:
-    """The seed's method: run the processor a second time on each prompt + image and count its tokens.
+    """The first collator's method: run the processor a second time on each prompt + image and count its tokens.
 
     Kept as the reference that tests and benchmarks/collator.py compare the single-pass labels against.
     """

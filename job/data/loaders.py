@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from job.errors import DataError, TransientError, hub_offline
+from job.storage.sources import hub_dataset_id
 
 # Columns the job adds to a split: each row's name in messages (loading), and its text + visual token count
 # (preflight, for length-grouped sampling).
@@ -188,7 +189,6 @@ def load_hub_split(dataset_id: str, split: str, config: str | None, revision: st
 
 
 def load_split(cfg: dict, split: str):
-    from job.storage.sources import hub_dataset_id
 
     data = cfg["data"]
     if not data.get("uri"):

@@ -13,6 +13,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from job.errors import ExitCode, PeerFailed, find_job_error
+
 log = logging.getLogger(__name__)
 
 
@@ -82,7 +84,6 @@ def main_process_result(fn, *args, **kwargs):
     """
     if not is_distributed():
         return fn(*args, **kwargs)
-    from job.errors import ExitCode, PeerFailed, find_job_error
 
     if is_main_process():
         try:

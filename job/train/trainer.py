@@ -6,9 +6,11 @@ import logging
 import time
 from pathlib import Path
 
+from job.data.loaders import LENGTH_COLUMN
+from job.model import has_cuda, keep_trainable_params_fp32
 from job.train.callbacks import CompletedMarkerCallback, LogCallback, RemoteCheckpointCallback
-from job.train.model import has_cuda, keep_trainable_params_fp32
 from job.train.preemption import PreemptionCallback, PreemptionGuard
+from job.train.sampler import LengthGroupedSampler
 
 log = logging.getLogger("job.train")
 
@@ -52,8 +54,6 @@ def sft_config(cfg: dict, output_dir: Path, run_id: str, report_to: list[str]):
 def _trainer_class():
     from trl import SFTTrainer
 
-    from job.data.loaders import LENGTH_COLUMN
-    from job.train.sampler import LengthGroupedSampler
 
     class Qwen3SFTTrainer(SFTTrainer):
         """SFTTrainer plus length-grouped sampling (from preflight's token counts) and timed saves."""

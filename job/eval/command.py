@@ -1,0 +1,55 @@
+"""`qwen3-sft eval`: score the base model, or the base model plus an adapter, on the eval split.
+
+Which model is scored (job.preflight.early.eval_adapter): SFT_EVAL_ADAPTER=<dir> that adapter (a path that is not an
+adapter directory is exit 2); SFT_EVAL_ADAPTER=none the base model; unset $SFT_OUTPUT_DIR/adapter when a run saved
+one, else the base model. The eval split goes through the same preflight as `run` (SFT_BAD_ROWS,
+SFT_MAX_BAD_FRACTION); skipped rows are printed and listed in eval/standalone_preflight_report.json.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from job import outputs
+from job.cards import ModelCards
+from job.collators.qwen3_collator import build_collators
+from job.config import build_cfg
+from job.eval.generate import evaluate_qwen3
+from job.model import load_model
+from job.preflight.early import check_inputs, eval_adapter, load_processor_checked
+from job.preflight.run import run_preflight
+
+log = logging.getLogger("job.eval.command")
+PREFLIGHT_REPORT = "eval/standalone_preflight_report.json"
+
+
+def run_eval(cfg: dict) -> dict:
+    check_inputs(cfg, "eval")
+    out = Path(cfg["train"]["output_dir"])
+    adapter = eval_adapter(cfg)
+    processor = load_processor_checked(cfg)
+    checked = run_preflight(cfg, processor, roles=("eval",), report_name=PREFLIGHT_REPORT)
+    skipped = checked.report["splits"]["eval"]["skipped_row_ids"]
+    if skipped:
+        print(f"eval: skipped {len(skipped)} bad row(s) (SFT_BAD_ROWS=skip, see {out / PREFLIGHT_REPORT}): "
+              + ", ".join(skipped), flush=True)
+    _, eval_collator = build_collators(cfg, processor)
+    model = load_model(cfg)
+    if adapter is not None:
+        from peft import PeftModel
+
+        log.info("eval: loading adapter %s", adapter)
+        model = PeftModel.from_pretrained(model, str(adapter))
+    else:
+        log.info("eval: scoring the base model (SFT_EVAL_ADAPTER=none, or unset with no %s)", out / "adapter")
+    metrics = evaluate_qwen3(model, processor, checked.eval_dataset, eval_collator, cfg)
+    outputs.write_predictions(out / "eval" / "standalone_predictions.jsonl", metrics["predictions"])
+    scalars = outputs.scalar_metrics(metrics)
+    outputs.write_json(out / "eval" / "standalone_metrics.json", scalars)  # the same keys as post_metrics.json
+    print(f"eval ({adapter or 'base model'}): " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items()), flush=True)
+    return scalars
+
+
+def main(env: dict | None = None) -> dict:
+    return run_eval(build_cfg(ModelCards().qwen3_vl_8b_instruct, env))

@@ -1,0 +1,139 @@
+"""`evaluate_qwen3`: batched, left-padded generation with trimmed decoding, and sarcasm-verdict metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import torch
+
+INVALID = "<invalid>"
+_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
+
+
+def parse_verdict(text: str) -> dict | None:
+    """The first JSON object in the model's text (models sometimes wrap it in prose or a code fence)."""
+    text = text.strip()
+    for candidate in (text, *(m.group(0) for m in _OBJECT.finditer(text))):
+        try:
+            parsed = json.loads(candidate)
+        except (json.JSONDecodeError, TypeError):
+            continue
+        if isinstance(parsed, dict):
+            return parsed
+    return None
+
+
+def _as_dict(target: Any) -> dict | None:
+    if isinstance(target, dict):
+        return target
+    return parse_verdict(str(target)) if target is not None else None
+
+
+def _macro_f1(golds: list[str], preds: list[str]) -> float:
+    """Macro F1 over the gold label set; an unparseable prediction is simply wrong for every class."""
+    classes = sorted(set(golds))
+    if not classes:
+        return 0.0
+    scores = []
+    for label in classes:
+        tp = sum(g == label and p == label for g, p in zip(golds, preds, strict=True))
+        fp = sum(g != label and p == label for g, p in zip(golds, preds, strict=True))
+        fn = sum(g == label and p != label for g, p in zip(golds, preds, strict=True))
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores)
+
+
+def compute_metrics(predictions: list[str], targets: list[Any], label_field: str) -> dict[str, Any]:
+    """Scalar metrics plus the per-row records. Labels are compared after parsing both sides as JSON."""
+    rows, golds, preds = [], [], []
+    parsed_count = exact = 0
+    for prediction, target in zip(predictions, targets, strict=True):
+        pred_obj, gold_obj = parse_verdict(prediction), _as_dict(target)
+        gold = str((gold_obj or {}).get(label_field, INVALID))
+        pred = str(pred_obj.get(label_field, INVALID)) if pred_obj is not None else INVALID
+        parsed_count += pred_obj is not None
+        exact += pred_obj is not None and pred_obj == gold_obj
+        golds.append(gold)
+        preds.append(pred)
+        rows.append({"prediction": prediction, "target": gold_obj if gold_obj is not None else target,
+                     "pred_label": None if pred == INVALID else pred, "gold_label": gold, "correct": pred == gold})
+    n = len(rows)
+    return {
+        "n": n,
+        "accuracy": sum(g == p for g, p in zip(golds, preds, strict=True)) / n if n else 0.0,
+        "macro_f1": _macro_f1(golds, preds),
+        "json_parse_rate": parsed_count / n if n else 0.0,
+        "exact_match": exact / n if n else 0.0,
+        "predictions": rows,
+    }
+
+
+def stop_token_ids(processor, stop_tokens: list[str]) -> list[int]:
+    tokenizer = processor.tokenizer
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in stop_tokens]
+    return [i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id] or [tokenizer.eos_token_id]
+
+
+def generation_kwargs(processor, eval_cfg: dict) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": int(eval_cfg.get("max_new_tokens", 256)),
+        "do_sample": bool(eval_cfg.get("do_sample", False)),
+        "eos_token_id": stop_token_ids(processor, eval_cfg.get("stop_tokens", ["<|im_end|>", "<|endoftext|>"])),
+        "pad_token_id": processor.tokenizer.pad_token_id,
+    }
+    if kwargs["do_sample"]:
+        kwargs["temperature"] = float(eval_cfg.get("temperature", 0.7))
+    else:  # greedy: clear sampling knobs a checkpoint's generation_config may carry, so HF does not warn
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+@torch.no_grad()
+def generate_batches(model, processor, eval_dataset, eval_collator, eval_cfg: dict) -> list[str]:
+    """Decoded continuations, one per row, in dataset order."""
+    batch_size = int(eval_cfg.get("batch_size", 8))
+    kwargs = generation_kwargs(processor, eval_cfg)
+    device = next(model.parameters()).device
+    texts: list[str] = []
+    for start in range(0, len(eval_dataset), batch_size):
+        rows = [eval_dataset[i] for i in range(start, min(start + batch_size, len(eval_dataset)))]
+        batch = eval_collator(rows)
+        batch.pop("token_type_ids", None)
+        batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+        output = model.generate(**batch, **kwargs)
+        # Left padding puts every prompt flush against the generated tokens: trimming the padded prompt
+        # width from each row leaves exactly that row's new tokens.
+        prompt_width = batch["input_ids"].shape[1]
+        texts.extend(processor.batch_decode(
+            [out[prompt_width:] for out in output], skip_special_tokens=True, clean_up_tokenization_spaces=False,
+        ))
+    return texts
+
+
+def evaluate_qwen3(model, processor, eval_dataset, eval_collator, cfg: dict) -> dict[str, Any]:
+    """Generate a verdict for every eval row and score it against `target_json`.
+
+    Returns `accuracy`, `macro_f1`, `json_parse_rate`, `exact_match`, `n` and `predictions` (one record per row with
+    at least `prediction` and `target`).
+    """
+    try:
+        eval_cfg = cfg.get("eval", {})
+        data_cfg = cfg.get("data", {})
+        target_key = data_cfg.get("target_key", "target_json")
+        was_training = model.training
+        model.eval()
+        try:
+            predictions = generate_batches(model, processor, eval_dataset, eval_collator, eval_cfg)
+        finally:
+            model.train(was_training)
+        # Column reads: indexing rows would decode every image a second time.
+        targets = list(eval_dataset[target_key])
+        row_ids = list(eval_dataset["row_id"]) if "row_id" in eval_dataset.column_names else range(len(targets))
+        metrics = compute_metrics(predictions, targets, data_cfg.get("label_field", "label"))
+        for record, row_id in zip(metrics["predictions"], row_ids, strict=True):
+            record["row_id"] = str(row_id)
+        return metrics
+    except Exception as exc:
+        raise RuntimeError(f"evaluate_qwen3 failed: {exc}") from exc

