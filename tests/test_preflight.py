@@ -385,7 +385,7 @@ def test_pool_and_in_process_scans_agree(tmp_path, tiny_assets, processor, monke
     cfg = make_cfg(tiny_assets, dataset(root, [row(root, 10 + i) for i in range(20)] + bad), tmp_path / "out")
     reports = []
     for pool_min_rows, workers in ((10**9, 1), (0, 2)):
-        monkeypatch.setattr(preflight, "POOL_MIN_ROWS", pool_min_rows)
+        monkeypatch.setattr(scan, "POOL_MIN_ROWS", pool_min_rows)
         monkeypatch.setattr(preflight, "worker_count", lambda workers=workers: workers)
         _, report = failing_report(cfg, processor)
         assert report["workers"] == workers
@@ -424,7 +424,7 @@ class DyingView:
 def test_a_dead_worker_fails_instead_of_hanging(tmp_path, tiny_assets, processor, monkeypatch):
     view = preflight._check_view
     monkeypatch.setattr(preflight, "_check_view", lambda ds, key: DyingView(view(ds, key), fatal=5))
-    monkeypatch.setattr(preflight, "POOL_MIN_ROWS", 0)
+    monkeypatch.setattr(scan, "POOL_MIN_ROWS", 0)
     monkeypatch.setattr(preflight, "worker_count", lambda: 2)
     root = tmp_path / "data"
     cfg = make_cfg(tiny_assets, dataset(root, [row(root, 10 + i) for i in range(8)]), tmp_path / "out")
