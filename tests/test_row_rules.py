@@ -16,10 +16,11 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from test_preflight import bomb_png, noise_image
 
 from job.collators.qwen3_collator import Qwen3VisionSFTCollator
-from job.data.checks import RowChecker
+from job.data.checks import RowChecker, visual_token_count
 from job.errors import DataError
 
 ROW = "train.jsonl:4"
@@ -200,3 +201,17 @@ def test_eval_checks_the_verdict_the_eval_collator_ignores(processor, tmp_path):
     assert [(e.kind, e.message) for e in RowChecker(collator, "label").check(row, 3).errors] == [
         ("missing_field", "is missing or empty; eval scoring needs a JSON verdict")]
     assert collator([row])["input_ids"].shape[0] == 1
+
+
+def test_visual_token_count_is_what_the_processor_expands_an_image_into(processor):
+    """The token estimate's one use of transformers beyond the processor's call: the image processor's public
+    `get_number_of_image_patches` (transformers 5.24). If a release drops or changes it, this fails here, by name."""
+    assert callable(getattr(processor.image_processor, "get_number_of_image_patches", None)), (
+        "transformers no longer has Qwen2VLImageProcessor.get_number_of_image_patches: rewrite visual_token_count")
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for width, height in [(64, 48), (33, 17), (1024, 768), (300, 900), (2000, 20)]:
+        batch = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"],
+                          images=[Image.new("RGB", (width, height))], return_tensors="pt")
+        assert visual_token_count(processor, width, height) == int((batch["input_ids"] == image_pad).sum())
+    with pytest.raises(ValueError, match="aspect ratio"):
+        visual_token_count(processor, 2000, 5)
