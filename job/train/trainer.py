@@ -8,7 +8,7 @@ from pathlib import Path
 
 from job.data.loaders import LENGTH_COLUMN
 from job.model import has_cuda, keep_trainable_params_fp32
-from job.train.callbacks import CompletedMarkerCallback, LogCallback, RemoteCheckpointCallback
+from job.train.callbacks import CompletedMarkerCallback, LogCallback, RankStateCallback, RemoteCheckpointCallback
 from job.train.preemption import PreemptionCallback, PreemptionGuard
 from job.train.sampler import LengthGroupedSampler
 
@@ -92,12 +92,13 @@ def build_trainer(cfg, model, processor, collator, train_ds, output_dir: Path, r
                   *, guard: PreemptionGuard, extra_files=(), remote=None):
     """The trainer and, with a checkpoint URI, the background uploader.
 
-    Callback order matters: the local COMPLETED marker is written before the upload snapshot is taken.
+    Callback order matters: every rank's RNG state is in rank 0's checkpoint before the local COMPLETED marker is
+    written, and the marker before the upload snapshot is taken.
     """
     from transformers import PrinterCallback
 
     uploader = None
-    callbacks = [LogCallback(), CompletedMarkerCallback(extra_files=tuple(extra_files))]
+    callbacks = [LogCallback(), RankStateCallback(), CompletedMarkerCallback(extra_files=tuple(extra_files))]
     if remote is not None:
         uploader = RemoteCheckpointCallback(remote, output_dir.parent / ".upload-staging")
         callbacks.append(uploader)
