@@ -36,7 +36,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("job.data.rows", "job.collators", "job.data.checks", "job.data.loaders", "job.data"),
     ("job.model", "job.outputs", "job.eval.generate"),
     ("job.train.callbacks", "job.train.distributed", "job.train.preemption", "job.train.resume", "job.train.sampler",
-     "job.train.trainer", "job.train"),
+     "job.train.trainer", "job.train.launch", "job.train"),
     ("job.preflight",),
     ("job.train.flow", "job.eval.command", "job.eval"),
     ("job.cli", "job.__main__", "job.demo", "job"),
