@@ -588,7 +588,7 @@ def _ddp_bad_row_run(ctx: Ctx) -> Run:
 class DDPPreempted:
     tmp: Path
     returncode: int
-    signalled_s: float  # from the SIGTERM to the launcher's exit
+    signalled_s: float  # from the SIGTERM to the launcher's exit (informative: the tests assert no timings)
 
     @property
     def log(self) -> str:

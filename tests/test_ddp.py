@@ -69,8 +69,6 @@ def test_sigterm_to_the_launcher_checkpoints_on_every_rank_and_exits_143(ddp_pre
     lines = error_lines(log)
     assert lines == [f"qwen3-sft: error: preempted by SIGTERM at step {step}; rerun with the same SFT_RUN_ID to "
                      "resume from the newest COMPLETED checkpoint"], lines
-    # within the budget: the workers get SFT_PREEMPT_GRACE_S minus the launcher's margin
-    assert run.signalled_s < 25, run.signalled_s
 
 
 def test_a_bad_row_under_the_launcher_is_exit_2_naming_the_row_once(ddp_bad_row_run):
