@@ -48,8 +48,13 @@ demo: install ## run the whole job on the tiny offline Qwen3-VL and the syntheti
 	$(VENV)/bin/qwen3-sft run
 	@$(PY) -m job.demo.report $(DEMO_DIR)/out/metrics.json
 
-test: install lint-py ## ruff and mypy (lint-py), then the whole test suite (offline, CPU): in-process tests, then the shared job runs (slow)
-	$(PY) -m pytest $(PYTEST_ARGS)
+# lint-py runs beside the suite, at a lower priority (it fills the cores the suite leaves idle); its output is printed
+# after the suite's, and either failing fails the target.
+test: install ## ruff and mypy (lint-py) beside the whole test suite (offline, CPU): in-process tests, then the shared job runs (slow)
+	@lint_log=$$(mktemp); (nice -n 10 bash -c '$(LINT_PY)' >"$$lint_log" 2>&1) & lint=$$!; \
+	$(PY) -m pytest $(PYTEST_ARGS); tests=$$?; wait $$lint; linted=$$?; \
+	echo "--- make lint-py (exit $$linted):"; cat "$$lint_log"; rm -f "$$lint_log"; \
+	test $$tests -eq 0 -a $$linted -eq 0
 
 # The image's pins minus the GPU-only packages (flash-attn, liger-kernel: the [gpu] extra is not installed here).
 $(IMAGE_PINS_VENV)/.installed: docker/constraints.txt pyproject.toml
@@ -69,9 +74,9 @@ test-fast: install ## run only the in-process tests (no job subprocesses): pytes
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Config in pyproject.toml ([tool.ruff], [tool.mypy]); both are pinned in the test extra.
-lint-py: install ## ruff on the repository and mypy on job/ (zero findings; make test runs this first)
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy
+LINT_PY = $(VENV)/bin/ruff check . && $(VENV)/bin/mypy
+lint-py: install ## ruff on the repository and mypy on job/ (zero findings; make test runs this beside the suite)
+	$(LINT_PY)
 
 lint: install lint-py ## lint-py, then docker/Dockerfile, k8s/ and the retrain workflow offline (hadolint, kubernetes-validate, check-jsonschema, zizmor)
 	$(VENV)/bin/hadolint --config .hadolint.yaml docker/Dockerfile
