@@ -10,7 +10,7 @@ import sys
 import traceback
 
 from job.cards import ModelCards
-from job.config import build_cfg, load_settings
+from job.config import build_cfg
 from job.errors import ExitCode, find_job_error
 from job.train import launch
 from job.train.launch import is_worker, launched_here, reported_code, write_error_record
@@ -30,8 +30,8 @@ def _check_config() -> None:
 # `--help` and a mistyped setting answer within a second: the one place job/ imports its own modules lazily.
 def _cmd_run(_args) -> int:
     _check_config()
-    settings = load_settings(ModelCards().qwen3_vl_8b_instruct)
-    nproc = settings.nproc_per_node
+    train = build_cfg(ModelCards().qwen3_vl_8b_instruct)["train"]
+    nproc = train["nproc_per_node"]
     # A worker (of torchrun or of the launcher) never launches; otherwise count the GPUs only when the setting
     # leaves it to them (torch's import is paid by `run` anyway).
     the_plan = None if launch.is_worker(os.environ) else launch.plan(os.environ, nproc, _cuda_devices(nproc))
@@ -40,7 +40,7 @@ def _cmd_run(_args) -> int:
 
         train_main()
         return ExitCode.OK
-    code, failure = launch.launch(the_plan, ["run"], settings.preempt_grace_s, settings.run_id)
+    code, failure = launch.launch(the_plan, ["run"], train["preempt_grace_s"], train["run_id"])
     if failure is not None:  # the first failing rank's message, once, as a single process prints it
         _print_error(*failure)
     return code
@@ -136,7 +136,7 @@ def _print_error(message: str, detail: str) -> None:
 def _exit_code_style() -> str:
     """SFT_EXIT_CODES, or `standard` when the configuration itself is what failed (its error is exit 2 either way)."""
     try:
-        return load_settings(ModelCards().qwen3_vl_8b_instruct).exit_codes
+        return build_cfg(ModelCards().qwen3_vl_8b_instruct)["train"]["exit_codes"]
     except Exception:  # noqa: BLE001 - an invalid environment was already reported, with its own exit code
         return "standard"
 

@@ -296,6 +296,8 @@ def build_cfg(card: ModelSpec, env: Mapping[str, str] | None = None) -> dict[str
             "dataloader_num_workers": s.dataloader_num_workers,
             "group_by_length": s.group_by_length,
             "preempt_grace_s": s.preempt_grace_s,
+            "nproc_per_node": s.nproc_per_node,
+            "exit_codes": s.exit_codes,
             "resume": s.resume,
         },
         "lora": {
