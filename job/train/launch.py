@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from job.errors import ExitCode
+from job.errors import ExitCode, TransientError
 
 log = logging.getLogger("job.launch")
 
@@ -205,6 +206,7 @@ def launch(the_plan: LaunchPlan, argv: list[str], grace_s: float, run_id: str | 
     traceback) to print (None when every rank succeeded)."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     _quiet_torch_elastic()
@@ -241,6 +243,12 @@ def launch(the_plan: LaunchPlan, argv: list[str], grace_s: float, run_id: str | 
         signalled = True
         log.warning("%s received: every worker was signalled and has saved or stopped", signal.Signals(exc.sigval).name)
         failures = failures_in(log_dir)  # normally every worker's 143; the agent reports none after a signal
+    except RendezvousError as exc:
+        # Another node never joined (or the master is not up yet): a retry of the pods can pass.
+        raise TransientError(f"rendezvous of {the_plan.nnodes} node(s) at {the_plan.master or 'localhost'} failed: "
+                             f"{exc}") from exc
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)  # after the records were read: nothing else is kept there
     code, first = launcher_exit_code(failures, signalled)
     return code, None if first is None else describe(first, the_plan)
 
