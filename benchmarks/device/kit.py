@@ -190,7 +190,8 @@ def download(dest: Path, force: bool = False) -> int:
     requirements = kit_requirements()
     dest.mkdir(parents=True, exist_ok=True)
     if not force and _manifest_ok(dest, requirements):
-        print(f"device kit: up to date in {dest} ({(dest / 'MANIFEST.txt').read_text().splitlines()[-1]})")
+        total = next(line for line in (dest / "MANIFEST.txt").read_text().splitlines() if "total," in line)
+        print(f"device kit: up to date in {dest} ({total.strip()})")
         return 0
     pip_download(dest, requirements, DEVICE_PYTHON)
     wanted = {canonical(r.split("==")[0]): r.split("==")[1] for r in requirements}
@@ -221,6 +222,9 @@ def download(dest: Path, force: bool = False) -> int:
              for w in wheels]
     lines.append(f"{total / 2**20:8.2f} MiB  total, {len(wheels)} wheels (limit {LIMIT_MIB} MiB); for Python "
                  f"{DEVICE_PYTHON}, manylinux x86-64; pins from docker/constraints.txt")
+    checked, problems = device_requirements(dest, [w["file"] for w in wheels])
+    lines += ["", "Requirements (the wheels' METADATA and pyproject.toml) against the kit and the device image "
+              "(KINDS.md):", *checked]
     (dest / "MANIFEST.txt").write_text("\n".join(lines) + "\n")
     (dest / "requirements.txt").write_text("\n".join(requirements) + "\n")
     (dest / "manifest.json").write_text(json.dumps(
@@ -230,7 +234,58 @@ def download(dest: Path, force: bool = False) -> int:
     if total > LIMIT_MIB * 2**20:
         print(f"device kit: {total / 2**20:.1f} MiB is over the {LIMIT_MIB} MiB limit", file=sys.stderr)
         return 1
+    if problems:
+        print("device kit: requirements the kit and the image do not meet:\n  " + "\n  ".join(problems),
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def device_requirements(dest: Path, files: list[str]) -> tuple[list[str], list[str]]:
+    """Every requirement of qwen3-sft[demo] and of each kit wheel (its METADATA) against the kit's own versions,
+    then the device image's: met, met only if the image's version (not known from here: env.json checks it there)
+    fits, or not met. Returns (report lines, problems); LEFT_OUT's packages are reported, not problems.
+    """
+    try:
+        from packaging.markers import default_environment
+        from packaging.requirements import Requirement
+    except ImportError:  # a bare python3: pip carries its own copy
+        from pip._vendor.packaging.markers import default_environment  # type: ignore[no-redef]
+        from pip._vendor.packaging.requirements import Requirement  # type: ignore[no-redef]
+
+    env = {**default_environment(), "python_version": DEVICE_PYTHON, "python_full_version": "3.12.3",
+           "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64", "extra": ""}
+    kit = {_wheel_dist(f): f.split("-")[1] for f in files}
+    device = {canonical(n) for n in DEVICE_IMAGE}
+    sources = [("qwen3-sft", _project_requirements())]
+    for name in files:
+        with zipfile.ZipFile(dest / name) as wheel:
+            meta = next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
+            text = wheel.read(meta).decode()
+        sources.append((_wheel_dist(name), [line.split(":", 1)[1].strip() for line in text.splitlines()
+                                            if line.startswith("Requires-Dist:")]))
+    lines, problems = [], []
+    for by, reqs in sources:
+        for text in reqs:
+            req = Requirement(text)
+            if req.marker and not req.marker.evaluate(env):
+                continue
+            name, spec = canonical(req.name), req.specifier
+            if name in kit:
+                state = "kit " + kit[name] + ("" if spec.contains(kit[name], prereleases=True) else "  NOT MET")
+            elif name in DEVICE_VERSIONS:
+                fits = spec.contains(DEVICE_VERSIONS[name], prereleases=True)
+                state = f"image {DEVICE_VERSIONS[name]}" + ("" if fits else "  NOT MET")
+            elif name in device:
+                state = "image, version not known here (env.json on the device)" if str(spec) else "image"
+            elif name in LEFT_OUT or by in LEFT_OUT:
+                state = "left out (" + LEFT_OUT.get(name, by) + ")"
+            else:
+                state = "MISSING"
+            if "NOT MET" in state or state == "MISSING":
+                problems.append(f"{by}: {name}{spec} -> {state}")
+            lines.append(f"  {by:18} {name + str(spec):40} {state}")
+    return lines, problems
 
 
 def twin(kit: Path, dest: Path) -> int:
