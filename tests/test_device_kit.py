@@ -37,7 +37,7 @@ LEFT_OUT = ("wandb", "boto3", "botocore")
 
 
 def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, **kwargs)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800, **kwargs)
 
 
 def _clean_env() -> dict[str, str]:

@@ -14,7 +14,8 @@
 # tiny-assets + tiny-run (the whole job on the tiny Qwen3-VL in bf16 on CUDA: the CUDA paths' smoke test),
 # gpu-step (the random-weight 8B in 4-bit: seed stack vs ours on the 1024x768 and mixed sets, Liger off and on, and
 # the peak memory of batch 1 at 4096 tokens with gradient checkpointing), fa2 (recorded as skipped: no wheel).
-# Each stage has its own timeout, cut to what is left of DEVICE_BUDGET_S (default 480 s) for the whole run.
+# Each stage has its own timeout, cut to what is left of DEVICE_BUDGET_S (default 480 s) for the whole run
+# (--dry-run: 1200 s, and the CPU stages' timeouts are 600 s: a busy 2-core CI box is slow, not hung).
 # --dry-run: the same stages on the CPU at toy sizes (gpu_step.py --dry-run, 1 step each): the plumbing.
 # --kit DIR (repeatable; default .cache/device-kit, from `make device-kit`): folders of wheels; the pins come from
 # the first one's requirements.txt and pip takes, for each, the wheel that fits this Python.
@@ -40,7 +41,11 @@ done
 OUT_DIR=${OUT_ARG:-${OUT:-$REPO/.cache/device-out}}
 PYTHON=${PYTHON:-python3}
 WORK=${DEVICE_WORK:-${TMPDIR:-/tmp}/qwen3-sft-device}
-BUDGET_S=${DEVICE_BUDGET_S:-480}
+if [ $DRY -eq 1 ]; then
+  BUDGET_S=${DEVICE_BUDGET_S:-1200} TINY_RUN_S=600 GPU_STEP_S=600
+else
+  BUDGET_S=${DEVICE_BUDGET_S:-480} TINY_RUN_S=240 GPU_STEP_S=420
+fi
 mkdir -p "$OUT_DIR" "$WORK"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 WORK=$(cd "$WORK" && pwd)
@@ -64,13 +69,12 @@ left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 # CPU seconds used so far by this script's children (bash's `times`, second line: user and system).
 # cpu_mark must run in this shell, not in a $(...) (that would time the subshell), so it writes to a file.
 cpu_mark() { times > "$WORK/.times"; }
-cpu_read() { tail -1 "$WORK/.times" | awk '{ s = 0; for (i = 1; i <= 2; i++) { split($i, a, "m"); s += a[1] * 60 + a[2] }
-  printf "%.1f", s }'; }
+cpu_read() { tail -1 "$WORK/.times" | awk '{ s = 0; for (i = 1; i <= 2; i++) { split($i, a, "m");
+  s += a[1] * 60 + a[2] }; printf "%.1f", s }'; }
 
 record() {  # stage status rc seconds cpu_seconds note
-  "$PYTHON" -c 'import json, sys; print(json.dumps({"stage": sys.argv[1], "status": sys.argv[2], "rc": int(sys.argv[3]),
-"seconds": float(sys.argv[4]), "cpu_seconds": float(sys.argv[5]), "note": sys.argv[6], "dry_run": sys.argv[7] == "1"}))' \
-    "$@" "$DRY" >> "$RESULTS"
+  "$PYTHON" -c 'import json, sys; a = sys.argv; print(json.dumps({"stage": a[1], "status": a[2], "rc": int(a[3]),
+"seconds": float(a[4]), "cpu_seconds": float(a[5]), "note": a[6], "dry_run": a[7] == "1"}))' "$@" "$DRY" >> "$RESULTS"
 }
 
 # stage NAME TIMEOUT_S MIN_S -- command...: runs it under `timeout` (the whole process group, workers included),
@@ -135,10 +139,10 @@ else
 fi
 rm -rf "$WORK/tiny-out"
 if NOTE="$TINY" stage tiny-assets 120 20 -- "$PYTHON" -m job.demo.tiny "$TINY"; then
-  NOTE="tiny_metrics.json" stage tiny-run 240 30 -- env SFT_MODEL_ID="$TINY/model" SFT_DATASET_URI="$TINY/data" \
-    SFT_OUTPUT_DIR="$WORK/tiny-out" SFT_RUN_ID=device-smoke SFT_LEARNING_RATE=5e-3 SFT_PER_DEVICE_BATCH_SIZE=4 \
-    SFT_GRAD_ACCUM=1 SFT_WARMUP_RATIO=0.05 SFT_LORA_DROPOUT=0 SFT_MAX_LENGTH=512 SFT_IMAGE_MIN_PIXELS=4096 \
-    SFT_IMAGE_MAX_PIXELS=16384 SFT_EVAL_BATCH_SIZE=16 "${TINY_ENV[@]}" "$PYTHON" -m job run
+  NOTE="tiny_metrics.json" stage tiny-run "$TINY_RUN_S" 30 -- env SFT_MODEL_ID="$TINY/model" \
+    SFT_DATASET_URI="$TINY/data" SFT_OUTPUT_DIR="$WORK/tiny-out" SFT_RUN_ID=device-smoke SFT_LEARNING_RATE=5e-3 \
+    SFT_PER_DEVICE_BATCH_SIZE=4 SFT_GRAD_ACCUM=1 SFT_WARMUP_RATIO=0.05 SFT_LORA_DROPOUT=0 SFT_MAX_LENGTH=512 \
+    SFT_IMAGE_MIN_PIXELS=4096 SFT_IMAGE_MAX_PIXELS=16384 SFT_EVAL_BATCH_SIZE=16 "${TINY_ENV[@]}" "$PYTHON" -m job run
 else
   record tiny-run skipped 0 0 0 "tiny-assets did not finish"
   FAILED=1
@@ -152,7 +156,7 @@ if [ $DRY -eq 1 ]; then
 else
   GPU_STEP=(--rows 48 --warmup 2 --steps 8 --work-dir "$WORK/gpu-step")
 fi
-NOTE="gpu_step.jsonl" stage gpu-step 420 60 -- "$PYTHON" benchmarks/gpu_step.py "${GPU_STEP[@]}" --liger-ab \
+NOTE="gpu_step.jsonl" stage gpu-step "$GPU_STEP_S" 60 -- "$PYTHON" benchmarks/gpu_step.py "${GPU_STEP[@]}" --liger-ab \
   --memory-probe 4096 --json "$OUT_DIR/gpu_step.jsonl"
 
 # 5. SDPA vs FlashAttention-2: only with a flash-attn built for this torch, and PyPI has none (sdist only; a source
