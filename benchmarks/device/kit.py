@@ -192,7 +192,7 @@ def download(dest: Path, force: bool = False) -> int:
     if not force and _manifest_ok(dest, requirements):
         total = next(line for line in (dest / "MANIFEST.txt").read_text().splitlines() if "total," in line)
         print(f"device kit: up to date in {dest} ({total.strip()})")
-        return 0
+        return _over_limit(dest)
     pip_download(dest, requirements, DEVICE_PYTHON)
     wanted = {canonical(r.split("==")[0]): r.split("==")[1] for r in requirements}
     try:  # a wheel slimmed before is not slimmed again; keep what was recorded about it
@@ -231,12 +231,20 @@ def download(dest: Path, force: bool = False) -> int:
         {"python": DEVICE_PYTHON, "platforms": PLATFORMS, "requirements": requirements, "wheels": wheels,
          "total_bytes": total, "limit_mib": LIMIT_MIB, "left_out": LEFT_OUT}, indent=1) + "\n")
     print("\n".join(lines))
-    if total > LIMIT_MIB * 2**20:
-        print(f"device kit: {total / 2**20:.1f} MiB is over the {LIMIT_MIB} MiB limit", file=sys.stderr)
+    if _over_limit(dest):
         return 1
     if problems:
         print("device kit: requirements the kit and the image do not meet:\n  " + "\n  ".join(problems),
               file=sys.stderr)
+        return 1
+    return 0
+
+
+def _over_limit(dest: Path) -> int:
+    """1 (and a message) when the folder, the wheels plus the manifests, is over LIMIT_MIB."""
+    folder = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    if folder > LIMIT_MIB * 2**20:
+        print(f"device kit: {dest} holds {folder / 2**20:.1f} MiB, over the {LIMIT_MIB} MiB limit", file=sys.stderr)
         return 1
     return 0
 
