@@ -53,6 +53,8 @@ def failure(rank: int, code: int, time: float, message: str = "") -> RankFailure
     # rank 0's preflight failed (2), rank 1 exited 2 with it (PeerFailed) a little later
     ([failure(0, 2, 5.0), failure(1, 2, 5.1)], False, 2),
     ([failure(0, 4, 7.0), failure(1, 1, 7.3)], False, 4),  # a bystander's broken collective does not win
+    # rank 1 relayed rank 0's preflight failure before rank 0 had written its own record
+    ([failure(1, 2, 4.9, "rank 0 failed: preflight failed"), failure(0, 2, 5.0, "preflight failed")], False, 2),
     # no records (whole-second times): a signal death on the same second is taken for a terminated bystander
     ([failure(0, 143, 9.0), failure(1, 1, 9.0)], False, 1),
     ([failure(0, 137, 8.0), failure(1, 143, 9.0)], False, 137),  # OOM-killed first
@@ -60,6 +62,11 @@ def failure(rank: int, code: int, time: float, message: str = "") -> RankFailure
 ])
 def test_launcher_exit_code_is_the_first_failure(failures, signalled, expected):
     assert launch.launcher_exit_code(failures, signalled)[0] == expected
+
+
+def test_a_relayed_failure_never_hides_rank_0s_own_message():
+    relay, own = failure(1, 2, 4.9, "rank 0 failed: bad row"), failure(0, 2, 5.0, "bad row")
+    assert launch.first_failure([relay, own]) == own
 
 
 def test_failures_from_child_failed_error():
@@ -109,6 +116,18 @@ def test_worker_grace_fits_the_launcher_and_the_agent():
 
 
 # -- the CLI in a worker ---------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _root_handlers_restored():
+    """cli.main installs the job's root log handler on the sys.stderr it finds (capsys's, closed after the test):
+    later in-process tests must not log into it."""
+    import logging
+
+    root = logging.getLogger()
+    saved = list(root.handlers)
+    yield
+    root.handlers[:] = saved
+
+
 def test_a_launched_worker_records_its_error_instead_of_printing_it(tmp_path, monkeypatch, capsys):
     error_file = tmp_path / "error.json"
     for name in [n for n in list(__import__("os").environ) if n.startswith("SFT_")]:

@@ -41,6 +41,8 @@ log = logging.getLogger("job.launch")
 LAUNCHED_ENV = "QWEN3_SFT_LAUNCHED"
 # The environment a worker of torchrun (or of this launcher) gets from torch elastic's agent.
 WORKER_MARKERS = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+# How job.train.distributed words a rank's relay of rank 0's failure (PeerFailed).
+PEER_PREFIX = "rank 0 failed: "
 # The key of this job's own part of an error file (torch elastic reads "message" and ignores the rest).
 RECORD_KEY = "qwen3_sft"
 # Time between the workers' preemption budget and the launcher's: the agent reaps them and the launcher exits.
@@ -134,7 +136,9 @@ def first_failure(failures: list[RankFailure]) -> RankFailure | None:
     a rank that died of a signal is taken for a terminated bystander."""
     if not failures:
         return None
-    return min(failures, key=lambda f: (f.time, f.code >= 128, f.rank))
+    # A rank that only relays rank 0's failure (PeerFailed, "rank 0 failed: ...") may record it before rank 0 has
+    # finished unwinding: it is never the cause while rank 0's own record is there.
+    return min(failures, key=lambda f: (f.message.startswith(PEER_PREFIX), f.time, f.code >= 128, f.rank))
 
 
 def failures_from(child_failures: Mapping[int, object]) -> list[RankFailure]:
