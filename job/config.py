@@ -116,6 +116,13 @@ class Settings(BaseSettings):
     )
     push_require_improvement: bool = Field(True, examples=["true"])
     image_digest: str | None = Field(None, examples=["sha256:0123abcd..."])
+    # export: the adapter merged into the base (job/export/), its proof and its push
+    export: bool = Field(False, examples=["false"])
+    export_verify_rows: int | None = Field(None, ge=1, examples=["200"])
+    export_max_drop: float = Field(0.01, ge=0, le=1, examples=["0.01"])
+    export_repo_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", examples=["my-org/qwen3-vl-sarcasm"]
+    )
 
     @field_validator("lora_target_modules")
     @classmethod
@@ -210,6 +217,11 @@ def cross_field_problems(s: Settings, card: ModelSpec) -> list[str]:
         )
     if s.push_min_metric and not s.eval_post:
         problems.append("SFT_PUSH_MIN_METRIC needs the post-eval: set SFT_EVAL_POST=true or unset the gate")
+    if s.export_repo_id and s.hub_repo_id and s.export_repo_id.lower() == s.hub_repo_id.lower():
+        problems.append(
+            f"SFT_EXPORT_REPO_ID and SFT_HUB_REPO_ID are both {s.hub_repo_id!r}: the merged model and the adapter "
+            "need their own repos (a repo with adapter_config.json loads as an adapter); name another repo"
+        )
     return problems
 
 
@@ -322,6 +334,12 @@ def build_cfg(card: ModelSpec, env: Mapping[str, str] | None = None) -> dict[str
             "private": s.hub_private,
             "min_metric": s.push_min_metric,
             "require_improvement": s.push_require_improvement,
+        },
+        "export": {
+            "enabled": s.export,
+            "verify_rows": s.export_verify_rows,
+            "max_drop": s.export_max_drop,
+            "repo_id": s.export_repo_id,
         },
         "lineage": {"image_digest": s.image_digest},
         "card": {"tags": list(card.tags)},

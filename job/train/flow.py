@@ -24,6 +24,7 @@ from job.config import build_cfg
 from job.data.loaders import dataset_fingerprint
 from job.errors import DataError, GateRefused, JobError
 from job.eval.generate import evaluate_qwen3
+from job.export.command import run_export
 from job.model import (
     _count_trainable_params,
     apply_liger,
@@ -254,7 +255,7 @@ def _publish(cfg: dict, paths: RunPaths, run_id: str, remote, metrics: dict, ste
         raise GateRefused(f"quality gate refused the push: {reason}; artifacts kept in {paths.root}")
 
 
-FINAL_ARTIFACTS = ("adapter", "training_meta.json", "metrics.json", "eval", "preflight_report.json")
+FINAL_ARTIFACTS = outputs.FINAL_ARTIFACTS
 
 
 def _earlier_push(metrics: dict, repo_id: str | None) -> str | None:
@@ -518,7 +519,12 @@ def main(env: dict[str, str] | None = None) -> dict[str, Any]:
     """Build the config from the environment and run the job; user errors keep their type (and exit code)."""
     cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
     try:
-        return run_job(cfg)
+        meta = run_job(cfg)
+        # SFT_EXPORT=true: once the gate passed (a refusal raised above). The training model is out of scope by now,
+        # so the export's bf16 model does not share the GPU with it; DDP: rank 0 exports, the others are done.
+        if cfg["export"]["enabled"] and distributed.is_main_process():
+            meta["export"] = run_export(cfg, after_run=True)["publish"]
+        return meta
     except JobError:
         raise
     except Exception as exc:
