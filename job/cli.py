@@ -1,4 +1,4 @@
-"""`qwen3-sft` / `python -m job`: run (default), preflight, eval, export, config. Maps errors to documented exit codes."""
+"""`qwen3-sft` / `python -m job`: run (default), preflight, eval, export, config. Maps errors to exit codes."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         fn=_cmd_preflight
     )
     sub.add_parser("eval", help="evaluate the base model or an adapter on the eval split").set_defaults(fn=_cmd_eval)
-    sub.add_parser("export", help="merge the adapter into the base model, verify the merge, write merged/").set_defaults(
+    sub.add_parser("export", help="merge the adapter into the base model, verify it, write merged/").set_defaults(
         fn=_cmd_export
     )
     sub.add_parser("config", help="print the effective config (secrets redacted)").set_defaults(fn=_cmd_config)

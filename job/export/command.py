@@ -211,7 +211,8 @@ def run_export(cfg: dict, *, after_run: bool = False) -> dict[str, Any]:
         report_args = dict(run_id=run_id, adapter=adapter, adapter_sha256=adapter_sha,
                            base_model=cfg["model"].get("source", cfg["model"]["id"]),
                            dtype=eq["dtype"], device="cuda" if has_cuda() else "cpu", row_ids=verifier.row_ids,
-                           eq=eq, max_drop=cfg["export"]["max_drop"], versions=outputs.package_versions())
+                           eq=eq, max_drop=cfg["export"]["max_drop"], versions=outputs.package_versions(),
+                           prompt=_prompt_format(cfg))
         if not eq["passed"]:
             _write_report(out, build_report(metrics={**scalars, "qlora": None}, qlora_source="not evaluated",
                                             **report_args))
@@ -227,6 +228,13 @@ def run_export(cfg: dict, *, after_run: bool = False) -> dict[str, Any]:
     _summary(report, out)
     _publish(cfg, out, report, run_id)
     return report
+
+
+def _prompt_format(cfg: dict) -> dict:
+    """How the model was trained and verified to be prompted (README, "Serve the merged model")."""
+    return {"system": cfg["data"]["system_prompt"] or None,
+            "user": "the image, then the query; a non-empty caption appended as '\\nCAPTION: <caption>'",
+            "max_new_tokens": cfg["eval"]["max_new_tokens"], "do_sample": cfg["eval"]["do_sample"]}
 
 
 def _card(cfg: dict, out: Path, report: dict, staging: Path) -> None:

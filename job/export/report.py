@@ -84,12 +84,12 @@ def drop_decision(cost: dict[str, dict[str, float | None]], max_drop: float) -> 
 
 def build_report(*, run_id: str, adapter: Path, adapter_sha256: str, base_model: str, dtype: str, device: str,
                  row_ids: list[str], eq: dict, metrics: dict[str, dict | None], qlora_source: str,
-                 max_drop: float, versions: dict) -> dict[str, Any]:
+                 max_drop: float, versions: dict, prompt: dict | None = None) -> dict[str, Any]:
     cost = merge_cost(metrics.get("qlora"), metrics["merged"] or {})
     passed, reason = drop_decision(cost, max_drop)
     return {
         "run_id": run_id, "base_model": base_model, "adapter": {"path": str(adapter), "sha256": adapter_sha256},
-        "dtype": dtype, "device": device, "rows": len(row_ids), "row_ids": row_ids,
+        "dtype": dtype, "device": device, "prompt": prompt, "rows": len(row_ids), "row_ids": row_ids,
         "equivalence": eq, "metrics": metrics, "qlora_source": qlora_source, "merge_cost": cost,
         "drop_gate": {"metrics": list(DROP_GATE_METRICS), "max_drop": max_drop, "passed": passed, "reason": reason},
         "publish": {"gate": None, "pushed_to": None}, "versions": versions,
