@@ -27,8 +27,9 @@ MOVED = {
 }
 
 # From the bottom up: what every module may use; config; storage; data and collators; the model, the outputs, the
-# eval core and the training parts; the checks before training; the flows; the entry points and the demo; last, the
-# aliases at old paths. A prefix names a package and everything in it (the longest prefix wins).
+# eval core, the export's parts and the training parts; the checks before training; the flows (run, eval, export);
+# the entry points and the demo; last, the aliases at old paths. A prefix names a package and everything in it (the
+# longest prefix wins).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("job.errors", "job.prompts", "job.cards", "job.utils"),
     ("job.config",),
@@ -38,8 +39,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("job.train.callbacks", "job.train.distributed", "job.train.preemption", "job.train.resume", "job.train.sampler",
      "job.train.trainer", "job.train"),
     ("job.preflight",),
-    ("job.export.command", "job.export"),
-    ("job.train.flow", "job.eval.command", "job.eval"),
+    ("job.train.flow", "job.eval.command", "job.eval", "job.export.command", "job.export"),
     ("job.cli", "job.__main__", "job.demo", "job"),
     tuple(MOVED),
 )
