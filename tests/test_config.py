@@ -181,6 +181,10 @@ OVERLAY_CASES = [
     ({"SFT_PUSH_MIN_METRIC": "macro_f1:0.7"}, {("hub", "min_metric"): "macro_f1:0.7"}),
     ({"SFT_PUSH_REQUIRE_IMPROVEMENT": "false"}, {("hub", "require_improvement"): False}),
     ({"SFT_IMAGE_DIGEST": "sha256:abc"}, {("lineage", "image_digest"): "sha256:abc"}),
+    ({"SFT_EXPORT": "true"}, {("export", "enabled"): True}),
+    ({"SFT_EXPORT_VERIFY_ROWS": "200"}, {("export", "verify_rows"): 200}),
+    ({"SFT_EXPORT_MAX_DROP": "0.02"}, {("export", "max_drop"): 0.02}),
+    ({"SFT_EXPORT_REPO_ID": "org/merged"}, {("export", "repo_id"): "org/merged"}),
     ({"SFT_BAD_ROWS": "skip"}, {("data", "bad_rows"): "skip"}),
     ({"SFT_MAX_BAD_FRACTION": "0.05"}, {("data", "max_bad_fraction"): 0.05}),
 ]
