@@ -317,3 +317,79 @@ def test_reload_script_is_the_readme_recipe():
                  '{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}',
                  "add_generation_prompt=True"):
         assert line in recipe, line
+
+
+def test_publish_access_of_the_run_covers_the_export_repo(monkeypatch):
+    """SFT_EXPORT=true with SFT_EXPORT_REPO_ID: the token is checked before training, not after it."""
+    checked = []
+    monkeypatch.setattr(flow, "check_push_access", lambda repo, setting="SFT_HUB_REPO_ID": checked.append(
+        (repo, setting)) or "me")
+    flow._check_publish_access(build_cfg(CARD, {"SFT_EXPORT_REPO_ID": "org/merged"}))
+    assert checked == []  # no export in this run
+    flow._check_publish_access(build_cfg(CARD, {"SFT_EXPORT_REPO_ID": "org/merged", "SFT_EXPORT": "true"}))
+    assert checked == [("org/merged", "SFT_EXPORT_REPO_ID")]
+
+
+def _publish_setup(tmp_path: Path, monkeypatch, env: dict[str, str], post: dict | None = None):
+    cfg = build_cfg(CARD, {"SFT_OUTPUT_DIR": str(tmp_path), **env})
+    (tmp_path / command.MERGED).mkdir()
+    if post is not None:
+        (tmp_path / "metrics.json").write_text(json.dumps({"pre": None, "post": post}))
+    pushed = []
+    monkeypatch.setattr(command, "push_adapter", lambda folder, repo, private, run_id, **kw: pushed.append(
+        (Path(folder).name, repo, kw)) or f"https://huggingface.co/{repo}/commit/1")
+    return cfg, pushed
+
+
+def test_the_merged_push_follows_both_gates(tmp_path, monkeypatch):
+    cfg, pushed = _publish_setup(tmp_path, monkeypatch, {"SFT_EXPORT_REPO_ID": "org/merged"}, post=METRICS)
+    report = _report()
+    command._publish(cfg, tmp_path, report, "run-1")
+    assert pushed == [("merged", "org/merged", {"setting": "SFT_EXPORT_REPO_ID", "what": "export"})]
+    written = json.loads((tmp_path / "merged" / "export_report.json").read_text())
+    assert written["publish"]["pushed_to"] == "https://huggingface.co/org/merged/commit/1"
+    assert json.loads((tmp_path / "eval" / "export_report.json").read_text()) == written
+
+
+@pytest.mark.parametrize("env, refused_by", [
+    ({"SFT_PUSH_MIN_METRIC": "macro_f1:0.9"}, "below SFT_PUSH_MIN_METRIC"),  # the run's gate
+    ({}, "merging costs more than SFT_EXPORT_MAX_DROP"),  # the drop gate
+])
+def test_a_refused_export_is_exit_4_and_pushes_nothing(tmp_path, monkeypatch, env, refused_by):
+    from job.errors import GateRefused
+
+    cfg, pushed = _publish_setup(tmp_path, monkeypatch, {"SFT_EXPORT_REPO_ID": "org/merged", **env}, post=METRICS)
+    report = _report(metrics={"unmerged": METRICS, "merged": METRICS if env else {**METRICS, "accuracy": 0.5},
+                              "qlora": METRICS})
+    with pytest.raises(GateRefused, match=refused_by) as raised:
+        command._publish(cfg, tmp_path, report, "run-1")
+    assert cli.exit_code_for(raised.value) == 4 and pushed == []
+    assert json.loads((tmp_path / "merged" / "export_report.json").read_text())["publish"]["gate"]["passed"] is False
+
+
+def test_a_merge_that_changes_predictions_is_a_bug_exit_1(tiny_assets, tmp_path, monkeypatch):
+    """Equivalence falls short: exit 1 naming the rows, the report in eval/, no merged/ and no staging left."""
+    adapter = tmp_path / "out" / "adapter"
+    adapter.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (adapter / name).write_text("{}")
+    cfg = build_cfg(CARD, {"SFT_MODEL_ID": str(tiny_assets[0]), "SFT_DATASET_URI": str(tiny_assets[1]),
+                           "SFT_OUTPUT_DIR": str(tmp_path / "out"), "SFT_EXPORT_VERIFY_ROWS": "3",
+                           "SFT_MAX_LENGTH": "512", "SFT_IMAGE_MIN_PIXELS": "4096", "SFT_IMAGE_MAX_PIXELS": "16384"})
+
+    def diverging(cfg, verifier, adapter, staging):
+        assert len(verifier.row_ids) == 3 and staging.is_dir()
+        unmerged = {"predictions": [{"row_id": r, "prediction": "a"} for r in verifier.row_ids], **METRICS}
+        merged = {"predictions": [{"row_id": r, "prediction": "a" if i else "b"}
+                                  for i, r in enumerate(verifier.row_ids)], **METRICS}
+        return unmerged, merged, equivalence(unmerged["predictions"], merged["predictions"], "float32", 0.3)
+
+    monkeypatch.setattr(command, "_merge_and_verify", diverging)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(command.MergeMismatch) as raised:
+        command.run_export(cfg)
+    report = json.loads((tmp_path / "out" / "eval" / "export_report.json").read_text())
+    first = report["row_ids"][0]
+    assert cli.exit_code_for(raised.value) == 1 and first in str(raised.value) and "1 of 3" in str(raised.value)
+    assert report["equivalence"]["mismatched_rows"] == [first] and report["metrics"]["qlora"] is None
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter", "eval"]
