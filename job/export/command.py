@@ -201,6 +201,10 @@ def run_export(cfg: dict, *, after_run: bool = False) -> dict[str, Any]:
         return json.loads((out / MERGED / REPORT).read_text())
     processor = load_processor_checked(cfg)
     checked = run_preflight(cfg, processor, roles=("eval",), report_name=PREFLIGHT_REPORT)
+    skipped = checked.report["splits"]["eval"]["skipped_row_ids"]
+    if skipped:
+        print(f"export: skipped {len(skipped)} bad row(s) (SFT_BAD_ROWS=skip, see {out / PREFLIGHT_REPORT}): "
+              + ", ".join(skipped), flush=True)
     _, eval_collator = build_collators(cfg, processor)
     verifier = Verifier(cfg, processor, _verified_rows(checked.eval_dataset, cfg["export"]["verify_rows"]),
                         eval_collator, out)
