@@ -96,6 +96,7 @@ class Verifier:
 
 def _merge_and_verify(cfg: dict, verifier: Verifier, adapter: Path, staging: Path) -> tuple[dict, dict, dict]:
     """Steps 1 and 2: (unmerged metrics, merged metrics, equivalence). One model in memory at a time."""
+    merge.release()  # after `run`: its training model (in reference cycles through the Trainer) goes first
     model = merge.apply_adapter(merge.load_base(cfg), adapter)
     unmerged = verifier.score("unmerged", model)
     reference_logits = verifier.logits(model)
