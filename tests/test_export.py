@@ -6,6 +6,8 @@ one export whose merged model a separate process loads with plain transformers, 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -121,7 +123,7 @@ def test_export_settings():
 @pytest.fixture()
 def export_env(tiny_assets, tmp_path, monkeypatch):
     """The environment of an export of the tiny model into tmp_path/out, where nothing heavy may load."""
-    for key in [k for k in __import__("os").environ if k.startswith("SFT_")]:
+    for key in [k for k in os.environ if k.startswith("SFT_")]:
         monkeypatch.delenv(key)
     env = {"SFT_MODEL_ID": str(tiny_assets[0]), "SFT_DATASET_URI": str(tiny_assets[1]),
            "SFT_OUTPUT_DIR": str(tmp_path / "out"), "HF_HUB_OFFLINE": "1"}
@@ -132,7 +134,11 @@ def export_env(tiny_assets, tmp_path, monkeypatch):
         raise AssertionError("loaded something heavy before the cheap checks failed")
     monkeypatch.setattr(command, "load_processor_checked", heavy)
     monkeypatch.setattr(merge, "load_base", heavy)
-    return monkeypatch
+    handlers = list(logging.getLogger().handlers)
+    yield monkeypatch
+    for handler in logging.getLogger().handlers:  # cli.main's root handler writes to this test's captured stderr
+        if handler not in handlers:
+            logging.getLogger().removeHandler(handler)
 
 
 @pytest.mark.parametrize("setting, fragment", [
