@@ -3,8 +3,8 @@
     python benchmarks/padding.py [--assets DIR] [--quick]
 
 Two length sets:
-  * the demo dataset (job.demo.tiny), with the token estimate the preflight uses (job/data/checks.py: rendered text
-    tokens + `processor._get_num_multimodal_tokens` for the image size), at the job card's pixel range and at the
+  * the demo dataset (job.demo.tiny), with the token estimate the preflight uses (job/data/checks.py: the collator's
+    chat text tokenized + `visual_token_count` for the image size), at the job card's pixel range and at the
     `make demo` pixel range;
   * a long-tailed synthetic set typical of multimodal rows (benchmarks/common.py `skewed_lengths`: 64..1024 visual
     tokens from mixed image sizes plus 50..300 text tokens).

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from job.data.rows import load_image, row_name, target_text
+from job.data.rows import RowProblem, load_image, query_problem, row_name, target_text
 from job.errors import DataError
 from job.prompts import Queries
 
@@ -69,31 +69,44 @@ class Qwen3VisionSFTCollator:
     # -- text --------------------------------------------------------------------------------------------------
     def _user_text(self, ex: dict, row: str = "row") -> str:
         query = ex.get(self.query_key)
-        if not isinstance(query, str) or not query.strip():
-            got = "missing" if query is None else f"{type(query).__name__} {query!r}"[:60]
-            raise DataError.for_row(row, self.query_key, f"must be a non-empty string (got {got})")
-        text = query.strip()
+        RowProblem.raise_for(query_problem(query, self.query_key), row)
+        text = str(query).strip()  # a str once query_problem passed it; str() only tells mypy so
         caption = ex.get(self.caption_key)
         if caption is not None and str(caption).strip():
             text += f"\nCAPTION: {str(caption).strip()}"
         return text
 
-    def _user_message(self, user_text: str) -> list[dict]:
-        messages = []
+    def chat_text(self, ex: dict, row: str = "row") -> str:
+        """One row's chat exactly as the processor receives it, the image still a single `<|image_pad|>`: the system
+        prompt (unless ""), the user turn (image, query, caption), then the verdict and `<|im_end|>` when training or
+        the generation prompt when not. Preflight's token estimate tokenizes this very text (job/data/checks.py).
+
+        Raises the DataError (naming `row`) of a bad query, or of a bad target when training.
+
+        >>> Qwen3VisionSFTCollator(processor, training=False, system_prompt="").chat_text({"query": "Sarcastic?"})
+        '<|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>Sarcastic?<|im_end|>\\n<|im_start|>assistant\\n'
+        """
+        messages: list[dict] = []
         if self.system_prompt:
             messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        user_text = self._user_text(ex, row)
         messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]})
-        return messages
+        if not self.training:
+            return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        answer = target_text(ex.get(self.target_key), row, self.target_key)
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return self.processor.apply_chat_template(messages, tokenize=False)
 
     def _render(self, ex: dict, index: int) -> tuple[str, Any]:
         row = row_name(ex, index)
-        image = load_image(ex.get(self.image_key), row, self.image_key)
-        messages = self._user_message(self._user_text(ex, row))
-        if not self.training:
-            return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), image
-        answer = target_text(ex.get(self.target_key), row, self.target_key)
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-        return self.processor.apply_chat_template(messages, tokenize=False), image
+        image = load_image(ex.get(self.image_key), row, self.image_key)  # the image's rules first, then the text's
+        return self.chat_text(ex, row), image
+
+    def supervised_span(self, ids: list[int]) -> tuple[int, int] | None:
+        """Where the labels of one row's ids (unpadded) are kept: `answer_span` with this tokenizer's assistant
+        header and `<|im_end|>`. Preflight counts a row's supervised tokens with it before any batch is built.
+        """
+        return answer_span(ids, self._header_ids, self._end_id)
 
     # -- batch -------------------------------------------------------------------------------------------------
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -148,6 +161,24 @@ def _last_occurrence(ids: list[int], pattern: list[int]) -> int:
     return -1
 
 
+def answer_span(ids: list[int], header_ids: list[int], end_id: int) -> tuple[int, int] | None:
+    """`(start, end)`: the slice of one row's ids (padding removed) that is supervised, from right after the last
+    assistant header through the first `end_id` (`<|im_end|>`) after it, or to the end when there is none; None when
+    the ids hold no assistant header.
+
+        >>> answer_span([7, 1, 2, 3, 40, 41, 9, 5], header_ids=[1, 2, 3], end_id=9)
+        (4, 7)
+    """
+    start = _last_occurrence(ids, header_ids)
+    if start < 0:
+        return None
+    answer_start = start + len(header_ids)
+    try:
+        return answer_start, ids.index(end_id, answer_start) + 1
+    except ValueError:
+        return answer_start, len(ids)
+
+
 def answer_only_labels(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, header_ids: list[int], end_id: int
 ) -> torch.Tensor:
@@ -159,16 +190,11 @@ def answer_only_labels(
     """
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     for i in range(input_ids.shape[0]):
-        valid = attention_mask[i].bool()
-        positions = valid.nonzero().flatten()
-        ids = input_ids[i, positions].tolist()
-        start = _last_occurrence(ids, header_ids)
-        if start < 0:
+        positions = attention_mask[i].bool().nonzero().flatten()
+        span = answer_span(input_ids[i, positions].tolist(), header_ids, end_id)
+        if span is None:
             raise ValueError(f"row {i}: no assistant turn found in the rendered chat")
-        answer_start = start + len(header_ids)
-        ends = [j for j in range(answer_start, len(ids)) if ids[j] == end_id]
-        answer_end = (ends[0] + 1) if ends else len(ids)
-        keep = positions[answer_start:answer_end]
+        keep = positions[span[0] : span[1]]
         labels[i, keep] = input_ids[i, keep]
     return labels
 

@@ -1,12 +1,14 @@
 """Per-row data checks for `qwen3-sft preflight`: schema, image, target, token length and supervision.
 
 `RowChecker.check(row, index)` looks at one row and returns a small `RowResult` (no decoded image is kept), so the
-preflight can stream any number of rows through worker processes in bounded memory.
+preflight can stream any number of rows through worker processes in bounded memory. The rules themselves (query,
+caption, control tokens, target, label, image) live in job/data/rows.py, shared with the collator; this module collects
+what they find, and adds the rules that need the tokenizer or the image processor.
 
-The token length is computed cheaply instead of running the processor on every row: the text is rendered with the
-collator's own chat formatting and tokenized, and the single `<|image_pad|>` placeholder is replaced by the number
-of visual tokens the image processor will produce for that image size (`_get_num_multimodal_tokens`, which runs the
-same `smart_resize` as the real preprocessing). tests/test_preflight.py checks that this equals the collator's count.
+The token length is computed cheaply instead of running the processor on every row: the collator's own chat text
+(`Qwen3VisionSFTCollator.chat_text`) is tokenized, and the single `<|image_pad|>` placeholder is replaced by the number
+of visual tokens the image processor will produce for that image size (`visual_token_count`, which runs the same
+`smart_resize` as the real preprocessing). tests/test_preflight.py checks that this equals the collator's count.
 """
 
 from __future__ import annotations
@@ -14,25 +16,27 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from job.collators.qwen3_collator import Qwen3VisionSFTCollator, _last_occurrence
-from job.data.rows import to_rgb
+from PIL import Image
+
+from job.collators.qwen3_collator import Qwen3VisionSFTCollator
+from job.data.rows import (
+    RowProblem,
+    caption_problem,
+    control_token_problem,
+    decode_image,
+    image_source,
+    label_or_problem,
+    query_problem,
+    verdict_or_problem,
+)
 
 # An image above this many pixels is rejected before it is decoded. It is PIL's own DecompressionBombWarning
 # threshold (the default Image.MAX_IMAGE_PIXELS, ~9459x9459): decoding it takes >= 268 MB as RGB per worker, and the
 # processor would shrink it to SFT_IMAGE_MAX_PIXELS anyway. PIL itself only raises at twice this size.
 MAX_DECODE_PIXELS = 89_478_485
-_JSONL_ROW = re.compile(r"^[^\[]+\.jsonl?:\d+$")  # row ids of JSONL rows ("train.jsonl:17"); others are "train[17]"
-REENCODE_FIX = "re-export the image as PNG or JPEG (e.g. with PIL: Image.open(p).convert('RGB').save(p2))"
-
-
-class ImageTooLarge(ValueError):
-    """The image's header says it is larger than MAX_DECODE_PIXELS; it is never decoded."""
 
 
 @dataclass
@@ -59,9 +63,24 @@ class RowResult:
     def error(self, kind: str, field_name: str, message: str, fix: str) -> None:
         self.errors.append(Issue(kind, field_name, message, fix))
 
+    def add(self, found: RowProblem | None) -> bool:
+        """The checker's consumer of the row rules: keep `found` as an issue; whether there was one."""
+        if found is not None:
+            self.error(found.kind, found.field, found.message, found.fix)
+        return found is not None
 
-def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"[:60]
+
+def visual_token_count(processor, width: int, height: int) -> int:
+    """How many `<|image_pad|>` tokens the processor expands one width x height image into; ValueError from
+    smart_resize for an aspect ratio above 200:1.
+
+    Public API only: `get_number_of_image_patches` of Qwen2VLImageProcessor (checked on transformers 5.24; its
+    docstring asks to keep it, vLLM uses it), divided by merge_size**2 as Qwen3VLProcessor's private
+    `_get_num_multimodal_tokens` computes it. tests/test_row_rules.py fails by name if the method goes, and
+    tests/test_preflight.py::test_token_estimate_equals_collator_length if the count drifts from the processor's.
+    """
+    image_processor = processor.image_processor
+    return int(image_processor.get_number_of_image_patches(height, width)) // image_processor.merge_size**2
 
 
 class RowChecker:
@@ -87,7 +106,7 @@ class RowChecker:
         answer = self._check_target(row, result)
         size, image_digest = self._check_image(row, result)
         if text_ok and size is not None and (answer is not None or not self.training):
-            self._check_length(row, answer, size, result)
+            self._check_length(row, size, result)
         if image_digest is not None:
             c = self.collator
             fields = [row.get(c.query_key), row.get(c.caption_key), row.get(c.target_key)]
@@ -101,68 +120,28 @@ class RowChecker:
         before = len(result.errors)
         key, caption_key = self.collator.query_key, self.collator.caption_key
         query, caption = row.get(key), row.get(caption_key)
-        if query is None:
-            result.error("missing_field", key, "is missing",
-                         f"add a non-empty '{key}' string to every row (or set SFT_QUERY_KEY)")
-        elif not isinstance(query, str):
-            result.error(
-                "bad_type", key, f"is {_describe(query)}, expected a string", "store the query as a JSON string"
-            )
-        elif not query.strip():
-            result.error("empty_query", key, "is empty", "write the question the model should answer")
-        if caption is not None and not isinstance(caption, str):
-            result.error("bad_type", caption_key, f"is {_describe(caption)}, expected a string or null",
-                         "store the caption as a JSON string or null")
+        result.add(query_problem(query, key))
+        result.add(caption_problem(caption, caption_key))
         for name, value in ((key, query), (caption_key, caption)):
-            found = [t for t in self.special_tokens if isinstance(value, str) and t in value]
-            if found:
-                result.error(
-                    "special_token_in_text",
-                    name,
-                    f"contains the control token(s) {found}, which would corrupt the chat format",
-                    "remove them from the text",
-                )
+            result.add(control_token_problem(value, name, self.special_tokens))
         return len(result.errors) == before
 
     # -- target ----------------------------------------------------------------------------------------------
     def _check_target(self, row: dict, result: RowResult) -> str | None:
         """The canonical answer text (what the model is trained to emit), or None when the target is unusable."""
         key, label_field = self.collator.target_key, self.label_field
-        value = row.get(key)
         use = "training and eval scoring" if self.training else "eval scoring"
-        example = f'{{"{label_field}": "sarcastic"}}'
-        if value is None or (isinstance(value, str) and not value.strip()):
-            result.error("missing_field", key, f"is missing or empty; {use} needs a JSON verdict",
-                         f"add a verdict such as {example}")
+        verdict = verdict_or_problem(row.get(key), key, label_field=label_field, use=use)
+        if isinstance(verdict, RowProblem):
+            result.add(verdict)
             return None
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                result.error("target_not_json", key, f"is not valid JSON ({exc.msg}): {value[:60]!r}",
-                             f"write a JSON object such as {example}")
-                return None
-        if not isinstance(value, dict):
-            result.error("target_not_object", key, f"is {_describe(value)}, expected a JSON object",
-                         f"write a JSON object such as {example}")
+        label = label_or_problem(verdict, key, label_field)
+        if isinstance(label, RowProblem):
+            result.add(label)
             return None
-        label = value.get(label_field)
-        if label is None or label == "":
-            result.error(
-                "target_missing_label",
-                key,
-                f"has no '{label_field}' value (keys: {sorted(value)[:8]})",
-                f'add "{label_field}" to every verdict, or set SFT_LABEL_FIELD to the key that holds the label',
-            )
-            return None
-        # str() as the eval metrics compare labels (str(gold) == str(pred)).
-        result.label = label if isinstance(label, str) else str(label)
-        answer = json.dumps(value, ensure_ascii=False)  # exactly rows.target_text, without parsing twice
-        found = [t for t in self.special_tokens if t in answer]
-        if found:  # an <|im_end|> inside the answer would end the supervised span early
-            result.error(
-                "special_token_in_text", key, f"contains the control token(s) {found}", "remove them from the verdict"
-            )
+        result.label = label
+        answer = json.dumps(verdict, ensure_ascii=False)  # exactly rows.target_text, without parsing twice
+        if result.add(control_token_problem(answer, key, self.special_tokens, verdict=True)):
             return None
         return answer
 
@@ -170,81 +149,27 @@ class RowChecker:
     def _check_image(self, row: dict, result: RowResult) -> tuple[tuple[int, int] | None, str | None]:
         """(RGB width, height) after a full decode, and a digest of the image bytes; (None, ...) on any problem."""
         key = self.collator.image_key
-        source, digest = self._image_source(row.get(key), key, result)
-        if source is None:
-            return None, digest
-        try:
-            size = self._decode(source)
-        except ImageTooLarge as exc:
-            result.error("image_too_large", key, str(exc),
-                         "downscale the image (the model sees at most SFT_IMAGE_MAX_PIXELS pixels anyway)")
-            return None, digest
-        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files (OSError, SyntaxError, struct.error)
-            result.error(
-                "image_unreadable", key, f"cannot be decoded ({type(exc).__name__}: {exc})"[:300], REENCODE_FIX
-            )
-            return None, digest
-        return size, digest
-
-    @staticmethod
-    def _image_source(value: Any, key: str, result: RowResult) -> tuple[Any, str | None]:
-        """An openable source (path, BytesIO or PIL image) and a digest of its bytes."""
-        from PIL import Image
-
-        if value is None or value == "" or (isinstance(value, dict) and not (value.get("bytes") or value.get("path"))):
-            result.error("missing_field", key, "is missing",
-                         f"give every row an image in '{key}' (or set SFT_IMAGE_KEY to the column that holds it)")
+        source = image_source(row.get(key), key, result.row_id)
+        if isinstance(source, RowProblem):
+            result.add(source)
             return None, None
-        if isinstance(value, Image.Image):
-            return value, hashlib.blake2b(value.tobytes(), digest_size=16).hexdigest()
-        if isinstance(value, dict) and value.get("bytes"):
-            return io.BytesIO(value["bytes"]), hashlib.blake2b(value["bytes"], digest_size=16).hexdigest()
-        path = value.get("path") if isinstance(value, dict) else value
-        if not isinstance(path, (str, Path)):
-            result.error("bad_type", key, f"is {_describe(value)}, expected an image path",
-                         "store the image as a path string")
-            return None, None
-        if not Path(path).is_file():
-            # JSONL paths arrive resolved against the JSONL file (loaders.py); parquet/Arrow paths are used as stored.
-            where = ("relative to the JSONL file" if _JSONL_ROW.match(result.row_id)
-                     else "as stored: absolute, or relative to the working directory")
-            result.error("image_missing_file", key, f"file {str(path)!r} does not exist",
-                         f"fix the path ({where}) or add the file")
-            return None, None
-        with open(path, "rb") as handle:
-            digest = hashlib.file_digest(handle, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
-        return str(path), digest
-
-    @staticmethod
-    def _decode(source: Any) -> tuple[int, int]:
-        """Decode fully (a truncated file only fails here, not at open) and convert to RGB; return its size."""
-        from PIL import Image
-
-        if isinstance(source, Image.Image):
-            _bomb_check(*source.size)
-            return to_rgb(source, "row", "image").size
-        with warnings.catch_warnings():
-            # Our own limit (below PIL's error threshold) decides; PIL's warning would only be noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            try:
-                opened = Image.open(source)
-            except Image.DecompressionBombError:
-                raise ImageTooLarge("is a decompression bomb (PIL refuses to open it)") from None
-        with opened:
-            _bomb_check(*opened.size)
-            opened.load()
-            return to_rgb(opened, "row", "image").size
+        digest = _digest(source)
+        image = decode_image(source, key, max_pixels=MAX_DECODE_PIXELS)
+        if isinstance(image, RowProblem):
+            result.add(image)
+            return None, digest
+        return image.size, digest
 
     # -- tokens ----------------------------------------------------------------------------------------------
-    def _check_length(self, row: dict, answer: str | None, size: tuple[int, int], result: RowResult) -> None:
+    def _check_length(self, row: dict, size: tuple[int, int], result: RowResult) -> None:
         width, height = size
         try:
-            visual = self.processor._get_num_multimodal_tokens(image_sizes=[[height, width]]).num_image_tokens[0]
+            visual = visual_token_count(self.processor, width, height)
         except ValueError as exc:  # smart_resize refuses aspect ratios above 200:1
             result.error("image_aspect_ratio", self.collator.image_key, f"is {width}x{height}: {exc}",
                          "crop or pad the image to an aspect ratio below 200:1")
             return
-        ids = self._token_ids(row, answer, result.row_id)
+        ids = self._token_ids(row, result.row_id)
         pads = ids.count(self.image_token_id)
         result.visual_tokens = int(visual)
         result.tokens = len(ids) - pads + pads * int(visual)
@@ -260,29 +185,24 @@ class RowChecker:
         if self.training:
             self._check_supervised(ids, result)
 
-    def _token_ids(self, row: dict, answer: str | None, row_id: str) -> list[int]:
-        """The rendered chat exactly as the collator renders it, tokenized as the processor tokenizes it."""
-        c = self.collator
-        messages = c._user_message(c._user_text(row, row_id))
-        if self.training:
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=not self.training)
-        return self.processor.tokenizer(text)["input_ids"]
+    def _token_ids(self, row: dict, row_id: str) -> list[int]:
+        """The collator's own chat text for the row, tokenized as the processor tokenizes it."""
+        return self.processor.tokenizer(self.collator.chat_text(row, row_id))["input_ids"]
 
     def _check_supervised(self, ids: list[int], result: RowResult) -> None:
         """Count what answer_only_labels keeps: from after the last assistant header through the first <|im_end|>."""
-        header = self.collator._header_ids
-        start = _last_occurrence(ids, header)
-        answer = ids[start + len(header):] if start >= 0 else []
-        end = answer.index(self.collator._end_id) + 1 if self.collator._end_id in answer else len(answer)
-        result.supervised_tokens = end
+        span = self.collator.supervised_span(ids)
+        result.supervised_tokens = end = span[1] - span[0] if span is not None else 0
         if end <= 1:  # only <|im_end|> (or nothing) would be supervised
             result.error("no_supervised_tokens", self.collator.target_key,
                          "leaves no answer tokens to train on after masking", "give the row a non-empty verdict")
 
 
-def _bomb_check(width: int, height: int) -> None:
-    if width * height > MAX_DECODE_PIXELS:
-        raise ImageTooLarge(
-            f"is {width}x{height} = {width * height:,} px, above the {MAX_DECODE_PIXELS:,} px decompression-bomb limit"
-        )
+def _digest(source: Any) -> str:
+    """A digest of the image's bytes: the file's, the dataset's encoded bytes, or a PIL image's pixels."""
+    if isinstance(source, Image.Image):
+        return hashlib.blake2b(source.tobytes(), digest_size=16).hexdigest()
+    if isinstance(source, io.BytesIO):
+        return hashlib.blake2b(source.getvalue(), digest_size=16).hexdigest()
+    with open(source, "rb") as handle:
+        return hashlib.file_digest(handle, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
