@@ -17,6 +17,8 @@ WAIT_TIMEOUT ?= 24h
 # The oldest Kubernetes the manifests target (podFailurePolicy is GA from 1.31) and the newest schema bundled.
 K8S_VERSIONS ?= 1.31.0 1.37.0
 K8S_BUILTIN := k8s/job.yaml k8s/configmap.yaml k8s/secret.example.yaml k8s/serviceaccount.yaml
+# make device-kit: standard library and pip only, so it needs no `make install` (the .venv's Python when there is one).
+KIT_PY := $(if $(wildcard $(PY)),$(PY),python3)
 
 .DEFAULT_GOAL := help
 
@@ -56,8 +58,13 @@ export: install ## after make demo: merge the demo run's adapter into the tiny b
 	@test -f $(DEMO_DIR)/out/adapter/adapter_config.json || { echo "make export: run make demo first" >&2; exit 2; }
 	$(DEMO_ENV) $(VENV)/bin/qwen3-sft export
 
-test: install lint-py ## ruff and mypy (lint-py), then the whole test suite (offline, CPU): in-process tests, then the shared job runs (slow)
-	$(PY) -m pytest $(PYTEST_ARGS)
+# lint-py runs beside the suite, at a lower priority (it fills the cores the suite leaves idle); its output is printed
+# after the suite's, and either failing fails the target.
+test: install ## ruff and mypy (lint-py) beside the whole test suite (offline, CPU): in-process tests, then the shared job runs (slow)
+	@lint_log=$$(mktemp); (nice -n 10 bash -c '$(LINT_PY)' >"$$lint_log" 2>&1) & lint=$$!; \
+	$(PY) -m pytest $(PYTEST_ARGS); tests=$$?; wait $$lint; linted=$$?; \
+	echo "--- make lint-py (exit $$linted):"; cat "$$lint_log"; rm -f "$$lint_log"; \
+	test $$tests -eq 0 -a $$linted -eq 0
 
 # The image's pins minus the GPU-only packages (flash-attn, liger-kernel: the [gpu] extra is not installed here).
 $(IMAGE_PINS_VENV)/.installed: docker/constraints.txt pyproject.toml
@@ -77,9 +84,9 @@ test-fast: install ## run only the in-process tests (no job subprocesses): pytes
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Config in pyproject.toml ([tool.ruff], [tool.mypy]); both are pinned in the test extra.
-lint-py: install ## ruff on the repository and mypy on job/ (zero findings; make test runs this first)
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy
+LINT_PY = $(VENV)/bin/ruff check . && $(VENV)/bin/mypy
+lint-py: install ## ruff on the repository and mypy on job/ (zero findings; make test runs this beside the suite)
+	$(LINT_PY)
 
 lint: install lint-py ## lint-py, then docker/Dockerfile, k8s/ and the retrain workflow offline (hadolint, kubernetes-validate, check-jsonschema, zizmor)
 	$(VENV)/bin/hadolint --config .hadolint.yaml docker/Dockerfile
@@ -88,6 +95,9 @@ lint: install lint-py ## lint-py, then docker/Dockerfile, k8s/ and the retrain w
 	  | $(VENV)/bin/kubernetes-validate --strict --quiet -k $(firstword $(K8S_VERSIONS)) -
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/retrain.yml
 	$(VENV)/bin/zizmor --offline .github/workflows/retrain.yml
+
+device-kit: ## download the GPU proof kit into .cache/device-kit: the wheels a CUDA box with torch lacks (<= 60 MiB; see README)
+	$(KIT_PY) benchmarks/device/kit.py download
 
 image: ## docker build the GPU image as $(IMAGE) (needs Docker; MAX_JOBS=N for a flash-attn source build)
 	docker build -f docker/Dockerfile -t $(IMAGE) \
@@ -121,4 +131,5 @@ image-smoke: image ## build the image, then run qwen3-sft config and preflight o
 	docker run --rm $(SMOKE_ENV) --entrypoint tini $(IMAGE) -- \
 	  sh -c 'python -m job.demo.tiny /tmp/demo && exec qwen3-sft preflight'
 
-.PHONY: help install lock demo export test test-fast test-image-pins lint lint-py image push submit preflight image-smoke
+.PHONY: help install lock demo export test test-fast test-image-pins lint lint-py device-kit image push submit preflight \
+	image-smoke

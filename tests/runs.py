@@ -9,7 +9,8 @@ name and reads its outputs; many assertions share one run.
 
 Job processes are forked by the zygote (tests/zygote.py: one interpreter that has imported the job, which saves
 11-14 CPU-s of imports per process on 2 cores); each is still its own process with its own environment, signals and
-exit code. Fresh interpreters: the reference run (`python -m job run` itself, PYTHONWARNINGS from the first import),
+exit code. A whole-suite session starts the zygote before collection (pytest_configure), so that its imports overlap
+collection's. Fresh interpreters: the reference run (`python -m job run` itself, PYTHONWARNINGS from the first import),
 the torchrun ranks, and the tests that need an environment read at import time (HF_ENDPOINT). `run_forked` runs a
 one-off process the same way. At the end of the session, the terminal summary says when each run finished and the
 CPU seconds each folder's forked processes used.
@@ -713,10 +714,24 @@ def s3_endpoint(tmp_path_factory):
         os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
+def pytest_configure(config):
+    """A whole-suite session (no paths, no -k, no marker expression that leaves out the slow tier) starts the zygote
+    now: its imports (11-14 CPU-s) overlap collection, which runs on one core. Other sessions make it on first use."""
+    if (config.args_source == pytest.Config.ArgsSource.TESTPATHS and not config.option.keyword
+            and "slow" not in config.option.markexpr and not config.option.collectonly):
+        _EARLY.append(Zygote(zygote_env(dict(os.environ))))
+
+
+def pytest_unconfigure(config):
+    while _EARLY:  # started early, and no test asked for it
+        _EARLY.pop().close()
+
+
 @pytest.fixture(scope="session")
 def zygote(tmp_path_factory) -> Iterator[Zygote]:
-    """The preloaded interpreter that forks the job processes (tests/zygote.py); made on first use."""
-    forks = Zygote(zygote_env(dict(os.environ)))
+    """The preloaded interpreter that forks the job processes (tests/zygote.py): the one pytest_configure started,
+    else made on first use."""
+    forks = _EARLY.pop() if _EARLY else Zygote(zygote_env(dict(os.environ)))
     _ZYGOTES.append((forks, tmp_path_factory.getbasetemp()))
     yield forks
     forks.close()
@@ -762,6 +777,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                                 f"its child processes {children.ru_utime + children.ru_stime:.0f}")
 
 
+_EARLY: list[Zygote] = []  # the zygote pytest_configure started, until the fixture takes it
 _ZYGOTES: list[tuple[Zygote, Path]] = []  # each with the session's base temporary directory
 _LAUNCHERS: list[Launcher] = []
 

@@ -27,7 +27,7 @@ def init_wandb(cfg: dict, run_id: str, config: dict):
     """Start (or resume) the W&B run; returns None when W&B is disabled."""
     if not cfg["wandb"]["enabled"] or wandb_mode() == "disabled":
         return None
-    import wandb
+    import wandb  # only here: a run with W&B off never imports it (the GPU kit, benchmarks/device, has none)
 
     mode = wandb_mode()
     if mode == "offline" and not os.environ.get("WANDB_MODE"):
