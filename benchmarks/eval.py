@@ -67,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     _, eval_collator = build_collators(cfg, processor)
     dataset = load_local_split(str(data_dir), "validation")
     dataset = dataset.select(range(min(rows, len(dataset))))
-    print(f"{len(dataset)} rows, max_new_tokens {new_tokens}, 4-bit {cfg['model']['load_in_4bit']}, "
+    print(f"{len(dataset)} rows, max_new_tokens {new_tokens}, 4-bit {cfg.model.load_in_4bit}, "
           f"torch threads {torch.get_num_threads()}")
 
     results = {}
     for batch_size in (1, args.batch_size):
-        run_cfg = {**cfg, "eval": {**cfg["eval"], "batch_size": batch_size}}
+        run_cfg = cfg.replace(eval={"batch_size": batch_size})
         evaluate_qwen3(model, processor, dataset.select(range(min(2, len(dataset)))), eval_collator, run_cfg)  # warm
         wall, cpu = time.perf_counter(), time.process_time()
         metrics = evaluate_qwen3(model, processor, dataset, eval_collator, run_cfg)

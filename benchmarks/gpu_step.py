@@ -220,7 +220,7 @@ def run_stack(stack: str, data: str, cfg, model, processor, collator, dataset, a
     from job.train.trainer import build_trainer
 
     cuda = torch.cuda.is_available()
-    stack_cfg = {**cfg, "train": {**cfg["train"], "group_by_length": stack == "ours"}}
+    stack_cfg = cfg.replace(train={"group_by_length": stack == "ours"})
     trainer, _, _ = build_trainer(stack_cfg, model, processor, collator, dataset, out_dir / f"{stack}-{data}",
                                   f"bench-{stack}-{data}", [], guard=PreemptionGuard(grace_s=60.0))
     trainer.args.save_strategy = "no"  # a benchmark: no checkpoints
@@ -310,14 +310,14 @@ def _run(args, work: Path, cuda: bool) -> int:
     datasets_ = {}
     for n, kind in enumerate(("fixed", "mixed")):
         rows = write_rows(work / "images", kind, args.rows, seed=n, short_text=args.dry_run)
-        datasets_[kind] = to_dataset(rows, collator, cfg["data"]["label_field"])
+        datasets_[kind] = to_dataset(rows, collator, cfg.data.label_field)
 
     started = time.monotonic()
     model = apply_lora(load_model(cfg), cfg)
     base = model.get_base_model()
     n_lm = lm_matmul_params(base.config.text_config)
     n_vis = sum(p.numel() for p in base.model.visual.parameters())
-    print(f"model: loaded 4-bit={cfg['model']['load_in_4bit']} + LoRA in {time.monotonic() - started:.0f} s; "
+    print(f"model: loaded 4-bit={cfg.model.load_in_4bit} + LoRA in {time.monotonic() - started:.0f} s; "
           f"N_lm={n_lm / 1e6:,.1f}M (matmul), N_vis={n_vis / 1e6:,.1f}M")
     peak = args.peak_tflops
     if peak is None and cuda:
@@ -336,7 +336,7 @@ def _run(args, work: Path, cuda: bool) -> int:
         except Exception as exc:  # noqa: BLE001 - report and measure the rest rather than lose the GPU time
             print(f"ours: cannot switch to {attn} ({type(exc).__name__}: {exc}); staying on sdpa")
             attn = "sdpa"
-    liger = False if args.no_liger else apply_liger({**cfg, "model": {**cfg["model"], "use_liger": "auto"}}, model)
+    liger = False if args.no_liger else apply_liger(cfg.replace(model={"use_liger": "auto"}), model)
     for data, ds in datasets_.items():
         results.append(run_stack("ours", data, cfg, model, processor, collator, ds, args, work, n_lm, n_vis, peak))
 

@@ -374,9 +374,9 @@ def test_collate_wrapping_keeps_the_code_of_its_cause():
 # -- save interval, report ---------------------------------------------------------------------------------------
 def test_short_run_save_interval_follows_max_steps():
     card = ModelCards().qwen3_vl_8b_instruct
-    assert build_cfg(card, {"SFT_MAX_STEPS": "5"})["train"]["save_steps"] == 5
-    assert build_cfg(card, {"SFT_SAVE_STEPS": "80"})["train"]["save_steps"] == 80
-    assert build_cfg(card, {"SFT_MAX_STEPS": "500"})["train"]["save_steps"] == 50
+    assert build_cfg(card, {"SFT_MAX_STEPS": "5"}).train.save_steps == 5
+    assert build_cfg(card, {"SFT_SAVE_STEPS": "80"}).train.save_steps == 80
+    assert build_cfg(card, {"SFT_MAX_STEPS": "500"}).train.save_steps == 50
 
 
 def _report(*args: str) -> subprocess.CompletedProcess:

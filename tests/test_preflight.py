@@ -21,7 +21,7 @@ from PIL import Image
 
 from job.cards import ModelCards
 from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator
-from job.config import build_cfg
+from job.config import JobConfig, build_cfg
 from job.data.checks import RowChecker
 from job.errors import DataError
 from job.preflight import run as preflight, scan
@@ -138,7 +138,7 @@ ROW_CASES = {
 }
 
 
-def make_cfg(tiny_assets, data: Path, out: Path, **env) -> dict:
+def make_cfg(tiny_assets, data: Path, out: Path, **env) -> JobConfig:
     base = {"SFT_MODEL_ID": str(tiny_assets[0]), "SFT_DATASET_URI": str(data), "SFT_OUTPUT_DIR": str(out),
             "SFT_MAX_LENGTH": "512", **TINY_PIXELS}
     return build_cfg(CARD, {**base, **env})
@@ -147,7 +147,7 @@ def make_cfg(tiny_assets, data: Path, out: Path, **env) -> dict:
 def failing_report(cfg, processor) -> tuple[str, dict]:
     with pytest.raises(DataError) as info:
         preflight.run_preflight(cfg, processor)
-    out = Path(cfg["train"]["output_dir"])
+    out = Path(cfg.train.output_dir)
     assert sorted(p.name for p in out.iterdir()) == [REPORT], "preflight must write nothing but its report"
     return str(info.value), json.loads((out / REPORT).read_text())
 

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 from job import outputs
 from job.cards import ModelCards
 from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator, build_collators
-from job.config import build_cfg
+from job.config import JobConfig, build_cfg
 from job.data.loaders import dataset_fingerprint
 from job.errors import DataError, GateRefused, JobError
 from job.eval.generate import evaluate_qwen3
@@ -37,7 +37,7 @@ from job.storage import s3 as s3io
 from job.storage.checkpoints import RemoteCheckpoints
 from job.storage.completed import latest_completed_checkpoint
 from job.storage.hub import build_model_card, check_push_access, gate_decision, push_adapter
-from job.storage.sources import localize
+from job.storage.sources import Sources, localize
 from job.train import distributed, resume
 from job.train.preemption import PreemptionGuard
 from job.train.trainer import build_trainer
@@ -85,23 +85,23 @@ def _seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
-def _resolve_run_id(cfg: dict) -> str:
+def _resolve_run_id(cfg: JobConfig) -> str:
     """SFT_RUN_ID; unset, the run id of the checkpoint a rerun continues; else a new timestamped id."""
-    if cfg["train"]["run_id"]:
-        return cfg["train"]["run_id"]
-    if cfg["train"]["resume"] != "never":
-        stored = resume.stored_run_id(RunPaths(Path(cfg["train"]["output_dir"])).checkpoints)
+    if cfg.train.run_id:
+        return cfg.train.run_id
+    if cfg.train.resume != "never":
+        stored = resume.stored_run_id(RunPaths(Path(cfg.train.output_dir)).checkpoints)
         if stored is not None:
             log.info("SFT_RUN_ID unset: continuing run %s (from its newest checkpoint)", stored)
             return stored
     return f"qwen3-sft-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
 
-def _uses_hub(cfg: dict) -> bool:
-    return not Path(cfg["model"]["id"]).exists() or not Path(cfg["data"]["uri"] or ".").exists()
+def _uses_hub(cfg: JobConfig) -> bool:
+    return not Path(cfg.model.id).exists() or not Path(cfg.data.uri or ".").exists()
 
 
-def _hub_access(cfg: dict) -> None:
+def _hub_access(cfg: JobConfig) -> None:
     """The Hub is used only for a model or dataset that is not local. Tokens come from HF_TOKEN (never logged)."""
     if not _uses_hub(cfg):
         return
@@ -126,6 +126,14 @@ def _check_supervised_tokens(collator: Qwen3VisionSFTCollator, train_ds, batch_s
     return counts
 
 
+def _init_wandb(p: Prepared):
+    """The W&B run (rank 0 only; None elsewhere or when disabled), its config as training_meta.json stores it."""
+    if not distributed.is_main_process():
+        return None
+    return tracking.init_wandb(p.run_id, redact(p.sources.config_record(p.cfg)), enabled=p.cfg.wandb.enabled,
+                               output_dir=p.cfg.train.output_dir)
+
+
 # -- train -------------------------------------------------------------------------------------------------------
 def _resume_checkpoint(paths: RunPaths) -> str | None:
     latest, incomplete = latest_completed_checkpoint(paths.checkpoints)
@@ -137,15 +145,16 @@ def _resume_checkpoint(paths: RunPaths) -> str | None:
 
 
 # -- eval --------------------------------------------------------------------------------------------------------
-def _evaluate(phase: str, cfg, model, processor, eval_ds, eval_collator, paths: RunPaths, run) -> dict | None:
+def _evaluate(phase: str, cfg: JobConfig, model, processor, eval_ds, eval_collator, paths: RunPaths,
+              run) -> dict | None:
     """Generation eval on rank 0 only (the others wait): one process gives the exact single-GPU metrics."""
-    if not cfg["eval"][phase]:
+    if not (cfg.eval.pre if phase == "pre" else cfg.eval.post):
         return None
     return distributed.main_process_result(_evaluate_here, phase, cfg, model, processor, eval_ds, eval_collator,
                                            paths, run)
 
 
-def _evaluate_here(phase: str, cfg, model, processor, eval_ds, eval_collator, paths: RunPaths, run) -> dict:
+def _evaluate_here(phase: str, cfg: JobConfig, model, processor, eval_ds, eval_collator, paths: RunPaths, run) -> dict:
     metrics = evaluate_qwen3(model, processor, eval_ds, eval_collator, cfg)
     outputs.write_predictions(paths.eval / f"{phase}_predictions.jsonl", metrics["predictions"])
     scalars = outputs.scalar_metrics(metrics)
@@ -170,16 +179,16 @@ def _stored_pre_metrics(paths: RunPaths, checkpoint: str) -> dict | None:
 
 
 # -- save --------------------------------------------------------------------------------------------------------
-def _save_outputs(cfg, model, processor, paths, run_id, run, *, metrics, timer, params, resumed_from, step,
-                  preflight) -> dict:
+def _save_outputs(cfg, sources, model, processor, paths, run_id, run, *, metrics, timer, params, resumed_from,
+                  step, preflight) -> dict:
     started = time.monotonic()
 
     files = outputs.save_adapter(model, processor, paths.adapter)
-    lineage = outputs.lineage(cfg, model, dataset_fingerprint(preflight.get("data_fingerprint")))
+    lineage = outputs.lineage(cfg, sources, model, dataset_fingerprint(preflight.get("data_fingerprint")))
     build_model_card(cfg, run_id, metrics, lineage).save(paths.adapter / "README.md")
     outputs.write_json(paths.root / "metrics.json", metrics)
     timer.track("save", started)
-    meta = outputs.training_meta(cfg, run_id, lineage_info=lineage, metrics=metrics, durations=timer.durations,
+    meta = outputs.training_meta(cfg, sources, run_id, lineage_info=lineage, metrics=metrics, durations=timer.durations,
                                    params=params, resumed_from=resumed_from, global_step=step)
     meta["adapter_files"] = files
     meta["preflight"] = preflight
@@ -197,25 +206,25 @@ def _preflight_summary(report: dict) -> dict:
 
 
 # -- storage and publishing ---------------------------------------------------------------------------------------
-def _remote_checkpoints(cfg: dict, run_id: str):
+def _remote_checkpoints(cfg: JobConfig, run_id: str):
     """The object-store checkpoint sync, write-probed before any GPU time is spent (None without a URI).
 
     Every rank gets one (each node restores the checkpoint it resumes from); only rank 0 probes and uploads.
     """
-    uri = cfg["storage"]["checkpoint_uri"]
+    uri = cfg.storage.checkpoint_uri
     if not uri:
         return None
 
-    remote = RemoteCheckpoints(uri, run_id, keep=cfg["train"]["save_total_limit"])
+    remote = RemoteCheckpoints(uri, run_id, keep=cfg.train.save_total_limit, concurrency=cfg.storage.s3_concurrency)
     if distributed.is_main_process():
         s3io.probe_write(remote.s3, remote.run_uri)
     return remote
 
 
-def _check_publish_access(cfg: dict) -> None:
-    if cfg["hub"]["repo_id"] and distributed.is_main_process():
+def _check_publish_access(cfg: JobConfig) -> None:
+    if cfg.hub.repo_id and distributed.is_main_process():
 
-        log.info("Hub: push as %s to %s", check_push_access(cfg["hub"]["repo_id"]), cfg["hub"]["repo_id"])
+        log.info("Hub: push as %s to %s", check_push_access(cfg.hub.repo_id), cfg.hub.repo_id)
 
 
 def _resume_point(paths: RunPaths, remote) -> str | None:
@@ -226,25 +235,25 @@ def _resume_point(paths: RunPaths, remote) -> str | None:
     return _resume_checkpoint(paths)
 
 
-def _publish(cfg: dict, paths: RunPaths, run_id: str, remote, metrics: dict, step: int | None = None) -> None:
+def _publish(cfg: JobConfig, paths: RunPaths, run_id: str, remote, metrics: dict, step: int | None = None) -> None:
     """Gate, then upload the final artifacts (always) and push to the Hub (only when the gate passes).
 
     On a rerun of a finished run, a push that already reached this repo is not repeated.
     """
 
-    hub = cfg["hub"]
-    gated = bool(hub["repo_id"] or hub["min_metric"])
+    hub = cfg.hub
+    gated = bool(hub.repo_id or hub.min_metric)
     passed, reason = (
-        gate_decision(metrics, hub["min_metric"], hub["require_improvement"]) if gated else (True, "no gate")
+        gate_decision(metrics, hub.min_metric, hub.require_improvement) if gated else (True, "no gate")
     )
-    earlier_push = _earlier_push(metrics, hub["repo_id"])
+    earlier_push = _earlier_push(metrics, hub.repo_id)
     metrics["gate"] = {"passed": passed, "reason": reason, "pushed_to": None}
     outputs.write_json(paths.root / "metrics.json", metrics)
-    if passed and hub["repo_id"]:
+    if passed and hub.repo_id:
         if earlier_push:
             log.info("Hub: already pushed by an earlier process (%s); not pushing again", earlier_push)
         metrics["gate"]["pushed_to"] = earlier_push or push_adapter(
-            paths.adapter, hub["repo_id"], hub["private"], run_id
+            paths.adapter, hub.repo_id, hub.private, run_id
         )
         outputs.write_json(paths.root / "metrics.json", metrics)
     log.info("outputs: %s (%s)", paths.root, ", ".join(FINAL_ARTIFACTS))
@@ -268,7 +277,8 @@ def _earlier_push(metrics: dict, repo_id: str | None) -> str | None:
 class Prepared:
     """Everything the run needs before the model loads."""
 
-    cfg: dict
+    cfg: JobConfig  # data.uri and model.id name the local copies (sources.local)
+    sources: Sources
     paths: RunPaths
     run_id: str
     remote: Any
@@ -280,7 +290,7 @@ class Prepared:
     preflight: dict
 
 
-def _checked_datasets(cfg: dict, processor) -> tuple[Any, Any, dict]:
+def _checked_datasets(cfg: JobConfig, processor) -> tuple[Any, Any, dict]:
     """Preflight on rank 0 (every row of both splits, before any weight loads); other ranks apply its plan."""
 
     checked = None
@@ -296,7 +306,7 @@ def _checked_datasets(cfg: dict, processor) -> tuple[Any, Any, dict]:
     return (*apply_plan(cfg, shared["plan"]), shared["summary"])
 
 
-def _prepare(cfg: dict, timer: Timer) -> Prepared:
+def _prepare(cfg: JobConfig, timer: Timer) -> Prepared:
     """Everything up to a trainable model: fails fast (exit 2) on bad config, data or credentials.
 
     Preflight runs before anything is written to the checkpoint store or the Hub is asked for access, so a
@@ -305,23 +315,25 @@ def _prepare(cfg: dict, timer: Timer) -> Prepared:
 
     started = time.monotonic()
     distributed.init_process_group()
-    _seed_everything(cfg["train"]["seed"])
+    _seed_everything(cfg.train.seed)
     run_id = _resolve_run_id(cfg)
     early.check_inputs(cfg, "run")  # paths and the output dir, before any download
     _hub_access(cfg)
     with distributed.local_main_first():  # one download per node into the shared cache
-        cfg = localize(cfg)
-        early.check_lora_targets(cfg)  # config.json on the meta device, no weights
-        processor = early.load_processor_checked(cfg)
+        sources = localize(cfg)
+        cfg = sources.local(cfg)
+        early.check_lora_targets(cfg, sources.model_id)  # config.json on the meta device, no weights
+        processor = early.load_processor_checked(cfg, sources.model_id)
     train_ds, eval_ds, preflight = _checked_datasets(cfg, processor)
-    log.info("data: %d train rows, %d eval rows from %s", len(train_ds), len(eval_ds), cfg["data"]["uri"])
+    log.info("data: %d train rows, %d eval rows from %s", len(train_ds), len(eval_ds), cfg.data.uri)
     remote = _remote_checkpoints(cfg, run_id)
     _check_publish_access(cfg)
-    paths = RunPaths(Path(cfg["train"]["output_dir"])).create()
+    paths = RunPaths(Path(cfg.train.output_dir)).create()
     collator, eval_collator = build_collators(cfg, processor)
-    _check_supervised_tokens(collator, train_ds, cfg["train"]["per_device_batch_size"])
+    _check_supervised_tokens(collator, train_ds, cfg.train.per_device_batch_size)
     timer.track("setup", started)
-    return Prepared(cfg, paths, run_id, remote, processor, train_ds, eval_ds, collator, eval_collator, preflight)
+    return Prepared(cfg, sources, paths, run_id, remote, processor, train_ds, eval_ds, collator, eval_collator,
+                    preflight)
 
 
 def _train(p: Prepared, model, run, guard: PreemptionGuard, resume_from: str | None):
@@ -350,9 +362,9 @@ def _train(p: Prepared, model, run, guard: PreemptionGuard, resume_from: str | N
     return trainer, result
 
 
-def run_job(cfg: dict) -> dict[str, Any]:
+def run_job(cfg: JobConfig) -> dict[str, Any]:
     timer = Timer()
-    with PreemptionGuard(cfg["train"]["preempt_grace_s"]) as guard:
+    with PreemptionGuard(cfg.train.preempt_grace_s) as guard:
         p = _prepare(cfg, timer)
         plan = _resume_plan(p)  # drift is refused here, before any model loads
         if plan.checkpoint is not None and plan.progress is not None and plan.progress.finished:
@@ -361,7 +373,7 @@ def run_job(cfg: dict) -> dict[str, Any]:
         model = apply_lora(load_model(p.cfg), p.cfg)
         apply_liger(p.cfg, model)  # SFT_USE_LIGER: on with CUDA and liger-kernel (auto); never on the CPU
         params = _count_trainable_params(model)
-        run = tracking.init_wandb(p.cfg, p.run_id, redact(p.cfg)) if distributed.is_main_process() else None
+        run = _init_wandb(p)
         timer.track("model", started)
         try:
             resume_from = plan.checkpoint
@@ -386,7 +398,7 @@ def _finish(p: Prepared, model, result, run, timer: Timer, *, params, pre, resum
     metrics = {"pre": pre, "post": post, "train": {"loss": result.training_loss, "global_step": result.global_step}}
 
     def outputs() -> dict[str, Any]:
-        meta = _save_outputs(p.cfg, model, p.processor, p.paths, p.run_id, run, metrics=metrics, timer=timer,
+        meta = _save_outputs(p.cfg, p.sources, model, p.processor, p.paths, p.run_id, run, metrics=metrics, timer=timer,
                              params=params, resumed_from=resume_from, step=result.global_step,
                              preflight=p.preflight)
         _publish(p.cfg, p.paths, p.run_id, p.remote, metrics, result.global_step)
@@ -416,8 +428,8 @@ def _resume_plan(p: Prepared) -> ResumePlan:
     Runs before any model loads, so a refused resume costs no GPU time. The run's fingerprint is written to
     SFT_OUTPUT_DIR and copied into every checkpoint it saves (and uploads).
     """
-    mode = p.cfg["train"]["resume"]
-    current = resume.Fingerprint.of(p.cfg, p.run_id, p.preflight.get("data_fingerprint") or {})
+    mode = p.cfg.train.resume
+    current = resume.Fingerprint.of(p.cfg, p.run_id, p.preflight.get("data_fingerprint") or {}, p.sources)
     checkpoint = None
     if mode == "never":
         with distributed.local_main_first():
@@ -455,7 +467,7 @@ def _finished_metrics(p: Prepared, step: int) -> dict | None:
                                         *(p.paths.adapter / n for n in outputs.ADAPTER_FILES))):
         return None
     metrics = json.loads(path.read_text())
-    if (metrics.get("train") or {}).get("global_step") != step or (p.cfg["eval"]["post"] and not metrics.get("post")):
+    if (metrics.get("train") or {}).get("global_step") != step or (p.cfg.eval.post and not metrics.get("post")):
         return None
     return metrics
 
@@ -464,7 +476,7 @@ def _already_published(p: Prepared, metrics: dict, step: int) -> bool:
     gate = metrics.get("gate") or {}
     if not gate.get("passed"):
         return False  # never gated, or refused: the gate runs again (and refuses again with the same settings)
-    if p.cfg["hub"]["repo_id"] and not _earlier_push(metrics, p.cfg["hub"]["repo_id"]):
+    if p.cfg.hub.repo_id and not _earlier_push(metrics, p.cfg.hub.repo_id):
         return False
     return p.remote is None or p.remote.final_step() == step
 
@@ -503,7 +515,7 @@ def _evaluate_finished_checkpoint(p: Prepared, checkpoint: str, step: int, timer
     keep_trainable_params_fp32(model)  # as the Trainer left it: fp32 LoRA weights
     set_peft_model_state_dict(model, load_file(str(Path(checkpoint) / "adapter_model.safetensors")))
     params = _count_trainable_params(model)
-    run = tracking.init_wandb(p.cfg, p.run_id, redact(p.cfg)) if distributed.is_main_process() else None
+    run = _init_wandb(p)
     timer.track("model", started)
     try:
         state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())

@@ -6,6 +6,7 @@ import logging
 import time
 from pathlib import Path
 
+from job.config import JobConfig
 from job.data.loaders import LENGTH_COLUMN
 from job.model import has_cuda, keep_trainable_params_fp32
 from job.train.callbacks import CompletedMarkerCallback, LogCallback, RemoteCheckpointCallback
@@ -21,24 +22,24 @@ def compute_bf16() -> bool:
     return torch.cuda.is_bf16_supported()
 
 
-def sft_config(cfg: dict, output_dir: Path, run_id: str, report_to: list[str]):
+def sft_config(cfg: JobConfig, output_dir: Path, run_id: str, report_to: list[str]):
     from trl import SFTConfig
 
-    train, cuda = cfg["train"], has_cuda()
+    train, cuda = cfg.train, has_cuda()
     return SFTConfig(
-        output_dir=str(output_dir), run_name=run_id, seed=train["seed"], data_seed=train["seed"],
-        max_steps=train["max_steps"], num_train_epochs=train["num_epochs"],
-        per_device_train_batch_size=train["per_device_batch_size"], gradient_accumulation_steps=train["grad_accum"],
-        learning_rate=train["learning_rate"], lr_scheduler_type=train["lr_scheduler_type"],
-        warmup_steps=train["warmup_ratio"], weight_decay=train["weight_decay"], max_grad_norm=train["max_grad_norm"],
-        logging_steps=train["logging_steps"], save_strategy="steps", save_steps=train["save_steps"],
-        save_total_limit=train["save_total_limit"], report_to=report_to, disable_tqdm=True,
+        output_dir=str(output_dir), run_name=run_id, seed=train.seed, data_seed=train.seed,
+        max_steps=train.max_steps, num_train_epochs=train.num_epochs,
+        per_device_train_batch_size=train.per_device_batch_size, gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.learning_rate, lr_scheduler_type=train.lr_scheduler_type,
+        warmup_steps=train.warmup_ratio, weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm,
+        logging_steps=train.logging_steps, save_strategy="steps", save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit, report_to=report_to, disable_tqdm=True,
         bf16=cuda and compute_bf16(), use_cpu=not cuda, optim="adamw_torch",
         # Non-reentrant checkpointing: works with frozen 4-bit inputs and PEFT without enable_input_require_grads.
-        activation_checkpointing=cfg["model"]["gradient_checkpointing"],
+        activation_checkpointing=cfg.model.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         # Workers decode and resize images while the GPU trains; pinned memory makes the host-to-device copy async.
-        dataloader_num_workers=train["dataloader_num_workers"], dataloader_pin_memory=cuda,
+        dataloader_num_workers=train.dataloader_num_workers, dataloader_pin_memory=cuda,
         # Not persistent: a new worker iterator each epoch draws its base seed from the global torch RNG. With
         # persistent workers the uninterrupted run draws once (epoch 0) but a resumed one draws again when it first
         # iterates the full loader (the epoch after the resume), shifting every later dropout mask: the resumed run
@@ -88,8 +89,8 @@ def _trainer_class():
     return Qwen3SFTTrainer
 
 
-def build_trainer(cfg, model, processor, collator, train_ds, output_dir: Path, run_id: str, report_to: list[str],
-                  *, guard: PreemptionGuard, extra_files=(), remote=None):
+def build_trainer(cfg: JobConfig, model, processor, collator, train_ds, output_dir: Path, run_id: str,
+                  report_to: list[str], *, guard: PreemptionGuard, extra_files=(), remote=None):
     """The trainer and, with a checkpoint URI, the background uploader.
 
     Callback order matters: the local COMPLETED marker is written before the upload snapshot is taken.
@@ -109,7 +110,7 @@ def build_trainer(cfg, model, processor, collator, train_ds, output_dir: Path, r
     # LogCallback prints one line per logging step; the Trainer's PrinterCallback (disable_tqdm=True) would print
     # the same numbers again as a dict.
     trainer.remove_callback(PrinterCallback)
-    trainer.group_by_length = cfg["train"]["group_by_length"]
+    trainer.group_by_length = cfg.train.group_by_length
     preemption = PreemptionCallback(guard, lambda: trainer.last_save_s + (uploader.last_upload_s if uploader else 0.0))
     trainer.add_callback(preemption)
     keep_trainable_params_fp32(trainer.model)
