@@ -217,12 +217,13 @@ def run_stack(stack: str, data: str, cfg, model, processor, collator, dataset, a
     import torch
 
     from job.train.preemption import PreemptionGuard
-    from job.train.trainer import build_trainer
+    from job.train.trainer import Checkpointing, TrainingData, build_trainer
 
     cuda = torch.cuda.is_available()
     stack_cfg = cfg.replace(train={"group_by_length": stack == "ours"})
-    trainer, _, _ = build_trainer(stack_cfg, model, processor, collator, dataset, out_dir / f"{stack}-{data}",
-                                  f"bench-{stack}-{data}", [], guard=PreemptionGuard(grace_s=60.0))
+    saving = Checkpointing(out_dir / f"{stack}-{data}", PreemptionGuard(grace_s=60.0))
+    trainer, _, _ = build_trainer(stack_cfg, model, TrainingData(processor, collator, dataset), saving,
+                                  f"bench-{stack}-{data}", [])
     trainer.args.save_strategy = "no"  # a benchmark: no checkpoints
     sampler = type(trainer._get_train_sampler()).__name__
     meter = Meter(model.get_base_model().model, cuda)

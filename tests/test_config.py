@@ -563,11 +563,11 @@ def test_cli_config_prints_effective_config_without_secrets():
     proc = _run_config(SFT_MAX_STEPS="7", SFT_SAVE_STEPS="5", HF_TOKEN="hf_supersecret123")
     assert proc.returncode == 0, proc.stderr
     cfg = json.loads(proc.stdout)
-    assert cfg.train.max_steps == 7
-    assert cfg.train.save_steps == 5
+    assert cfg["train"]["max_steps"] == 7
+    assert cfg["train"]["save_steps"] == 5
     # redaction must not blank ordinary "*tokens" keys
-    assert cfg.eval.max_new_tokens == 256
-    assert cfg.eval.stop_tokens == ("<|im_end|>", "<|endoftext|>")
+    assert cfg["eval"]["max_new_tokens"] == 256
+    assert cfg["eval"]["stop_tokens"] == ["<|im_end|>", "<|endoftext|>"]
     assert "hf_supersecret123" not in proc.stdout
     assert "hf_supersecret123" not in proc.stderr
 

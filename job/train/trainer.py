@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from transformers import PrinterCallback
+from trl import SFTConfig, SFTTrainer
 
 from job.config import JobConfig
 from job.data.loaders import LENGTH_COLUMN
 from job.model import has_cuda, keep_trainable_params_fp32
+from job.storage.checkpoints import RemoteCheckpoints
 from job.train.callbacks import CompletedMarkerCallback, LogCallback, RemoteCheckpointCallback
 from job.train.preemption import PreemptionCallback, PreemptionGuard
 from job.train.sampler import LengthGroupedSampler
@@ -23,8 +29,6 @@ def compute_bf16() -> bool:
 
 
 def sft_config(cfg: JobConfig, output_dir: Path, run_id: str, report_to: list[str]):
-    from trl import SFTConfig
-
     train, cuda = cfg.train, has_cuda()
     return SFTConfig(
         output_dir=str(output_dir), run_name=run_id, seed=train.seed, data_seed=train.seed,
@@ -52,66 +56,83 @@ def sft_config(cfg: JobConfig, output_dir: Path, run_id: str, report_to: list[st
     )
 
 
-def _trainer_class():
-    from trl import SFTTrainer
+# The overridden methods below are private Trainer API, checked against transformers 5.24.0 and TRL 1.16.0 (the
+# versions installed for development and pinned for the image in docker/constraints.txt and requirements.lock):
+# Trainer._get_train_sampler(train_dataset=None), Trainer._run_epoch(..., epoch=..., ...) (called with keywords) and
+# Trainer._save_checkpoint(model, trial), which SFTTrainer overrides and calls up to. Check them again when either
+# pin moves.
+class Qwen3SFTTrainer(SFTTrainer):
+    """SFTTrainer plus length-grouped sampling (from preflight's token counts) and timed saves."""
+
+    group_by_length = True
+    last_save_s = 0.0
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if not self.group_by_length or LENGTH_COLUMN not in getattr(dataset, "column_names", ()):
+            return super()._get_train_sampler(train_dataset)
+        # Its own generator seeded from data_seed: the order is a pure function of (seed, epoch), so a resumed
+        # run skips exactly the batches the interrupted one consumed.
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        self._length_sampler = LengthGroupedSampler(
+            dataset[LENGTH_COLUMN], batch_size=self.args.per_device_train_batch_size, seed=seed,
+            world_size=max(1, self.args.world_size))
+        return self._length_sampler
+
+    def _run_epoch(self, *args, **kwargs):
+        # Under DDP after a mid-epoch resume, accelerate wraps the sampler too deeply for its set_epoch to
+        # reach it; without this, epoch >= 1 of a resumed run would replay epoch 0's order.
+        if getattr(self, "_length_sampler", None) is not None and "epoch" in kwargs:
+            self._length_sampler.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(*args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        started = time.monotonic()
+        super()._save_checkpoint(model, trial)
+        self.last_save_s = time.monotonic() - started
 
 
-    class Qwen3SFTTrainer(SFTTrainer):
-        """SFTTrainer plus length-grouped sampling (from preflight's token counts) and timed saves."""
+@dataclass(frozen=True)
+class TrainingData:
+    """What the Trainer trains on: the processor, the training collator and the (preflight-checked) split."""
 
-        group_by_length = True
-        last_save_s = 0.0
-
-        def _get_train_sampler(self, train_dataset=None):
-            dataset = self.train_dataset if train_dataset is None else train_dataset
-            if not self.group_by_length or LENGTH_COLUMN not in getattr(dataset, "column_names", ()):
-                return super()._get_train_sampler(train_dataset)
-            # Its own generator seeded from data_seed: the order is a pure function of (seed, epoch), so a resumed
-            # run skips exactly the batches the interrupted one consumed.
-            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            self._length_sampler = LengthGroupedSampler(
-                dataset[LENGTH_COLUMN], batch_size=self.args.per_device_train_batch_size, seed=seed,
-                world_size=max(1, self.args.world_size))
-            return self._length_sampler
-
-        def _run_epoch(self, *args, **kwargs):
-            # Under DDP after a mid-epoch resume, accelerate wraps the sampler too deeply for its set_epoch to
-            # reach it; without this, epoch >= 1 of a resumed run would replay epoch 0's order.
-            if getattr(self, "_length_sampler", None) is not None and "epoch" in kwargs:
-                self._length_sampler.set_epoch(kwargs["epoch"])
-            return super()._run_epoch(*args, **kwargs)
-
-        def _save_checkpoint(self, model, trial):
-            started = time.monotonic()
-            super()._save_checkpoint(model, trial)
-            self.last_save_s = time.monotonic() - started
-
-    return Qwen3SFTTrainer
+    processor: Any
+    collator: Any
+    train_ds: Any
 
 
-def build_trainer(cfg: JobConfig, model, processor, collator, train_ds, output_dir: Path, run_id: str,
-                  report_to: list[str], *, guard: PreemptionGuard, extra_files=(), remote=None):
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where checkpoints go and what rides along: the Trainer's output dir, files copied into each checkpoint, the
+    object-store sync (None without SFT_CHECKPOINT_URI) and the preemption guard that asks for one more save."""
+
+    output_dir: Path
+    guard: PreemptionGuard
+    extra_files: tuple[Path, ...] = ()
+    remote: RemoteCheckpoints | None = None
+
+
+def build_trainer(cfg: JobConfig, model, data: TrainingData, saving: Checkpointing, run_id: str,
+                  report_to: list[str]):
     """The trainer and, with a checkpoint URI, the background uploader.
 
     Callback order matters: the local COMPLETED marker is written before the upload snapshot is taken.
     """
-    from transformers import PrinterCallback
-
     uploader = None
-    callbacks = [LogCallback(), CompletedMarkerCallback(extra_files=tuple(extra_files))]
-    if remote is not None:
-        uploader = RemoteCheckpointCallback(remote, output_dir.parent / ".upload-staging")
+    callbacks = [LogCallback(), CompletedMarkerCallback(extra_files=saving.extra_files)]
+    if saving.remote is not None:
+        uploader = RemoteCheckpointCallback(saving.remote, saving.output_dir.parent / ".upload-staging")
         callbacks.append(uploader)
-    trainer_cls = _trainer_class()
-    trainer = trainer_cls(
-        model=model, args=sft_config(cfg, output_dir, run_id, report_to), train_dataset=train_ds,
-        data_collator=collator, processing_class=processor, callbacks=callbacks,
+    trainer = Qwen3SFTTrainer(
+        model=model, args=sft_config(cfg, saving.output_dir, run_id, report_to), train_dataset=data.train_ds,
+        data_collator=data.collator, processing_class=data.processor, callbacks=callbacks,
     )
     # LogCallback prints one line per logging step; the Trainer's PrinterCallback (disable_tqdm=True) would print
     # the same numbers again as a dict.
     trainer.remove_callback(PrinterCallback)
     trainer.group_by_length = cfg.train.group_by_length
-    preemption = PreemptionCallback(guard, lambda: trainer.last_save_s + (uploader.last_upload_s if uploader else 0.0))
+    preemption = PreemptionCallback(saving.guard,
+                                    lambda: trainer.last_save_s + (uploader.last_upload_s if uploader else 0.0))
     trainer.add_callback(preemption)
     keep_trainable_params_fp32(trainer.model)
     return trainer, uploader, preemption
