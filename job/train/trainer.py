@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from transformers import PrinterCallback
-from trl import SFTConfig, SFTTrainer
+from typing import TYPE_CHECKING, Any
 
 from job.config import JobConfig
 from job.data.loaders import LENGTH_COLUMN
@@ -29,6 +27,8 @@ def compute_bf16() -> bool:
 
 
 def sft_config(cfg: JobConfig, output_dir: Path, run_id: str, report_to: list[str]):
+    from trl import SFTConfig
+
     train, cuda = cfg.train, has_cuda()
     return SFTConfig(
         output_dir=str(output_dir), run_name=run_id, seed=train.seed, data_seed=train.seed,
@@ -56,13 +56,25 @@ def sft_config(cfg: JobConfig, output_dir: Path, run_id: str, report_to: list[st
     )
 
 
+if TYPE_CHECKING:
+    from trl import SFTTrainer as _TrainerBase
+else:
+    _TrainerBase = object
+
+
 # The overridden methods below are private Trainer API, checked against transformers 5.24.0 and TRL 1.16.0 (the
 # versions installed for development and pinned for the image in docker/constraints.txt and requirements.lock):
 # Trainer._get_train_sampler(train_dataset=None), Trainer._run_epoch(..., epoch=..., ...) (called with keywords) and
 # Trainer._save_checkpoint(model, trial), which SFTTrainer overrides and calls up to. Check them again when either
 # pin moves.
-class Qwen3SFTTrainer(SFTTrainer):
-    """SFTTrainer plus length-grouped sampling (from preflight's token counts) and timed saves."""
+class Qwen3SFTTrainerMixin(_TrainerBase):
+    """SFTTrainer plus length-grouped sampling (from preflight's token counts) and timed saves.
+
+    Mixed into TRL's SFTTrainer when the first trainer is built (trainer_class). Importing TRL imports transformers'
+    W&B integration, which prints "[INFO] Running in WANDB offline mode" to stdout when WANDB_MODE=offline: at import
+    of this module it would come before the run's first log lines, and it would break tests/zygote.py (one JSON
+    message per stdout line), which imports the job before forking job processes.
+    """
 
     group_by_length = True
     last_save_s = 0.0
@@ -112,18 +124,28 @@ class Checkpointing:
     remote: RemoteCheckpoints | None = None
 
 
+@functools.cache
+def trainer_class() -> type:
+    """Qwen3SFTTrainerMixin over TRL's SFTTrainer (the mixin's docstring says why TRL is imported only here)."""
+    from trl import SFTTrainer
+
+    return type("Qwen3SFTTrainer", (Qwen3SFTTrainerMixin, SFTTrainer), {"__module__": __name__})
+
+
 def build_trainer(cfg: JobConfig, model, data: TrainingData, saving: Checkpointing, run_id: str,
                   report_to: list[str]):
     """The trainer and, with a checkpoint URI, the background uploader.
 
     Callback order matters: the local COMPLETED marker is written before the upload snapshot is taken.
     """
+    from transformers import PrinterCallback
+
     uploader = None
     callbacks = [LogCallback(), CompletedMarkerCallback(extra_files=saving.extra_files)]
     if saving.remote is not None:
         uploader = RemoteCheckpointCallback(saving.remote, saving.output_dir.parent / ".upload-staging")
         callbacks.append(uploader)
-    trainer = Qwen3SFTTrainer(
+    trainer = trainer_class()(
         model=model, args=sft_config(cfg, saving.output_dir, run_id, report_to), train_dataset=data.train_ds,
         data_collator=data.collator, processing_class=data.processor, callbacks=callbacks,
     )
