@@ -66,11 +66,6 @@ class Sources:
     dataset_path: str | None  # where the rows are read: the local mirror of an s3:// prefix, else dataset_uri
     model_path: str
 
-    @classmethod
-    def as_configured(cls, cfg: JobConfig) -> Sources:
-        """Sources read where they are configured (no s3:// mirror)."""
-        return cls(cfg.data.uri, cfg.model.id, cfg.data.uri, cfg.model.id)
-
     def configured(self, cfg: JobConfig) -> JobConfig:
         """cfg as the user configured it: data.uri and model.id as set (the inverse of local)."""
         return cfg.replace(data={"uri": self.dataset_uri}, model={"id": self.model_id})
