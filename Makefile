@@ -17,6 +17,8 @@ WAIT_TIMEOUT ?= 24h
 # The oldest Kubernetes the manifests target (podFailurePolicy is GA from 1.31) and the newest schema bundled.
 K8S_VERSIONS ?= 1.31.0 1.37.0
 K8S_BUILTIN := k8s/job.yaml k8s/configmap.yaml k8s/secret.example.yaml k8s/serviceaccount.yaml
+# make device-kit: standard library and pip only, so it needs no `make install` (the .venv's Python when there is one).
+KIT_PY := $(if $(wildcard $(PY)),$(PY),python3)
 
 .DEFAULT_GOAL := help
 
@@ -86,6 +88,9 @@ lint: install lint-py ## lint-py, then docker/Dockerfile, k8s/ and the retrain w
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/retrain.yml
 	$(VENV)/bin/zizmor --offline .github/workflows/retrain.yml
 
+device-kit: ## download the GPU proof kit into .cache/device-kit: the wheels a CUDA box with torch lacks (<= 60 MiB; see README)
+	$(KIT_PY) benchmarks/device/kit.py download
+
 image: ## docker build the GPU image as $(IMAGE) (needs Docker; MAX_JOBS=N for a flash-attn source build)
 	docker build -f docker/Dockerfile -t $(IMAGE) \
 	  --build-arg MAX_JOBS=$${MAX_JOBS:-4} \
@@ -118,4 +123,5 @@ image-smoke: image ## build the image, then run qwen3-sft config and preflight o
 	docker run --rm $(SMOKE_ENV) --entrypoint tini $(IMAGE) -- \
 	  sh -c 'python -m job.demo.tiny /tmp/demo && exec qwen3-sft preflight'
 
-.PHONY: help install lock demo test test-fast test-image-pins lint lint-py image push submit preflight image-smoke
+.PHONY: help install lock demo test test-fast test-image-pins lint lint-py device-kit image push submit preflight \
+	image-smoke

@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_step.py [--steps 10] [--warmup 3] [--batch-size 4] [--rows 256] [--work-dir DIR]
     python benchmarks/gpu_step.py --dry-run      # CPU, tiny model, 2 steps: checks the plumbing (a test runs it)
+    python benchmarks/gpu_step.py --json results.jsonl --liger-ab --memory-probe 4096   # benchmarks/device/run.sh
 
 What it does (GPU):
   1. builds `Qwen3VLForConditionalGeneration` from the 8B config (job/assets/qwen3_vl/config-8b-instruct.json, the
@@ -18,6 +19,12 @@ What it does (GPU):
        data "fixed": one 1024x768 image + ~150 text tokens per row; data "mixed": images of mixed sizes up to
                             1600x1200 + 50..300 text tokens.
      The baseline runs first: Liger patches are process-wide and cannot be undone.
+
+Options for the device run (benchmarks/device/run.sh): --json FILE appends one JSON line per finished measurement
+(so a run cut off by a timeout keeps what it measured); --liger-ab measures ours without Liger first, then with it
+(Liger patches cannot be undone); --memory-probe N trains --probe-steps steps at batch 1 on one row of nearly N
+tokens (an image at the card's pixel cap plus a caption that fills the rest) with the job's settings (gradient
+checkpointing on) and reports the peak memory, before and after Liger with --liger-ab.
 
 Printed per (stack, data): trained tokens/s (non-pad tokens through the model per second of wall time, data
 loading included), median step time, padding fraction, peak GPU memory (torch.cuda.max_memory_allocated) and MFU.
@@ -92,6 +99,15 @@ def lm_matmul_params(text_config) -> int:
     return text_config.num_hidden_layers * (attn + mlp)
 
 
+def emit(path: str | None, record: dict) -> None:
+    """Append one JSON line to --json (flushed at once: a timeout that kills the process keeps the lines)."""
+    if not path:
+        return
+    clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in record.items()}  # NaN is not JSON
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(clean, sort_keys=True) + "\n")
+
+
 # -- the data ------------------------------------------------------------------------------------------------------
 def smooth_image(size: tuple[int, int], seed: int):
     """A photo-like image (smooth colour fields plus a little grain): decodes and compresses like a photo."""
@@ -155,6 +171,45 @@ def to_dataset(rows: list[dict], collator, label_field: str):
     return ds
 
 
+def probe_rows(root: Path, collator, label_field: str, target: int, size: tuple[int, int], n: int) -> list[dict]:
+    """n copies of one row of at most `target` tokens: one `size` image plus a caption long enough to fill the rest.
+
+    Token counts come from the job's own RowChecker (text tokens + visual tokens), so the row is what preflight would
+    measure; the caption length is solved from two probes (tokens are affine in the word count) and trimmed.
+    """
+    from job.data.checks import RowChecker
+
+    checker = RowChecker(collator, label_field)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"probe-{size[0]}x{size[1]}.jpg"
+    if not path.exists():
+        smooth_image(size, 7).save(path, quality=90)
+    rng = random.Random(7)
+    words = [rng.choice(WORDS) for _ in range(20_000)]
+
+    def row(n_words: int) -> dict:
+        return {"row_id": "probe", "image": str(path), "caption": " ".join(words[:n_words]) or None,
+                "query": "Is this post sarcastic? Answer in JSON.", "target_json": json.dumps({"label": "sarcastic"})}
+
+    def tokens(n_words: int) -> int:
+        result = checker.check(row(n_words), 0)
+        if result.errors and not all(e.kind == "too_long" for e in result.errors):
+            raise SystemExit(f"probe row fails preflight: {result.errors}")
+        return result.tokens
+
+    low, high = 10, 400
+    t_low, t_high = tokens(low), tokens(high)
+    slope = (t_high - t_low) / (high - low)
+    n_words = max(0, low + int((target - t_low) / slope))
+    for _ in range(20):
+        t = tokens(n_words)
+        if t <= target:
+            break
+        n_words -= max(1, int((t - target) / slope))
+    print(f"  probe row: {t} tokens (target {target}): image {size[0]}x{size[1]}, caption {n_words} words")
+    return [row(n_words) for _ in range(n)]
+
+
 # -- measuring -----------------------------------------------------------------------------------------------------
 class Meter:
     """Counts what goes through the model's backbone (a forward pre-hook) and times each optimizer step."""
@@ -213,14 +268,14 @@ class Meter:
 
 # -- the two stacks ------------------------------------------------------------------------------------------------
 def run_stack(stack: str, data: str, cfg, model, processor, collator, dataset, args, out_dir: Path, n_lm, n_vis,
-              peak_tflops):
+              peak_tflops, train_overrides: dict | None = None, warmup: int | None = None):
     import torch
 
     from job.train.preemption import PreemptionGuard
     from job.train.trainer import Checkpointing, TrainingData, build_trainer
 
     cuda = torch.cuda.is_available()
-    stack_cfg = cfg.replace(train={"group_by_length": stack == "ours"})
+    stack_cfg = cfg.replace(train={"group_by_length": stack != "baseline", **(train_overrides or {})})
     saving = Checkpointing(out_dir / f"{stack}-{data}", PreemptionGuard(grace_s=60.0))
     trainer, _, _ = build_trainer(stack_cfg, model, TrainingData(processor, collator, dataset), saving,
                                   f"bench-{stack}-{data}", [])
@@ -235,10 +290,13 @@ def run_stack(stack: str, data: str, cfg, model, processor, collator, dataset, a
         trainer.train()
     finally:
         meter.close()
-    result = meter.summary(args.warmup)
+    result = meter.summary(args.warmup if warmup is None else warmup)
     flops = 4 * n_lm * result["tokens"] + 2 * n_vis * result["patches"]
     result.update(stack=stack, data=data, sampler=sampler,
+                  batch_size=stack_cfg.train.per_device_batch_size,
+                  gradient_checkpointing=cfg.model.gradient_checkpointing,
                   peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+                  peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan"),
                   mfu=flops / result["elapsed"] / (peak_tflops * 1e12) if peak_tflops else None)
     del trainer
     gc.collect()
@@ -260,6 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of this GPU, for MFU")
     parser.add_argument("--no-fa2", action="store_true", help="ours: keep sdpa (to isolate FlashAttention-2's share)")
     parser.add_argument("--no-liger", action="store_true", help="ours: no Liger kernels (to isolate their share)")
+    parser.add_argument("--liger-ab", action="store_true",
+                        help="where Liger applies: measure ours without it first (stack ours-noliger), then with it")
+    parser.add_argument("--memory-probe", type=int, default=0, metavar="TOKENS",
+                        help="peak memory of batch-1 steps on one row of about TOKENS tokens (0: off; the dry run "
+                        "caps it at 160 tokens and --warmup + 1 steps)")
+    parser.add_argument("--probe-steps", type=int, default=3,
+                        help="--memory-probe: steps (the first is warm-up unless --warmup 0)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="append one JSON line per measurement")
     args = parser.parse_args(argv)
     import torch
 
@@ -267,8 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda and not args.dry_run:
         print("no CUDA device: run on a GPU, or pass --dry-run for the CPU plumbing check", file=sys.stderr)
         return 2
-    if args.dry_run:  # 2 steps per (stack, data): 1 warm-up + 1 measured; 1 torch thread (CI boxes are small)
-        args.steps, args.warmup, args.rows, args.batch_size = 1, 1, min(args.rows, 8), min(args.batch_size, 2)
+    if args.dry_run:  # 2 steps per (stack, data): 1 warm-up + 1 measured (--warmup 0: 1); 1 torch thread (CI boxes
+        # are small)
+        args.steps, args.warmup = 1, min(args.warmup, 1)
+        args.rows, args.batch_size = min(args.rows, 8), min(args.batch_size, 2)
         torch.set_num_threads(1)
     print(f"machine: {machine()}; {load_average()}")
     if args.work_dir:
@@ -284,7 +352,14 @@ def _run(args, work: Path, cuda: bool) -> int:
     from job.cards import ModelCards
     from job.collators.qwen3_collator import build_collators
     from job.config import build_cfg
-    from job.model import apply_liger, apply_lora, load_model, load_processor, resolve_attn_implementation
+    from job.model import (
+        apply_liger,
+        apply_lora,
+        liger_wanted,
+        load_model,
+        load_processor,
+        resolve_attn_implementation,
+    )
 
     if args.dry_run:
         model_dir, _ = tiny_assets(args.assets)
@@ -318,7 +393,7 @@ def _run(args, work: Path, cuda: bool) -> int:
     base = model.get_base_model()
     n_lm = lm_matmul_params(base.config.text_config)
     n_vis = sum(p.numel() for p in base.model.visual.parameters())
-    print(f"model: loaded 4-bit={cfg.model.load_in_4bit} + LoRA in {time.monotonic() - started:.0f} s; "
+    print(f"model: loaded 4-bit={cfg['model']['load_in_4bit']} + LoRA in {time.monotonic() - started:.0f} s; "
           f"N_lm={n_lm / 1e6:,.1f}M (matmul), N_vis={n_vis / 1e6:,.1f}M")
     peak = args.peak_tflops
     if peak is None and cuda:
@@ -326,10 +401,19 @@ def _run(args, work: Path, cuda: bool) -> int:
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
     results = []
+
+    def measure(stack: str, data: str, use_collator, ds, **kwargs) -> None:
+        result = run_stack(stack, data, cfg, model, processor, use_collator, ds, args, work, n_lm, n_vis, peak,
+                           **kwargs)
+        result.update(kind="probe" if stack.startswith("probe") else "step", attn=state["attn"], liger=state["liger"],
+                      dry_run=args.dry_run, gpu=torch.cuda.get_device_name(0) if cuda else None)
+        results.append(result)
+        emit(args.json, result)
+
+    state = {"attn": "sdpa", "liger": False}  # what the next measurement runs with
     baseline_collator = SeedTwoPassCollator(collator)
     for data, ds in datasets_.items():
-        results.append(run_stack("baseline", data, cfg, model, processor, baseline_collator, ds, args, work, n_lm,
-                                 n_vis, peak))
+        measure("baseline", data, baseline_collator, ds)
     attn = "sdpa" if args.no_fa2 else resolve_attn_implementation("auto")
     if attn != base.config._attn_implementation:
         try:
@@ -337,31 +421,82 @@ def _run(args, work: Path, cuda: bool) -> int:
         except Exception as exc:  # noqa: BLE001 - report and measure the rest rather than lose the GPU time
             print(f"ours: cannot switch to {attn} ({type(exc).__name__}: {exc}); staying on sdpa")
             attn = "sdpa"
-    liger = False if args.no_liger else apply_liger(cfg.replace(model={"use_liger": "auto"}), model)
+    state["attn"] = attn
+    liger_cfg = cfg.replace(model={"use_liger": "auto"})
+    probe = _probe_dataset(args, cfg, collator, work) if args.memory_probe else None
+    probe_warmup = min(1, args.warmup)
+    probe_steps = probe_warmup + 1 if args.dry_run else max(probe_warmup + 1, args.probe_steps)
+    probe_train = {"per_device_batch_size": 1, "max_steps": probe_steps}
+    if args.liger_ab and not args.no_liger and liger_wanted(liger_cfg):
+        for data, ds in datasets_.items():
+            measure("ours-noliger", data, collator, ds)
+        if probe is not None:
+            measure("probe-noliger", probe[0], collator, probe[1], train_overrides=probe_train, warmup=probe_warmup)
+    elif args.liger_ab:
+        print("--liger-ab: Liger does not apply here (no CUDA or no liger-kernel): one 'ours' stack only")
+    liger = False if args.no_liger else apply_liger(liger_cfg, model)
+    state["liger"] = liger
     for data, ds in datasets_.items():
-        results.append(run_stack("ours", data, cfg, model, processor, collator, ds, args, work, n_lm, n_vis, peak))
+        measure("ours", data, collator, ds)
+    if probe is not None:
+        measure("probe", probe[0], collator, probe[1], train_overrides=probe_train, warmup=probe_warmup)
 
     stacks = {
         "baseline": "two-pass collator, random batches, sdpa, no Liger",
         "ours": f"single-pass collator, grouped batches, {attn}, Liger {'on' if liger else 'off (not available)'}",
     }
-    print(f"\nstacks: baseline = {stacks['baseline']}; ours = {stacks['ours']}")
+    if any(r["stack"] == "ours-noliger" for r in results):
+        stacks["ours-noliger"] = "as ours, Liger off"
+    print("\nstacks: " + "; ".join(f"{name} = {text}" for name, text in stacks.items()))
     print(f"batch {args.batch_size}, {args.warmup} warm-up + {args.steps} measured steps, peak bf16 "
           f"{f'{peak:g} TFLOP/s' if peak else 'unknown (MFU n/a)'}"
           + ("  [DRY RUN: CPU, tiny model; not a measurement]" if args.dry_run else ""))
-    print(f"{'stack':9} {'data':6} {'sampler':22} {'tokens/s':>10} {'step s':>8} {'pad':>6} {'peak GiB':>9} {'MFU':>6}")
+    print(f"{'stack':13} {'data':6} {'sampler':22} {'tokens/s':>10} {'step s':>8} {'pad':>6} {'peak GiB':>9} "
+          f"{'MFU':>6}")
     for r in results:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        print(f"{r['stack']:9} {r['data']:6} {r['sampler']:22} {r['tokens_s']:10.1f} {r['step_s']:8.3f} "
+        print(f"{r['stack']:13} {r['data']:6} {r['sampler']:22} {r['tokens_s']:10.1f} {r['step_s']:8.3f} "
               f"{r['pad']:6.1%} {r['peak_gib']:9.2f} {mfu:>6}")
+    dry = " (dry run)" if args.dry_run else ""
     for data in datasets_:
         base_r = next(r for r in results if r["stack"] == "baseline" and r["data"] == data)
-        ours_r = next(r for r in results if r["stack"] == "ours" and r["data"] == data)
-        print(f"RESULT gpu_step [{data}] ours/baseline tokens/s={ours_r['tokens_s'] / base_r['tokens_s']:.2f}x "
-              f"step time ratio={ours_r['step_s'] / base_r['step_s']:.2f} "
-              f"peak memory ratio={ours_r['peak_gib'] / base_r['peak_gib'] if cuda else float('nan'):.2f}"
-              + (" (dry run)" if args.dry_run else ""))
+        for name in ("ours-noliger", "ours"):
+            ours_r = next((r for r in results if r["stack"] == name and r["data"] == data), None)
+            if ours_r is None:
+                continue
+            ratios = {"tokens_s": ours_r["tokens_s"] / base_r["tokens_s"],
+                      "step_s": ours_r["step_s"] / base_r["step_s"],
+                      "peak": ours_r["peak_gib"] / base_r["peak_gib"] if cuda else float("nan")}
+            label = "ours/baseline" if name == "ours" else f"{name}/baseline"
+            print(f"RESULT gpu_step [{data}] {label} tokens/s={ratios['tokens_s']:.2f}x "
+                  f"step time ratio={ratios['step_s']:.2f} peak memory ratio={ratios['peak']:.2f}{dry}")
+            emit(args.json, {"kind": "ratio", "stack": name, "data": data, "vs": "baseline", "dry_run": args.dry_run,
+                             "tokens_s_ratio": ratios["tokens_s"], "step_s_ratio": ratios["step_s"],
+                             "peak_ratio": ratios["peak"]})
+    for r in results:
+        if r["kind"] == "probe":
+            print(f"RESULT gpu_step [probe {r['data']}] {r['stack']} batch 1, gradient checkpointing "
+                  f"{'on' if r['gradient_checkpointing'] else 'off'}, Liger {'on' if r['liger'] else 'off'}: peak "
+                  f"{r['peak_gib']:.2f} GiB allocated ({r['peak_gib'] * 2**30 / 1e9:.2f} GB), "
+                  f"{r['peak_reserved_gib']:.2f} GiB reserved; step {r['step_s']:.3f} s{dry}")
     return 0
+
+
+def _probe_dataset(args, cfg, collator, work: Path):
+    """(name, dataset) of the memory probe: --probe-steps copies of one row of about --memory-probe tokens.
+
+    The image is at the pixel cap (the card's 1024x1024 = 1024 visual tokens; 128x128 in the dry run), so the row
+    is one the job would train at SFT_MAX_LENGTH=N; the caption fills the tokens the image leaves.
+    """
+    # The dry run's tiny model still has the 151,936-word LM head: a 500-token CPU step took 11 s, 160 tokens ~2 s.
+    target = min(args.memory_probe, 160) if args.dry_run else args.memory_probe
+    if target > cfg.train.max_length:
+        raise SystemExit(f"--memory-probe {target} is over SFT_MAX_LENGTH={cfg['train']['max_length']}")
+    side = 128 if args.dry_run else 1024
+    print("memory probe data:")
+    rows = probe_rows(work / "images", collator, cfg.data.label_field, target - 8, (side, side),
+                      max(2, args.probe_steps))
+    return f"{target}", to_dataset(rows, collator, cfg.data.label_field)
 
 
 if __name__ == "__main__":

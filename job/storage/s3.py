@@ -76,7 +76,7 @@ class RetryCounter:
 
 
 def client():
-    import boto3
+    import boto3  # only where used: local paths never need boto3 (the GPU kit, benchmarks/device, has none)
     from botocore.config import Config
 
     attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", str(DEFAULT_MAX_ATTEMPTS)))

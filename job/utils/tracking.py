@@ -30,7 +30,7 @@ def init_wandb(run_id: str, config: dict, *, enabled: bool, output_dir: str):
     """
     if not enabled or wandb_mode() == "disabled":
         return None
-    import wandb
+    import wandb  # only here: a run with W&B off never imports it (the GPU kit, benchmarks/device, has none)
 
     mode = wandb_mode()
     if mode == "offline" and not os.environ.get("WANDB_MODE"):
