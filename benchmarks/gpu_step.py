@@ -393,7 +393,7 @@ def _run(args, work: Path, cuda: bool) -> int:
     base = model.get_base_model()
     n_lm = lm_matmul_params(base.config.text_config)
     n_vis = sum(p.numel() for p in base.model.visual.parameters())
-    print(f"model: loaded 4-bit={cfg['model']['load_in_4bit']} + LoRA in {time.monotonic() - started:.0f} s; "
+    print(f"model: loaded 4-bit={cfg.model.load_in_4bit} + LoRA in {time.monotonic() - started:.0f} s; "
           f"N_lm={n_lm / 1e6:,.1f}M (matmul), N_vis={n_vis / 1e6:,.1f}M")
     peak = args.peak_tflops
     if peak is None and cuda:
@@ -491,7 +491,7 @@ def _probe_dataset(args, cfg, collator, work: Path):
     # The dry run's tiny model still has the 151,936-word LM head: a 500-token CPU step took 11 s, 160 tokens ~2 s.
     target = min(args.memory_probe, 160) if args.dry_run else args.memory_probe
     if target > cfg.train.max_length:
-        raise SystemExit(f"--memory-probe {target} is over SFT_MAX_LENGTH={cfg['train']['max_length']}")
+        raise SystemExit(f"--memory-probe {target} is over SFT_MAX_LENGTH={cfg.train.max_length}")
     side = 128 if args.dry_run else 1024
     print("memory probe data:")
     rows = probe_rows(work / "images", collator, cfg.data.label_field, target - 8, (side, side),
