@@ -113,7 +113,7 @@ def keep_4bit_layout_unpacked(model) -> int:
     reference (0.81 vs 1.50). Saving converts back, but lossily (absmax rounded to bf16, double quantization redone),
     so a resumed run differed from an uninterrupted one. With the flag off every forward uses the one unpacked layout,
     and a training step equals the dequantized reference after generation, a save and a load
-    (`tests/test_qlora_gradients.py`). The cost: CPU-only generation on avx512_bf16 CPUs loses the fused kernel
+    (`tests/train/test_qlora_gradients.py`). The cost: CPU-only generation on avx512_bf16 CPUs loses the fused kernel
     (CUDA never takes this path). Upstream: `Linear4bit.support_avx512bf16_for_cpu`, set from `has_avx512bf16()`.
     """
     try:

@@ -212,3 +212,13 @@ def test_the_size_check_reports_what_this_repository_used_to_have(tmp_path):
     long_function.write_text("def f():\n" + "    pass\n" * 60)
     assert [line.split(": ", 1)[1] for line in _oversized([long_module, long_function])] == [
         "401 lines (at most 400)", "61 lines (at most 60)"]
+
+
+def test_tests_mirror_the_layout():
+    """tests/<package>/ holds the tests of job/<package>/; what spans the job stays at the top of tests/."""
+    folders = [p for p in (REPO / "tests").iterdir() if p.is_dir() and not p.name.startswith((".", "__"))]
+    assert folders, "tests/ has no per-package folders"
+    strays = [p.name for p in folders if not (REPO / "job" / p.name / "__init__.py").exists()]
+    assert not strays, f"tests/{strays} mirror no package of job/"
+    for folder in folders:
+        assert list(folder.glob("test_*.py")), f"tests/{folder.name}/ holds no tests"

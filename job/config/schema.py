@@ -7,7 +7,7 @@ with the card's default wherever a setting is unset; normalising validators sit 
 Sections hold tuples, not lists, so a config cannot change after it is built; a changed copy is
 `cfg.replace(train={"max_steps": 5})`. `cfg.model_dump(mode="json")` is the JSON form the `config` command prints
 and training_meta.json, W&B and the resume fingerprint store: the same keys, in the same order, as the nested dict
-build_cfg returned before 0.2 (tests/test_config.py locks it).
+build_cfg returned before 0.2 (tests/config/test_config.py locks it).
 
 Only what the user configured lives here. What a later step learns (the local mirror of an s3:// source) is
 `job.storage.sources.Sources`.

@@ -176,7 +176,7 @@ def _field_problems(exc: ValidationError, env: Mapping[str, str]) -> list[str]:
 
 
 def cross_field_problems(s: Settings, card: ModelSpec) -> list[str]:
-    """Rules that involve more than one variable. Each has its own raise-test in tests/test_config.py."""
+    """Rules that involve more than one variable. Each has its own raise-test in tests/config/test_config.py."""
     problems = []
     min_px = s.image_min_pixels or card.image_min_pixels
     max_px = s.image_max_pixels or card.image_max_pixels

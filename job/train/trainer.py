@@ -47,7 +47,7 @@ def sft_config(cfg: JobConfig, output_dir: Path, run_id: str, report_to: list[st
         # Not persistent: a new worker iterator each epoch draws its base seed from the global torch RNG. With
         # persistent workers the uninterrupted run draws once (epoch 0) but a resumed one draws again when it first
         # iterates the full loader (the epoch after the resume), shifting every later dropout mask: the resumed run
-        # left the uninterrupted one at the first step of the next epoch (tests/test_resume_matrix.py, 2 workers).
+        # left the uninterrupted one at the first step of the next epoch (tests/train/test_resume_matrix.py, 2 workers).
         dataloader_persistent_workers=False,
         # Every LoRA parameter receives a gradient each step (the vision tower is frozen, not LoRA'd), so DDP's
         # unused-parameter search (an extra graph traversal per step) is not needed.

@@ -10,9 +10,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 from pydantic import ValidationError
 
 from job.cards import ModelCards
@@ -30,7 +30,6 @@ from job.config import (
 from job.errors import ConfigError, ExitCode
 from job.prompts import Queries
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CARD = ModelCards().qwen3_vl_8b_instruct
 
 
@@ -554,7 +553,7 @@ def _cli_env(**extra: str) -> dict[str, str]:
 def _run_config(**extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "job", "config"],
-        cwd=REPO_ROOT, env=_cli_env(**extra), capture_output=True, text=True, timeout=120,
+        cwd=REPO, env=_cli_env(**extra), capture_output=True, text=True, timeout=120,
     )
 
 
@@ -615,7 +614,7 @@ def test_gate_needs_post_eval():
 def test_a_config_mistake_exits_2_before_torch_is_imported(command):
     """Fail early and cheap: the SFT_* environment is validated before a command imports the training stack."""
     code = f"import sys, job.cli; rc = job.cli.main([{command!r}]); print(rc, 'torch' in sys.modules)"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=_cli_env(SFT_MAX_STEPS="abc"),
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_cli_env(SFT_MAX_STEPS="abc"),
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["2", "False"], proc.stderr[-2000:]
     assert "SFT_MAX_STEPS" in proc.stderr and "Traceback" not in proc.stderr
