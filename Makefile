@@ -97,7 +97,7 @@ lint: install lint-py ## lint-py, then docker/Dockerfile, k8s/ and the retrain w
 	$(VENV)/bin/zizmor --offline .github/workflows/retrain.yml
 
 device-kit: ## download the GPU proof kit into .cache/device-kit: the wheels a CUDA box with torch lacks (<= 60 MiB; see README)
-	$(KIT_PY) benchmarks/device/kit.py download
+	$(KIT_PY) -m benchmarks.device.kit download
 
 image: ## docker build the GPU image as $(IMAGE) (needs Docker; MAX_JOBS=N for a flash-attn source build)
 	docker build -f docker/Dockerfile -t $(IMAGE) \

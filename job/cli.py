@@ -58,7 +58,8 @@ def _cmd_export(_args) -> int:
 
 
 def _cmd_config(_args) -> int:
-    print(json.dumps(redact(build_cfg(ModelCards().qwen3_vl_8b_instruct)), indent=2, sort_keys=True))
+    print(json.dumps(redact(build_cfg(ModelCards().qwen3_vl_8b_instruct).model_dump(mode="json")), indent=2,
+                     sort_keys=True))
     return ExitCode.OK
 
 

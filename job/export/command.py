@@ -30,7 +30,7 @@ from typing import Any
 from job import outputs
 from job.cards import ModelCards
 from job.collators.qwen3_collator import build_collators
-from job.config import build_cfg
+from job.config import JobConfig, build_cfg
 from job.errors import GateRefused, JobError
 from job.eval.generate import compute_metrics, evaluate_qwen3, next_token_logits
 from job.export import merge
@@ -47,7 +47,7 @@ from job.preflight.early import check_inputs, export_adapter, load_processor_che
 from job.preflight.run import run_preflight
 from job.storage.checkpoints import RemoteCheckpoints
 from job.storage.hub import check_push_access, gate_decision, push_adapter
-from job.storage.sources import localize
+from job.storage.sources import Sources, localize
 
 log = logging.getLogger("job.export")
 PREFLIGHT_REPORT = "eval/export_preflight_report.json"
@@ -63,10 +63,10 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _run_id(cfg: dict, out: Path) -> str:
+def _run_id(cfg: JobConfig, out: Path) -> str:
     meta = _read_json(out / "training_meta.json") or {}
     generated = f"qwen3-sft-export-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    return cfg["train"]["run_id"] or meta.get("run_id") or generated
+    return cfg.train.run_id or meta.get("run_id") or generated
 
 
 def _verified_rows(eval_ds, limit: int | None):
@@ -77,7 +77,7 @@ def _verified_rows(eval_ds, limit: int | None):
 class Verifier:
     """One eval split and collator, scored under the eval settings; each model's predictions kept in eval/."""
 
-    def __init__(self, cfg: dict, processor, rows, eval_collator, out: Path):
+    def __init__(self, cfg: JobConfig, processor, rows, eval_collator, out: Path):
         self.cfg, self.processor, self.rows, self.collator, self.out = cfg, processor, rows, eval_collator, out
         self.row_ids = [str(r) for r in rows["row_id"]]
 
@@ -91,17 +91,17 @@ class Verifier:
         return metrics
 
     def logits(self, model):
-        return next_token_logits(model, self.rows, self.collator, int(self.cfg["eval"]["batch_size"]))
+        return next_token_logits(model, self.rows, self.collator, self.cfg.eval.batch_size)
 
 
-def _merge_and_verify(cfg: dict, verifier: Verifier, adapter: Path, staging: Path) -> tuple[dict, dict, dict]:
+def _merge_and_verify(cfg: JobConfig, verifier: Verifier, adapter: Path, staging: Path) -> tuple[dict, dict, dict]:
     """Steps 1 and 2: (unmerged metrics, merged metrics, equivalence). One model in memory at a time."""
     merge.release()  # after `run`: its training model (in reference cycles through the Trainer) goes first
     model = merge.apply_adapter(merge.load_base(cfg), adapter)
     unmerged = verifier.score("unmerged", model)
     reference_logits = verifier.logits(model)
     model = merge.merge(model)
-    files = merge.save(model, verifier.processor, cfg["eval"], staging)
+    files = merge.save(model, verifier.processor, cfg.eval, staging)
     log.info("export: merged model written (%s)", ", ".join(files))
     model = None
     merge.release()
@@ -114,15 +114,15 @@ def _merge_and_verify(cfg: dict, verifier: Verifier, adapter: Path, staging: Pat
     return unmerged, merged, eq
 
 
-def _stored_post_metrics(cfg: dict, adapter: Path, out: Path, row_ids: list[str]) -> dict | None:
+def _stored_post_metrics(cfg: JobConfig, adapter: Path, out: Path, row_ids: list[str]) -> dict | None:
     """The run's post-eval of this adapter, when it scored every verified row with the decoding used here."""
     meta, path = _read_json(out / "training_meta.json"), out / "eval" / "post_predictions.jsonl"
     if meta is None or not path.is_file() or adapter.resolve() != (out / "adapter").resolve():
         return None
-    then, now = meta.get("config") or {}, cfg
+    then, now = meta.get("config") or {}, cfg.model_dump(mode="json")
     same = all((then.get(section) or {}).get(key) == now[section][key] for section, key in (
         ("eval", "max_new_tokens"), ("eval", "do_sample"), ("data", "system_prompt"), ("data", "eval_split"),
-        ("image", "min_pixels"), ("image", "max_pixels"), ("model", "id"))) and not now["eval"]["do_sample"]
+        ("image", "min_pixels"), ("image", "max_pixels"), ("model", "id"))) and not cfg.eval.do_sample
     if not same:
         return None
     records = {r["row_id"]: r for r in map(json.loads, path.read_text().splitlines())}
@@ -130,12 +130,12 @@ def _stored_post_metrics(cfg: dict, adapter: Path, out: Path, row_ids: list[str]
         return None
     chosen = [records[row] for row in row_ids]
     return compute_metrics([r["prediction"] for r in chosen], [r["target"] for r in chosen],
-                           cfg["data"]["label_field"])
+                           cfg.data.label_field)
 
 
-def _qlora_metrics(cfg: dict, verifier: Verifier, adapter: Path, unmerged: dict) -> tuple[dict, str]:
+def _qlora_metrics(cfg: JobConfig, verifier: Verifier, adapter: Path, unmerged: dict) -> tuple[dict, str]:
     """Step 3: the trained model's scores on the verified rows, and where they come from."""
-    if not cfg["model"]["load_in_4bit"]:
+    if not cfg.model.load_in_4bit:
         return unmerged, "base + adapter (SFT_LOAD_IN_4BIT=false: the trained model is the unquantized base + adapter)"
     stored = _stored_post_metrics(cfg, adapter, verifier.out, verifier.row_ids)
     if stored is not None:
@@ -154,25 +154,25 @@ def _write_report(out: Path, report: dict, merged_dir: Path | None = None) -> No
         outputs.write_json(merged_dir / REPORT, report)
 
 
-def _publish(cfg: dict, out: Path, report: dict, run_id: str) -> None:
+def _publish(cfg: JobConfig, out: Path, report: dict, run_id: str) -> None:
     """The adapter push's gate (SFT_PUSH_MIN_METRIC, SFT_PUSH_REQUIRE_IMPROVEMENT on the run's metrics.json, else on
     the trained model's scores here) and the drop gate; then the push, the upload, and exit 4 when refused."""
-    hub, repo = cfg["hub"], cfg["export"]["repo_id"]
+    hub, repo = cfg.hub, cfg.export.repo_id
     stored = _read_json(out / "metrics.json") or {}
     gate_metrics = stored if stored.get("post") else {"pre": None, "post": report["metrics"]["qlora"]}
-    gated = bool(repo or hub["min_metric"])
-    passed, reason = gate_decision(gate_metrics, hub["min_metric"], hub["require_improvement"]) if gated else (
+    gated = bool(repo or hub.min_metric)
+    passed, reason = gate_decision(gate_metrics, hub.min_metric, hub.require_improvement) if gated else (
         True, "no gate")
     if not report["drop_gate"]["passed"]:
         passed, reason = False, report["drop_gate"]["reason"]
     report["publish"] = {"gate": {"passed": passed, "reason": reason}, "pushed_to": None}
     _write_report(out, report, out / MERGED)
     if passed and repo:
-        report["publish"]["pushed_to"] = push_adapter(out / MERGED, repo, hub["private"], run_id,
+        report["publish"]["pushed_to"] = push_adapter(out / MERGED, repo, hub.private, run_id,
                                                       setting="SFT_EXPORT_REPO_ID", what="export")
         _write_report(out, report, out / MERGED)
-    if cfg["storage"]["checkpoint_uri"]:
-        remote = RemoteCheckpoints(cfg["storage"]["checkpoint_uri"], run_id, keep=cfg["train"]["save_total_limit"])
+    if cfg.storage.checkpoint_uri:
+        remote = RemoteCheckpoints(cfg.storage.checkpoint_uri, run_id, keep=cfg.train.save_total_limit)
         names = tuple(n for n in (*outputs.FINAL_ARTIFACTS, MERGED) if (out / n).exists())
         step = (stored.get("train") or {}).get("global_step")
         log.info("final artifacts with merged/ uploaded to %s", remote.upload_final(out, names, step))
@@ -180,43 +180,45 @@ def _publish(cfg: dict, out: Path, report: dict, run_id: str) -> None:
         raise GateRefused(f"export refused: {reason}; merged model and report kept in {out / MERGED}")
 
 
-def _prepare(cfg: dict) -> tuple[dict, Path, str]:
-    """The cheap checks (exit 2 before anything heavy): paths, the adapter, the output dir, Hub access."""
+def _prepare(cfg: JobConfig) -> tuple[Sources, Path, str]:
+    """The cheap checks (exit 2 before anything heavy): paths, the adapter, the output dir, Hub access; then the
+    s3:// sources mirrored (`Sources`: the loaders read the local copies, the report names the configured ones)."""
     check_inputs(cfg, "export")
-    if cfg["export"]["repo_id"]:
-        user = check_push_access(cfg["export"]["repo_id"], "SFT_EXPORT_REPO_ID")
-        log.info("Hub: push the merged model as %s to %s", user, cfg["export"]["repo_id"])
-    out = Path(cfg["train"]["output_dir"])
+    if cfg.export.repo_id:
+        user = check_push_access(cfg.export.repo_id, "SFT_EXPORT_REPO_ID")
+        log.info("Hub: push the merged model as %s to %s", user, cfg.export.repo_id)
+    out = Path(cfg.train.output_dir)
     return localize(cfg), out, _run_id(cfg, out)
 
 
-def run_export(cfg: dict, *, after_run: bool = False) -> dict[str, Any]:
+def run_export(cfg: JobConfig, *, after_run: bool = False) -> dict[str, Any]:
     """Export `SFT_EVAL_ADAPTER` (default $SFT_OUTPUT_DIR/adapter); returns the report. `after_run`: called by `run`
     (SFT_EXPORT=true), where an up-to-date export of the same adapter is not redone."""
-    cfg, out, run_id = _prepare(cfg)
+    sources, out, run_id = _prepare(cfg)
+    cfg = sources.local(cfg)
     adapter = export_adapter(cfg)
     adapter_sha = file_sha256(adapter / "adapter_model.safetensors")
-    if after_run and up_to_date(_read_json(out / MERGED / REPORT), adapter_sha, cfg["export"]["repo_id"]):
+    if after_run and up_to_date(_read_json(out / MERGED / REPORT), adapter_sha, cfg.export.repo_id):
         log.info("export: %s is up to date (this adapter, verified%s)", out / MERGED,
-                 ", pushed" if cfg["export"]["repo_id"] else "")
+                 ", pushed" if cfg.export.repo_id else "")
         return json.loads((out / MERGED / REPORT).read_text())
-    processor = load_processor_checked(cfg)
+    processor = load_processor_checked(cfg, sources.model_id)
     checked = run_preflight(cfg, processor, roles=("eval",), report_name=PREFLIGHT_REPORT)
     skipped = checked.report["splits"]["eval"]["skipped_row_ids"]
     if skipped:
         print(f"export: skipped {len(skipped)} bad row(s) (SFT_BAD_ROWS=skip, see {out / PREFLIGHT_REPORT}): "
               + ", ".join(skipped), flush=True)
     _, eval_collator = build_collators(cfg, processor)
-    verifier = Verifier(cfg, processor, _verified_rows(checked.eval_dataset, cfg["export"]["verify_rows"]),
+    verifier = Verifier(cfg, processor, _verified_rows(checked.eval_dataset, cfg.export.verify_rows),
                         eval_collator, out)
     staging = merge.staging_dir(out)
     try:
         unmerged, merged, eq = _merge_and_verify(cfg, verifier, adapter, staging)
         scalars = {"unmerged": outputs.scalar_metrics(unmerged), "merged": outputs.scalar_metrics(merged)}
         report_args = dict(run_id=run_id, adapter=adapter, adapter_sha256=adapter_sha,
-                           base_model=cfg["model"].get("source", cfg["model"]["id"]),
+                           base_model=sources.model_id,
                            dtype=eq["dtype"], device="cuda" if has_cuda() else "cpu", row_ids=verifier.row_ids,
-                           eq=eq, max_drop=cfg["export"]["max_drop"], versions=outputs.package_versions(),
+                           eq=eq, max_drop=cfg.export.max_drop, versions=outputs.package_versions(),
                            prompt=_prompt_format(cfg))
         if not eq["passed"]:
             _write_report(out, build_report(metrics={**scalars, "qlora": None}, qlora_source="not evaluated",
@@ -225,7 +227,7 @@ def run_export(cfg: dict, *, after_run: bool = False) -> dict[str, Any]:
         qlora, source = _qlora_metrics(cfg, verifier, adapter, unmerged)
         report = build_report(metrics={**scalars, "qlora": outputs.scalar_metrics(qlora)}, qlora_source=source,
                               **report_args)
-        _card(cfg, out, report, staging)
+        _card(cfg, sources, out, report, staging)
         outputs.write_json(staging / REPORT, report)
         merge.install(staging, out / MERGED)
     finally:
@@ -235,18 +237,18 @@ def run_export(cfg: dict, *, after_run: bool = False) -> dict[str, Any]:
     return report
 
 
-def _prompt_format(cfg: dict) -> dict:
+def _prompt_format(cfg: JobConfig) -> dict:
     """How the model was trained and verified to be prompted (README, "Serve the merged model")."""
-    return {"system": cfg["data"]["system_prompt"] or None,
+    return {"system": cfg.data.system_prompt or None,
             "user": "the image, then the query; a non-empty caption appended as '\\nCAPTION: <caption>'",
-            "max_new_tokens": cfg["eval"]["max_new_tokens"], "do_sample": cfg["eval"]["do_sample"]}
+            "max_new_tokens": cfg.eval.max_new_tokens, "do_sample": cfg.eval.do_sample}
 
 
-def _card(cfg: dict, out: Path, report: dict, staging: Path) -> None:
+def _card(cfg: JobConfig, sources: Sources, out: Path, report: dict, staging: Path) -> None:
     meta = _read_json(out / "training_meta.json") or {}
     lineage = {"base_model": report["base_model"], "base_model_revision": (meta.get("base_model") or {}).get(
-        "revision") or cfg["model"]["revision"], "dataset_uri": cfg["data"].get("source_uri", cfg["data"]["uri"]),
-        "git_sha": outputs.git_sha(), "image_digest": cfg["lineage"]["image_digest"]}
+        "revision") or cfg.model.revision, "dataset_uri": sources.dataset_uri,
+        "git_sha": outputs.git_sha(), "image_digest": cfg.lineage.image_digest}
     pre = (_read_json(out / "metrics.json") or {}).get("pre")
     same_rows = pre is not None and pre.get("n") == report["rows"]  # the run's pre-eval scored the whole split
     build_merged_card(cfg, report, lineage, pre if same_rows else None).save(staging / "README.md")

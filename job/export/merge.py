@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from job.config import EvalConfig, JobConfig
 from job.eval.generate import generation_kwargs
 from job.model import compute_dtype, device_map, from_pretrained_with_attn, has_cuda
 
@@ -33,26 +34,26 @@ def export_dtype() -> torch.dtype:
     return compute_dtype()
 
 
-def load_base(cfg: dict):
+def load_base(cfg: JobConfig):
     """The base model, unquantized, in export_dtype()."""
     from transformers import Qwen3VLForConditionalGeneration
 
-    model_cfg = cfg["model"]
-    log.info("loading model weights %s (%s, not quantized: the merge base)", model_cfg["id"], export_dtype())
+    model_cfg = cfg.model
+    log.info("loading model weights %s (%s, not quantized: the merge base)", model_cfg.id, export_dtype())
     model, _ = from_pretrained_with_attn(
-        Qwen3VLForConditionalGeneration, model_cfg["id"], model_cfg["attn_implementation"],
-        revision=model_cfg["revision"], trust_remote_code=model_cfg["trust_remote_code"], dtype=export_dtype(),
+        Qwen3VLForConditionalGeneration, model_cfg.id, model_cfg.attn_implementation,
+        revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, dtype=export_dtype(),
         device_map=device_map(),
     )
     return model.eval()
 
 
-def load_merged(cfg: dict, path: Path):
+def load_merged(cfg: JobConfig, path: Path):
     """A written merged model, loaded the way a user loads it: AutoModelForImageTextToText from its config.json."""
     from transformers import AutoModelForImageTextToText
 
     log.info("loading model weights %s (the merged model as written)", path)
-    model, _ = from_pretrained_with_attn(AutoModelForImageTextToText, str(path), cfg["model"]["attn_implementation"],
+    model, _ = from_pretrained_with_attn(AutoModelForImageTextToText, str(path), cfg.model.attn_implementation,
                                          dtype=export_dtype(), device_map=device_map())
     return model.eval()
 
@@ -81,7 +82,7 @@ def merge(peft_model):
     return peft_model.merge_and_unload().eval()
 
 
-def generation_config(model, processor, eval_cfg: dict):
+def generation_config(model, processor, eval_cfg: EvalConfig):
     """The base's generation config with the decoding the export verified: greedy (or SFT_EVAL_DO_SAMPLE's sampling),
     max_new_tokens and the stop tokens of eval. vLLM and SGLang read it as their default sampling parameters."""
     config = copy.deepcopy(model.generation_config)
@@ -91,7 +92,7 @@ def generation_config(model, processor, eval_cfg: dict):
     return config
 
 
-def save(model, processor, eval_cfg: dict, target: Path) -> list[str]:
+def save(model, processor, eval_cfg: EvalConfig, target: Path) -> list[str]:
     """safetensors shards, config.json (its architectures: the class transformers loads), generation_config.json,
     and the processor (the training pixel bounds, the chat template; left padding, as batched generation needs)."""
     model.config.use_cache = True

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from job.config import JobConfig
 from job.storage.hub import GATE_METRICS
 
 # Greedy predictions of the merged model must equal those of base + adapter (same dtype) on this share of rows.
@@ -110,35 +111,35 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def build_merged_card(cfg: dict, report: dict, lineage: dict, pre: dict | None):
+def build_merged_card(cfg: JobConfig, report: dict, lineage: dict, pre: dict | None):
     """The merged model's card: base model and relation, the eval table, the proof and how to prompt it."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     merged = report["metrics"]["merged"] or {}
     results = [EvalResult(task_type="image-text-to-text", dataset_type=str(lineage.get("dataset_uri") or "local"),
-                          dataset_name="sarcasm eval split", dataset_split=cfg["data"]["eval_split"], metric_type=k,
+                          dataset_name="sarcasm eval split", dataset_split=cfg.data.eval_split, metric_type=k,
                           metric_value=float(merged[k]))
                for k in GATE_METRICS if isinstance(merged.get(k), (int, float))]
     data = ModelCardData(
         base_model=lineage["base_model"], base_model_relation="merge", library_name="transformers",
-        pipeline_tag="image-text-to-text", tags=[*cfg["card"]["tags"], "merged-lora"], model_name=report["run_id"],
+        pipeline_tag="image-text-to-text", tags=[*cfg.card.tags, "merged-lora"], model_name=report["run_id"],
         eval_results=results or None, base_model_revision=lineage.get("base_model_revision"),
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_card_body(cfg, report, lineage, pre or {})}")
 
 
-def _card_body(cfg: dict, report: dict, lineage: dict, pre: dict) -> str:
+def _card_body(cfg: JobConfig, report: dict, lineage: dict, pre: dict) -> str:
     cost, eq = report["merge_cost"], report["equivalence"]
     rows = "\n".join(f"| {k} | {_fmt(pre.get(k))} | {_fmt(cost[k]['qlora'])} | {_fmt(cost[k]['merged'])} | "
                      f"{_fmt(cost[k]['delta'])} |" for k in GATE_METRICS)
-    system = cfg["data"]["system_prompt"]
+    system = cfg.data.system_prompt
     return f"""# {report['run_id']}: {lineage['base_model']} with its QLoRA adapter merged
 
 Multimodal sarcasm detection: an image, a query and an optional caption in, a JSON verdict out. This is the base
 model with the LoRA adapter `{report['adapter']['path']}` (sha256 `{report['adapter']['sha256'][:16]}...`) merged
 into its {report['dtype']} weights: no PEFT needed to serve it.
 
-## Evaluation ({report['rows']} rows of the `{cfg['data']['eval_split']}` split, greedy)
+## Evaluation ({report['rows']} rows of the `{cfg.data.eval_split}` split, greedy)
 
 | metric | base model (pre) | trained QLoRA (4-bit base + adapter) | merged (this model) | merged - QLoRA |
 |---|---|---|---|---|
@@ -158,8 +159,8 @@ Details in `export_report.json`.
 
 - system message: {json.dumps(system) if system else '(none)'}
 - user message: the image, then the query; a non-empty caption is appended as `\\nCAPTION: <caption>`
-- generation prompt from the chat template; greedy, `max_new_tokens={cfg['eval']['max_new_tokens']}`; the answer is
-  one JSON object such as `{{"{cfg['data']['label_field']}": "sarcastic"}}`
+- generation prompt from the chat template; greedy, `max_new_tokens={cfg.eval.max_new_tokens}`; the answer is
+  one JSON object such as `{{"{cfg.data.label_field}": "sarcastic"}}`
 
 ## Lineage
 

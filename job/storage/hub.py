@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+from job.config import JobConfig
 from job.errors import TransientError, UserError
 from job.utils.redact import redact
 
@@ -36,27 +37,27 @@ def gate_decision(metrics: dict, spec: str | None, require_improvement: bool) ->
     return True, f"post {name}={post:.4f} passed" + (f" (>= {threshold[1]})" if threshold else "")
 
 
-def build_model_card(cfg: dict, run_id: str, metrics: dict, lineage: dict):
+def build_model_card(cfg: JobConfig, run_id: str, metrics: dict, lineage: dict):
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     post = metrics.get("post") or {}
     dataset = lineage.get("dataset_uri") or "local"
     results = [EvalResult(task_type="image-text-to-text", dataset_type=str(dataset), dataset_name="sarcasm eval split",
-                          dataset_split=cfg["data"]["eval_split"], metric_type=k, metric_value=float(post[k]))
+                          dataset_split=cfg.data.eval_split, metric_type=k, metric_value=float(post[k]))
                for k in GATE_METRICS if isinstance(post.get(k), (int, float))]
     data = ModelCardData(
         base_model=lineage["base_model"], library_name="peft", pipeline_tag="image-text-to-text",
-        datasets=[dataset] if lineage.get("dataset_is_hub") else None, tags=list(cfg["card"]["tags"]),
+        datasets=[dataset] if lineage.get("dataset_is_hub") else None, tags=list(cfg.card.tags),
         model_name=run_id, eval_results=results or None, base_model_revision=lineage.get("base_model_revision"),
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_card_body(cfg, run_id, metrics, lineage)}")
 
 
-def _card_body(cfg: dict, run_id: str, metrics: dict, lineage: dict) -> str:
+def _card_body(cfg: JobConfig, run_id: str, metrics: dict, lineage: dict) -> str:
     pre, post = metrics.get("pre") or {}, metrics.get("post") or {}
     rows = "\n".join(f"| {k} | {pre.get(k, '-')} | {post.get(k, '-')} |" for k in (*GATE_METRICS, "n"))
     train_cfg = json.dumps(
-        redact({"train": cfg["train"], "lora": cfg["lora"], "image": cfg["image"]}), indent=2, sort_keys=True
+        redact(cfg.model_dump(mode="json", include={"train", "lora", "image"})), indent=2, sort_keys=True
     )
     return f"""# {run_id}: QLoRA adapter for {lineage['base_model']}
 

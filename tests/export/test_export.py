@@ -12,15 +12,16 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import httpx
+import huggingface_hub.constants as hub_constants
 import pytest
+from helpers import PROCESSOR_LOADED, REPO, TRACEBACK, WEIGHTS_LOADED
 from huggingface_hub import ModelCard
-from huggingface_hub.errors import HfHubHTTPError
+from loopback import HubErrorHandler, serve
 
 from job import cli
 from job.cards import ModelCards
 from job.config import build_cfg
-from job.errors import ConfigError, TransientError, UserError
+from job.errors import ConfigError, GateRefused, TransientError, UserError
 from job.export import command, merge
 from job.export.report import (
     build_merged_card,
@@ -32,7 +33,7 @@ from job.export.report import (
     up_to_date,
 )
 from job.storage import hub
-from job.train import flow
+from job.train import prepare
 
 CARD = ModelCards().qwen3_vl_8b_instruct
 METRICS = {"accuracy": 0.80, "macro_f1": 0.75, "json_parse_rate": 1.0, "exact_match": 0.7, "n": 20}
@@ -112,8 +113,9 @@ def test_merged_card_metadata_and_table(tmp_path):
 def test_export_settings():
     cfg = build_cfg(CARD, {"SFT_EXPORT": "true", "SFT_EXPORT_VERIFY_ROWS": "50", "SFT_EXPORT_MAX_DROP": "0",
                            "SFT_EXPORT_REPO_ID": "org/merged"})
-    assert cfg["export"] == {"enabled": True, "verify_rows": 50, "max_drop": 0.0, "repo_id": "org/merged"}
-    assert build_cfg(CARD, {})["export"] == {"enabled": False, "verify_rows": None, "max_drop": 0.01, "repo_id": None}
+    assert cfg.export.model_dump() == {"enabled": True, "verify_rows": 50, "max_drop": 0.0, "repo_id": "org/merged"}
+    assert build_cfg(CARD, {}).export.model_dump() == {"enabled": False, "verify_rows": None, "max_drop": 0.01,
+                                                       "repo_id": None}
     with pytest.raises(ConfigError, match="SFT_EXPORT_MAX_DROP"):
         build_cfg(CARD, {"SFT_EXPORT_MAX_DROP": "2"})
     with pytest.raises(ConfigError, match="need their own repos"):
@@ -122,18 +124,13 @@ def test_export_settings():
 
 @pytest.fixture()
 def export_env(tiny_assets, tmp_path, monkeypatch):
-    """The environment of an export of the tiny model into tmp_path/out, where nothing heavy may load."""
+    """The environment of an export of the tiny model into tmp_path/out."""
     for key in [k for k in os.environ if k.startswith("SFT_")]:
         monkeypatch.delenv(key)
     env = {"SFT_MODEL_ID": str(tiny_assets[0]), "SFT_DATASET_URI": str(tiny_assets[1]),
            "SFT_OUTPUT_DIR": str(tmp_path / "out"), "HF_HUB_OFFLINE": "1"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-
-    def heavy(*_args, **_kwargs):
-        raise AssertionError("loaded something heavy before the cheap checks failed")
-    monkeypatch.setattr(command, "load_processor_checked", heavy)
-    monkeypatch.setattr(merge, "load_base", heavy)
     handlers = list(logging.getLogger().handlers)
     yield monkeypatch
     for handler in logging.getLogger().handlers:  # cli.main's root handler writes to this test's captured stderr
@@ -152,7 +149,8 @@ def test_export_user_errors_exit_2_before_anything_loads(export_env, capsys, set
         export_env.setenv(key, value)
     assert cli.main(["export"]) == 2
     err = capsys.readouterr().err
-    assert fragment in err and "Traceback" not in err
+    assert fragment in err and TRACEBACK not in err
+    assert PROCESSOR_LOADED not in err and WEIGHTS_LOADED not in err  # the job's own log lines (job/model.py)
 
 
 def test_a_directory_without_adapter_weights_is_exit_2(export_env, tmp_path, capsys):
@@ -162,26 +160,25 @@ def test_a_directory_without_adapter_weights_is_exit_2(export_env, tmp_path, cap
     assert "adapter_model.safetensors missing" in capsys.readouterr().err
 
 
-def test_run_exports_after_the_gate_only_when_asked(monkeypatch):
-    calls = []
-    monkeypatch.setattr(flow, "run_job", lambda cfg: {"run_id": "r"})
-    monkeypatch.setattr(flow, "run_export", lambda cfg, after_run: calls.append(after_run) or {"publish": {"x": 1}})
-    assert "export" not in flow.main({"SFT_DATASET_URI": "/data"}) and calls == []
-    assert flow.main({"SFT_DATASET_URI": "/data", "SFT_EXPORT": "true"})["export"] == {"x": 1} and calls == [True]
-
-
 # -- Hub errors: those of the adapter push, naming SFT_EXPORT_REPO_ID ----------------------------------------------
-@pytest.mark.parametrize("status, error", [(401, UserError), (403, UserError), (503, TransientError)])
-def test_merged_push_errors_are_classified(monkeypatch, tmp_path, status, error):
-    class FailingApi:
-        def create_repo(self, *args, **kwargs):
-            request = httpx.Request("POST", "https://huggingface.co/api/repos/create")
-            raise HfHubHTTPError(f"HTTP {status}", response=httpx.Response(status, request=request))
+@pytest.fixture()
+def loopback_hub(monkeypatch):
+    """huggingface_hub's real client pointed at a loopback Hub that answers by repository (tests/loopback.py)."""
+    url, server = serve(HubErrorHandler)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", url)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_TOKEN", "hf_loopback")
+    yield url
+    server.shutdown()
 
-    monkeypatch.setattr("huggingface_hub.HfApi", FailingApi)
+
+@pytest.mark.parametrize("repo, error", [("org/private", UserError), ("org/gated", UserError),
+                                         ("org/down", TransientError)])
+def test_merged_push_errors_are_classified(loopback_hub, tmp_path, repo, error):
     with pytest.raises(error) as raised:
-        hub.push_adapter(tmp_path, "org/merged", True, "run-1", setting="SFT_EXPORT_REPO_ID", what="export")
-    assert status == 503 or "SFT_EXPORT_REPO_ID" in str(raised.value)
+        hub.push_adapter(tmp_path, repo, True, "run-1", setting="SFT_EXPORT_REPO_ID", what="export")
+    assert repo == "org/down" or "SFT_EXPORT_REPO_ID" in str(raised.value)
 
 
 # -- atomic install ------------------------------------------------------------------------------------------------
@@ -225,9 +222,11 @@ print("PREDICTIONS " + json.dumps(out))
 """
 
 
-def _copy_run(reference, dest: Path) -> Path:
-    """A copy of the shared run's outputs (never change a shared run's files), without its checkpoints."""
-    shutil.copytree(reference.out, dest, ignore=shutil.ignore_patterns("checkpoints", ".upload-staging", "wandb"))
+def _copy_run(reference, dest: Path, *, checkpoints: bool = False) -> Path:
+    """A copy of the shared run's outputs (never change a shared run's files), without its checkpoints unless asked
+    (with them, `run` sees a finished run)."""
+    skip = (".upload-staging", "wandb") if checkpoints else ("checkpoints", ".upload-staging", "wandb")
+    shutil.copytree(reference.out, dest, ignore=shutil.ignore_patterns(*skip))
     return dest
 
 
@@ -296,20 +295,25 @@ def test_the_merged_model_alone_reproduces_the_adapters_predictions(exported, re
 
 
 @pytest.mark.slow
-def test_drop_gate_refuses_with_exit_4_and_keeps_the_artifacts(reference_run, zygote, tmp_path):
-    """Deterministic: the run's post-eval, which export reuses as the trained model's scores, is made perfect on the
-    verified rows; the merged model (6 tiny steps) is not, so any drop beyond SFT_EXPORT_MAX_DROP=0 refuses."""
-    out = _copy_run(reference_run, tmp_path / "out")
+def test_run_with_sft_export_exports_after_the_gate_and_the_drop_gate_refuses(reference_run, zygote, tmp_path):
+    """`qwen3-sft run` with SFT_EXPORT=true on a copy of the finished reference run: no step is trained again, the
+    run's gate passes (none is set), then the export runs, and its drop gate refuses with exit 4. Deterministic: the
+    run's post-eval, which export reuses as the trained model's scores, is made perfect on the verified rows; the
+    merged model (6 tiny steps) is not, so any drop beyond SFT_EXPORT_MAX_DROP=0 refuses."""
+    out = _copy_run(reference_run, tmp_path / "out", checkpoints=True)
     post = out / "eval" / "post_predictions.jsonl"
     records = [json.loads(line) for line in post.read_text().splitlines()]
     post.write_text("".join(json.dumps({**r, "prediction": json.dumps(r["target"])}) + "\n" for r in records))
-    done = _export(zygote, reference_run, tmp_path, SFT_EXPORT_MAX_DROP="0", SFT_EXPORT_VERIFY_ROWS="2")
+    env = {**reference_run.env, "SFT_OUTPUT_DIR": str(out), "WANDB_MODE": "disabled", "SFT_EXPORT": "true",
+           "SFT_EXPORT_MAX_DROP": "0", "SFT_EXPORT_VERIFY_ROWS": "2"}
+    done = zygote.run(["-m", "job", "run"], env, tmp_path / "run")
+    assert "no step is trained again" in done.stderr, done.stderr[-3000:]
     report = json.loads((out / "merged" / "export_report.json").read_text())
     assert report["metrics"]["qlora"]["accuracy"] == 1.0
     assert report["metrics"]["merged"]["accuracy"] < 1.0, "precondition: the tiny merged model is not perfect"
     assert done.returncode == 4, done.stderr[-3000:]
     assert "export refused: merging costs more than SFT_EXPORT_MAX_DROP=0.0" in done.stderr
-    assert "Traceback" not in done.stderr
+    assert TRACEBACK not in done.stderr
     assert report["rows"] == 2 and report["qlora_source"].startswith("eval/post_predictions.jsonl")
     assert not report["drop_gate"]["passed"] and report["publish"]["gate"]["passed"] is False
     assert (out / "merged" / "model.safetensors").is_file()  # kept, like the adapter after a refused gate
@@ -317,7 +321,7 @@ def test_drop_gate_refuses_with_exit_4_and_keeps_the_artifacts(reference_run, zy
 
 def test_reload_script_is_the_readme_recipe():
     """The README's transformers recipe and the reload test build the same prompt (system, image, query + caption)."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     recipe = readme.split("<!-- serve-transformers -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     for line in ('text = query + (f"\\nCAPTION: {caption}" if caption else "")',
                  '{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}',
@@ -325,35 +329,31 @@ def test_reload_script_is_the_readme_recipe():
         assert line in recipe, line
 
 
-def test_publish_access_of_the_run_covers_the_export_repo(monkeypatch):
-    """SFT_EXPORT=true with SFT_EXPORT_REPO_ID: the token is checked before training, not after it."""
-    checked = []
-    monkeypatch.setattr(flow, "check_push_access", lambda repo, setting="SFT_HUB_REPO_ID": checked.append(
-        (repo, setting)) or "me")
-    flow._check_publish_access(build_cfg(CARD, {"SFT_EXPORT_REPO_ID": "org/merged"}))
-    assert checked == []  # no export in this run
-    flow._check_publish_access(build_cfg(CARD, {"SFT_EXPORT_REPO_ID": "org/merged", "SFT_EXPORT": "true"}))
-    assert checked == [("org/merged", "SFT_EXPORT_REPO_ID")]
+def test_publish_access_of_the_run_covers_the_export_repo(loopback_hub):
+    """SFT_EXPORT=true with SFT_EXPORT_REPO_ID: the token is checked before training (whoami), not after it. The
+    loopback Hub refuses every whoami, so a check that runs fails naming the setting."""
+    prepare._check_publish_access(build_cfg(CARD, {"SFT_EXPORT_REPO_ID": "org/merged"}))  # no export: no check
+    with pytest.raises(UserError, match="SFT_EXPORT_REPO_ID"):
+        prepare._check_publish_access(build_cfg(CARD, {"SFT_EXPORT_REPO_ID": "org/merged", "SFT_EXPORT": "true"}))
 
 
-def _publish_setup(tmp_path: Path, monkeypatch, env: dict[str, str], post: dict | None = None):
+def _publish_setup(tmp_path: Path, env: dict[str, str], post: dict | None = None):
     cfg = build_cfg(CARD, {"SFT_OUTPUT_DIR": str(tmp_path), **env})
     (tmp_path / command.MERGED).mkdir()
     if post is not None:
         (tmp_path / "metrics.json").write_text(json.dumps({"pre": None, "post": post}))
-    pushed = []
-    monkeypatch.setattr(command, "push_adapter", lambda folder, repo, private, run_id, **kw: pushed.append(
-        (Path(folder).name, repo, kw)) or f"https://huggingface.co/{repo}/commit/1")
-    return cfg, pushed
+    return cfg
 
 
-def test_the_merged_push_follows_both_gates(tmp_path, monkeypatch):
-    cfg, pushed = _publish_setup(tmp_path, monkeypatch, {"SFT_EXPORT_REPO_ID": "org/merged"}, post=METRICS)
-    report = _report()
-    command._publish(cfg, tmp_path, report, "run-1")
-    assert pushed == [("merged", "org/merged", {"setting": "SFT_EXPORT_REPO_ID", "what": "export"})]
+def test_the_merged_push_follows_both_gates(tmp_path, loopback_hub):
+    """Both gates pass: the report says so before the push, and the push goes to SFT_EXPORT_REPO_ID (the loopback
+    Hub answers 503 for org/down: the push was attempted, and a Hub outage is transient)."""
+    cfg = _publish_setup(tmp_path, {"SFT_EXPORT_REPO_ID": "org/down"}, post=METRICS)
+    with pytest.raises(TransientError, match="push to org/down"):
+        command._publish(cfg, tmp_path, _report(), "run-1")
     written = json.loads((tmp_path / "merged" / "export_report.json").read_text())
-    assert written["publish"]["pushed_to"] == "https://huggingface.co/org/merged/commit/1"
+    assert written["publish"] == {"gate": {"passed": True, "reason": written["publish"]["gate"]["reason"]},
+                                  "pushed_to": None}
     assert json.loads((tmp_path / "eval" / "export_report.json").read_text()) == written
 
 
@@ -361,41 +361,20 @@ def test_the_merged_push_follows_both_gates(tmp_path, monkeypatch):
     ({"SFT_PUSH_MIN_METRIC": "macro_f1:0.9"}, "below SFT_PUSH_MIN_METRIC"),  # the run's gate
     ({}, "merging costs more than SFT_EXPORT_MAX_DROP"),  # the drop gate
 ])
-def test_a_refused_export_is_exit_4_and_pushes_nothing(tmp_path, monkeypatch, env, refused_by):
-    from job.errors import GateRefused
-
-    cfg, pushed = _publish_setup(tmp_path, monkeypatch, {"SFT_EXPORT_REPO_ID": "org/merged", **env}, post=METRICS)
+def test_a_refused_export_is_exit_4_and_pushes_nothing(tmp_path, loopback_hub, env, refused_by):
+    """A refusal raises before any push: a push to org/private would have been a UserError from the loopback Hub."""
+    cfg = _publish_setup(tmp_path, {"SFT_EXPORT_REPO_ID": "org/private", **env}, post=METRICS)
     report = _report(metrics={"unmerged": METRICS, "merged": METRICS if env else {**METRICS, "accuracy": 0.5},
                               "qlora": METRICS})
     with pytest.raises(GateRefused, match=refused_by) as raised:
         command._publish(cfg, tmp_path, report, "run-1")
-    assert cli.exit_code_for(raised.value) == 4 and pushed == []
-    assert json.loads((tmp_path / "merged" / "export_report.json").read_text())["publish"]["gate"]["passed"] is False
+    assert cli.exit_code_for(raised.value) == 4
+    written = json.loads((tmp_path / "merged" / "export_report.json").read_text())
+    assert written["publish"]["gate"]["passed"] is False and written["publish"]["pushed_to"] is None
 
 
-def test_a_merge_that_changes_predictions_is_a_bug_exit_1(tiny_assets, tmp_path, monkeypatch):
-    """Equivalence falls short: exit 1 naming the rows, the report in eval/, no merged/ and no staging left."""
-    adapter = tmp_path / "out" / "adapter"
-    adapter.mkdir(parents=True)
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        (adapter / name).write_text("{}")
-    cfg = build_cfg(CARD, {"SFT_MODEL_ID": str(tiny_assets[0]), "SFT_DATASET_URI": str(tiny_assets[1]),
-                           "SFT_OUTPUT_DIR": str(tmp_path / "out"), "SFT_EXPORT_VERIFY_ROWS": "3",
-                           "SFT_MAX_LENGTH": "512", "SFT_IMAGE_MIN_PIXELS": "4096", "SFT_IMAGE_MAX_PIXELS": "16384"})
-
-    def diverging(cfg, verifier, adapter, staging):
-        assert len(verifier.row_ids) == 3 and staging.is_dir()
-        unmerged = {"predictions": [{"row_id": r, "prediction": "a"} for r in verifier.row_ids], **METRICS}
-        merged = {"predictions": [{"row_id": r, "prediction": "a" if i else "b"}
-                                  for i, r in enumerate(verifier.row_ids)], **METRICS}
-        return unmerged, merged, equivalence(unmerged["predictions"], merged["predictions"], "float32", 0.3)
-
-    monkeypatch.setattr(command, "_merge_and_verify", diverging)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(command.MergeMismatch) as raised:
-        command.run_export(cfg)
-    report = json.loads((tmp_path / "out" / "eval" / "export_report.json").read_text())
-    first = report["row_ids"][0]
-    assert cli.exit_code_for(raised.value) == 1 and first in str(raised.value) and "1 of 3" in str(raised.value)
-    assert report["equivalence"]["mismatched_rows"] == [first] and report["metrics"]["qlora"] is None
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter", "eval"]
+def test_a_merge_mismatch_is_a_bug_exit_1_naming_the_rows():
+    same = _preds(["a", "a", "a"])
+    eq = equivalence(same, _preds(["b", "a", "a"]), "float32", 0.3)
+    error = command.MergeMismatch(mismatch_message(eq))
+    assert cli.exit_code_for(error) == 1 and "validation.jsonl:1" in str(error) and "1 of 3" in str(error)
