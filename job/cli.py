@@ -1,4 +1,4 @@
-"""`qwen3-sft` / `python -m job`: run (default), preflight, eval, config. Maps errors to documented exit codes."""
+"""`qwen3-sft` / `python -m job`: run (default), preflight, eval, export, config. Maps errors to exit codes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from job.errors import ExitCode, find_job_error
 from job.utils.redact import redact, scrub, setup_logging
 
 log = logging.getLogger("job")
-COMMANDS = ("run", "preflight", "eval", "config")
+COMMANDS = ("run", "preflight", "eval", "export", "config")
 
 
 def _check_config() -> None:
@@ -49,6 +49,14 @@ def _cmd_eval(_args) -> int:
     return ExitCode.OK
 
 
+def _cmd_export(_args) -> int:
+    _check_config()
+    from job.export.command import main as export_main
+
+    export_main()
+    return ExitCode.OK
+
+
 def _cmd_config(_args) -> int:
     print(json.dumps(redact(build_cfg(ModelCards().qwen3_vl_8b_instruct).model_dump(mode="json")), indent=2,
                      sort_keys=True))
@@ -66,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         fn=_cmd_preflight
     )
     sub.add_parser("eval", help="evaluate the base model or an adapter on the eval split").set_defaults(fn=_cmd_eval)
+    sub.add_parser("export", help="merge the adapter into the base model, verify it, write merged/").set_defaults(
+        fn=_cmd_export
+    )
     sub.add_parser("config", help="print the effective config (secrets redacted)").set_defaults(fn=_cmd_config)
     return parser
 

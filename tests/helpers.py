@@ -15,6 +15,10 @@ from PIL import Image
 
 from benchmarks import REPO
 
+# Log lines the job writes when it loads the processor and the weights (job/model.py): absent = failed early.
+PROCESSOR_LOADED = "loading processor"
+WEIGHTS_LOADED = "loading model weights"
+TRACEBACK = "Traceback (most recent call last)"
 TINY_PIXELS = {"SFT_IMAGE_MIN_PIXELS": "4096", "SFT_IMAGE_MAX_PIXELS": "16384"}
 
 

@@ -27,19 +27,20 @@ MOVED = {
 }
 
 # From the bottom up: what every module may use; config; storage; data and collators; the model, the outputs, the
-# eval core and the training parts; the checks before training; the flows (the run's steps beside it); the entry
-# points and the demo; last, the aliases at old paths. A prefix names a package and everything in it (the longest
-# prefix wins).
+# eval core and the training parts; the checks before training; the flows (the run's steps beside it, eval, export);
+# the entry points and the demo; last, the aliases at old paths. A prefix names a package and everything in it (the
+# longest prefix wins).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("job.errors", "job.prompts", "job.cards", "job.utils"),
     ("job.config",),
     ("job.storage",),
     ("job.data.rows", "job.collators", "job.data.checks", "job.data.loaders", "job.data"),
-    ("job.model", "job.outputs", "job.eval.generate"),
+    ("job.model", "job.outputs", "job.eval.generate", "job.export.report", "job.export.merge"),
     ("job.train.callbacks", "job.train.distributed", "job.train.preemption", "job.train.resume", "job.train.sampler",
      "job.train.trainer", "job.train"),
     ("job.preflight",),
-    ("job.train.flow", "job.train.prepare", "job.train.finish", "job.train.rerun", "job.eval.command", "job.eval"),
+    ("job.train.flow", "job.train.prepare", "job.train.finish", "job.train.rerun", "job.eval.command", "job.eval",
+     "job.export.command", "job.export"),
     ("job.cli", "job.__main__", "job.demo", "job"),
     tuple(MOVED),
 )

@@ -187,6 +187,15 @@ class HubConfig(_Section):
     require_improvement: bool
 
 
+class ExportConfig(_Section):
+    """qwen3-sft export / SFT_EXPORT: the adapter merged into the unquantized base (job/export/)."""
+
+    enabled: bool
+    verify_rows: int | None
+    max_drop: float
+    repo_id: str | None
+
+
 class LineageConfig(_Section):
     image_digest: str | None
 
@@ -207,6 +216,7 @@ class JobConfig(_Section):
     wandb: WandbConfig
     storage: StorageConfig
     hub: HubConfig
+    export: ExportConfig
     lineage: LineageConfig
     card: CardConfig
 
@@ -221,6 +231,8 @@ class JobConfig(_Section):
                                   s3_concurrency=s.s3_concurrency),
             hub=HubConfig(repo_id=s.hub_repo_id, private=s.hub_private, min_metric=s.push_min_metric,
                           require_improvement=s.push_require_improvement),
+            export=ExportConfig(enabled=s.export, verify_rows=s.export_verify_rows, max_drop=s.export_max_drop,
+                                repo_id=s.export_repo_id),
             lineage=LineageConfig(image_digest=s.image_digest), card=CardConfig(tags=card.tags),
         )
 

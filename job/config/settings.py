@@ -114,6 +114,13 @@ class Settings(BaseSettings):
     )
     push_require_improvement: bool = Field(True, examples=["true"])
     image_digest: str | None = Field(None, examples=["sha256:0123abcd..."])
+    # export: the adapter merged into the base (job/export/), its proof and its push
+    export: bool = Field(False, examples=["false"])
+    export_verify_rows: int | None = Field(None, ge=1, examples=["200"])
+    export_max_drop: float = Field(0.01, ge=0, le=1, examples=["0.01"])
+    export_repo_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", examples=["my-org/qwen3-vl-sarcasm"]
+    )
 
     @field_validator("lora_target_modules")
     @classmethod
@@ -208,6 +215,11 @@ def cross_field_problems(s: Settings, card: ModelSpec) -> list[str]:
         )
     if s.push_min_metric and not s.eval_post:
         problems.append("SFT_PUSH_MIN_METRIC needs the post-eval: set SFT_EVAL_POST=true or unset the gate")
+    if s.export_repo_id and s.hub_repo_id and s.export_repo_id.lower() == s.hub_repo_id.lower():
+        problems.append(
+            f"SFT_EXPORT_REPO_ID and SFT_HUB_REPO_ID are both {s.hub_repo_id!r}: the merged model and the adapter "
+            "need their own repos (a repo with adapter_config.json loads as an adapter); name another repo"
+        )
     return problems
 
 

@@ -185,6 +185,10 @@ OVERLAY_CASES = [
     ({"SFT_PUSH_MIN_METRIC": "macro_f1:0.7"}, {("hub", "min_metric"): "macro_f1:0.7"}),
     ({"SFT_PUSH_REQUIRE_IMPROVEMENT": "false"}, {("hub", "require_improvement"): False}),
     ({"SFT_IMAGE_DIGEST": "sha256:abc"}, {("lineage", "image_digest"): "sha256:abc"}),
+    ({"SFT_EXPORT": "true"}, {("export", "enabled"): True}),
+    ({"SFT_EXPORT_VERIFY_ROWS": "200"}, {("export", "verify_rows"): 200}),
+    ({"SFT_EXPORT_MAX_DROP": "0.02"}, {("export", "max_drop"): 0.02}),
+    ({"SFT_EXPORT_REPO_ID": "org/merged"}, {("export", "repo_id"): "org/merged"}),
     ({"SFT_BAD_ROWS": "skip"}, {("data", "bad_rows"): "skip"}),
     ({"SFT_MAX_BAD_FRACTION": "0.05"}, {("data", "max_bad_fraction"): 0.05}),
 ]
@@ -609,8 +613,13 @@ def test_gate_needs_post_eval():
         build_cfg(CARD, env={"SFT_PUSH_MIN_METRIC": "macro_f1:0.7", "SFT_EVAL_POST": "false"})
 
 
+def test_export_repo_is_not_the_adapter_repo():
+    with pytest.raises(ConfigError, match="SFT_EXPORT_REPO_ID and SFT_HUB_REPO_ID are both 'org/x'"):
+        build_cfg(CARD, env={"SFT_EXPORT_REPO_ID": "org/x", "SFT_HUB_REPO_ID": "org/x"})
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["run", "preflight", "eval"])
+@pytest.mark.parametrize("command", ["run", "preflight", "eval", "export"])
 def test_a_config_mistake_exits_2_before_torch_is_imported(command):
     """Fail early and cheap: the SFT_* environment is validated before a command imports the training stack."""
     code = f"import sys, job.cli; rc = job.cli.main([{command!r}]); print(rc, 'torch' in sys.modules)"

@@ -2,7 +2,8 @@
 print what build_cfg's nested dict gave before the config became typed (0.1.0), byte for byte.
 
 The two dicts below were printed by that code (job/config.py at 60250fd) for the empty environment and for
-OVERRIDES; key order included (W&B keeps it).
+OVERRIDES; key order included (W&B keeps it). Sections added since then are inserted where the config puts them
+(`export`, 0.2: SFT_EXPORT*, before `lineage`); no existing key moves or changes.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ DEFAULT = {'model': {'id': 'Qwen/Qwen3-VL-8B-Instruct',
      'wandb': {'enabled': True},
      'storage': {'checkpoint_uri': None, 'cache_dir': None, 's3_concurrency': 16},
      'hub': {'repo_id': None, 'private': True, 'min_metric': None, 'require_improvement': True},
+     'export': {'enabled': False, 'verify_rows': None, 'max_drop': 0.01, 'repo_id': None},
      'lineage': {'image_digest': None},
      'card': {'tags': ['qwen3-vl', 'qlora', 'sft', 'sarcasm-detection']}}
 
@@ -150,6 +152,7 @@ WITH_OVERRIDES = {'model': {'id': 'org/model',
      'wandb': {'enabled': False},
      'storage': {'checkpoint_uri': 's3://ckpt/run', 'cache_dir': None, 's3_concurrency': 4},
      'hub': {'repo_id': 'org/adapter', 'private': True, 'min_metric': 'macro_f1:0.7', 'require_improvement': True},
+     'export': {'enabled': False, 'verify_rows': None, 'max_drop': 0.01, 'repo_id': None},
      'lineage': {'image_digest': 'sha256:abc'},
      'card': {'tags': ['qwen3-vl', 'qlora', 'sft', 'sarcasm-detection']}}
 
