@@ -144,6 +144,9 @@ class Zygote:
     """tests/zygote.py: one interpreter that has imported the job forks every job process (its docstring says why)."""
 
     def __init__(self, env: dict[str, str]):
+        # `python tests/zygote.py` puts tests/ first on sys.path, not the checkout: PYTHONPATH puts REPO before the
+        # package the venv's editable install points at (another checkout's, when a worktree shares the venv).
+        env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH"))))}
         self.proc = subprocess.Popen([sys.executable, str(REPO / "tests/zygote.py")], env=env, cwd=REPO,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._lock, self._forked = threading.Lock(), threading.Condition()

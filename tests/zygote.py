@@ -32,10 +32,6 @@ import boto3  # noqa: F401
 import datasets  # noqa: F401
 import wandb  # noqa: F401
 
-# `python tests/zygote.py` puts tests/ first on sys.path, not the checkout: without this, `import job` would find
-# whatever checkout the editable install points at (another git worktree's job/, not the code under test).
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import job.cli
 import job.eval.command
 import job.export.command
