@@ -1,6 +1,6 @@
 """Eval throughput: batched left-padded greedy generation (batch 16) vs one row at a time (batch 1).
 
-    python benchmarks/eval.py [--assets DIR] [--quick] [--rows N] [--max-new-tokens T] [--no-4bit]
+    python -m benchmarks.eval [--assets DIR] [--quick] [--rows N] [--max-new-tokens T] [--no-4bit]
 
 Runs the job's real eval path, `job.eval.generate.evaluate_qwen3`, on the tiny Qwen3-VL (loaded by the job's
 `load_model`: 4-bit NF4 through bitsandbytes, as in a run) over the demo validation rows, once with
@@ -19,10 +19,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import load_average, machine, tiny_assets
 
@@ -67,12 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     _, eval_collator = build_collators(cfg, processor)
     dataset = load_local_split(str(data_dir), "validation")
     dataset = dataset.select(range(min(rows, len(dataset))))
-    print(f"{len(dataset)} rows, max_new_tokens {new_tokens}, 4-bit {cfg['model']['load_in_4bit']}, "
+    print(f"{len(dataset)} rows, max_new_tokens {new_tokens}, 4-bit {cfg.model.load_in_4bit}, "
           f"torch threads {torch.get_num_threads()}")
 
     results = {}
     for batch_size in (1, args.batch_size):
-        run_cfg = {**cfg, "eval": {**cfg["eval"], "batch_size": batch_size}}
+        run_cfg = cfg.replace(eval={"batch_size": batch_size})
         evaluate_qwen3(model, processor, dataset.select(range(min(2, len(dataset)))), eval_collator, run_cfg)  # warm
         wall, cpu = time.perf_counter(), time.process_time()
         metrics = evaluate_qwen3(model, processor, dataset, eval_collator, run_cfg)

@@ -1,8 +1,8 @@
 """Training-step throughput at the real 8B architecture: the seed's stack vs ours, in one run on one GPU.
 
-    python benchmarks/gpu_step.py [--steps 10] [--warmup 3] [--batch-size 4] [--rows 256] [--work-dir DIR]
-    python benchmarks/gpu_step.py --dry-run      # CPU, tiny model, 2 steps: checks the plumbing (a test runs it)
-    python benchmarks/gpu_step.py --json results.jsonl --liger-ab --memory-probe 4096   # benchmarks/device/run.sh
+    python -m benchmarks.gpu_step [--steps 10] [--warmup 3] [--batch-size 4] [--rows 256] [--work-dir DIR]
+    python -m benchmarks.gpu_step --dry-run      # CPU, tiny model, 2 steps: checks the plumbing (a test runs it)
+    python -m benchmarks.gpu_step --json results.jsonl --liger-ab --memory-probe 4096   # benchmarks/device/run.sh
 
 What it does (GPU):
   1. builds `Qwen3VLForConditionalGeneration` from the 8B config (job/assets/qwen3_vl/config-8b-instruct.json, the
@@ -50,9 +50,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import load_average, machine, mixed_image_sizes, tiny_assets
 
@@ -272,12 +269,13 @@ def run_stack(stack: str, data: str, cfg, model, processor, collator, dataset, a
     import torch
 
     from job.train.preemption import PreemptionGuard
-    from job.train.trainer import build_trainer
+    from job.train.trainer import Checkpointing, TrainingData, build_trainer
 
     cuda = torch.cuda.is_available()
-    stack_cfg = {**cfg, "train": {**cfg["train"], "group_by_length": stack != "baseline", **(train_overrides or {})}}
-    trainer, _, _ = build_trainer(stack_cfg, model, processor, collator, dataset, out_dir / f"{stack}-{data}",
-                                  f"bench-{stack}-{data}", [], guard=PreemptionGuard(grace_s=60.0))
+    stack_cfg = cfg.replace(train={"group_by_length": stack != "baseline", **(train_overrides or {})})
+    saving = Checkpointing(out_dir / f"{stack}-{data}", PreemptionGuard(grace_s=60.0))
+    trainer, _, _ = build_trainer(stack_cfg, model, TrainingData(processor, collator, dataset), saving,
+                                  f"bench-{stack}-{data}", [])
     trainer.args.save_strategy = "no"  # a benchmark: no checkpoints
     sampler = type(trainer._get_train_sampler()).__name__
     meter = Meter(model.get_base_model().model, cuda)
@@ -292,8 +290,8 @@ def run_stack(stack: str, data: str, cfg, model, processor, collator, dataset, a
     result = meter.summary(args.warmup if warmup is None else warmup)
     flops = 4 * n_lm * result["tokens"] + 2 * n_vis * result["patches"]
     result.update(stack=stack, data=data, sampler=sampler,
-                  batch_size=stack_cfg["train"]["per_device_batch_size"],
-                  gradient_checkpointing=cfg["model"]["gradient_checkpointing"],
+                  batch_size=stack_cfg.train.per_device_batch_size,
+                  gradient_checkpointing=cfg.model.gradient_checkpointing,
                   peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
                   peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan"),
                   mfu=flops / result["elapsed"] / (peak_tflops * 1e12) if peak_tflops else None)
@@ -385,14 +383,14 @@ def _run(args, work: Path, cuda: bool) -> int:
     datasets_ = {}
     for n, kind in enumerate(("fixed", "mixed")):
         rows = write_rows(work / "images", kind, args.rows, seed=n, short_text=args.dry_run)
-        datasets_[kind] = to_dataset(rows, collator, cfg["data"]["label_field"])
+        datasets_[kind] = to_dataset(rows, collator, cfg.data.label_field)
 
     started = time.monotonic()
     model = apply_lora(load_model(cfg), cfg)
     base = model.get_base_model()
     n_lm = lm_matmul_params(base.config.text_config)
     n_vis = sum(p.numel() for p in base.model.visual.parameters())
-    print(f"model: loaded 4-bit={cfg['model']['load_in_4bit']} + LoRA in {time.monotonic() - started:.0f} s; "
+    print(f"model: loaded 4-bit={cfg.model.load_in_4bit} + LoRA in {time.monotonic() - started:.0f} s; "
           f"N_lm={n_lm / 1e6:,.1f}M (matmul), N_vis={n_vis / 1e6:,.1f}M")
     peak = args.peak_tflops
     if peak is None and cuda:
@@ -421,7 +419,7 @@ def _run(args, work: Path, cuda: bool) -> int:
             print(f"ours: cannot switch to {attn} ({type(exc).__name__}: {exc}); staying on sdpa")
             attn = "sdpa"
     state["attn"] = attn
-    liger_cfg = {**cfg, "model": {**cfg["model"], "use_liger": "auto"}}
+    liger_cfg = cfg.replace(model={"use_liger": "auto"})
     probe = _probe_dataset(args, cfg, collator, work) if args.memory_probe else None
     probe_warmup = min(1, args.warmup)
     probe_steps = probe_warmup + 1 if args.dry_run else max(probe_warmup + 1, args.probe_steps)
@@ -489,13 +487,13 @@ def _probe_dataset(args, cfg, collator, work: Path):
     """
     # The dry run's tiny model still has the 151,936-word LM head: a 500-token CPU step took 11 s, 160 tokens ~2 s.
     target = min(args.memory_probe, 160) if args.dry_run else args.memory_probe
-    if target > cfg["train"]["max_length"]:
-        raise SystemExit(f"--memory-probe {target} is over SFT_MAX_LENGTH={cfg['train']['max_length']}")
+    if target > cfg.train.max_length:
+        raise SystemExit(f"--memory-probe {target} is over SFT_MAX_LENGTH={cfg.train.max_length}")
     side = 128 if args.dry_run else 1024
     print("memory probe data:")
-    rows = probe_rows(work / "images", collator, cfg["data"]["label_field"], target - 8, (side, side),
+    rows = probe_rows(work / "images", collator, cfg.data.label_field, target - 8, (side, side),
                       max(2, args.probe_steps))
-    return f"{target}", to_dataset(rows, collator, cfg["data"]["label_field"])
+    return f"{target}", to_dataset(rows, collator, cfg.data.label_field)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`qwen3-sft` / `python -m job`: run (default), preflight, eval, config. Maps errors to documented exit codes."""
+"""`qwen3-sft` / `python -m job`: run (default), preflight, eval, export, config. Maps errors to exit codes."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from job.train.launch import is_worker, launched_here, reported_code, write_erro
 from job.utils.redact import redact, scrub, setup_logging
 
 log = logging.getLogger("job")
-COMMANDS = ("run", "preflight", "eval", "config")
+COMMANDS = ("run", "preflight", "eval", "export", "config")
 
 
 def _check_config() -> None:
@@ -30,8 +30,8 @@ def _check_config() -> None:
 # `--help` and a mistyped setting answer within a second: the one place job/ imports its own modules lazily.
 def _cmd_run(_args) -> int:
     _check_config()
-    train = build_cfg(ModelCards().qwen3_vl_8b_instruct)["train"]
-    nproc = train["nproc_per_node"]
+    train = build_cfg(ModelCards().qwen3_vl_8b_instruct).train
+    nproc = train.nproc_per_node
     # A worker (of torchrun or of the launcher) never launches; otherwise count the GPUs only when the setting
     # leaves it to them (torch's import is paid by `run` anyway).
     the_plan = None if launch.is_worker(os.environ) else launch.plan(os.environ, nproc, _cuda_devices(nproc))
@@ -40,7 +40,7 @@ def _cmd_run(_args) -> int:
 
         train_main()
         return ExitCode.OK
-    code, failure = launch.launch(the_plan, ["run"], train["preempt_grace_s"], train["run_id"])
+    code, failure = launch.launch(the_plan, ["run"], train.preempt_grace_s, train.run_id)
     if failure is not None:  # the first failing rank's message, once, as a single process prints it
         _print_error(*failure)
     return code
@@ -70,8 +70,17 @@ def _cmd_eval(_args) -> int:
     return ExitCode.OK
 
 
+def _cmd_export(_args) -> int:
+    _check_config()
+    from job.export.command import main as export_main
+
+    export_main()
+    return ExitCode.OK
+
+
 def _cmd_config(_args) -> int:
-    print(json.dumps(redact(build_cfg(ModelCards().qwen3_vl_8b_instruct)), indent=2, sort_keys=True))
+    print(json.dumps(redact(build_cfg(ModelCards().qwen3_vl_8b_instruct).model_dump(mode="json")), indent=2,
+                     sort_keys=True))
     return ExitCode.OK
 
 
@@ -86,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         fn=_cmd_preflight
     )
     sub.add_parser("eval", help="evaluate the base model or an adapter on the eval split").set_defaults(fn=_cmd_eval)
+    sub.add_parser("export", help="merge the adapter into the base model, verify it, write merged/").set_defaults(
+        fn=_cmd_export
+    )
     sub.add_parser("config", help="print the effective config (secrets redacted)").set_defaults(fn=_cmd_config)
     return parser
 
@@ -136,7 +148,7 @@ def _print_error(message: str, detail: str) -> None:
 def _exit_code_style() -> str:
     """SFT_EXIT_CODES, or `standard` when the configuration itself is what failed (its error is exit 2 either way)."""
     try:
-        return build_cfg(ModelCards().qwen3_vl_8b_instruct)["train"]["exit_codes"]
+        return build_cfg(ModelCards().qwen3_vl_8b_instruct).train.exit_codes
     except Exception:  # noqa: BLE001 - an invalid environment was already reported, with its own exit code
         return "standard"
 

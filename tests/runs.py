@@ -38,7 +38,7 @@ The runs (fixture -> what it returns):
   pod1 is SIGKILLed while its checkpoint-4 upload is held, pod2 (an empty disk, the same SFT_RUN_ID) restores
   checkpoint-2 from the store and finishes exactly like the reference run.
 - rerun_chain -> Rerun: a 2-step run whose gate refuses, then the same command again, a rerun after its adapter and
-  metrics were lost, and once more (the re-run tests of tests/test_rerun.py).
+  metrics were lost, and once more (the re-run tests of tests/train/test_rerun.py).
 - ddp_run -> Run: `qwen3-sft run` with SFT_NPROC_PER_NODE=2 (the launcher, 2 gloo workers), 4 steps, a gate that
   refuses: exit 4. ddp_standalone_eval -> Run: `qwen3-sft eval` of its adapter in a single process.
 - ddp_preempted_run -> DDPPreempted: the launcher with 40 steps, SIGTERMed once checkpoint-2 is COMPLETED.
@@ -80,7 +80,7 @@ from job.storage import s3 as s3io
 
 STEPS = 6
 # PYTHONWARNINGS=default prints every warning once per location, library DeprecationWarnings included, so the logs
-# show any warning at all (tests/test_warnings.py reads the reference run's).
+# show any warning at all (tests/utils/test_warnings.py reads the reference run's).
 # Two dataloader workers, gradient accumulation and LoRA dropout: every resume below must restore the sampler, the
 # partial accumulation window and the RNG streams of the workers and of dropout, or it does not end where this ends.
 REFERENCE = dict(SFT_MAX_STEPS=str(STEPS), SFT_SAVE_STEPS="2", SFT_EVAL_SUBSET="4", SFT_SAVE_TOTAL_LIMIT="10",
@@ -144,6 +144,9 @@ class Zygote:
     """tests/zygote.py: one interpreter that has imported the job forks every job process (its docstring says why)."""
 
     def __init__(self, env: dict[str, str]):
+        # `python tests/zygote.py` puts tests/ first on sys.path, not the checkout: PYTHONPATH puts REPO before the
+        # package the venv's editable install points at (another checkout's, when a worktree shares the venv).
+        env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH"))))}
         self.proc = subprocess.Popen([sys.executable, str(REPO / "tests/zygote.py")], env=env, cwd=REPO,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._lock, self._forked = threading.Lock(), threading.Condition()
@@ -612,10 +615,10 @@ def _ddp_preempted_run(ctx: Ctx) -> DDPPreempted:
 
 
 BENCHMARKS = {
-    "padding": ["benchmarks/padding.py", "--quick"],
-    "collator": ["benchmarks/collator.py", "--quick"],
-    "eval": ["benchmarks/eval.py", "--quick"],
-    "gpu_step": ["benchmarks/gpu_step.py", "--dry-run"],
+    "padding": ["-m", "benchmarks.padding", "--quick"],
+    "collator": ["-m", "benchmarks.collator", "--quick"],
+    "eval": ["-m", "benchmarks.eval", "--quick"],
+    "gpu_step": ["-m", "benchmarks.gpu_step", "--dry-run"],
 }
 
 

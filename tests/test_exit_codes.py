@@ -14,18 +14,16 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
-from helpers import REPO, TINY_PIXELS
+from helpers import PROCESSOR_LOADED, REPO, TINY_PIXELS, TRACEBACK, WEIGHTS_LOADED
+from loopback import HubErrorHandler, free_port, serve
 
 from job import cli
 from job.cards import ModelCards
@@ -34,40 +32,6 @@ from job.errors import DataError, ExitCode, find_job_error
 from job.storage import s3 as s3io
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testingsecret", "AWS_DEFAULT_REGION": "us-east-1"}
-PROCESSOR_LOADED = "loading processor"
-WEIGHTS_LOADED = "loading model weights"
-TRACEBACK = "Traceback (most recent call last)"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-# -- loopback servers --------------------------------------------------------------------------------------------
-class _HubHandler(http.server.BaseHTTPRequestHandler):
-    """The Hub's API as huggingface_hub reads it: the status and X-Error-Code decide the exception it raises."""
-
-    ROUTES: ClassVar[dict[str, tuple[int, str | None]]] = {
-        "org/private": (401, "RepoNotFound"), "org/gated": (403, "GatedRepo"), "org/down": (503, None),
-        "org/missing-rev": (404, "RevisionNotFound")}
-
-    def do_GET(self):  # http.server's name
-        status, code = next((v for k, v in self.ROUTES.items() if f"/{k}" in self.path), (404, "RepoNotFound"))
-        body = json.dumps({"error": f"loopback hub says {status}"}).encode()
-        self.send_response(status)
-        if code:
-            self.send_header("X-Error-Code", code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_HEAD = do_GET
-
-    def log_message(self, *args):  # quiet
-        pass
 
 
 class _SlowDownHandler(http.server.BaseHTTPRequestHandler):
@@ -90,22 +54,16 @@ class _SlowDownHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _serve(handler) -> tuple[str, http.server.ThreadingHTTPServer]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", _free_port()), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}", server
-
-
 @pytest.fixture(scope="module")
 def hub_endpoint():
-    url, server = _serve(_HubHandler)
+    url, server = serve(HubErrorHandler)
     yield url
     server.shutdown()
 
 
 @pytest.fixture(scope="module")
 def slowdown_endpoint():
-    url, server = _serve(_SlowDownHandler)
+    url, server = serve(_SlowDownHandler)
     yield url
     server.shutdown()
 
@@ -114,7 +72,7 @@ def slowdown_endpoint():
 def moto_endpoint():
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     yield f"http://127.0.0.1:{port}"
@@ -374,9 +332,9 @@ def test_collate_wrapping_keeps_the_code_of_its_cause():
 # -- save interval, report ---------------------------------------------------------------------------------------
 def test_short_run_save_interval_follows_max_steps():
     card = ModelCards().qwen3_vl_8b_instruct
-    assert build_cfg(card, {"SFT_MAX_STEPS": "5"})["train"]["save_steps"] == 5
-    assert build_cfg(card, {"SFT_SAVE_STEPS": "80"})["train"]["save_steps"] == 80
-    assert build_cfg(card, {"SFT_MAX_STEPS": "500"})["train"]["save_steps"] == 50
+    assert build_cfg(card, {"SFT_MAX_STEPS": "5"}).train.save_steps == 5
+    assert build_cfg(card, {"SFT_SAVE_STEPS": "80"}).train.save_steps == 80
+    assert build_cfg(card, {"SFT_MAX_STEPS": "500"}).train.save_steps == 50
 
 
 def _report(*args: str) -> subprocess.CompletedProcess:

@@ -27,18 +27,20 @@ MOVED = {
 }
 
 # From the bottom up: what every module may use; config; storage; data and collators; the model, the outputs, the
-# eval core and the training parts; the checks before training; the flows; the entry points and the demo; last, the
-# aliases at old paths. A prefix names a package and everything in it (the longest prefix wins).
+# eval core and the training parts; the checks before training; the flows (the run's steps beside it, eval, export);
+# the entry points and the demo; last, the aliases at old paths. A prefix names a package and everything in it (the
+# longest prefix wins).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("job.errors", "job.prompts", "job.cards", "job.utils"),
     ("job.config",),
     ("job.storage",),
     ("job.data.rows", "job.collators", "job.data.checks", "job.data.loaders", "job.data"),
-    ("job.model", "job.outputs", "job.eval.generate"),
+    ("job.model", "job.outputs", "job.eval.generate", "job.export.report", "job.export.merge"),
     ("job.train.callbacks", "job.train.distributed", "job.train.preemption", "job.train.resume", "job.train.sampler",
      "job.train.trainer", "job.train.launch", "job.train"),
     ("job.preflight",),
-    ("job.train.flow", "job.eval.command", "job.eval"),
+    ("job.train.flow", "job.train.prepare", "job.train.finish", "job.train.rerun", "job.eval.command", "job.eval",
+     "job.export.command", "job.export"),
     ("job.cli", "job.__main__", "job.demo", "job"),
     tuple(MOVED),
 )
@@ -176,3 +178,48 @@ def _local_job_imports() -> list[str]:
 
 def test_job_modules_are_imported_at_module_level():
     assert _local_job_imports() == []
+
+
+# Size limits (issue #15): a module a reader can hold in mind, a function that fits on a screen.
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+
+
+def _oversized(paths: list[Path]) -> list[str]:
+    found = []
+    for path in paths:
+        text = path.read_text()
+        name = str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            found.append(f"{name}: {len(text.splitlines())} lines (at most {MAX_MODULE_LINES})")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                length = (node.end_lineno or node.lineno) - first + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{name}:{node.lineno} {node.name}: {length} lines (at most {MAX_FUNCTION_LINES})")
+    return found
+
+
+def test_no_module_or_function_is_too_long():
+    assert _oversized(sorted((REPO / "job").rglob("*.py"))) == []
+
+
+def test_the_size_check_reports_what_this_repository_used_to_have(tmp_path):
+    """Not vacuous: a 401-line module and a 61-line function (job/train/flow.py had 525 lines, build_cfg 94)."""
+    long_module = tmp_path / "long.py"
+    long_module.write_text("x = 1\n" * 401)
+    long_function = tmp_path / "fn.py"
+    long_function.write_text("def f():\n" + "    pass\n" * 60)
+    assert [line.split(": ", 1)[1] for line in _oversized([long_module, long_function])] == [
+        "401 lines (at most 400)", "61 lines (at most 60)"]
+
+
+def test_tests_mirror_the_layout():
+    """tests/<package>/ holds the tests of job/<package>/; what spans the job stays at the top of tests/."""
+    folders = [p for p in (REPO / "tests").iterdir() if p.is_dir() and not p.name.startswith((".", "__"))]
+    assert folders, "tests/ has no per-package folders"
+    strays = [p.name for p in folders if not (REPO / "job" / p.name / "__init__.py").exists()]
+    assert not strays, f"tests/{strays} mirror no package of job/"
+    for folder in folders:
+        assert list(folder.glob("test_*.py")), f"tests/{folder.name}/ holds no tests"

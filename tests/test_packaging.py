@@ -27,17 +27,18 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     from pip._vendor import tomli as tomllib
 
+from helpers import REPO
+
 from job.config import KNOWN_ENV_VARS
 from job.errors import ExitCode
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCKERFILE = ROOT / "docker" / "Dockerfile"
-ENV_EXAMPLE = ROOT / "docker" / "job.env.example"
-CONSTRAINTS = ROOT / "docker" / "constraints.txt"
-K8S = ROOT / "k8s"
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+ENV_EXAMPLE = REPO / "docker" / "job.env.example"
+CONSTRAINTS = REPO / "docker" / "constraints.txt"
+K8S = REPO / "k8s"
 MULTINODE = K8S / "multinode" / "pytorchjob.yaml"
-README = ROOT / "README.md"
-WORKFLOW = ROOT / ".github" / "workflows" / "retrain.yml"
+README = REPO / "README.md"
+WORKFLOW = REPO / ".github" / "workflows" / "retrain.yml"
 K8S_BUILTIN = ["job.yaml", "configmap.yaml", "secret.example.yaml", "serviceaccount.yaml"]
 # The oldest Kubernetes the manifests target (podFailurePolicy GA) and the newest schema kubernetes-validate bundles.
 K8S_VERSIONS = ["1.31.0", "1.37.0"]
@@ -64,7 +65,7 @@ def tool(name: str) -> str:
 
 
 def run(*cmd: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(list(cmd), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(list(cmd), cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def load_yaml(path: Path) -> dict:
@@ -157,8 +158,8 @@ def test_hadolint_passes_dockerfile_with_zero_warnings():
 
 
 def test_hadolint_ignores_are_documented():
-    config = load_yaml(ROOT / ".hadolint.yaml")
-    text = (ROOT / ".hadolint.yaml").read_text()
+    config = load_yaml(REPO / ".hadolint.yaml")
+    text = (REPO / ".hadolint.yaml").read_text()
     comments = " ".join(line for line in text.splitlines() if line.lstrip().startswith("#"))
     for rule in config.get("ignored", []):
         assert rule in comments, f"{rule} is ignored without a reason in .hadolint.yaml"
@@ -369,7 +370,7 @@ def test_multinode_pytorchjob_structure():
 def test_entrypoint_is_tini_then_the_console_script():
     entrypoint = json.loads(instruction_args("ENTRYPOINT")[-1])
     cmd = json.loads(instruction_args("CMD")[-1])
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert entrypoint[:2] == ["tini", "--"] and len(entrypoint) == 3
     assert scripts[entrypoint[-1]] == "job.cli:main"
     from job.cli import COMMANDS
@@ -379,7 +380,7 @@ def test_entrypoint_is_tini_then_the_console_script():
 
 @pytest.mark.slow
 def test_python_dash_m_job_calls_the_same_main():
-    tree = ast.parse((ROOT / "job" / "__main__.py").read_text())
+    tree = ast.parse((REPO / "job" / "__main__.py").read_text())
     imports = {(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
     calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
     assert ("job.cli", "main") in imports and "main" in calls
@@ -416,7 +417,7 @@ def test_image_pins_torch_and_flash_attn_together():
     installs = " ".join(instruction_args("RUN"))
     assert "-c /tmp/constraints.txt flash-attn" in installs and "--no-build-isolation" in installs
     assert '".[gpu,demo]"' in installs
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
     for requirement in extras:
         name = re.split(r"[<>=!\[ ]", requirement)[0].lower()
         assert name in pins, f"{name} (gpu extra) is not pinned in docker/constraints.txt"
@@ -445,7 +446,7 @@ def test_no_secret_in_dockerfile_args_or_env():
 
 
 def test_dockerignore_admits_exactly_what_the_dockerfile_copies():
-    lines = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+    lines = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert lines[0] == "*"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     sources = set()
@@ -460,14 +461,14 @@ def test_dockerignore_admits_exactly_what_the_dockerfile_copies():
 # ---------------------------------------------------------------------------------------------------------------
 
 def files_naming_settings() -> list[Path]:
-    return [*K8S.rglob("*.yaml"), ENV_EXAMPLE, DOCKERFILE, WORKFLOW, ROOT / "Makefile"]
+    return [*K8S.rglob("*.yaml"), ENV_EXAMPLE, DOCKERFILE, WORKFLOW, REPO / "Makefile"]
 
 
 def test_every_sft_name_is_a_real_setting():
     used = {}
     for path in files_naming_settings():
         for name in SFT_NAME_RE.findall(path.read_text()):
-            used.setdefault(name, path.relative_to(ROOT))
+            used.setdefault(name, path.relative_to(REPO))
     assert len(used) >= 10
     unknown = {name: str(path) for name, path in used.items() if name not in KNOWN_ENV_VARS}
     assert not unknown, f"not in job.config.KNOWN_ENV_VARS (the job would exit 2): {unknown}"

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from job.config import JobConfig
 from job.data.rows import RowProblem, load_image, query_problem, row_name, target_text
 from job.errors import DataError
 from job.prompts import Queries
@@ -220,12 +221,12 @@ def _init_fields(collator: Qwen3VisionSFTCollator) -> dict:
     }
 
 
-def build_collators(cfg: dict, processor) -> tuple[Qwen3VisionSFTCollator, Qwen3VisionSFTCollator]:
+def build_collators(cfg: JobConfig, processor) -> tuple[Qwen3VisionSFTCollator, Qwen3VisionSFTCollator]:
     """The training collator (labels on the answer only) and the eval collator (prompt only), from the config."""
-    data = cfg["data"]
+    data = cfg.data
     common = dict(
-        processor=processor, max_length=cfg["train"]["max_length"], image_key=data["image_key"],
-        query_key=data["query_key"], caption_key=data["caption_key"], target_key=data["target_key"],
-        system_prompt=data["system_prompt"],
+        processor=processor, max_length=cfg.train.max_length, image_key=data.image_key,
+        query_key=data.query_key, caption_key=data.caption_key, target_key=data.target_key,
+        system_prompt=data.system_prompt,
     )
     return Qwen3VisionSFTCollator(training=True, **common), Qwen3VisionSFTCollator(training=False, **common)

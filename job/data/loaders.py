@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from job.config import JobConfig
 from job.errors import DataError, TransientError, hub_offline
 from job.storage.sources import hub_dataset_id
 
@@ -188,24 +189,24 @@ def load_hub_split(dataset_id: str, split: str, config: str | None, revision: st
     return _with_row_ids(ds, split)
 
 
-def load_split(cfg: dict, split: str):
+def load_split(cfg: JobConfig, split: str):
 
-    data = cfg["data"]
-    if not data.get("uri"):
+    data = cfg.data
+    if not data.uri:
         raise DataError("SFT_DATASET_URI is not set: point it at a local path, s3://bucket/prefix or a Hub dataset id")
-    if (hub_id := hub_dataset_id(data["uri"])) is not None:
-        return load_hub_split(hub_id, split, data.get("config"), data.get("revision"))
-    return load_local_split(data["uri"], split, data["image_key"])
+    if (hub_id := hub_dataset_id(data.uri)) is not None:
+        return load_hub_split(hub_id, split, data.config, data.revision)
+    return load_local_split(data.uri, split, data.image_key)
 
 
-def load_train_dataset(cfg: dict):
-    ds = load_split(cfg, cfg["data"]["train_split"])
-    return _select_subset(ds, cfg["data"]["train_subset"], cfg["train"]["seed"])
+def load_train_dataset(cfg: JobConfig):
+    ds = load_split(cfg, cfg.data.train_split)
+    return _select_subset(ds, cfg.data.train_subset, cfg.train.seed)
 
 
-def _load_eval_dataset(cfg: dict):
-    ds = load_split(cfg, cfg["data"]["eval_split"])
-    return _select_subset(ds, cfg["data"]["eval_subset"], cfg["train"]["seed"])
+def _load_eval_dataset(cfg: JobConfig):
+    ds = load_split(cfg, cfg.data.eval_split)
+    return _select_subset(ds, cfg.data.eval_subset, cfg.train.seed)
 
 
 def content_fingerprint(row_digests: Iterable[str]) -> str:

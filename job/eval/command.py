@@ -14,7 +14,7 @@ from pathlib import Path
 from job import outputs
 from job.cards import ModelCards
 from job.collators.qwen3_collator import build_collators
-from job.config import build_cfg
+from job.config import JobConfig, build_cfg
 from job.eval.generate import evaluate_qwen3
 from job.model import load_model
 from job.preflight.early import check_inputs, eval_adapter, load_processor_checked
@@ -24,9 +24,9 @@ log = logging.getLogger("job.eval.command")
 PREFLIGHT_REPORT = "eval/standalone_preflight_report.json"
 
 
-def run_eval(cfg: dict) -> dict:
+def run_eval(cfg: JobConfig) -> dict:
     check_inputs(cfg, "eval")
-    out = Path(cfg["train"]["output_dir"])
+    out = Path(cfg.train.output_dir)
     adapter = eval_adapter(cfg)
     processor = load_processor_checked(cfg)
     checked = run_preflight(cfg, processor, roles=("eval",), report_name=PREFLIGHT_REPORT)

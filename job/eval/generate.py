@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from job.config import EvalConfig, JobConfig
+
 INVALID = "<invalid>"
 _OBJECT = re.compile(r"\{.*\}", re.DOTALL)
 
@@ -76,32 +78,36 @@ def stop_token_ids(processor, stop_tokens: list[str]) -> list[int]:
     return [i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id] or [tokenizer.eos_token_id]
 
 
-def generation_kwargs(processor, eval_cfg: dict) -> dict[str, Any]:
+def generation_kwargs(processor, eval_cfg: EvalConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
-        "max_new_tokens": int(eval_cfg.get("max_new_tokens", 256)),
-        "do_sample": bool(eval_cfg.get("do_sample", False)),
-        "eos_token_id": stop_token_ids(processor, eval_cfg.get("stop_tokens", ["<|im_end|>", "<|endoftext|>"])),
+        "max_new_tokens": eval_cfg.max_new_tokens,
+        "do_sample": eval_cfg.do_sample,
+        "eos_token_id": stop_token_ids(processor, list(eval_cfg.stop_tokens)),
         "pad_token_id": processor.tokenizer.pad_token_id,
     }
     if kwargs["do_sample"]:
-        kwargs["temperature"] = float(eval_cfg.get("temperature", 0.7))
+        kwargs["temperature"] = eval_cfg.temperature
     else:  # greedy: clear sampling knobs a checkpoint's generation_config may carry, so HF does not warn
         kwargs.update(temperature=None, top_p=None, top_k=None)
     return kwargs
 
 
-@torch.no_grad()
-def generate_batches(model, processor, eval_dataset, eval_collator, eval_cfg: dict) -> list[str]:
-    """Decoded continuations, one per row, in dataset order."""
-    batch_size = int(eval_cfg.get("batch_size", 8))
-    kwargs = generation_kwargs(processor, eval_cfg)
+def _batches(model, eval_dataset, eval_collator, batch_size: int):
+    """The eval collator's batches (left-padded prompts ending in the generation prompt) on the model's device."""
     device = next(model.parameters()).device
-    texts: list[str] = []
     for start in range(0, len(eval_dataset), batch_size):
         rows = [eval_dataset[i] for i in range(start, min(start + batch_size, len(eval_dataset)))]
         batch = eval_collator(rows)
         batch.pop("token_type_ids", None)
-        batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+        yield {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def generate_batches(model, processor, eval_dataset, eval_collator, eval_cfg: EvalConfig) -> list[str]:
+    """Decoded continuations, one per row, in dataset order."""
+    kwargs = generation_kwargs(processor, eval_cfg)
+    texts: list[str] = []
+    for batch in _batches(model, eval_dataset, eval_collator, eval_cfg.batch_size):
         output = model.generate(**batch, **kwargs)
         # Left padding puts every prompt flush against the generated tokens: trimming the padded prompt
         # width from each row leaves exactly that row's new tokens.
@@ -112,26 +118,41 @@ def generate_batches(model, processor, eval_dataset, eval_collator, eval_cfg: di
     return texts
 
 
-def evaluate_qwen3(model, processor, eval_dataset, eval_collator, cfg: dict) -> dict[str, Any]:
+@torch.no_grad()
+def next_token_logits(model, eval_dataset, eval_collator, batch_size: int) -> torch.Tensor:
+    """[rows, vocab] fp32 on the CPU: each prompt's logits for the first generated token, in dataset order.
+
+    The prompts are the eval collator's (left padded, so the last position of every row is its generation start);
+    `logits_to_keep=1` computes the LM head at that position only (151,936 logits per row, not per token).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = [model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1, :].float().cpu()
+                  for batch in _batches(model, eval_dataset, eval_collator, batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+def evaluate_qwen3(model, processor, eval_dataset, eval_collator, cfg: JobConfig) -> dict[str, Any]:
     """Generate a verdict for every eval row and score it against `target_json`.
 
     Returns `accuracy`, `macro_f1`, `json_parse_rate`, `exact_match`, `n` and `predictions` (one record per row with
     at least `prediction` and `target`).
     """
     try:
-        eval_cfg = cfg.get("eval", {})
-        data_cfg = cfg.get("data", {})
-        target_key = data_cfg.get("target_key", "target_json")
+        target_key = cfg.data.target_key
         was_training = model.training
         model.eval()
         try:
-            predictions = generate_batches(model, processor, eval_dataset, eval_collator, eval_cfg)
+            predictions = generate_batches(model, processor, eval_dataset, eval_collator, cfg.eval)
         finally:
             model.train(was_training)
         # Column reads: indexing rows would decode every image a second time.
         targets = list(eval_dataset[target_key])
         row_ids = list(eval_dataset["row_id"]) if "row_id" in eval_dataset.column_names else range(len(targets))
-        metrics = compute_metrics(predictions, targets, data_cfg.get("label_field", "label"))
+        metrics = compute_metrics(predictions, targets, cfg.data.label_field)
         for record, row_id in zip(metrics["predictions"], row_ids, strict=True):
             record["row_id"] = str(row_id)
         return metrics

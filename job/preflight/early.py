@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
+from job.config import JobConfig
 from job.errors import ConfigError, classified, hub_offline
 from job.model import load_processor, lora_target_regex
 from job.storage.s3 import S3Uri
@@ -26,7 +27,7 @@ from job.storage.sources import hub_dataset_id, hub_model_id
 
 log = logging.getLogger("job.checks")
 
-Command = Literal["run", "preflight", "eval"]
+Command = Literal["run", "preflight", "eval", "export"]
 # SFT_EVAL_ADAPTER=none scores the base model on purpose (any other value must be an adapter directory).
 BASE_MODEL = "none"
 
@@ -93,23 +94,23 @@ def model_problems(model_id: str) -> list[str]:
     return []
 
 
-def eval_adapter(cfg: dict) -> Path | None:
+def eval_adapter(cfg: JobConfig) -> Path | None:
     """The adapter `eval` scores, or None for the base model.
 
     SFT_EVAL_ADAPTER=none: the base model. Unset: $SFT_OUTPUT_DIR/adapter when a run saved one there, else the base
     model. Any other value must be an adapter directory; a typo is an error, never a silent base-model score.
     """
-    value = cfg["eval"].get("adapter")
+    value = cfg.eval.adapter
     if value is None:
-        default = Path(cfg["train"]["output_dir"]) / "adapter"
+        default = Path(cfg.train.output_dir) / "adapter"
         return default if (default / "adapter_config.json").is_file() else None
     if value.strip().lower() == BASE_MODEL:
         return None
     return Path(value)
 
 
-def adapter_problems(cfg: dict) -> list[str]:
-    value = cfg["eval"].get("adapter")
+def adapter_problems(cfg: JobConfig) -> list[str]:
+    value = cfg.eval.adapter
     adapter = eval_adapter(cfg)
     if value is None or adapter is None:
         return []
@@ -118,6 +119,28 @@ def adapter_problems(cfg: dict) -> list[str]:
         return [_missing(name, value, "adapter directory") + hint]
     if not (adapter / "adapter_config.json").is_file():
         return [f"{name}={value!r}: not an adapter directory (no adapter_config.json in it){hint}"]
+    return []
+
+
+def export_adapter(cfg: JobConfig) -> Path:
+    """The adapter `export` merges: SFT_EVAL_ADAPTER, else $SFT_OUTPUT_DIR/adapter (there is no base-model export)."""
+    value = cfg.eval.adapter
+    return Path(cfg.train.output_dir) / "adapter" if value is None else Path(value)
+
+
+def export_adapter_problems(cfg: JobConfig) -> list[str]:
+    value = cfg.eval.adapter
+    if value is not None and value.strip().lower() == BASE_MODEL:
+        return [f"SFT_EVAL_ADAPTER={value!r}: export merges an adapter into the base model; point SFT_EVAL_ADAPTER "
+                "at an adapter directory, or unset it for $SFT_OUTPUT_DIR/adapter"]
+    adapter = export_adapter(cfg)
+    name, shown = ("SFT_EVAL_ADAPTER", value) if value is not None else ("SFT_OUTPUT_DIR", cfg.train.output_dir)
+    fix = "; run the job first (it saves adapter/ there) or set SFT_EVAL_ADAPTER to an adapter directory"
+    if not adapter.is_dir():
+        return [f"{name}={shown!r}: no adapter directory {str(adapter)!r}{_cwd_note(str(adapter))}{fix}"]
+    missing = [f for f in ("adapter_config.json", "adapter_model.safetensors") if not (adapter / f).is_file()]
+    if missing:
+        return [f"{name}={shown!r}: {str(adapter)!r} is not a saved adapter ({', '.join(missing)} missing){fix}"]
     return []
 
 
@@ -139,25 +162,27 @@ def output_dir_problems(output_dir: str) -> list[str]:
     return []
 
 
-def check_inputs(cfg: dict, command: Command) -> None:
+def check_inputs(cfg: JobConfig, command: Command) -> None:
     """Local paths and the output directory: no network, no model code. Raises one ConfigError listing all."""
-    problems = dataset_problems(cfg["data"]["uri"]) + model_problems(cfg["model"]["id"])
+    problems = dataset_problems(cfg.data.uri) + model_problems(cfg.model.id)
     if command == "eval":
         problems += adapter_problems(cfg)
-    problems += output_dir_problems(cfg["train"]["output_dir"])
+    if command == "export":
+        problems += export_adapter_problems(cfg)
+    problems += output_dir_problems(cfg.train.output_dir)
     if problems:
         raise ConfigError(problems)
     check_hub_repos(cfg)
-    log.info("checks: paths, Hub repos and %s are usable", cfg["train"]["output_dir"])
+    log.info("checks: paths, Hub repos and %s are usable", cfg.train.output_dir)
 
 
-def check_hub_repos(cfg: dict) -> None:
+def check_hub_repos(cfg: JobConfig) -> None:
     """One metadata request per Hub repo (no files): a typo, a private or gated repo fails here, not after minutes
     of downloads. With HF_HUB_OFFLINE=1 the model must already be in the local cache."""
     from huggingface_hub import HfApi, try_to_load_from_cache
 
-    repos = (("model", "SFT_MODEL_ID", hub_model_id(cfg["model"]["id"]), cfg["model"]["revision"]),
-             ("dataset", "SFT_DATASET_URI", hub_dataset_id(cfg["data"]["uri"]), cfg["data"]["revision"]))
+    repos = (("model", "SFT_MODEL_ID", hub_model_id(cfg.model.id), cfg.model.revision),
+             ("dataset", "SFT_DATASET_URI", hub_dataset_id(cfg.data.uri), cfg.data.revision))
     for kind, name, repo, revision in repos:
         if repo is None:
             continue
@@ -176,27 +201,28 @@ def check_hub_repos(cfg: dict) -> None:
             raise error from exc
 
 
-def _model_context(cfg: dict) -> str:
-    model_id = cfg["model"].get("source") or cfg["model"]["id"]
+def _model_context(cfg: JobConfig, named: str | None) -> str:
+    model_id = named or cfg.model.id
     if hub_model_id(model_id) is not None:
         return f"SFT_MODEL_ID={model_id!r} (no such local path, so it was fetched as a Hub model)"
     return f"SFT_MODEL_ID={model_id!r}"
 
 
-def check_lora_targets(cfg: dict) -> None:
+def check_lora_targets(cfg: JobConfig, named: str | None = None) -> None:
     """Each SFT_LORA_TARGET_MODULES name must match a module inside the language model, as PEFT will match it.
 
     The architecture comes from config.json, instantiated on the meta device: no weights are read or allocated.
+    named: the SFT_MODEL_ID the user set, when cfg.model.id is its local mirror (errors name what the user set).
     """
     import torch
     from transformers import AutoConfig, Qwen3VLForConditionalGeneration
 
-    model = cfg["model"]
+    model = cfg.model
     try:
-        config = AutoConfig.from_pretrained(model["id"], revision=model["revision"],
-                                            trust_remote_code=model["trust_remote_code"])
+        config = AutoConfig.from_pretrained(model.id, revision=model.revision,
+                                            trust_remote_code=model.trust_remote_code)
     except Exception as exc:  # classified: 401/403/404 -> 2, network -> 3, else a bug
-        error = classified(exc, _model_context(cfg))
+        error = classified(exc, _model_context(cfg, named))
         if error is None:
             raise
         raise error from exc
@@ -205,13 +231,13 @@ def check_lora_targets(cfg: dict) -> None:
     names = [name for name, _ in skeleton.named_modules()]
     pattern = re.compile(lora_target_regex(cfg))
     if any(pattern.fullmatch(name) for name in names):
-        unmatched = [t for t in cfg["lora"]["target_modules"]
+        unmatched = [t for t in cfg.lora.target_modules
                      if not any(pattern.fullmatch(n) and n.endswith("." + t) for n in names)]
     else:
-        unmatched = list(cfg["lora"]["target_modules"])
+        unmatched = list(cfg.lora.target_modules)
     if not unmatched:
         return
-    scope = re.compile(rf".*{cfg['lora']['scope_regex']}")
+    scope = re.compile(rf".*{cfg.lora.scope_regex}")
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names if scope.match(n) and "." in n})
     hints = []
     for target in unmatched:
@@ -219,19 +245,20 @@ def check_lora_targets(cfg: dict) -> None:
         hints.append(f"{target!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     raise ConfigError(
         [
-            f"SFT_LORA_TARGET_MODULES={','.join(cfg['lora']['target_modules'])!r}: "
+            f"SFT_LORA_TARGET_MODULES={','.join(cfg.lora.target_modules)!r}: "
             f"{', '.join(hints)} matches no language-model layer of {config.model_type}; "
             f"its layers have {', '.join(x for x in leaves if x.endswith('proj')) or ', '.join(leaves[:12])}"
         ]
     )
 
 
-def load_processor_checked(cfg: dict):
-    """load_processor, with a download or access failure classified and naming SFT_MODEL_ID."""
+def load_processor_checked(cfg: JobConfig, named: str | None = None):
+    """load_processor, with a download or access failure classified and naming SFT_MODEL_ID (`named`, as in
+    check_lora_targets)."""
     try:
         return load_processor(cfg)
     except Exception as exc:  # classified: 401/403/404 -> 2, network -> 3, else a bug
-        error = classified(exc, _model_context(cfg))
+        error = classified(exc, _model_context(cfg, named))
         if error is None:
             raise
         raise error from exc

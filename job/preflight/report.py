@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from job.config import JobConfig
 from job.data.checks import MAX_DECODE_PIXELS
 
 MAX_LISTED_ERRORS = 50  # in the exception message; the JSON report lists every error
@@ -45,7 +46,7 @@ def _split_report(t: Any) -> dict:
     }
 
 
-def build_report(cfg: dict, tallies: dict[str, Any], load_errors: list[dict], failure: str | None,
+def build_report(cfg: JobConfig, tallies: dict[str, Any], load_errors: list[dict], failure: str | None,
                  seconds: float, workers: int) -> dict:
     errors = load_errors + [e for t in tallies.values() for e in t.errors]
     warnings = [w for t in tallies.values() for w in t.warnings]
@@ -53,12 +54,12 @@ def build_report(cfg: dict, tallies: dict[str, Any], load_errors: list[dict], fa
     return {
         "ok": failure is None,
         "failure": failure,
-        "dataset_uri": cfg["data"]["uri"],
-        "policy": {"bad_rows": cfg["data"]["bad_rows"], "max_bad_fraction": cfg["data"]["max_bad_fraction"]},
+        "dataset_uri": cfg.data.uri,
+        "policy": {"bad_rows": cfg.data.bad_rows, "max_bad_fraction": cfg.data.max_bad_fraction},
         "limits": {
-            "max_length": cfg["train"]["max_length"],
-            "image_min_pixels": cfg["image"]["min_pixels"],
-            "image_max_pixels": cfg["image"]["max_pixels"],
+            "max_length": cfg.train.max_length,
+            "image_min_pixels": cfg.image.min_pixels,
+            "image_max_pixels": cfg.image.max_pixels,
             "max_decode_pixels": MAX_DECODE_PIXELS,
         },
         # The scan alone (decode, tokenize, check), without loading the processor and the splits.

@@ -23,7 +23,7 @@ from typing import Any
 from job import outputs
 from job.cards import ModelCards
 from job.collators.qwen3_collator import build_collators
-from job.config import build_cfg
+from job.config import JobConfig, build_cfg
 from job.data.checks import RowChecker
 from job.data.loaders import LENGTH_COLUMN, ROW_ID, _load_eval_dataset, load_train_dataset
 from job.errors import DataError
@@ -57,7 +57,11 @@ def _load_error(split: str, exc: DataError) -> dict:
                   str(exc).removeprefix(f"{split}: "), fix)
 
 
-def _load_splits(cfg: dict, roles: tuple[str, ...] = ROLES) -> tuple[dict[str, Any], list[dict]]:
+def _split_name(cfg: JobConfig, role: str) -> str:
+    return cfg.data.train_split if role == "train" else cfg.data.eval_split
+
+
+def _load_splits(cfg: JobConfig, roles: tuple[str, ...] = ROLES) -> tuple[dict[str, Any], list[dict]]:
     loaders = {"train": load_train_dataset, "eval": _load_eval_dataset}
     loaded, errors = {}, []
     for role in roles:
@@ -65,7 +69,7 @@ def _load_splits(cfg: dict, roles: tuple[str, ...] = ROLES) -> tuple[dict[str, A
         try:
             loaded[role] = load(cfg)
         except DataError as exc:
-            errors.append(_load_error(cfg["data"][f"{role}_split"], exc))
+            errors.append(_load_error(_split_name(cfg, role), exc))
     return loaded, errors
 
 
@@ -91,9 +95,9 @@ def _label_warnings(tallies: dict[str, SplitTally], field_name: str) -> None:
                                       "add training rows with this label, or fix its spelling"))
 
 
-def _policy_failure(cfg: dict, tallies: dict[str, SplitTally]) -> str | None:
+def _policy_failure(cfg: JobConfig, tallies: dict[str, SplitTally]) -> str | None:
     """None when the run may go on; else why it may not. Marks the splits whose bad rows are dropped."""
-    mode, limit = cfg["data"]["bad_rows"], cfg["data"]["max_bad_fraction"]
+    mode, limit = cfg.data.bad_rows, cfg.data.max_bad_fraction
     bad = {t.name: len(t.bad) for t in tallies.values() if t.bad}
     if not bad:
         return None
@@ -118,8 +122,8 @@ def _policy_failure(cfg: dict, tallies: dict[str, SplitTally]) -> str | None:
     return None
 
 
-def _publish(cfg: dict, report: dict, name: str = REPORT_NAME) -> Path:
-    path = Path(cfg["train"]["output_dir"]) / name
+def _publish(cfg: JobConfig, report: dict, name: str = REPORT_NAME) -> Path:
+    path = Path(cfg.train.output_dir) / name
     outputs.write_json(path, report)
     print(summary_table(report, path), flush=True)
     for warning in report["warnings"][:MAX_LISTED_ERRORS]:
@@ -146,7 +150,7 @@ def apply_plan_entry(ds, entry: dict):
     return ds
 
 
-def apply_plan(cfg: dict, plan: dict) -> tuple[Any, Any]:
+def apply_plan(cfg: JobConfig, plan: dict) -> tuple[Any, Any]:
     """Load both splits and apply a plan made by run_preflight on another process (DDP ranks > 0)."""
     loaded, errors = _load_splits(cfg)
     if errors:
@@ -154,13 +158,13 @@ def apply_plan(cfg: dict, plan: dict) -> tuple[Any, Any]:
     return apply_plan_entry(loaded["train"], plan["train"]), apply_plan_entry(loaded["eval"], plan["eval"])
 
 
-def _jobs(cfg: dict, loaded: dict[str, Any], processor) -> dict[str, tuple[Any, RowChecker, str]]:
+def _jobs(cfg: JobConfig, loaded: dict[str, Any], processor) -> dict[str, tuple[Any, RowChecker, str]]:
 
     # The checkers wrap the very collators training and eval use, so both see rows the same way.
     collators = dict(zip(ROLES, build_collators(cfg, processor), strict=True))
-    data = cfg["data"]
-    return {role: (_check_view(loaded[role], data["image_key"]), RowChecker(collators[role], data["label_field"]),
-                   data[f"{role}_split"]) for role in loaded}
+    data = cfg.data
+    return {role: (_check_view(loaded[role], data.image_key), RowChecker(collators[role], data.label_field),
+                   _split_name(cfg, role)) for role in loaded}
 
 
 # A required column missing from at least this share of a split's rows is a column-name mismatch, reported once
@@ -169,13 +173,13 @@ COLUMN_MISMATCH_FRACTION = 0.9
 KEY_SETTINGS = {"image_key": "SFT_IMAGE_KEY", "query_key": "SFT_QUERY_KEY", "target_key": "SFT_TARGET_KEY"}
 
 
-def _column_mismatches(cfg: dict, tallies: dict[str, SplitTally], loaded: dict[str, Any]) -> list[dict]:
+def _column_mismatches(cfg: JobConfig, tallies: dict[str, SplitTally], loaded: dict[str, Any]) -> list[dict]:
     """One `column_missing` issue per (split, required column) that (nearly) no row has; its per-row errors go."""
     issues = []
     for role, tally in tallies.items():
         columns = [c for c in loaded[role].column_names if c not in (ROW_ID, LENGTH_COLUMN)]
         for key, setting in KEY_SETTINGS.items():
-            column = cfg["data"][key]
+            column = getattr(cfg.data, key)
             missing = [e for e in tally.errors if e["kind"] == "missing_field" and e["field"] == column]
             if column in columns or len(missing) < COLUMN_MISMATCH_FRACTION * tally.rows:
                 continue
@@ -188,7 +192,7 @@ def _column_mismatches(cfg: dict, tallies: dict[str, SplitTally], loaded: dict[s
     return issues
 
 
-def run_preflight(cfg: dict, processor=None, roles: tuple[str, ...] = ROLES,
+def run_preflight(cfg: JobConfig, processor=None, roles: tuple[str, ...] = ROLES,
                   report_name: str = REPORT_NAME) -> PreflightResult:
     """Check every row of the given splits (train and eval by default); raise DataError per SFT_BAD_ROWS, else
     return the datasets (None for a role not checked). `eval` checks its split alone, into eval/."""
@@ -203,7 +207,7 @@ def run_preflight(cfg: dict, processor=None, roles: tuple[str, ...] = ROLES,
     started = time.monotonic()
     tallies = scan(jobs, workers)
     seconds = time.monotonic() - started
-    _label_warnings(tallies, f"{cfg['data']['target_key']}.{cfg['data']['label_field']}")
+    _label_warnings(tallies, f"{cfg.data.target_key}.{cfg.data.label_field}")
     mismatches = _column_mismatches(cfg, tallies, loaded)
     failure = _policy_failure(cfg, tallies)
     if mismatches:  # no SFT_BAD_ROWS setting can help: the column names are wrong

@@ -20,9 +20,10 @@ UPLOAD_ATTEMPTS = 3  # whole-checkpoint attempts, each after botocore's per-requ
 
 
 class RemoteCheckpoints:
-    def __init__(self, uri: str, run_id: str, keep: int, client=None):
+    def __init__(self, uri: str, run_id: str, keep: int, client=None, concurrency: int = s3io.DEFAULT_CONCURRENCY):
         self.run_uri = s3io.S3Uri.parse(uri).child(run_id)
         self.keep = keep
+        self.concurrency = concurrency  # parallel transfers per file (SFT_S3_CONCURRENCY)
         self.s3 = client or s3io.client()
 
     def _steps(self) -> tuple[list[int], list[int]]:
@@ -41,7 +42,7 @@ class RemoteCheckpoints:
             # A prefix left by an interrupted upload of the same step (another pod, killed mid-upload) may hold
             # objects this checkpoint does not have: the new one replaces it rather than merging into it.
             s3io.delete_prefix(self.s3, target)
-            sizes = s3io.upload_dir(self.s3, local, target, skip=(COMPLETED,))
+            sizes = s3io.upload_dir(self.s3, local, target, skip=(COMPLETED,), concurrency=self.concurrency)
             s3io.verify_sizes(self.s3, target, sizes)  # every object there, whole, before the marker
             return sizes
 
@@ -79,7 +80,8 @@ class RemoteCheckpoints:
         if (dest / COMPLETED).is_file():
             return dest
         s3io.with_retries(f"download of checkpoint-{step}",
-                          lambda: s3io.download_prefix(self.s3, self.run_uri.child(f"checkpoint-{step}"), dest),
+                          lambda: s3io.download_prefix(self.s3, self.run_uri.child(f"checkpoint-{step}"), dest,
+                                                       concurrency=self.concurrency),
                           UPLOAD_ATTEMPTS)
         (dest / s3io.MANIFEST).unlink(missing_ok=True)
         write_completed_marker(dest, step)
@@ -114,11 +116,12 @@ class RemoteCheckpoints:
             for name in names:
                 path = root / name
                 if path.is_dir():
-                    sizes.update(s3io.upload_dir(self.s3, path, target.child(name)))
+                    sizes.update(s3io.upload_dir(self.s3, path, target.child(name), concurrency=self.concurrency))
                 elif path.is_file():
                     sizes.update(
                         s3io.upload_dir(
-                            self.s3, root, target, skip=tuple(p.name for p in root.iterdir() if p.name != name)
+                            self.s3, root, target, skip=tuple(p.name for p in root.iterdir() if p.name != name),
+                            concurrency=self.concurrency,
                         )
                     )
             s3io.verify_sizes(self.s3, target, sizes)

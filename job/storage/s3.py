@@ -157,15 +157,21 @@ def list_objects(s3, uri: S3Uri) -> list[dict]:
     return objects
 
 
-def _transfer_config():
+# SFT_S3_CONCURRENCY's default; the job passes the configured value (cfg.storage.s3_concurrency) to every transfer.
+DEFAULT_CONCURRENCY = 16
+
+
+def _transfer_config(concurrency: int):
     from boto3.s3.transfer import TransferConfig
 
-    # Same variable as SFT_S3_CONCURRENCY in job.config (validated there); read here so helpers need no cfg.
-    return TransferConfig(max_concurrency=int(os.environ.get("SFT_S3_CONCURRENCY", "16")), use_threads=True)
+    return TransferConfig(max_concurrency=concurrency, use_threads=True)
 
 
-def download_prefix(s3, uri: S3Uri, dest: Path) -> list[Path]:
-    """Mirror uri into dest, skipping objects whose size and ETag match what was downloaded before."""
+def download_prefix(s3, uri: S3Uri, dest: Path, *, concurrency: int = DEFAULT_CONCURRENCY) -> list[Path]:
+    """Mirror uri into dest, skipping objects whose size and ETag match what was downloaded before.
+
+    concurrency: parallel transfers per object (SFT_S3_CONCURRENCY, cfg.storage.s3_concurrency).
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -189,7 +195,7 @@ def download_prefix(s3, uri: S3Uri, dest: Path) -> list[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.part")
         with s3_errors(f"download s3://{uri.bucket}/{obj['Key']}"):
-            s3.download_file(uri.bucket, obj["Key"], str(tmp), Config=_transfer_config())
+            s3.download_file(uri.bucket, obj["Key"], str(tmp), Config=_transfer_config(concurrency))
         tmp.replace(target)
         return rel, [obj["Size"], obj["ETag"]]
 
@@ -200,8 +206,12 @@ def download_prefix(s3, uri: S3Uri, dest: Path) -> list[Path]:
     return [dest / o["Key"][len(base):] for o in objects]
 
 
-def upload_dir(s3, src: Path, uri: S3Uri, skip: tuple[str, ...] = ()) -> dict[str, int]:
-    """Upload every file under src; returns {key: size}. Each file goes up whole (multipart commits atomically)."""
+def upload_dir(s3, src: Path, uri: S3Uri, skip: tuple[str, ...] = (),
+               *, concurrency: int = DEFAULT_CONCURRENCY) -> dict[str, int]:
+    """Upload every file under src; returns {key: size}. Each file goes up whole (multipart commits atomically).
+
+    concurrency: parallel transfers per file (SFT_S3_CONCURRENCY, cfg.storage.s3_concurrency).
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     files = [p for p in sorted(src.rglob("*")) if p.is_file() and p.name not in skip]
@@ -209,7 +219,7 @@ def upload_dir(s3, src: Path, uri: S3Uri, skip: tuple[str, ...] = ()) -> dict[st
     def put(path: Path) -> tuple[str, int]:
         key = uri.key(str(path.relative_to(src)))
         with s3_errors(f"upload s3://{uri.bucket}/{key}"):
-            s3.upload_file(str(path), uri.bucket, key, Config=_transfer_config())
+            s3.upload_file(str(path), uri.bucket, key, Config=_transfer_config(concurrency))
         return key, path.stat().st_size
 
     with ThreadPoolExecutor(max_workers=8) as pool:

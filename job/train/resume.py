@@ -19,8 +19,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from job.config import JobConfig
 from job.errors import UserError
 from job.storage.completed import latest_completed_checkpoint
+from job.storage.sources import Sources
 
 log = logging.getLogger("job.train")
 
@@ -28,46 +30,47 @@ FINGERPRINT_FILE = "resume_fingerprint.json"
 FINGERPRINT_VERSION = 1
 RESUME_MODES = ("auto", "never", "require")
 
-# Env name -> where the flow reads it. Each of these changes the weights a step produces, the order of the rows or
+# Env name -> where the flow reads it (in the config as configured: SFT_MODEL_ID as set, not its local mirror).
+# Each of these changes the weights a step produces, the order of the rows or
 # which rows there are; the pre-eval metrics stored in a checkpoint depend on the model and eval rows, covered here.
-TRAINING_SETTINGS: tuple[tuple[str, Callable[[dict], Any]], ...] = (
-    ("SFT_MODEL_ID", lambda c: c["model"].get("source", c["model"]["id"])),
-    ("SFT_MODEL_REVISION", lambda c: c["model"]["revision"]),
-    ("SFT_LOAD_IN_4BIT", lambda c: c["model"]["load_in_4bit"]),
-    ("SFT_ATTN_IMPLEMENTATION", lambda c: c["model"]["attn_implementation"]),
-    ("SFT_GRADIENT_CHECKPOINTING", lambda c: c["model"]["gradient_checkpointing"]),
-    ("SFT_USE_LIGER", lambda c: c["model"]["use_liger"]),
-    ("SFT_DATASET_REVISION", lambda c: c["data"]["revision"]),
-    ("SFT_DATASET_CONFIG", lambda c: c["data"]["config"]),
-    ("SFT_TRAIN_SPLIT", lambda c: c["data"]["train_split"]),
-    ("SFT_EVAL_SPLIT", lambda c: c["data"]["eval_split"]),
-    ("SFT_TRAIN_SUBSET", lambda c: c["data"]["train_subset"]),
-    ("SFT_EVAL_SUBSET", lambda c: c["data"]["eval_subset"]),
-    ("SFT_IMAGE_KEY", lambda c: c["data"]["image_key"]),
-    ("SFT_QUERY_KEY", lambda c: c["data"]["query_key"]),
-    ("SFT_CAPTION_KEY", lambda c: c["data"]["caption_key"]),
-    ("SFT_TARGET_KEY", lambda c: c["data"]["target_key"]),
-    ("SFT_LABEL_FIELD", lambda c: c["data"]["label_field"]),
-    ("SFT_SYSTEM_PROMPT", lambda c: c["data"]["system_prompt"]),
-    ("SFT_IMAGE_MIN_PIXELS", lambda c: c["image"]["min_pixels"]),
-    ("SFT_IMAGE_MAX_PIXELS", lambda c: c["image"]["max_pixels"]),
-    ("SFT_SEED", lambda c: c["train"]["seed"]),
-    ("SFT_MAX_STEPS", lambda c: c["train"]["max_steps"]),
+TRAINING_SETTINGS: tuple[tuple[str, Callable[[JobConfig], Any]], ...] = (
+    ("SFT_MODEL_ID", lambda c: c.model.id),
+    ("SFT_MODEL_REVISION", lambda c: c.model.revision),
+    ("SFT_LOAD_IN_4BIT", lambda c: c.model.load_in_4bit),
+    ("SFT_ATTN_IMPLEMENTATION", lambda c: c.model.attn_implementation),
+    ("SFT_GRADIENT_CHECKPOINTING", lambda c: c.model.gradient_checkpointing),
+    ("SFT_USE_LIGER", lambda c: c.model.use_liger),
+    ("SFT_DATASET_REVISION", lambda c: c.data.revision),
+    ("SFT_DATASET_CONFIG", lambda c: c.data.config),
+    ("SFT_TRAIN_SPLIT", lambda c: c.data.train_split),
+    ("SFT_EVAL_SPLIT", lambda c: c.data.eval_split),
+    ("SFT_TRAIN_SUBSET", lambda c: c.data.train_subset),
+    ("SFT_EVAL_SUBSET", lambda c: c.data.eval_subset),
+    ("SFT_IMAGE_KEY", lambda c: c.data.image_key),
+    ("SFT_QUERY_KEY", lambda c: c.data.query_key),
+    ("SFT_CAPTION_KEY", lambda c: c.data.caption_key),
+    ("SFT_TARGET_KEY", lambda c: c.data.target_key),
+    ("SFT_LABEL_FIELD", lambda c: c.data.label_field),
+    ("SFT_SYSTEM_PROMPT", lambda c: c.data.system_prompt),
+    ("SFT_IMAGE_MIN_PIXELS", lambda c: c.image.min_pixels),
+    ("SFT_IMAGE_MAX_PIXELS", lambda c: c.image.max_pixels),
+    ("SFT_SEED", lambda c: c.train.seed),
+    ("SFT_MAX_STEPS", lambda c: c.train.max_steps),
     # Ignored by the Trainer when SFT_MAX_STEPS > 0, so it only counts then.
-    ("SFT_NUM_EPOCHS", lambda c: c["train"]["num_epochs"] if c["train"]["max_steps"] <= 0 else None),
-    ("SFT_LEARNING_RATE", lambda c: c["train"]["learning_rate"]),
-    ("SFT_LR_SCHEDULER_TYPE", lambda c: c["train"]["lr_scheduler_type"]),
-    ("SFT_WARMUP_RATIO", lambda c: c["train"]["warmup_ratio"]),
-    ("SFT_WEIGHT_DECAY", lambda c: c["train"]["weight_decay"]),
-    ("SFT_MAX_GRAD_NORM", lambda c: c["train"]["max_grad_norm"]),
-    ("SFT_PER_DEVICE_BATCH_SIZE", lambda c: c["train"]["per_device_batch_size"]),
-    ("SFT_GRAD_ACCUM", lambda c: c["train"]["grad_accum"]),
-    ("SFT_MAX_LENGTH", lambda c: c["train"]["max_length"]),
-    ("SFT_GROUP_BY_LENGTH", lambda c: c["train"]["group_by_length"]),
-    ("SFT_LORA_R", lambda c: c["lora"]["r"]),
-    ("SFT_LORA_ALPHA", lambda c: c["lora"]["alpha"]),
-    ("SFT_LORA_DROPOUT", lambda c: c["lora"]["dropout"]),
-    ("SFT_LORA_TARGET_MODULES", lambda c: ",".join(c["lora"]["target_modules"])),
+    ("SFT_NUM_EPOCHS", lambda c: c.train.num_epochs if c.train.max_steps <= 0 else None),
+    ("SFT_LEARNING_RATE", lambda c: c.train.learning_rate),
+    ("SFT_LR_SCHEDULER_TYPE", lambda c: c.train.lr_scheduler_type),
+    ("SFT_WARMUP_RATIO", lambda c: c.train.warmup_ratio),
+    ("SFT_WEIGHT_DECAY", lambda c: c.train.weight_decay),
+    ("SFT_MAX_GRAD_NORM", lambda c: c.train.max_grad_norm),
+    ("SFT_PER_DEVICE_BATCH_SIZE", lambda c: c.train.per_device_batch_size),
+    ("SFT_GRAD_ACCUM", lambda c: c.train.grad_accum),
+    ("SFT_MAX_LENGTH", lambda c: c.train.max_length),
+    ("SFT_GROUP_BY_LENGTH", lambda c: c.train.group_by_length),
+    ("SFT_LORA_R", lambda c: c.lora.r),
+    ("SFT_LORA_ALPHA", lambda c: c.lora.alpha),
+    ("SFT_LORA_DROPOUT", lambda c: c.lora.dropout),
+    ("SFT_LORA_TARGET_MODULES", lambda c: ",".join(c.lora.target_modules)),
     # The global batch is per-device batch x accumulation x processes.
     ("WORLD_SIZE", lambda c: int(os.environ.get("WORLD_SIZE", "1"))),
 )
@@ -103,11 +106,14 @@ class Fingerprint:
     dataset_uri: str | None  # informative only: the same content under another path is not drift
 
     @classmethod
-    def of(cls, cfg: dict, run_id: str, data: dict[str, str]) -> Fingerprint:
+    def of(cls, cfg: JobConfig, run_id: str, data: dict[str, str], sources: Sources | None = None) -> Fingerprint:
+        """sources: where a localized cfg's inputs were configured (None: cfg is as configured)."""
+        if sources is not None:
+            cfg = sources.configured(cfg)
         settings = {name: get(cfg) for name, get in TRAINING_SETTINGS}
         # Stored as JSON: compare what the file will hold (tuples become lists, ints stay ints).
         settings = json.loads(json.dumps(settings, default=str))
-        return cls(run_id, settings, dict(data), cfg["data"].get("source_uri", cfg["data"]["uri"]))
+        return cls(run_id, settings, dict(data), cfg.data.uri)
 
     def to_json(self) -> dict:
         return {"version": FINGERPRINT_VERSION, "run_id": self.run_id, "settings": self.settings, "data": self.data,

@@ -23,9 +23,12 @@ def wandb_mode() -> WandbMode:
     return "offline"
 
 
-def init_wandb(cfg: dict, run_id: str, config: dict):
-    """Start (or resume) the W&B run; returns None when W&B is disabled."""
-    if not cfg["wandb"]["enabled"] or wandb_mode() == "disabled":
+def init_wandb(run_id: str, config: dict, *, enabled: bool, output_dir: str):
+    """Start (or resume) the W&B run; returns None when W&B is disabled (SFT_WANDB_ENABLED=false or WANDB_MODE).
+
+    Plain values, not the JobConfig: job.utils sits below job.config. config is what the run page shows.
+    """
+    if not enabled or wandb_mode() == "disabled":
         return None
     import wandb  # only here: a run with W&B off never imports it (the GPU kit, benchmarks/device, has none)
 
@@ -35,7 +38,7 @@ def init_wandb(cfg: dict, run_id: str, config: dict):
     return wandb.init(
         project=os.environ.get("WANDB_PROJECT", "qwen3-sft"),
         id=run_id, name=run_id, resume="allow", mode=mode, config=config,
-        dir=os.environ.get("WANDB_DIR") or cfg["train"]["output_dir"],
+        dir=os.environ.get("WANDB_DIR") or output_dir,
     )
 
 

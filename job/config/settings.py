@@ -1,9 +1,8 @@
-"""Job configuration: `SFT_*` environment variables, validated by pydantic-settings and overlaid on a model card.
+"""The `SFT_*` environment variables, validated by pydantic-settings (`load_settings`).
 
-`build_cfg(ModelCards().qwen3_vl_8b_instruct)` returns the nested dict the flow reads
-(`cfg["eval"]["max_new_tokens"]`, `cfg["lora"]["r"]`, ...). Every problem in the environment is collected
-and raised once as a `ConfigError` (exit 2): type and range errors, cross-field rules and unknown `SFT_*`
-names (with a "did you mean").
+Every problem in the environment is collected and raised once as a `ConfigError` (exit 2): type and range errors,
+cross-field rules and unknown `SFT_*` names (with a "did you mean"). `job.config.schema` turns the validated
+`Settings` and a model card into the typed `JobConfig` the job reads.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
@@ -19,7 +18,6 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from job.cards import ModelSpec
 from job.errors import ConfigError
-from job.prompts import Queries
 from job.utils.redact import SECRET_ENV_VARS as SECRET_ENV_VARS  # its home is job.utils.redact
 
 ENV_PREFIX = "SFT_"
@@ -120,6 +118,13 @@ class Settings(BaseSettings):
     )
     push_require_improvement: bool = Field(True, examples=["true"])
     image_digest: str | None = Field(None, examples=["sha256:0123abcd..."])
+    # export: the adapter merged into the base (job/export/), its proof and its push
+    export: bool = Field(False, examples=["false"])
+    export_verify_rows: int | None = Field(None, ge=1, examples=["200"])
+    export_max_drop: float = Field(0.01, ge=0, le=1, examples=["0.01"])
+    export_repo_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", examples=["my-org/qwen3-vl-sarcasm"]
+    )
 
     @field_validator("lora_target_modules")
     @classmethod
@@ -182,7 +187,7 @@ def _field_problems(exc: ValidationError, env: Mapping[str, str]) -> list[str]:
 
 
 def cross_field_problems(s: Settings, card: ModelSpec) -> list[str]:
-    """Rules that involve more than one variable. Each has its own raise-test in tests/test_config.py."""
+    """Rules that involve more than one variable. Each has its own raise-test in tests/config/test_config.py."""
     problems = []
     min_px = s.image_min_pixels or card.image_min_pixels
     max_px = s.image_max_pixels or card.image_max_pixels
@@ -214,6 +219,11 @@ def cross_field_problems(s: Settings, card: ModelSpec) -> list[str]:
         )
     if s.push_min_metric and not s.eval_post:
         problems.append("SFT_PUSH_MIN_METRIC needs the post-eval: set SFT_EVAL_POST=true or unset the gate")
+    if s.export_repo_id and s.hub_repo_id and s.export_repo_id.lower() == s.hub_repo_id.lower():
+        problems.append(
+            f"SFT_EXPORT_REPO_ID and SFT_HUB_REPO_ID are both {s.hub_repo_id!r}: the merged model and the adapter "
+            "need their own repos (a repo with adapter_config.json loads as an adapter); name another repo"
+        )
     return problems
 
 
@@ -234,101 +244,3 @@ def load_settings(card: ModelSpec, env: Mapping[str, str] | None = None) -> Sett
 def effective_save_steps(s: Settings) -> int:
     """The save interval follows a short run: a default SFT_SAVE_STEPS larger than SFT_MAX_STEPS becomes it."""
     return min(s.save_steps, s.max_steps) if s.max_steps > 0 else s.save_steps
-
-
-def build_cfg(card: ModelSpec, env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The nested config the flow reads: the card's defaults overlaid with the validated environment."""
-    s = load_settings(card, env)
-    targets = (
-        tuple(m.strip() for m in s.lora_target_modules.split(",") if m.strip())
-        if s.lora_target_modules
-        else card.lora_target_modules
-    )
-    return {
-        "model": {
-            "id": s.model_id or card.model_id,
-            "revision": s.model_revision or card.revision,
-            "trust_remote_code": s.trust_remote_code,
-            "load_in_4bit": s.load_in_4bit,
-            "attn_implementation": s.attn_implementation,
-            "quant_skip_modules": list(card.quant_skip_modules),
-            "gradient_checkpointing": s.gradient_checkpointing,
-            "use_liger": s.use_liger,
-        },
-        "data": {
-            "uri": s.dataset_uri,
-            "revision": s.dataset_revision,
-            "config": s.dataset_config,
-            "train_split": s.train_split,
-            "eval_split": s.eval_split,
-            "train_subset": s.train_subset,
-            "eval_subset": s.eval_subset,
-            "image_key": s.image_key,
-            "query_key": s.query_key,
-            "caption_key": s.caption_key,
-            "target_key": s.target_key,
-            "label_field": s.label_field,
-            "system_prompt": s.system_prompt if s.system_prompt is not None else Queries().SYSTEM_PROMPT,
-            "bad_rows": s.bad_rows,
-            "max_bad_fraction": s.max_bad_fraction,
-        },
-        "image": {
-            "min_pixels": s.image_min_pixels or card.image_min_pixels,
-            "max_pixels": s.image_max_pixels or card.image_max_pixels,
-        },
-        "train": {
-            "output_dir": s.output_dir,
-            "run_id": s.run_id,
-            "seed": s.seed,
-            "max_steps": s.max_steps,
-            "num_epochs": s.num_epochs,
-            "save_steps": effective_save_steps(s),
-            "save_total_limit": s.save_total_limit,
-            "learning_rate": s.learning_rate or card.learning_rate,
-            "lr_scheduler_type": s.lr_scheduler_type,
-            "warmup_ratio": s.warmup_ratio,
-            "weight_decay": s.weight_decay,
-            "max_grad_norm": s.max_grad_norm,
-            "per_device_batch_size": s.per_device_batch_size,
-            "grad_accum": s.grad_accum,
-            "max_length": s.max_length or card.max_length,
-            "logging_steps": s.logging_steps,
-            "dataloader_num_workers": s.dataloader_num_workers,
-            "group_by_length": s.group_by_length,
-            "preempt_grace_s": s.preempt_grace_s,
-            "nproc_per_node": s.nproc_per_node,
-            "exit_codes": s.exit_codes,
-            "resume": s.resume,
-        },
-        "lora": {
-            "r": s.lora_r or card.lora_r,
-            "alpha": s.lora_alpha or card.lora_alpha,
-            "dropout": s.lora_dropout if s.lora_dropout is not None else card.lora_dropout,
-            "target_modules": list(targets),
-            "scope_regex": card.lora_scope_regex,
-        },
-        "eval": {
-            "max_new_tokens": s.eval_max_new_tokens or card.eval_max_new_tokens,
-            "batch_size": s.eval_batch_size or card.eval_batch_size,
-            "do_sample": s.eval_do_sample,
-            "temperature": s.eval_temperature,
-            "pre": s.eval_pre,
-            "post": s.eval_post,
-            "adapter": s.eval_adapter,
-            "stop_tokens": list(card.stop_tokens),
-        },
-        "wandb": {"enabled": s.wandb_enabled},
-        "storage": {
-            "checkpoint_uri": s.checkpoint_uri.rstrip("/") if s.checkpoint_uri else None,
-            "cache_dir": s.cache_dir,
-            "s3_concurrency": s.s3_concurrency,
-        },
-        "hub": {
-            "repo_id": s.hub_repo_id,
-            "private": s.hub_private,
-            "min_metric": s.push_min_metric,
-            "require_improvement": s.push_require_improvement,
-        },
-        "lineage": {"image_digest": s.image_digest},
-        "card": {"tags": list(card.tags)},
-    }

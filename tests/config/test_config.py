@@ -1,4 +1,4 @@
-"""job/config.py: SFT_* env vars validated by pydantic-settings and overlaid on the model card.
+"""job/config/ (settings.py, schema.py): SFT_* env vars validated by pydantic-settings and overlaid on the model card.
 
 Fast: no model, no network. Every test passes an explicit `env` mapping unless it is testing the
 os.environ fallback, and an autouse fixture strips SFT_* from the real environment.
@@ -10,15 +10,17 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO
+from pydantic import ValidationError
 
 from job.cards import ModelCards
 from job.config import (
     ENV_PREFIX,
     KNOWN_ENV_VARS,
     SECRET_ENV_VARS,
+    JobConfig,
     Settings,
     build_cfg,
     cross_field_problems,
@@ -28,7 +30,6 @@ from job.config import (
 from job.errors import ConfigError, ExitCode
 from job.prompts import Queries
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CARD = ModelCards().qwen3_vl_8b_instruct
 
 
@@ -40,9 +41,9 @@ def _no_sft_env(monkeypatch):
             monkeypatch.delenv(name)
 
 
-def _flatten(cfg: dict, prefix: tuple = ()) -> dict[tuple, object]:
+def _flatten(cfg: JobConfig | dict, prefix: tuple = ()) -> dict[tuple, object]:
     out = {}
-    for key, value in cfg.items():
+    for key, value in (cfg.model_dump(mode="json") if isinstance(cfg, JobConfig) else cfg).items():
         if isinstance(value, dict):
             out.update(_flatten(value, (*prefix, key)))
         else:
@@ -61,43 +62,46 @@ def _raises(env: dict[str, str]) -> ConfigError:
 
 def test_empty_env_gives_card_defaults():
     cfg = build_cfg(CARD, env={})
-    assert cfg["model"]["id"] == "Qwen/Qwen3-VL-8B-Instruct"
-    assert cfg["model"]["revision"] is None
-    assert cfg["model"]["load_in_4bit"] is True
-    assert cfg["model"]["attn_implementation"] == "auto"
-    assert "model.visual" in cfg["model"]["quant_skip_modules"]
-    assert "lm_head" in cfg["model"]["quant_skip_modules"]
-    assert cfg["eval"]["max_new_tokens"] == 256
-    assert cfg["eval"]["do_sample"] is False
-    assert cfg["eval"]["batch_size"] == 8
-    assert cfg["eval"]["stop_tokens"] == ["<|im_end|>", "<|endoftext|>"]
-    assert cfg["data"]["label_field"] == "label"
-    assert cfg["data"]["train_split"] == "train"
-    assert cfg["data"]["eval_split"] == "validation"
-    assert cfg["data"]["system_prompt"] == Queries().SYSTEM_PROMPT
-    assert cfg["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                             "down_proj"]
-    assert cfg["lora"]["r"] == 16
-    assert cfg["lora"]["alpha"] == 32
-    assert cfg["lora"]["dropout"] == 0.05
-    assert cfg["lora"]["scope_regex"] == CARD.lora_scope_regex
-    assert cfg["image"]["max_pixels"] == 1048576
-    assert cfg["image"]["min_pixels"] == 256 * 256
-    assert cfg["train"]["max_steps"] == -1
-    assert cfg["train"]["learning_rate"] == 2e-4
-    assert cfg["train"]["max_length"] == 2048
-    assert cfg["wandb"]["enabled"] is True
-    assert cfg["card"]["tags"] == list(CARD.tags)
+    assert cfg.model.id == "Qwen/Qwen3-VL-8B-Instruct"
+    assert cfg.model.revision is None
+    assert cfg.model.load_in_4bit is True
+    assert cfg.model.attn_implementation == "auto"
+    assert "model.visual" in cfg.model.quant_skip_modules
+    assert "lm_head" in cfg.model.quant_skip_modules
+    assert cfg.eval.max_new_tokens == 256
+    assert cfg.eval.do_sample is False
+    assert cfg.eval.batch_size == 8
+    assert cfg.eval.stop_tokens == ("<|im_end|>", "<|endoftext|>")
+    assert cfg.data.label_field == "label"
+    assert cfg.data.train_split == "train"
+    assert cfg.data.eval_split == "validation"
+    assert cfg.data.system_prompt == Queries().SYSTEM_PROMPT
+    assert cfg.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                       "down_proj")
+    assert cfg.lora.r == 16
+    assert cfg.lora.alpha == 32
+    assert cfg.lora.dropout == 0.05
+    assert cfg.lora.scope_regex == CARD.lora_scope_regex
+    assert cfg.image.max_pixels == 1048576
+    assert cfg.image.min_pixels == 256 * 256
+    assert cfg.train.max_steps == -1
+    assert cfg.train.learning_rate == 2e-4
+    assert cfg.train.max_length == 2048
+    assert cfg.wandb.enabled is True
+    assert cfg.card.tags == CARD.tags
 
 
 def test_cfg_is_json_serialisable_and_fresh_each_call():
     first = build_cfg(CARD, env={})
-    json.dumps(first)  # the `config` command and W&B both serialise it
-    first["lora"]["target_modules"].append("lm_head")
-    first["model"]["quant_skip_modules"].clear()
+    json.dumps(first.model_dump(mode="json"))  # the `config` command and W&B both serialise it
+    # Immutable: nothing one reader does can change what another reads (before 0.2 each call gave fresh lists).
+    with pytest.raises(ValidationError):
+        first.lora.r = 8
+    with pytest.raises(AttributeError):
+        first.lora.target_modules.append("lm_head")
     second = build_cfg(CARD, env={})
-    assert "lm_head" not in second["lora"]["target_modules"]
-    assert second["model"]["quant_skip_modules"] == ["model.visual", "lm_head"]
+    assert second == first and second is not first
+    assert second.model.quant_skip_modules == ("model.visual", "lm_head")
 
 
 def test_load_settings_leaves_card_backed_fields_none():
@@ -183,6 +187,10 @@ OVERLAY_CASES = [
     ({"SFT_PUSH_MIN_METRIC": "macro_f1:0.7"}, {("hub", "min_metric"): "macro_f1:0.7"}),
     ({"SFT_PUSH_REQUIRE_IMPROVEMENT": "false"}, {("hub", "require_improvement"): False}),
     ({"SFT_IMAGE_DIGEST": "sha256:abc"}, {("lineage", "image_digest"): "sha256:abc"}),
+    ({"SFT_EXPORT": "true"}, {("export", "enabled"): True}),
+    ({"SFT_EXPORT_VERIFY_ROWS": "200"}, {("export", "verify_rows"): 200}),
+    ({"SFT_EXPORT_MAX_DROP": "0.02"}, {("export", "max_drop"): 0.02}),
+    ({"SFT_EXPORT_REPO_ID": "org/merged"}, {("export", "repo_id"): "org/merged"}),
     ({"SFT_BAD_ROWS": "skip"}, {("data", "bad_rows"): "skip"}),
     ({"SFT_MAX_BAD_FRACTION": "0.05"}, {("data", "max_bad_fraction"): 0.05}),
 ]
@@ -209,32 +217,32 @@ def test_overlay_cases_cover_every_setting():
 
 def test_max_steps_with_save_steps_overlay():
     cfg = build_cfg(CARD, env={"SFT_MAX_STEPS": "7", "SFT_SAVE_STEPS": "5"})
-    assert cfg["train"]["max_steps"] == 7
-    assert cfg["train"]["save_steps"] == 5
+    assert cfg.train.max_steps == 7
+    assert cfg.train.save_steps == 5
 
 
 def test_max_steps_zero_is_allowed():
     """Field is ge=-1, so 0 passes validation and the save_steps rule only applies to max_steps > 0."""
-    assert build_cfg(CARD, env={"SFT_MAX_STEPS": "0"})["train"]["max_steps"] == 0
+    assert build_cfg(CARD, env={"SFT_MAX_STEPS": "0"}).train.max_steps == 0
 
 
 def test_target_modules_list_drops_blanks_and_whitespace():
     cfg = build_cfg(CARD, env={"SFT_LORA_TARGET_MODULES": " q_proj,, v_proj ,"})
-    assert cfg["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    assert cfg.lora.target_modules == ("q_proj", "v_proj")
 
 
 @pytest.mark.parametrize(("raw", "expected"), [("true", True), ("1", True), ("yes", True), ("ON", True),
                                                ("false", False), ("0", False), ("no", False), ("Off", False)])
 def test_boolean_spellings(raw, expected):
-    assert build_cfg(CARD, env={"SFT_LOAD_IN_4BIT": raw})["model"]["load_in_4bit"] is expected
+    assert build_cfg(CARD, env={"SFT_LOAD_IN_4BIT": raw}).model.load_in_4bit is expected
 
 
 def test_env_names_are_case_insensitive():
     """Settings uses case_sensitive=False and the unknown-name check upper-cases, so any case works."""
     cfg = build_cfg(CARD, env={"sft_max_steps": "100", "Sft_Lora_R": "8", "sFt_ATTN_implementation": "eager"})
-    assert cfg["train"]["max_steps"] == 100
-    assert cfg["lora"]["r"] == 8
-    assert cfg["model"]["attn_implementation"] == "eager"
+    assert cfg.train.max_steps == 100
+    assert cfg.lora.r == 8
+    assert cfg.model.attn_implementation == "eager"
 
 
 def test_lowercase_name_errors_use_canonical_name_and_value():
@@ -369,7 +377,7 @@ def test_max_pixels_below_card_min_pixels():
 
 def test_min_equal_max_pixels_is_fine():
     cfg = build_cfg(CARD, env={"SFT_IMAGE_MIN_PIXELS": "65536", "SFT_IMAGE_MAX_PIXELS": "65536"})
-    assert cfg["image"] == {"min_pixels": 65536, "max_pixels": 65536}
+    assert cfg.image.model_dump() == {"min_pixels": 65536, "max_pixels": 65536}
 
 
 def test_max_length_cannot_hold_an_image_at_the_cap():
@@ -392,7 +400,7 @@ def test_max_length_rule_uses_raised_pixel_cap():
 
 def test_max_length_boundary():
     """1024 visual tokens + 32 prompt tokens: 1056 fits, 1055 does not."""
-    assert build_cfg(CARD, env={"SFT_MAX_LENGTH": "1056"})["train"]["max_length"] == 1056
+    assert build_cfg(CARD, env={"SFT_MAX_LENGTH": "1056"}).train.max_length == 1056
     assert "SFT_MAX_LENGTH=1055" in _raises({"SFT_MAX_LENGTH": "1055"}).problems[0]
 
 
@@ -411,7 +419,7 @@ def test_do_sample_needs_positive_temperature():
 
 
 def test_temperature_zero_is_fine_for_greedy():
-    assert build_cfg(CARD, env={"SFT_EVAL_TEMPERATURE": "0"})["eval"]["temperature"] == 0.0
+    assert build_cfg(CARD, env={"SFT_EVAL_TEMPERATURE": "0"}).eval.temperature == 0.0
 
 
 def test_save_steps_above_max_steps():
@@ -424,7 +432,7 @@ def test_save_steps_above_max_steps():
 
 @pytest.mark.parametrize("max_steps", ["-1", "0", "50"])
 def test_save_steps_rule_only_when_max_steps_is_smaller(max_steps):
-    assert build_cfg(CARD, env={"SFT_MAX_STEPS": max_steps})["train"]["max_steps"] == int(max_steps)
+    assert build_cfg(CARD, env={"SFT_MAX_STEPS": max_steps}).train.max_steps == int(max_steps)
 
 
 def test_all_cross_field_problems_reported_together():
@@ -484,8 +492,8 @@ def test_non_sft_vars_are_ignored():
         "SFT_LORA_R": "8",
     }
     cfg = build_cfg(CARD, env=env)
-    assert cfg["lora"]["r"] == 8
-    dumped = json.dumps(cfg)
+    assert cfg.lora.r == 8
+    dumped = json.dumps(cfg.model_dump(mode="json"))
     assert "hf_supersecret123" not in dumped and "0123456789abcdef" not in dumped
 
 
@@ -523,9 +531,9 @@ def test_env_none_reads_os_environ(monkeypatch):
     monkeypatch.setenv("SFT_LORA_R", "32")
     monkeypatch.setenv("SFT_SYSTEM_PROMPT", "")
     cfg = build_cfg(CARD)
-    assert cfg["lora"]["r"] == 32
-    assert cfg["data"]["system_prompt"] == ""
-    assert build_cfg(CARD, env=None)["lora"]["r"] == 32
+    assert cfg.lora.r == 32
+    assert cfg.data.system_prompt == ""
+    assert build_cfg(CARD, env=None).lora.r == 32
 
 
 def test_env_none_validates_os_environ(monkeypatch):
@@ -536,7 +544,7 @@ def test_env_none_validates_os_environ(monkeypatch):
 
 def test_explicit_env_ignores_os_environ(monkeypatch):
     monkeypatch.setenv("SFT_LORA_R", "abc")
-    assert build_cfg(CARD, env={})["lora"]["r"] == 16
+    assert build_cfg(CARD, env={}).lora.r == 16
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -551,7 +559,7 @@ def _cli_env(**extra: str) -> dict[str, str]:
 def _run_config(**extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "job", "config"],
-        cwd=REPO_ROOT, env=_cli_env(**extra), capture_output=True, text=True, timeout=120,
+        cwd=REPO, env=_cli_env(**extra), capture_output=True, text=True, timeout=120,
     )
 
 
@@ -607,12 +615,17 @@ def test_gate_needs_post_eval():
         build_cfg(CARD, env={"SFT_PUSH_MIN_METRIC": "macro_f1:0.7", "SFT_EVAL_POST": "false"})
 
 
+def test_export_repo_is_not_the_adapter_repo():
+    with pytest.raises(ConfigError, match="SFT_EXPORT_REPO_ID and SFT_HUB_REPO_ID are both 'org/x'"):
+        build_cfg(CARD, env={"SFT_EXPORT_REPO_ID": "org/x", "SFT_HUB_REPO_ID": "org/x"})
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["run", "preflight", "eval"])
+@pytest.mark.parametrize("command", ["run", "preflight", "eval", "export"])
 def test_a_config_mistake_exits_2_before_torch_is_imported(command):
     """Fail early and cheap: the SFT_* environment is validated before a command imports the training stack."""
     code = f"import sys, job.cli; rc = job.cli.main([{command!r}]); print(rc, 'torch' in sys.modules)"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=_cli_env(SFT_MAX_STEPS="abc"),
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_cli_env(SFT_MAX_STEPS="abc"),
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["2", "False"], proc.stderr[-2000:]
     assert "SFT_MAX_STEPS" in proc.stderr and "Traceback" not in proc.stderr

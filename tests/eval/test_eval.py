@@ -47,8 +47,8 @@ def test_vision_tower_and_lm_head_are_not_quantized(model):
 
 def test_batched_generation_equals_single(model, processor, cfg, eval_rows):
     collator = Qwen3VisionSFTCollator(processor, training=False, max_length=512)
-    batched = evaluate_qwen3(model, processor, eval_rows, collator, {**cfg, "eval": {**cfg["eval"], "batch_size": 6}})
-    single = evaluate_qwen3(model, processor, eval_rows, collator, {**cfg, "eval": {**cfg["eval"], "batch_size": 1}})
+    batched = evaluate_qwen3(model, processor, eval_rows, collator, cfg.replace(eval={"batch_size": 6}))
+    single = evaluate_qwen3(model, processor, eval_rows, collator, cfg.replace(eval={"batch_size": 1}))
     assert [r["prediction"] for r in batched["predictions"]] == [r["prediction"] for r in single["predictions"]]
     assert batched["n"] == 6
 
@@ -58,13 +58,13 @@ def test_trimming_returns_only_new_tokens(model, processor, cfg, eval_rows):
     row = eval_rows[0]
     batch = collator([row])
     with torch.no_grad():
-        out = model.generate(**batch, **generation_kwargs(processor, cfg["eval"]))
+        out = model.generate(**batch, **generation_kwargs(processor, cfg.eval))
     expected = processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True,
                                           clean_up_tokenization_spaces=False)
     got = evaluate_qwen3(model, processor, eval_rows.select([0]), collator, cfg)["predictions"][0]["prediction"]
     assert got == expected
     assert "CAPTION" not in got and "assistant" not in got  # no prompt text leaks into the prediction
-    assert len(processor.tokenizer.encode(got, add_special_tokens=False)) <= cfg["eval"]["max_new_tokens"]
+    assert len(processor.tokenizer.encode(got, add_special_tokens=False)) <= cfg.eval.max_new_tokens
 
 
 def test_eval_errors_are_wrapped(model, processor, cfg, eval_rows):
@@ -101,11 +101,12 @@ def test_compute_metrics_values():
 
 
 def test_generation_kwargs_greedy_and_stops(processor):
-    kw = generation_kwargs(processor, {"max_new_tokens": 7})
+    defaults = build_cfg(ModelCards().qwen3_vl_8b_instruct, {}).eval  # 256 new tokens, greedy, the card's stops
+    kw = generation_kwargs(processor, defaults.model_copy(update={"max_new_tokens": 7}))
     assert kw["max_new_tokens"] == 7 and kw["do_sample"] is False and kw["temperature"] is None
     assert kw["eos_token_id"] == [
         processor.tokenizer.convert_tokens_to_ids("<|im_end|>"),
         processor.tokenizer.convert_tokens_to_ids("<|endoftext|>"),
     ]
-    sampled = generation_kwargs(processor, {"do_sample": True, "temperature": 0.5})
+    sampled = generation_kwargs(processor, defaults.model_copy(update={"do_sample": True, "temperature": 0.5}))
     assert sampled["temperature"] == 0.5 and sampled["max_new_tokens"] == 256

@@ -13,12 +13,14 @@ import types
 import pytest
 
 from job import model as model_mod
+from job.cards import ModelCards
+from job.config import JobConfig, build_cfg
 from job.errors import ConfigError
 from job.model import apply_liger, liger_wanted
 
 
-def _cfg(setting: str) -> dict:
-    return {"model": {"use_liger": setting}}
+def _cfg(setting: str) -> JobConfig:
+    return build_cfg(ModelCards().qwen3_vl_8b_instruct, {"SFT_USE_LIGER": setting})
 
 
 @pytest.fixture

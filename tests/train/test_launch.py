@@ -1,5 +1,5 @@
 """The launcher's pure parts (job/train/launch.py): whether to launch, which rank's code wins, how the code leaves
-the process, and the error record a worker leaves for it. The launches themselves are in tests/test_ddp.py."""
+the process, and the error record a worker leaves for it. The launches themselves are in tests/train/test_ddp.py."""
 
 from __future__ import annotations
 

@@ -64,7 +64,8 @@ def test_watchdog_exits_143_when_the_budget_runs_out(run_forked):
     code = ("import os, signal, time\nfrom job.train.preemption import PreemptionGuard\n"
             "with PreemptionGuard(grace_s=0.5) as g:\n    g.in_training = True\n"
             "    print(time.monotonic(), flush=True)\n"
-            "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(60)  # the watchdog ends it long before\n")
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(60)  # failsafe: the watchdog ends it long before\n")
     proc = run_forked(["-c", code], dict(os.environ), timeout=300)
     signalled = float(proc.stdout.split()[0])
     assert proc.returncode == ExitCode.PREEMPTED and time.monotonic() - signalled < 30

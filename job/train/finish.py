@@ -1,0 +1,139 @@
+"""After the setup: the generation evals, then (rank 0) the save, the quality gate, the final upload and the push."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from job import outputs
+from job.config import JobConfig
+from job.data.loaders import dataset_fingerprint
+from job.errors import GateRefused
+from job.eval.generate import evaluate_qwen3
+from job.storage.checkpoints import RemoteCheckpoints
+from job.storage.hub import build_model_card, gate_decision, push_adapter
+from job.train import distributed
+from job.train.prepare import Prepared, RunPaths, Timer
+from job.utils import tracking
+
+log = logging.getLogger("job.train")
+
+FINAL_ARTIFACTS = outputs.FINAL_ARTIFACTS
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What training hands to the post-eval and the save."""
+
+    result: Any  # trainer.train()'s TrainOutput, or rerun.TrainResult for a run whose training finished earlier
+    params: dict  # trainable / total parameter counts
+    pre: dict | None  # the pre-eval metrics (None with SFT_EVAL_PRE=false)
+    resumed_from: str | None  # the checkpoint this process continued, None for a fresh start
+
+
+# -- eval --------------------------------------------------------------------------------------------------------
+def _evaluate(phase: str, p: Prepared, model, run) -> dict | None:
+    """Generation eval on rank 0 only (the others wait): one process gives the exact single-GPU metrics."""
+    if not (p.cfg.eval.pre if phase == "pre" else p.cfg.eval.post):
+        return None
+    return distributed.main_process_result(_evaluate_here, phase, p, model, run)
+
+
+def _evaluate_here(phase: str, p: Prepared, model, run) -> dict:
+    metrics = evaluate_qwen3(model, p.processor, p.eval_ds, p.eval_collator, p.cfg)
+    outputs.write_predictions(p.paths.eval / f"{phase}_predictions.jsonl", metrics["predictions"])
+    scalars = outputs.scalar_metrics(metrics)
+    outputs.write_json(p.paths.eval / f"{phase}_metrics.json", scalars)
+    tracking.log_metrics(run, f"gen_eval/{phase}_", scalars)
+    print(f"{phase}-eval: " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items()), flush=True)
+    return scalars
+
+
+def _stored_pre_metrics(paths: RunPaths, checkpoint: str) -> dict | None:
+    """Pre-eval is not re-run on resume: its result travels inside every checkpoint."""
+    stored = Path(checkpoint) / "pre_metrics.json"
+    if not stored.is_file():
+        stored = paths.eval / "pre_metrics.json"
+    if stored.is_file():
+        log.info("resume: reusing the stored pre-eval metrics (%s)", stored)
+        local = paths.eval / "pre_metrics.json"
+        if stored != local:  # a fresh pod: keep them in eval/, so later checkpoints and the final upload carry them
+            outputs.write_json(local, json.loads(stored.read_text()))
+        return json.loads(stored.read_text())
+    return None
+
+
+# -- save --------------------------------------------------------------------------------------------------------
+def _save_outputs(p: Prepared, model, run, trained: Trained, metrics: dict, timer: Timer) -> dict:
+    started = time.monotonic()
+
+    files = outputs.save_adapter(model, p.processor, p.paths.adapter)
+    lineage = outputs.lineage(p.cfg, p.sources, model, dataset_fingerprint(p.preflight.get("data_fingerprint")))
+    build_model_card(p.cfg, p.run_id, metrics, lineage).save(p.paths.adapter / "README.md")
+    outputs.write_json(p.paths.root / "metrics.json", metrics)
+    timer.track("save", started)
+    meta = outputs.training_meta(p.cfg, p.sources, p.run_id, lineage_info=lineage, metrics=metrics,
+                                 durations=timer.durations, params=trained.params, resumed_from=trained.resumed_from,
+                                 global_step=trained.result.global_step)
+    meta["adapter_files"] = files
+    meta["preflight"] = p.preflight
+    outputs.write_json(p.paths.root / "training_meta.json", meta)
+    outputs.log_run_metadata(run, meta)
+    return meta
+
+
+# -- gate, upload, push ------------------------------------------------------------------------------------------
+def _publish(cfg: JobConfig, paths: RunPaths, run_id: str, remote: RemoteCheckpoints | None, metrics: dict,
+             step: int | None = None) -> None:
+    """Gate, then upload the final artifacts (always) and push to the Hub (only when the gate passes).
+
+    On a rerun of a finished run, a push that already reached this repo is not repeated.
+    """
+
+    hub = cfg.hub
+    gated = bool(hub.repo_id or hub.min_metric)
+    passed, reason = (
+        gate_decision(metrics, hub.min_metric, hub.require_improvement) if gated else (True, "no gate")
+    )
+    earlier_push = _earlier_push(metrics, hub.repo_id)
+    metrics["gate"] = {"passed": passed, "reason": reason, "pushed_to": None}
+    outputs.write_json(paths.root / "metrics.json", metrics)
+    if passed and hub.repo_id:
+        if earlier_push:
+            log.info("Hub: already pushed by an earlier process (%s); not pushing again", earlier_push)
+        metrics["gate"]["pushed_to"] = earlier_push or push_adapter(
+            paths.adapter, hub.repo_id, hub.private, run_id
+        )
+        outputs.write_json(paths.root / "metrics.json", metrics)
+    log.info("outputs: %s (%s)", paths.root, ", ".join(FINAL_ARTIFACTS))
+    if remote is not None:
+        log.info("final artifacts uploaded to %s", remote.upload_final(paths.root, FINAL_ARTIFACTS, step))
+    if not passed:
+        raise GateRefused(f"quality gate refused the push: {reason}; artifacts kept in {paths.root}")
+
+
+def _earlier_push(metrics: dict, repo_id: str | None) -> str | None:
+    """The commit URL of a push of these artifacts to repo_id recorded by an earlier process, if any."""
+    pushed = (metrics.get("gate") or {}).get("pushed_to")
+    return pushed if repo_id and pushed and f"/{repo_id}/" in f"{pushed}/" else None
+
+
+def _finish(p: Prepared, model, run, timer: Timer, trained: Trained) -> dict[str, Any]:
+    """Post-eval, then (rank 0) the adapter, metadata, gate, final upload and push."""
+    started = time.monotonic()
+    post = _evaluate("post", p, model, run)
+    timer.track("post_eval", started)
+    step = trained.result.global_step
+    metrics = {"pre": trained.pre, "post": post, "train": {"loss": trained.result.training_loss, "global_step": step}}
+
+    def save_and_publish() -> dict[str, Any]:
+        meta = _save_outputs(p, model, run, trained, metrics, timer)
+        _publish(p.cfg, p.paths, p.run_id, p.remote, metrics, step)
+        return meta
+
+    # Rank 0 writes and publishes; the other ranks wait and exit with its exit code (0, or 4 on a refused gate).
+    return distributed.main_process_result(save_and_publish)

@@ -1,0 +1,208 @@
+"""The run's setup, up to a trainable model: config checks, s3:// mirrors, processor, preflight, storage and Hub
+access, one real batch. Everything here fails fast (exit 2) on bad config, data or credentials.
+
+Preflight runs before anything is written to the checkpoint store or the Hub is asked for access, so a run that
+fails on its data leaves nothing behind but preflight_report.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator, build_collators
+from job.config import JobConfig
+from job.errors import DataError
+from job.preflight import early
+from job.preflight.run import apply_plan, run_preflight
+from job.storage import s3 as s3io
+from job.storage.checkpoints import RemoteCheckpoints
+from job.storage.hub import check_push_access
+from job.storage.sources import Sources, localize
+from job.train import distributed, resume
+from job.utils import tracking
+from job.utils.redact import redact
+
+log = logging.getLogger("job.train")
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    def create(self) -> RunPaths:
+        for path in (self.root, self.checkpoints, self.eval):
+            path.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+@dataclass
+class Timer:
+    durations: dict[str, float] = field(default_factory=dict)
+
+    def track(self, name: str, started: float) -> None:
+        self.durations[name] = round(time.monotonic() - started, 3)
+
+
+@dataclass
+class Prepared:
+    """Everything the run needs before the model loads."""
+
+    cfg: JobConfig  # data.uri and model.id name the local copies (sources.local)
+    sources: Sources
+    paths: RunPaths
+    run_id: str
+    remote: RemoteCheckpoints | None
+    processor: Any
+    train_ds: Any
+    eval_ds: Any
+    collator: Qwen3VisionSFTCollator
+    eval_collator: Qwen3VisionSFTCollator
+    preflight: dict
+
+
+def _seed_everything(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
+def _resolve_run_id(cfg: JobConfig) -> str:
+    """SFT_RUN_ID; unset, the run id of the checkpoint a rerun continues; else a new timestamped id."""
+    if cfg.train.run_id:
+        return cfg.train.run_id
+    if cfg.train.resume != "never":
+        stored = resume.stored_run_id(RunPaths(Path(cfg.train.output_dir)).checkpoints)
+        if stored is not None:
+            log.info("SFT_RUN_ID unset: continuing run %s (from its newest checkpoint)", stored)
+            return stored
+    return f"qwen3-sft-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+
+def _uses_hub(cfg: JobConfig) -> bool:
+    return not Path(cfg.model.id).exists() or not Path(cfg.data.uri or ".").exists()
+
+
+def _hub_access(cfg: JobConfig) -> None:
+    """The Hub is used only for a model or dataset that is not local. Tokens come from HF_TOKEN (never logged)."""
+    if not _uses_hub(cfg):
+        return
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        log.info("Hub: HF_HUB_OFFLINE=1, using the local cache only")
+    elif os.environ.get("HF_TOKEN"):
+        log.info("Hub: authenticating with HF_TOKEN")
+    else:
+        log.info("Hub: no HF_TOKEN set, anonymous access (public repos only)")
+
+
+def _check_supervised_tokens(collator: Qwen3VisionSFTCollator, train_ds, batch_size: int) -> list[int]:
+    """One real batch through the collator: every row must have supervised tokens (else the loss is silently 0)."""
+    rows = [train_ds[i] for i in range(min(batch_size, len(train_ds)))]
+    batch = collator(rows)
+    counts = (batch["labels"] != IGNORE_INDEX).sum(dim=1).tolist()
+    print(f"supervised tokens per row (first batch): {counts}", flush=True)
+    if min(counts) == 0:
+        raise DataError(
+            f"rows {[r.get('row_id') for r, c in zip(rows, counts, strict=True) if c == 0]} have no supervised tokens"
+        )
+    return counts
+
+
+def _remote_checkpoints(cfg: JobConfig, run_id: str) -> RemoteCheckpoints | None:
+    """The object-store checkpoint sync, write-probed before any GPU time is spent (None without a URI).
+
+    Every rank gets one (each node restores the checkpoint it resumes from); only rank 0 probes and uploads.
+    """
+    uri = cfg.storage.checkpoint_uri
+    if not uri:
+        return None
+
+    remote = RemoteCheckpoints(uri, run_id, keep=cfg.train.save_total_limit, concurrency=cfg.storage.s3_concurrency)
+    if distributed.is_main_process():
+        s3io.probe_write(remote.s3, remote.run_uri)
+    return remote
+
+
+def _check_publish_access(cfg: JobConfig) -> None:
+    if cfg.hub.repo_id and distributed.is_main_process():
+
+        log.info("Hub: push as %s to %s", check_push_access(cfg.hub.repo_id), cfg.hub.repo_id)
+    export_repo = cfg.export.repo_id
+    if cfg.export.enabled and export_repo and distributed.is_main_process():  # the export after training pushes
+        log.info("Hub: merged model pushed as %s to %s", check_push_access(export_repo, "SFT_EXPORT_REPO_ID"),
+                 export_repo)
+
+
+def _preflight_summary(report: dict) -> dict:
+    """What training_meta.json keeps of the preflight report: the policy and which rows were skipped."""
+    return {"rows_checked": report["rows_checked"], "policy": report["policy"],
+            "rows_skipped": {s["split"]: s["rows_skipped"] for s in report["splits"].values()},
+            "skipped_row_ids": {s["split"]: s["skipped_row_ids"] for s in report["splits"].values()},
+            "warnings_by_kind": report["warnings_by_kind"], "data_fingerprint": report.get("data_fingerprint")}
+
+
+def _checked_datasets(cfg: JobConfig, processor) -> tuple[Any, Any, dict]:
+    """Preflight on rank 0 (every row of both splits, before any weight loads); other ranks apply its plan."""
+
+    checked = None
+
+    def scan() -> dict:
+        nonlocal checked
+        checked = run_preflight(cfg, processor)
+        return {"plan": checked.plan, "summary": _preflight_summary(checked.report)}
+
+    shared = distributed.main_process_result(scan)
+    if checked is not None:
+        return checked.train_dataset, checked.eval_dataset, shared["summary"]
+    return (*apply_plan(cfg, shared["plan"]), shared["summary"])
+
+
+def _prepare(cfg: JobConfig, timer: Timer) -> Prepared:
+    """Everything up to a trainable model, in the order of the module docstring."""
+
+    started = time.monotonic()
+    distributed.init_process_group()
+    _seed_everything(cfg.train.seed)
+    run_id = _resolve_run_id(cfg)
+    early.check_inputs(cfg, "run")  # paths and the output dir, before any download
+    _hub_access(cfg)
+    with distributed.local_main_first():  # one download per node into the shared cache
+        sources = localize(cfg)
+        cfg = sources.local(cfg)
+        early.check_lora_targets(cfg, sources.model_id)  # config.json on the meta device, no weights
+        processor = early.load_processor_checked(cfg, sources.model_id)
+    train_ds, eval_ds, preflight = _checked_datasets(cfg, processor)
+    log.info("data: %d train rows, %d eval rows from %s", len(train_ds), len(eval_ds), cfg.data.uri)
+    remote = _remote_checkpoints(cfg, run_id)
+    _check_publish_access(cfg)
+    paths = RunPaths(Path(cfg.train.output_dir)).create()
+    collator, eval_collator = build_collators(cfg, processor)
+    _check_supervised_tokens(collator, train_ds, cfg.train.per_device_batch_size)
+    timer.track("setup", started)
+    return Prepared(cfg, sources, paths, run_id, remote, processor, train_ds, eval_ds, collator, eval_collator,
+                    preflight)
+
+
+def _init_wandb(p: Prepared):
+    """The W&B run (rank 0 only; None elsewhere or when disabled), its config as training_meta.json stores it."""
+    if not distributed.is_main_process():
+        return None
+    return tracking.init_wandb(p.run_id, redact(p.sources.config_record(p.cfg)), enabled=p.cfg.wandb.enabled,
+                               output_dir=p.cfg.train.output_dir)

@@ -1,0 +1,155 @@
+"""Reruns: SFT_RESUME, drift, and a run whose training finished in an earlier process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from job import outputs
+from job.model import _count_trainable_params, apply_liger, apply_lora, keep_trainable_params_fp32, load_model
+from job.storage.checkpoints import RemoteCheckpoints
+from job.storage.completed import latest_completed_checkpoint
+from job.train import distributed, resume
+from job.train.finish import Trained, _earlier_push, _finish, _publish, _stored_pre_metrics
+from job.train.prepare import Prepared, RunPaths, Timer, _init_wandb
+from job.utils import tracking
+
+log = logging.getLogger("job.train")
+
+
+class TrainResult(NamedTuple):
+    """What _finish reads of trainer.train()'s TrainOutput, rebuilt for a run whose training finished earlier."""
+
+    global_step: int
+    training_loss: float | None  # None when the checkpoint's log history holds no loss entry
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    checkpoint: str | None  # the COMPLETED checkpoint to continue, None for a fresh start
+    progress: resume.Progress | None
+
+
+def _resume_checkpoint(paths: RunPaths) -> str | None:
+    latest, incomplete = latest_completed_checkpoint(paths.checkpoints)
+    for path in incomplete:
+        log.warning("ignoring %s: no COMPLETED marker (interrupted save)", path.name)
+    if latest is not None:
+        log.info("resuming from %s", latest)
+    return str(latest) if latest is not None else None
+
+
+def _resume_point(paths: RunPaths, remote: RemoteCheckpoints | None) -> str | None:
+    """The newest COMPLETED checkpoint, local or remote (a fresh pod has only the remote one)."""
+    with distributed.local_main_first():
+        if remote is not None:
+            remote.restore_latest(paths.checkpoints)
+    return _resume_checkpoint(paths)
+
+
+def _resume_plan(p: Prepared) -> ResumePlan:
+    """SFT_RESUME and the newest COMPLETED checkpoint (local, else restored from storage), checked for drift.
+
+    Runs before any model loads, so a refused resume costs no GPU time. The run's fingerprint is written to
+    SFT_OUTPUT_DIR and copied into every checkpoint it saves (and uploads).
+    """
+    mode = p.cfg.train.resume
+    current = resume.Fingerprint.of(p.cfg, p.run_id, p.preflight.get("data_fingerprint") or {}, p.sources)
+    checkpoint = None
+    if mode == "never":
+        with distributed.local_main_first():
+            if distributed.is_main_process():
+                resume.move_aside(p.paths.checkpoints)
+                if p.remote is not None:
+                    p.remote.move_aside()
+    else:
+        checkpoint = _resume_point(p.paths, p.remote)
+    if checkpoint is None and mode == "require":
+        where = [str(p.paths.checkpoints)] + ([str(p.remote.run_uri)] if p.remote is not None else [])
+        raise resume.NothingToResume(where)
+    if checkpoint is not None:
+        resume.check_resumable(Path(checkpoint), current)
+    if distributed.is_main_process():
+        outputs.write_json(p.paths.root / resume.FINGERPRINT_FILE, current.to_json())
+    return ResumePlan(checkpoint, resume.Progress.read(Path(checkpoint)) if checkpoint else None)
+
+
+def _training_loss(log_history: list[dict]) -> float | None:
+    """Mean loss over every step of the run, from the logged per-interval means (not only this process's steps)."""
+    total, steps, last = 0.0, 0, 0
+    for entry in log_history:
+        if "loss" in entry:
+            total += entry["loss"] * (entry["step"] - last)
+            steps += entry["step"] - last
+            last = entry["step"]
+    return total / steps if steps else None
+
+
+def _finished_metrics(p: Prepared, step: int) -> dict | None:
+    """The saved metrics of a run that got through post-eval and the save at this step; None if it did not."""
+    path = p.paths.root / "metrics.json"
+    if not all(f.is_file() for f in (path, p.paths.root / "training_meta.json",
+                                        *(p.paths.adapter / n for n in outputs.ADAPTER_FILES))):
+        return None
+    metrics = json.loads(path.read_text())
+    if (metrics.get("train") or {}).get("global_step") != step or (p.cfg.eval.post and not metrics.get("post")):
+        return None
+    return metrics
+
+
+def _already_published(p: Prepared, metrics: dict, step: int) -> bool:
+    gate = metrics.get("gate") or {}
+    if not gate.get("passed"):
+        return False  # never gated, or refused: the gate runs again (and refuses again with the same settings)
+    if p.cfg.hub.repo_id and not _earlier_push(metrics, p.cfg.hub.repo_id):
+        return False
+    return p.remote is None or p.remote.final_step() == step
+
+
+def _complete_finished_run(p: Prepared, checkpoint: str, progress: resume.Progress, timer: Timer) -> dict[str, Any]:
+    """Training reached its last step in an earlier process: train nothing, redo only what did not finish.
+
+    Post-eval and the save when their outputs are missing (the model loads with the checkpoint's adapter); then the
+    gate, the final upload and the push (one that failed before is retried). The exit code is the one the first
+    run would have given: 4 when the gate refuses again.
+    """
+    step = progress.step
+    log.info("training already finished: %s is at step %d of %d; no step is trained again", Path(checkpoint).name,
+             step, progress.max_steps)
+    metrics = _finished_metrics(p, step)
+    if metrics is None:
+        log.info("post-eval or the save did not finish: running them on the checkpoint's adapter")
+        return _evaluate_finished_checkpoint(p, checkpoint, step, timer)
+    meta = json.loads((p.paths.root / "training_meta.json").read_text())
+    if _already_published(p, metrics, step):
+        log.info("nothing to do: run %s finished at step %d; its artifacts are in %s and were published (%s)",
+                 p.run_id, step, p.paths.root, metrics["gate"].get("pushed_to") or metrics["gate"]["reason"])
+        return meta
+    log.info("the publish step did not finish: gate, final upload and push again")
+    distributed.main_process_result(_publish, p.cfg, p.paths, p.run_id, p.remote, metrics, step)
+    return meta
+
+
+def _evaluate_finished_checkpoint(p: Prepared, checkpoint: str, step: int, timer: Timer) -> dict[str, Any]:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    started = time.monotonic()
+    model = apply_lora(load_model(p.cfg), p.cfg)
+    apply_liger(p.cfg, model)
+    keep_trainable_params_fp32(model)  # as the Trainer left it: fp32 LoRA weights
+    set_peft_model_state_dict(model, load_file(str(Path(checkpoint) / "adapter_model.safetensors")))
+    params = _count_trainable_params(model)
+    run = _init_wandb(p)
+    timer.track("model", started)
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        result = TrainResult(step, _training_loss(state["log_history"]))
+        trained = Trained(result, params, _stored_pre_metrics(p.paths, checkpoint), checkpoint)
+        return _finish(p, model, run, timer, trained)
+    finally:
+        tracking.finish(run)

@@ -1,0 +1,200 @@
+"""The JSON form of the config is locked: `qwen3-sft config`, training_meta.json, the W&B run and the model card
+print what build_cfg's nested dict gave before the config became typed (0.1.0), byte for byte.
+
+The two dicts below were printed by that code (job/config.py at 60250fd) for the empty environment and for
+OVERRIDES; key order included (W&B keeps it). Sections added since then are inserted where the config puts them
+(`export`, 0.2: SFT_EXPORT*, before `lineage`; `train.nproc_per_node` and `train.exit_codes`, 0.2, before
+`train.resume`); no existing key moves or changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from job.cards import ModelCards
+from job.cli import _cmd_config
+from job.config import ENV_PREFIX, build_cfg
+from job.storage.sources import Sources
+
+CARD = ModelCards().qwen3_vl_8b_instruct
+OVERRIDES = {
+    "SFT_MODEL_ID": "org/model", "SFT_DATASET_URI": "s3://bucket/data/", "SFT_MAX_STEPS": "5",
+    "SFT_LORA_ALPHA": "64", "SFT_LORA_TARGET_MODULES": " q_proj,, v_proj ,", "SFT_LEARNING_RATE": "1e-4",
+    "SFT_CHECKPOINT_URI": "s3://ckpt/run/", "SFT_HUB_REPO_ID": "org/adapter", "SFT_PUSH_MIN_METRIC": "macro_f1:0.7",
+    "SFT_SYSTEM_PROMPT": "", "SFT_NUM_EPOCHS": "2", "SFT_IMAGE_MAX_PIXELS": "524288", "SFT_S3_CONCURRENCY": "4",
+    "SFT_WANDB_ENABLED": "false", "SFT_IMAGE_DIGEST": "sha256:abc",
+}
+
+DEFAULT = {'model': {'id': 'Qwen/Qwen3-VL-8B-Instruct',
+               'revision': None,
+               'trust_remote_code': False,
+               'load_in_4bit': True,
+               'attn_implementation': 'auto',
+               'quant_skip_modules': ['model.visual', 'lm_head'],
+               'gradient_checkpointing': True,
+               'use_liger': 'auto'},
+     'data': {'uri': None,
+              'revision': None,
+              'config': None,
+              'train_split': 'train',
+              'eval_split': 'validation',
+              'train_subset': None,
+              'eval_subset': None,
+              'image_key': 'image',
+              'query_key': 'query',
+              'caption_key': 'caption',
+              'target_key': 'target_json',
+              'label_field': 'label',
+              'system_prompt': "You are a sarcasm detector for social media posts. Look at the image, the user's "
+                               'question and the caption, then answer with a single JSON object and nothing else.',
+              'bad_rows': 'fail',
+              'max_bad_fraction': 0.01},
+     'image': {'min_pixels': 65536, 'max_pixels': 1048576},
+     'train': {'output_dir': 'outputs',
+               'run_id': None,
+               'seed': 42,
+               'max_steps': -1,
+               'num_epochs': 1.0,
+               'save_steps': 50,
+               'save_total_limit': 3,
+               'learning_rate': 0.0002,
+               'lr_scheduler_type': 'cosine',
+               'warmup_ratio': 0.03,
+               'weight_decay': 0.0,
+               'max_grad_norm': 1.0,
+               'per_device_batch_size': 2,
+               'grad_accum': 8,
+               'max_length': 2048,
+               'logging_steps': 10,
+               'dataloader_num_workers': 2,
+               'group_by_length': True,
+               'preempt_grace_s': 25.0,
+               'nproc_per_node': None,
+               'exit_codes': 'standard',
+               'resume': 'auto'},
+     'lora': {'r': 16,
+              'alpha': 32,
+              'dropout': 0.05,
+              'target_modules': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
+              'scope_regex': 'model\\.language_model\\.layers\\.\\d+\\.(?:self_attn|mlp)\\.'},
+     'eval': {'max_new_tokens': 256,
+              'batch_size': 8,
+              'do_sample': False,
+              'temperature': 0.7,
+              'pre': True,
+              'post': True,
+              'adapter': None,
+              'stop_tokens': ['<|im_end|>', '<|endoftext|>']},
+     'wandb': {'enabled': True},
+     'storage': {'checkpoint_uri': None, 'cache_dir': None, 's3_concurrency': 16},
+     'hub': {'repo_id': None, 'private': True, 'min_metric': None, 'require_improvement': True},
+     'export': {'enabled': False, 'verify_rows': None, 'max_drop': 0.01, 'repo_id': None},
+     'lineage': {'image_digest': None},
+     'card': {'tags': ['qwen3-vl', 'qlora', 'sft', 'sarcasm-detection']}}
+
+WITH_OVERRIDES = {'model': {'id': 'org/model',
+               'revision': None,
+               'trust_remote_code': False,
+               'load_in_4bit': True,
+               'attn_implementation': 'auto',
+               'quant_skip_modules': ['model.visual', 'lm_head'],
+               'gradient_checkpointing': True,
+               'use_liger': 'auto'},
+     'data': {'uri': 's3://bucket/data/',
+              'revision': None,
+              'config': None,
+              'train_split': 'train',
+              'eval_split': 'validation',
+              'train_subset': None,
+              'eval_subset': None,
+              'image_key': 'image',
+              'query_key': 'query',
+              'caption_key': 'caption',
+              'target_key': 'target_json',
+              'label_field': 'label',
+              'system_prompt': '',
+              'bad_rows': 'fail',
+              'max_bad_fraction': 0.01},
+     'image': {'min_pixels': 65536, 'max_pixels': 524288},
+     'train': {'output_dir': 'outputs',
+               'run_id': None,
+               'seed': 42,
+               'max_steps': 5,
+               'num_epochs': 2.0,
+               'save_steps': 5,
+               'save_total_limit': 3,
+               'learning_rate': 0.0001,
+               'lr_scheduler_type': 'cosine',
+               'warmup_ratio': 0.03,
+               'weight_decay': 0.0,
+               'max_grad_norm': 1.0,
+               'per_device_batch_size': 2,
+               'grad_accum': 8,
+               'max_length': 2048,
+               'logging_steps': 10,
+               'dataloader_num_workers': 2,
+               'group_by_length': True,
+               'preempt_grace_s': 25.0,
+               'nproc_per_node': None,
+               'exit_codes': 'standard',
+               'resume': 'auto'},
+     'lora': {'r': 16,
+              'alpha': 64.0,
+              'dropout': 0.05,
+              'target_modules': ['q_proj', 'v_proj'],
+              'scope_regex': 'model\\.language_model\\.layers\\.\\d+\\.(?:self_attn|mlp)\\.'},
+     'eval': {'max_new_tokens': 256,
+              'batch_size': 8,
+              'do_sample': False,
+              'temperature': 0.7,
+              'pre': True,
+              'post': True,
+              'adapter': None,
+              'stop_tokens': ['<|im_end|>', '<|endoftext|>']},
+     'wandb': {'enabled': False},
+     'storage': {'checkpoint_uri': 's3://ckpt/run', 'cache_dir': None, 's3_concurrency': 4},
+     'hub': {'repo_id': 'org/adapter', 'private': True, 'min_metric': 'macro_f1:0.7', 'require_improvement': True},
+     'export': {'enabled': False, 'verify_rows': None, 'max_drop': 0.01, 'repo_id': None},
+     'lineage': {'image_digest': 'sha256:abc'},
+     'card': {'tags': ['qwen3-vl', 'qlora', 'sft', 'sarcasm-detection']}}
+
+CASES = [({}, DEFAULT), (OVERRIDES, WITH_OVERRIDES)]
+
+
+@pytest.fixture(autouse=True)
+def _no_sft_env(monkeypatch):
+    for name in list(os.environ):
+        if name.upper().startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+
+
+@pytest.mark.parametrize(("env", "expected"), CASES, ids=["default", "overrides"])
+def test_the_dump_is_the_old_dict(env, expected):
+    dumped = build_cfg(CARD, env).model_dump(mode="json")
+    assert dumped == expected
+    assert json.dumps(dumped) == json.dumps(expected)  # key order, ints vs floats (alpha 32 vs 64.0), lists
+
+
+@pytest.mark.parametrize(("env", "expected"), CASES, ids=["default", "overrides"])
+def test_the_config_command_prints_the_old_dict(env, expected, monkeypatch, capsys):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert _cmd_config(None) == 0  # the command's body: main() would also set up logging for the process
+    assert capsys.readouterr().out == json.dumps(expected, indent=2, sort_keys=True) + "\n"
+
+
+def test_the_stored_config_keeps_the_mirror_and_the_source():
+    """training_meta.json's "config" and the W&B config: the local copies in data.uri and model.id, what was
+    configured in data.source_uri and model.source (appended last, as localize() used to add them)."""
+    cfg = build_cfg(CARD, OVERRIDES)
+    sources = Sources("s3://bucket/data/", "org/model", "/cache/datasets/bucket/data", "org/model")
+    expected = json.loads(json.dumps(WITH_OVERRIDES))
+    expected["data"]["uri"] = "/cache/datasets/bucket/data"
+    expected["data"]["source_uri"] = "s3://bucket/data/"
+    expected["model"]["source"] = "org/model"
+    record = sources.config_record(sources.local(cfg))
+    assert json.dumps(record) == json.dumps(expected)
+    assert sources.configured(sources.local(cfg)) == cfg
