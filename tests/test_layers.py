@@ -37,7 +37,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("job.data.rows", "job.collators", "job.data.checks", "job.data.loaders", "job.data"),
     ("job.model", "job.outputs", "job.eval.generate", "job.export.report", "job.export.merge"),
     ("job.train.callbacks", "job.train.distributed", "job.train.preemption", "job.train.resume", "job.train.sampler",
-     "job.train.trainer", "job.train"),
+     "job.train.trainer", "job.train.launch", "job.train"),
     ("job.preflight",),
     ("job.train.flow", "job.train.prepare", "job.train.finish", "job.train.rerun", "job.eval.command", "job.eval",
      "job.export.command", "job.export"),

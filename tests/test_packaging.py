@@ -37,6 +37,7 @@ ENV_EXAMPLE = REPO / "docker" / "job.env.example"
 CONSTRAINTS = REPO / "docker" / "constraints.txt"
 K8S = REPO / "k8s"
 MULTINODE = K8S / "multinode" / "pytorchjob.yaml"
+README = REPO / "README.md"
 WORKFLOW = REPO / ".github" / "workflows" / "retrain.yml"
 K8S_BUILTIN = ["job.yaml", "configmap.yaml", "secret.example.yaml", "serviceaccount.yaml"]
 # The oldest Kubernetes the manifests target (podFailurePolicy GA) and the newest schema kubernetes-validate bundles.
@@ -47,7 +48,7 @@ CREDENTIAL_RE = re.compile(r"hf_[A-Za-z0-9]{20,}|(AKIA|ASIA)[A-Z0-9]{16}|\b[0-9a
 SFT_NAME_RE = re.compile(r"\bSFT_[A-Z0-9_]*[A-Z0-9]\b")
 RUN_ID_LABEL = "metadata.labels['batch.kubernetes.io/job-name']"
 NON_RETRYABLE = {int(c) for c in ExitCode if c != ExitCode.OK and not c.retryable}
-# torch 2.8's torchrun SIGKILLs its workers this long after forwarding SIGTERM (configurable only from 2.12 on).
+# torch 2.8's launcher SIGKILLs its workers this long after forwarding SIGTERM (configurable only from 2.12 on).
 TORCHRUN_SHUTDOWN_S = 30
 
 
@@ -310,6 +311,34 @@ def test_wait_script_explains_only_real_failure_codes():
     assert explained >= NON_RETRYABLE
 
 
+def pytorchjob_action(exit_code: int) -> str:
+    """What the training operator does with a replica's exit code under restartPolicy ExitCode."""
+    if exit_code == 0:
+        return "succeeded"
+    return "restart" if 128 <= exit_code <= 255 else "fail"
+
+
+@pytest.mark.parametrize("code", [*ExitCode, 137], ids=lambda c: getattr(c, "name", str(c)))
+def test_pytorchjob_retries_exactly_what_the_job_retries(code):
+    """With SFT_EXIT_CODES=kubeflow (the manifest's), each code gets the PyTorchJob action the Job's podFailurePolicy
+    gives it: FailJob for the non-retryable codes, a retry for the others (and for an OOM kill, 137)."""
+    from job.train.launch import reported_code
+
+    style = env_entry(container(load_yaml(MULTINODE)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"],
+                                "pytorch"), "SFT_EXIT_CODES")["value"]
+    action = pytorchjob_action(reported_code(int(code), style))
+    if code == ExitCode.OK:
+        assert action == "succeeded"
+    elif int(code) in NON_RETRYABLE:
+        assert action == "fail"
+    else:
+        assert action == "restart"
+    # the README's table says the same
+    table = README.read_text().split("| Job's code |", 1)[1].split("\n\n", 1)[0]
+    row = next(line for line in table.splitlines() if line.startswith(f"| {int(code)} |"))
+    assert f"| {reported_code(int(code), style)} |" in row, row
+
+
 def test_multinode_pytorchjob_structure():
     job = load_yaml(MULTINODE)
     assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
@@ -317,16 +346,13 @@ def test_multinode_pytorchjob_structure():
     assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] >= 1
     assert job["spec"]["runPolicy"]["backoffLimit"] >= 1
     for role, replica in replicas.items():
-        # torchrun turns every worker failure into exit 1, so codes cannot be told apart: restart and count
-        assert replica["restartPolicy"] == "OnFailure", role
+        # the launcher exits with the contract's code: the operator decides on it (1-127 fail, 128-255 restart)
+        assert replica["restartPolicy"] == "ExitCode", role
         spec = replica["template"]["spec"]
         c = container(spec, "pytorch")  # the name the training operator looks for
-        assert c["command"] == ["tini", "--", "torchrun"]
-        assert c["args"][-3:] == ["-m", "job", "run"]
-        for flag, var in [("--nnodes", "PET_NNODES"), ("--nproc-per-node", "PET_NPROC_PER_NODE"),
-                          ("--node-rank", "PET_NODE_RANK"), ("--master-addr", "MASTER_ADDR"),
-                          ("--master-port", "MASTER_PORT")]:
-            assert f"{flag}=$({var})" in c["args"], flag
+        # the image's own entrypoint: `qwen3-sft run` reads the operator's PET_* / MASTER_* variables itself
+        assert c["command"] == ["tini", "--", "qwen3-sft"] and c["args"] == ["run"]
+        assert env_entry(c, "SFT_EXIT_CODES")["value"] == "kubeflow"
         assert {"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"} in c["ports"]
         run_id = env_entry(c, "SFT_RUN_ID")["valueFrom"]["fieldRef"]["fieldPath"]
         assert run_id == "metadata.labels['training.kubeflow.org/job-name']"

@@ -106,6 +106,8 @@ class TrainConfig(_Section):
     dataloader_num_workers: int
     group_by_length: bool
     preempt_grace_s: float
+    nproc_per_node: int | None  # `run`'s processes on this node (job/train/launch.py); None = one per CUDA device
+    exit_codes: Literal["standard", "kubeflow"]
     resume: Literal["auto", "never", "require"]
 
     @classmethod
@@ -117,7 +119,8 @@ class TrainConfig(_Section):
                    per_device_batch_size=s.per_device_batch_size, grad_accum=s.grad_accum,
                    max_length=s.max_length or card.max_length, logging_steps=s.logging_steps,
                    dataloader_num_workers=s.dataloader_num_workers, group_by_length=s.group_by_length,
-                   preempt_grace_s=s.preempt_grace_s, resume=s.resume)
+                   preempt_grace_s=s.preempt_grace_s, nproc_per_node=s.nproc_per_node, exit_codes=s.exit_codes,
+                   resume=s.resume)
 
 
 class LoraConfig(_Section):

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     output_dir: str = Field("outputs", min_length=1, examples=["/workspace/outputs"])
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", examples=["sarcasm-2026-11-25"])
     seed: int = Field(42, ge=0, examples=["42"])
+    # processes per node for `run` (job/train/launch.py): unset = one per visible CUDA device; 1 = no launcher
+    nproc_per_node: int | None = Field(None, ge=1, le=1024, examples=["8", "2 (on the CPU: gloo)", "1"])
+    # how the exit code leaves the process: `kubeflow` moves retryable 1 and 3 to 129 and 131 (PyTorchJob ExitCode)
+    exit_codes: Literal["standard", "kubeflow"] = Field("standard", examples=["standard", "kubeflow"])
     # training
     max_steps: int = Field(-1, ge=-1, examples=["500", "-1 (train SFT_NUM_EPOCHS epochs)"])
     num_epochs: float = Field(1.0, gt=0, le=1000, examples=["1", "2.5"])

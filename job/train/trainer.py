@@ -13,7 +13,7 @@ from job.config import JobConfig
 from job.data.loaders import LENGTH_COLUMN
 from job.model import has_cuda, keep_trainable_params_fp32
 from job.storage.checkpoints import RemoteCheckpoints
-from job.train.callbacks import CompletedMarkerCallback, LogCallback, RemoteCheckpointCallback
+from job.train.callbacks import CompletedMarkerCallback, LogCallback, RankStateCallback, RemoteCheckpointCallback
 from job.train.preemption import PreemptionCallback, PreemptionGuard
 from job.train.sampler import LengthGroupedSampler
 
@@ -136,12 +136,13 @@ def build_trainer(cfg: JobConfig, model, data: TrainingData, saving: Checkpointi
                   report_to: list[str]):
     """The trainer and, with a checkpoint URI, the background uploader.
 
-    Callback order matters: the local COMPLETED marker is written before the upload snapshot is taken.
+    Callback order matters: every rank's RNG state is in rank 0's checkpoint before the local COMPLETED marker is
+    written, and the marker before the upload snapshot is taken.
     """
     from transformers import PrinterCallback
 
     uploader = None
-    callbacks = [LogCallback(), CompletedMarkerCallback(extra_files=saving.extra_files)]
+    callbacks = [LogCallback(), RankStateCallback(), CompletedMarkerCallback(extra_files=saving.extra_files)]
     if saving.remote is not None:
         uploader = RemoteCheckpointCallback(saving.remote, saving.output_dir.parent / ".upload-staging")
         callbacks.append(uploader)

@@ -128,6 +128,8 @@ OVERLAY_CASES = [
     ({"SFT_USE_LIGER": "false"}, {("model", "use_liger"): "false"}),
     ({"SFT_GROUP_BY_LENGTH": "false"}, {("train", "group_by_length"): False}),
     ({"SFT_PREEMPT_GRACE_S": "50"}, {("train", "preempt_grace_s"): 50.0}),
+    ({"SFT_NPROC_PER_NODE": "2"}, {("train", "nproc_per_node"): 2}),
+    ({"SFT_EXIT_CODES": "kubeflow"}, {("train", "exit_codes"): "kubeflow"}),
     ({"SFT_RESUME": "never"}, {("train", "resume"): "never"}),
     ({"SFT_GRADIENT_CHECKPOINTING": "0"}, {("model", "gradient_checkpointing"): False}),
     ({"SFT_DATASET_URI": "s3://bucket/sarcasm"}, {("data", "uri"): "s3://bucket/sarcasm"}),

@@ -3,7 +3,8 @@ print what build_cfg's nested dict gave before the config became typed (0.1.0), 
 
 The two dicts below were printed by that code (job/config.py at 60250fd) for the empty environment and for
 OVERRIDES; key order included (W&B keeps it). Sections added since then are inserted where the config puts them
-(`export`, 0.2: SFT_EXPORT*, before `lineage`); no existing key moves or changes.
+(`export`, 0.2: SFT_EXPORT*, before `lineage`; `train.nproc_per_node` and `train.exit_codes`, 0.2, before
+`train.resume`); no existing key moves or changes.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ DEFAULT = {'model': {'id': 'Qwen/Qwen3-VL-8B-Instruct',
                'dataloader_num_workers': 2,
                'group_by_length': True,
                'preempt_grace_s': 25.0,
+               'nproc_per_node': None,
+               'exit_codes': 'standard',
                'resume': 'auto'},
      'lora': {'r': 16,
               'alpha': 32,
@@ -135,6 +138,8 @@ WITH_OVERRIDES = {'model': {'id': 'org/model',
                'dataloader_num_workers': 2,
                'group_by_length': True,
                'preempt_grace_s': 25.0,
+               'nproc_per_node': None,
+               'exit_codes': 'standard',
                'resume': 'auto'},
      'lora': {'r': 16,
               'alpha': 64.0,

@@ -1,6 +1,8 @@
-"""DDP on the CPU: `torchrun --nproc_per_node=2` (gloo) with 4-bit QLoRA on the tiny Qwen3-VL, as real processes.
+"""DDP on the CPU: `qwen3-sft run` with SFT_NPROC_PER_NODE=2 launches 2 gloo workers (torch's elastic launcher) with
+4-bit QLoRA on the tiny Qwen3-VL, as real processes, and exits with the first failing rank's code.
 
-The runs are shared (tests/runs.py): ddp_run, its single-process eval ddp_standalone_eval, and ddp_preempted_run.
+The runs are shared (tests/runs.py): ddp_run (its gate refuses: exit 4), its single-process eval ddp_standalone_eval,
+ddp_preempted_run (SIGTERM to the launcher) and ddp_bad_row_run (exit 2 in preflight).
 """
 
 from __future__ import annotations
@@ -15,10 +17,16 @@ from job.errors import ExitCode
 pytestmark = pytest.mark.slow
 
 
+def error_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if line.startswith("qwen3-sft: ")]
+
+
 def test_ddp_run_completes_with_one_checkpoint_set_and_one_adapter(ddp_run):
     tmp, returncode, log = ddp_run.tmp, ddp_run.returncode, ddp_run.log
-    assert returncode == 0, log[-4000:]
+    # The gate refuses after the artifacts are saved: the launcher exits with the ranks' 4, not torchrun's 1.
+    assert returncode == ExitCode.GATE_REFUSED, log[-4000:]
     out = tmp / "out"
+    assert "launching 2 worker(s)" in log
     assert "rank 0 of 2" in log and "rank 1 of 2" in log and "backend gloo" in log
     for step in (2, 4):
         ckpt = out / f"checkpoints/checkpoint-{step}"
@@ -29,34 +37,45 @@ def test_ddp_run_completes_with_one_checkpoint_set_and_one_adapter(ddp_run):
     assert (out / "adapter/adapter_model.safetensors").is_file()
     meta = json.loads((out / "training_meta.json").read_text())
     assert meta["global_step"] == 4
+    assert json.loads((out / "metrics.json").read_text())["gate"]["passed"] is False
     assert len(list((tmp / "wandb").glob("offline-run-*"))) == 1  # rank 0 only
     assert log.count("post-eval:") == 1 and log.count("pre-eval:") == 1  # eval runs on rank 0 only
+    # rank 0's gate message, once: rank 1 (which exits 4 with it) and the launcher's torch elastic stay quiet
+    lines = error_lines(log)
+    assert len(lines) == 1 and "macro_f1" in lines[0], lines
+    assert "Traceback" not in log and "ChildFailedError" not in log
 
 
 def test_ddp_eval_equals_a_single_process_eval_of_the_same_adapter(ddp_run, ddp_standalone_eval):
-    assert ddp_run.returncode == 0
+    assert ddp_run.returncode == ExitCode.GATE_REFUSED
     assert ddp_standalone_eval.returncode == 0, ddp_standalone_eval.log[-3000:]
     single = json.loads((ddp_standalone_eval.out / "eval/standalone_metrics.json").read_text())
     ddp = json.loads((ddp_run.out / "metrics.json").read_text())["post"]
     assert single == ddp
 
 
-def test_sigterm_to_one_rank_stops_both_with_143(ddp_preempted_run):
+def test_sigterm_to_the_launcher_checkpoints_on_every_rank_and_exits_143(ddp_preempted_run):
     run = ddp_preempted_run
-    assert len(run.ranks) == 2, run.log[-3000:]
-    # torchrun itself exits 1 when any worker fails. Its summary names each failed worker's exit code, but torch 2.8
-    # names only the first one to exit ({rank 1: 143}) where 2.14 names both: every code it names must be 143, and
-    # each rank's own output (torchrun --log-dir) must show the CLI's exit on Preempted (ExitCode.PREEMPTED, 143).
-    assert run.returncode == 1, run.log[-3000:]
-    codes = {int(pid): int(code) for code, pid in re.findall(r"exitcode\s+:\s*(-?\d+) \(pid: (\d+)\)", run.log)}
-    assert codes and set(codes) <= set(run.ranks) and set(codes.values()) == {ExitCode.PREEMPTED}, run.log[-3000:]
-    stopped = set()
-    for rank, log in run.rank_logs.items():
-        steps = re.findall(r"qwen3-sft: error: preempted by SIGTERM at step (\d+)", log)
-        assert len(steps) == 1, (rank, log[-3000:])
-        stopped.add(int(steps[0]))
-    assert len(stopped) == 1, stopped  # both ranks stopped at the same step
+    log = run.log
+    assert run.returncode == ExitCode.PREEMPTED, log[-3000:]
+    # both ranks stopped at the same step, whose checkpoint is COMPLETED; no adapter (no post-eval, no save)
+    stopped = {int(s) for s in re.findall(r"preempted at step (\d+): checkpoint-\d+ is COMPLETED", log)}
+    assert len(stopped) == 1, log[-3000:]
     step = stopped.pop()
-    assert f"preempted at step {step}: checkpoint-{step} is COMPLETED" in run.log
     assert (run.tmp / f"out/checkpoints/checkpoint-{step}/COMPLETED").is_file()
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in (run.tmp / f"out/checkpoints/checkpoint-{step}")
+                                                      .iterdir()}
     assert not (run.tmp / "out/adapter").exists()
+    lines = error_lines(log)
+    assert lines == [f"qwen3-sft: error: preempted by SIGTERM at step {step}; rerun with the same SFT_RUN_ID to "
+                     "resume from the newest COMPLETED checkpoint"], lines
+
+
+def test_a_bad_row_under_the_launcher_is_exit_2_naming_the_row_once(ddp_bad_row_run):
+    log = ddp_bad_row_run.log
+    assert ddp_bad_row_run.returncode == ExitCode.USER, log[-3000:]
+    assert "launching 2 worker(s)" in log
+    lines = error_lines(log)
+    assert len(lines) == 1 and lines[0].startswith("qwen3-sft: error: preflight failed: 1 bad row(s)"), lines
+    assert log.count("train.jsonl:1: field 'query' is empty") == 1, log[-3000:]
+    assert "Traceback" not in log and "loading model weights" not in log
