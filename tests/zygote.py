@@ -26,10 +26,6 @@ import runpy
 import select
 import sys
 
-# `python tests/zygote.py` puts tests/ first on sys.path, not the checkout: without this, `import job` would find the
-# package the venv's editable install points at, which is another checkout's when the venv is shared (a worktree).
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 # The entry point and what its commands import (run: the flow; eval: the eval command), and the heavy libraries the
 # job imports only where it uses them (datasets, W&B, boto3: 3 CPU-s together).
 import boto3  # noqa: F401
