@@ -80,9 +80,11 @@ def _losses(out: Path) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_sigterm_saves_a_completed_checkpoint_and_exits_143(interrupted_chain):
-    returncode, seconds, completed = interrupted_chain.stages["sigterm"]
-    assert returncode == ExitCode.PREEMPTED and seconds < 60 + 5  # within SFT_PREEMPT_GRACE_S
+    returncode, _seconds, completed = interrupted_chain.stages["sigterm"]
     log = interrupted_chain.log
+    # Within SFT_PREEMPT_GRACE_S by the job's own account: its watchdog (which would also exit 143) never fired. The
+    # wall time from SIGTERM to exit is not asserted: on a busy machine the interpreter's shutdown alone varies.
+    assert returncode == ExitCode.PREEMPTED and "elapsed before the checkpoint was" not in log.split("preempted at")[0]
     stopped = int(log.split("preempted at step ")[1].split(":")[0])
     assert stopped in completed and stopped < STEPS  # the checkpoint at the step reached
     assert "preempted by SIGTERM" in log and "Traceback" not in log.split("preempted at step")[0][-2000:]
