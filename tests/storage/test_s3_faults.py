@@ -37,6 +37,8 @@ def _checkpoint(root: Path, step: int, files: int = 6) -> Path:
     return ckpt
 
 
+# slow tier: botocore's retry backoff sleeps (3-5 s each); make test-fast stays under a minute
+@pytest.mark.slow
 def test_uploads_and_restore_ride_out_one_failed_request_in_five(moto_port, aws, monkeypatch, tmp_path, caplog):
     proxy = FaultProxy(moto_port, rate=0.2, seed=13)
     try:
@@ -59,6 +61,8 @@ def test_uploads_and_restore_ride_out_one_failed_request_in_five(moto_port, aws,
     assert logged > 0  # the retries are counted and logged
 
 
+# slow tier: botocore's retry backoff sleeps (3-5 s each); make test-fast stays under a minute
+@pytest.mark.slow
 def test_a_store_that_stays_down_is_transient_after_a_bounded_time(moto_port, aws, monkeypatch, tmp_path):
     proxy = FaultProxy(moto_port, rate=1.0)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
