@@ -34,7 +34,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("job.errors", "job.prompts", "job.cards", "job.utils"),
     ("job.config",),
     ("job.storage",),
-    ("job.data.rows", "job.collators", "job.data.checks", "job.data.loaders", "job.data"),
+    ("job.data.rows", "job.collators", "job.data.checks", "job.data.holdout", "job.data.loaders", "job.data"),
     ("job.model", "job.outputs", "job.eval.generate"),
     ("job.train.callbacks", "job.train.distributed", "job.train.preemption", "job.train.resume", "job.train.sampler",
      "job.train.trainer", "job.train"),

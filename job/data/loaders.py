@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from job.config import JobConfig
+from job.data.holdout import holdout_sides
 from job.errors import DataError, TransientError, hub_offline
 from job.storage.sources import hub_dataset_id
 
@@ -123,6 +124,58 @@ def _split_file(root: Path, split: str) -> Path | None:
     return None
 
 
+def _is_saved_dataset(root: Path) -> bool:
+    return (root / "dataset_dict.json").is_file() or (root / "dataset_info.json").is_file()
+
+
+def _has_split(root: Path, split: str) -> bool:
+    """Whether a local dataset directory holds the split in one of the per-split layouts."""
+    if (root / "dataset_dict.json").is_file():
+        return (root / split).is_dir()
+    return _split_file(root, split) is not None or bool(_parquet_files(root, split))
+
+
+def _parquet_files(root: Path, split: str) -> list[Path]:
+    return sorted(root.glob(f"{split}*.parquet")) or sorted(root.glob(f"{split}/*.parquet"))
+
+
+def single_split_source(uri: str, train_split: str, eval_split: str) -> bool:
+    """A local source with one split, which the hold-out splits into train and eval: a single file, a save_to_disk
+    directory holding one Dataset, or a directory whose only split is the training split."""
+    root = Path(uri)
+    if root.is_file():
+        return True
+    if not root.is_dir():
+        return False
+    if (root / "dataset_info.json").is_file() and not (root / "dataset_dict.json").is_file():
+        return True
+    if not _has_split(root, train_split) or _has_split(root, eval_split):
+        return False
+    # Other data files may be the eval split under another name (SFT_EVAL_SPLIT=validation, a val.jsonl): then the
+    # missing split is an error naming what is there, never a silent hold-out.
+    ours = {p.resolve() for p in _parquet_files(root, train_split)}
+    ours.add((_split_file(root, train_split) or root).resolve())
+    return not [p for p in _data_files(root) if p.resolve() not in ours]
+
+
+def _data_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.suffix in (*JSONL_SUFFIXES, ".parquet") and p.is_file()
+            and p.name not in ("dataset_info.json", "dataset_dict.json", "state.json")]
+
+
+def _load_whole(root: Path, image_key: str):
+    """A single-split source, its rows named after the file or directory (`all.jsonl:17`, `all.parquet[17]`)."""
+    import datasets
+
+    if root.is_file() and root.suffix in JSONL_SUFFIXES:
+        return _rows_to_dataset(_jsonl_rows(root, image_key, root.name))
+    if root.is_file() and root.suffix == ".parquet":
+        return _with_row_ids(datasets.Dataset.from_parquet(str(root)), root.name)
+    if root.is_file():
+        raise DataError(f"dataset file {str(root)!r} is not .jsonl, .json or .parquet (SFT_DATASET_URI)")
+    return _with_row_ids(datasets.load_from_disk(str(root)), root.name)
+
+
 def load_local_split(uri: str, split: str, image_key: str = "image"):
     """Load one split from a local path. Raises DataError naming the path and what was expected."""
     import datasets
@@ -130,22 +183,18 @@ def load_local_split(uri: str, split: str, image_key: str = "image"):
     root = Path(uri)
     if not root.exists():
         raise DataError(f"dataset path {uri!r} does not exist (SFT_DATASET_URI)")
-    if root.is_file() and root.suffix in JSONL_SUFFIXES:
-        ds = _rows_to_dataset(_jsonl_rows(root, image_key, split))
-    elif root.is_file() and root.suffix == ".parquet":
-        ds = _with_row_ids(datasets.Dataset.from_parquet(str(root)), split)
-    elif (root / "dataset_dict.json").is_file() or (root / "dataset_info.json").is_file():
+    if root.is_file() or ((root / "dataset_info.json").is_file() and not (root / "dataset_dict.json").is_file()):
+        ds = _load_whole(root, image_key)
+    elif (root / "dataset_dict.json").is_file():
         loaded = datasets.load_from_disk(str(root))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise DataError(
-                    f"split {split!r} not found in {uri}: it has {sorted(loaded)}; set SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT"
-                )
-            loaded = loaded[split]
-        ds = _with_row_ids(loaded, split)
+        if split not in loaded:
+            raise DataError(
+                f"split {split!r} not found in {uri}: it has {sorted(loaded)}; set SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT"
+            )
+        ds = _with_row_ids(loaded[split], split)
     elif (jsonl := _split_file(root, split)) is not None:
         ds = _rows_to_dataset(_jsonl_rows(jsonl, image_key, split))
-    elif parquet := sorted(root.glob(f"{split}*.parquet")) or sorted(root.glob(f"{split}/*.parquet")):
+    elif parquet := _parquet_files(root, split):
         ds = _with_row_ids(datasets.Dataset.from_parquet([str(p) for p in parquet]), split)
     else:
         raise DataError(
@@ -190,7 +239,6 @@ def load_hub_split(dataset_id: str, split: str, config: str | None, revision: st
 
 
 def load_split(cfg: JobConfig, split: str):
-
     data = cfg.data
     if not data.uri:
         raise DataError("SFT_DATASET_URI is not set: point it at a local path, s3://bucket/prefix or a Hub dataset id")
@@ -199,13 +247,31 @@ def load_split(cfg: JobConfig, split: str):
     return load_local_split(data.uri, split, data.image_key)
 
 
+def holds_out(cfg: JobConfig) -> bool:
+    """Whether eval rows are held out of the source's one split (SFT_EVAL_HOLDOUT) rather than read from its own."""
+    data = cfg.data
+    if not data.uri or hub_dataset_id(data.uri) is not None:
+        return False
+    return single_split_source(data.uri, data.train_split, data.eval_split)
+
+
+def _load_role(cfg: JobConfig, role: str):
+    """The train or eval rows: the split SFT_TRAIN_SPLIT / SFT_EVAL_SPLIT names, or a side of the hold-out."""
+    data = cfg.data
+    if not holds_out(cfg):
+        return load_split(cfg, data.train_split if role == "train" else data.eval_split)
+    whole = load_split(cfg, data.train_split)
+    sides = holdout_sides(whole, cfg.train.seed, data.eval_holdout, data.image_key, str(data.uri))
+    return whole.select(sides[role])
+
+
 def load_train_dataset(cfg: JobConfig):
-    ds = load_split(cfg, cfg.data.train_split)
+    ds = _load_role(cfg, "train")
     return _select_subset(ds, cfg.data.train_subset, cfg.train.seed)
 
 
 def _load_eval_dataset(cfg: JobConfig):
-    ds = load_split(cfg, cfg.data.eval_split)
+    ds = _load_role(cfg, "eval")
     return _select_subset(ds, cfg.data.eval_subset, cfg.train.seed)
 
 

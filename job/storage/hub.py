@@ -74,6 +74,7 @@ Multimodal sarcasm detection: an image, a query and an optional caption in, a JS
 - base model: `{lineage['base_model']}` revision `{lineage.get('base_model_revision')}`
 - dataset: `{lineage.get('dataset_uri')}` revision/ETags `{lineage.get('dataset_version')}`
 - data fingerprint (sha256): `{lineage.get('fingerprint')}`
+{_eval_data_lines(lineage)}
 - code: git `{lineage.get('git_sha')}`, image `{lineage.get('image_digest')}`
 
 ## Training config
@@ -93,6 +94,18 @@ model = PeftModel.from_pretrained(base, "<this repo or directory>")
 processor = AutoProcessor.from_pretrained("<this repo or directory>")
 ```
 """
+
+
+def _eval_data_lines(lineage: dict) -> str:
+    """Where the eval rows came from and how many of them are also training rows (preflight's count)."""
+    holdout = lineage.get("eval_holdout")
+    lines = [f"- eval rows: held out of the dataset's one split (SFT_EVAL_HOLDOUT={holdout}, by SFT_SEED and a hash "
+             "of each row)" if holdout is not None else "- eval rows: the dataset's own eval split"]
+    overlap = lineage.get("eval_overlap")
+    if overlap and overlap["rows"]:
+        lines.append(f"- eval rows identical to training rows: {overlap['rows']} of {overlap['of']} "
+                     f"(SFT_MAX_EVAL_OVERLAP={overlap['limit']}); their scores measure memorisation")
+    return "\n".join(lines)
 
 
 def _hub_errors(what: str, exc: Exception) -> Exception:

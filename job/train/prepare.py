@@ -151,7 +151,9 @@ def _preflight_summary(report: dict) -> dict:
     return {"rows_checked": report["rows_checked"], "policy": report["policy"],
             "rows_skipped": {s["split"]: s["rows_skipped"] for s in report["splits"].values()},
             "skipped_row_ids": {s["split"]: s["skipped_row_ids"] for s in report["splits"].values()},
-            "warnings_by_kind": report["warnings_by_kind"], "data_fingerprint": report.get("data_fingerprint")}
+            "warnings_by_kind": report["warnings_by_kind"], "data_fingerprint": report.get("data_fingerprint"),
+            "eval_overlap": {k: v for k, v in (report.get("eval_overlap") or {}).items() if k != "row_ids"} or None,
+            "eval_holdout": report["holdout"]["eval_holdout"] if report.get("holdout") else None}
 
 
 def _checked_datasets(cfg: JobConfig, processor) -> tuple[Any, Any, dict]:

@@ -1,0 +1,109 @@
+"""Where the rows come from (issue 18): the hold-out of a source with one split, the eval/train overlap limit, image
+paths relative to the dataset, the dataset layouts. In-process preflight calls with the session's processor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_preflight import REPORT, make_cfg, row, write_split
+
+from job.data.holdout import holdout_sides
+from job.data.loaders import _rows_to_dataset, holds_out
+from job.errors import DataError
+from job.preflight import run as preflight
+from job.storage.hub import _eval_data_lines
+
+
+def _rows(root: Path, n: int, start: int = 0) -> list[dict]:
+    return [row(root, i, ("sarcastic", "not_sarcastic")[i % 2]) for i in range(start, start + n)]
+
+
+def _write_all(root: Path, rows: list[dict], name: str = "all.jsonl") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / name
+
+
+# -- hold-out ----------------------------------------------------------------------------------------------------
+def test_a_single_file_is_split_into_disjoint_train_and_eval_rows(tmp_path, tiny_assets, processor, capsys):
+    """The issue's first bullet: all.jsonl no longer trains and evaluates on the same rows."""
+    source = _write_all(tmp_path / "data", _rows(tmp_path / "data", 24))
+    cfg = make_cfg(tiny_assets, source, tmp_path / "out", SFT_EVAL_HOLDOUT="0.25")
+    assert holds_out(cfg)
+    result = preflight.run_preflight(cfg, processor)
+    report = json.loads((tmp_path / "out" / REPORT).read_text())
+    train, held = report["holdout"]["train_row_ids"], report["holdout"]["eval_row_ids"]
+    assert held and train and not set(train) & set(held) and len(train) + len(held) == 24
+    assert list(result.eval_dataset["row_id"]) == held and all(r.startswith("all.jsonl:") for r in held)
+    assert report["ok"] and report["eval_overlap"]["rows"] == 0
+    assert "eval_row_in_train" not in report["warnings_by_kind"]
+    assert (report["holdout"]["seed"], report["holdout"]["eval_holdout"]) == (42, 0.25)
+    counted = preflight.run_preflight(cfg.replace(data={"eval_holdout": 5}), processor).report["holdout"]
+    assert len(counted["eval_row_ids"]) == 5 and len(counted["train_row_ids"]) == 19
+
+
+def test_the_holdout_depends_on_the_seed_and_each_row_not_on_the_others(tmp_path):
+    root = tmp_path / "data"
+    rows = [{"image": f"{root}/images/{i}.png", "query": f"q{i}", "target_json": "{}"} for i in range(400)]
+    uri = str(_write_all(root, rows))
+
+    def held(rows: list[dict], seed: int = 42, holdout: int | float = 0.1, where: str = uri) -> set[str]:
+        ds = _rows_to_dataset([{**r, "row_id": r["query"]} for r in rows])
+        return {ds[i]["row_id"] for i in holdout_sides(ds, seed, holdout, "image", where)["eval"]}
+
+    first = held(rows)
+    assert 20 < len(first) < 60
+    more = rows + [{"image": f"{root}/images/n{i}.png", "query": f"new{i}", "target_json": "{}"} for i in range(100)]
+    assert {q for q in held(more) if not q.startswith("new")} == first  # old rows stay where they were
+    assert held(list(reversed(rows))) == first  # order does not matter
+    assert held(rows, seed=7) != first
+    moved = [{**r, "image": r["image"].replace(str(root), str(tmp_path / "moved"))} for r in rows]
+    assert held(moved, where=str(_write_all(tmp_path / "moved", moved))) == first  # an s3:// mirror elsewhere: same
+    assert len(held(rows, holdout=7)) == 7
+    with pytest.raises(DataError, match="SFT_EVAL_HOLDOUT=399 leaves no train rows"):
+        held(rows[:3], holdout=399)
+
+
+def test_a_directory_with_only_the_training_split_is_held_out_but_another_split_name_is_an_error(
+        tmp_path, tiny_assets, processor):
+    root = tmp_path / "data"
+    write_split(root, "train", _rows(root, 12))
+    cfg = make_cfg(tiny_assets, root, tmp_path / "out", SFT_EVAL_HOLDOUT="3")
+    assert holds_out(cfg)
+    assert len(preflight.run_preflight(cfg, processor).eval_dataset) == 3
+    write_split(root, "val", _rows(root, 2, 50))  # the eval split under a name SFT_EVAL_SPLIT does not give
+    assert not holds_out(cfg)
+    with pytest.raises(DataError, match="no 'validation' split"):
+        preflight.run_preflight(cfg, processor)
+
+
+# -- overlap -----------------------------------------------------------------------------------------------------
+def _overlapping(root: Path) -> Path:
+    train = _rows(root, 6)
+    write_split(root, "train", train)
+    write_split(root, "validation", [*_rows(root, 3, 100), dict(train[2])])
+    return root
+
+
+def test_eval_rows_identical_to_training_rows_above_the_limit_fail_preflight(tmp_path, tiny_assets, processor):
+    cfg = make_cfg(tiny_assets, _overlapping(tmp_path / "data"), tmp_path / "out")
+    with pytest.raises(DataError) as info:
+        preflight.run_preflight(cfg, processor)
+    assert info.value.exit_code == 2
+    message = str(info.value)
+    assert "1 of 4 eval rows (25.0%) are identical to training rows (validation.jsonl:4)" in message
+    assert "SFT_MAX_EVAL_OVERLAP=0.01" in message and "memorisation" in message
+    assert not json.loads((tmp_path / "out" / REPORT).read_text())["ok"]
+
+
+def test_overlap_below_the_limit_is_a_warning_and_goes_into_the_card(tmp_path, tiny_assets, processor):
+    cfg = make_cfg(tiny_assets, _overlapping(tmp_path / "data"), tmp_path / "out", SFT_MAX_EVAL_OVERLAP="0.3")
+    report = preflight.run_preflight(cfg, processor).report
+    assert report["ok"] and report["warnings_by_kind"]["eval_row_in_train"] == 1
+    overlap = report["eval_overlap"]
+    assert (overlap["rows"], overlap["of"], overlap["limit"], overlap["row_ids"]) == (1, 4, 0.3, ["validation.jsonl:4"])
+    card = _eval_data_lines({"eval_overlap": overlap, "eval_holdout": None})
+    assert "eval rows identical to training rows: 1 of 4 (SFT_MAX_EVAL_OVERLAP=0.3)" in card
+    assert "held out" in _eval_data_lines({"eval_overlap": None, "eval_holdout": 0.1})
