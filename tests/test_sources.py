@@ -4,6 +4,8 @@ paths relative to the dataset, the dataset layouts. In-process preflight calls w
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,60 @@ def test_overlap_below_the_limit_is_a_warning_and_goes_into_the_card(tmp_path, t
     card = _eval_data_lines({"eval_overlap": overlap, "eval_holdout": None})
     assert "eval rows identical to training rows: 1 of 4 (SFT_MAX_EVAL_OVERLAP=0.3)" in card
     assert "held out" in _eval_data_lines({"eval_overlap": None, "eval_holdout": 0.1})
+
+
+# -- image paths -------------------------------------------------------------------------------------------------
+def _parquet_dataset(root: Path, rows: list[dict], name: str = "train.parquet") -> None:
+    import datasets
+
+    datasets.Dataset.from_list(rows).to_parquet(str(root / name))
+
+
+def test_parquet_and_saved_paths_resolve_against_the_dataset_from_any_working_directory(
+        tmp_path, tiny_assets, processor, monkeypatch):
+    import datasets
+
+    root = tmp_path / "data"
+    root.mkdir()
+    _parquet_dataset(root, _rows(root, 4))
+    _parquet_dataset(root, _rows(root, 2, 100), "validation.parquet")
+    saved = tmp_path / "saved"
+    shutil.copytree(root / "images", saved / "images")
+    datasets.DatasetDict({split: datasets.Dataset.from_parquet(str(root / f"{split}.parquet"))
+                          for split in ("train", "validation")}).save_to_disk(str(saved))
+    featured = tmp_path / "featured"  # datasets.Image values holding a relative path and no bytes
+    shutil.copytree(root / "images", featured / "images")
+    monkeypatch.chdir(featured)  # datasets measures the files while saving, from the working directory
+    datasets.load_from_disk(str(saved)).cast_column("image", datasets.Image()).save_to_disk(str(featured))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the paths are relative to the dataset, not to where the job runs
+    for uri in (root, saved, featured):
+        result = preflight.run_preflight(make_cfg(tiny_assets, uri, tmp_path / "out" / uri.name), processor)
+        assert result.report["ok"], result.report["errors"]
+        image = result.train_dataset[0]["image"]
+        if uri is featured:  # read through the resolved path, decoded by datasets
+            assert image.size == (96, 64)
+        else:
+            assert image == str(uri.resolve() / "images/img-0.png")
+
+
+def test_a_symlinked_images_folder_works_and_crafted_paths_do_not(tmp_path, tiny_assets, processor):
+    """The issue's `images/` symlink: followed; `../../etc/passwd` and absolute paths: refused, in JSONL and parquet."""
+    store, root = tmp_path / "store", tmp_path / "data"
+    rows = _rows(store, 4)
+    root.mkdir()
+    (root / "images").symlink_to(store / "images")
+    write_split(root, "train", rows)
+    write_split(root, "validation", _rows(store, 2, 100))
+    assert preflight.run_preflight(make_cfg(tiny_assets, root, tmp_path / "out"), processor).report["ok"]
+    for bad, why in (("../../etc/passwd", "leaves it through '..'"), ("/etc/passwd", "is absolute"),
+                     ("images/../../x.png", "leaves it through '..'")):
+        write_split(root, "train", [*rows[:2], {**rows[2], "image": bad}])
+        with pytest.raises(DataError, match=f"train.jsonl:3: .*escapes the dataset directory .*{re.escape(why)}"):
+            preflight.run_preflight(make_cfg(tiny_assets, root, tmp_path / "out"), processor)
+        (root / "train.jsonl").unlink()
+        _parquet_dataset(root, [*rows[:2], {**rows[2], "image": bad}])
+        with pytest.raises(DataError, match=f"train\\[2\\]: .*escapes the dataset directory .*{re.escape(why)}"):
+            preflight.run_preflight(make_cfg(tiny_assets, root, tmp_path / "out"), processor)
+        (root / "train.parquet").unlink()

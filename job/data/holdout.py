@@ -51,7 +51,7 @@ def _undecoded(ds, image_key: str):
 
 def holdout_sides(ds, seed: int, holdout: int | float, image_key: str, uri: str) -> dict[str, list[int]]:
     """{"train": row indices, "eval": row indices}, each in dataset order. Raises DataError when a side is empty."""
-    root = str(os.path.abspath(uri if os.path.isdir(uri) else os.path.dirname(uri) or "."))
+    root = os.path.realpath(uri if os.path.isdir(uri) else os.path.dirname(uri) or ".")
     view = _undecoded(ds, image_key)
     scores = [row_score(view[i], seed, root) for i in range(len(view))]
     if isinstance(holdout, float):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -63,11 +64,47 @@ def _line_error(split: str, row: str, problem: str, fix: str, carried_fix: str |
 
 
 def _resolve_image_path(root: Path, rel: str, row_id: str, image_key: str) -> str:
-    resolved = (root / rel).resolve()
-    if not resolved.is_relative_to(root):
-        raise DataError.for_row(row_id, image_key, f"path {rel!r} escapes the dataset directory {root}",
-                                fix="use a path inside it")
-    return str(resolved)
+    """rel joined to the dataset directory. The check is on the path as written: absolute, or leaving the directory
+    through `..`, is refused; a symlink inside the directory (a linked `images/`) is followed when the file is read."""
+    written = Path(rel)
+    normal = Path(os.path.normpath(rel))
+    if written.is_absolute() or normal.parts[:1] == ("..",):
+        why = "is absolute" if written.is_absolute() else "leaves it through '..'"
+        raise DataError.for_row(row_id, image_key, f"path {rel!r} escapes the dataset directory {root} ({why})",
+                                fix="use a path relative to the dataset directory, inside it")
+    return str(root / normal)
+
+
+def _resolved_images(ds, root: Path, image_key: str):
+    """Parquet and save_to_disk rows: image paths (strings, or `datasets.Image` values without bytes) resolved against
+    the dataset directory as JSONL paths are, so the same dataset loads from any working directory."""
+    import datasets
+
+    if image_key not in ds.column_names or ROW_ID not in ds.column_names:
+        return ds
+    feature = ds.features[image_key]
+    if isinstance(feature, datasets.Image):
+        chunks = ds.data.column(image_key).chunks  # Arrow structs {bytes, path}
+        if not sum(chunk.field("bytes").null_count for chunk in chunks):  # every image embedded: no path to resolve
+            return ds
+        view = ds.cast_column(image_key, datasets.Image(decode=False)) if feature.decode else ds
+    elif isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        view = ds
+    else:
+        return ds  # a column of another type: the row checks name it
+
+    def resolve(value: Any, row_id: str) -> Any:
+        if isinstance(value, str) and value:
+            return _resolve_image_path(root, value, row_id, image_key)
+        if isinstance(value, dict) and not value.get("bytes") and value.get("path"):
+            return {**value, "path": _resolve_image_path(root, value["path"], row_id, image_key)}
+        return value
+
+    def batch(rows: dict) -> dict:
+        return {image_key: [resolve(v, r) for v, r in zip(rows[image_key], rows[ROW_ID], strict=True)]}
+
+    resolved = view.map(batch, batched=True)
+    return resolved.cast_column(image_key, feature) if resolved.features[image_key] != feature else resolved
 
 
 def _rows_to_dataset(rows: list[dict[str, Any]]):
@@ -170,10 +207,11 @@ def _load_whole(root: Path, image_key: str):
     if root.is_file() and root.suffix in JSONL_SUFFIXES:
         return _rows_to_dataset(_jsonl_rows(root, image_key, root.name))
     if root.is_file() and root.suffix == ".parquet":
-        return _with_row_ids(datasets.Dataset.from_parquet(str(root)), root.name)
+        ds = _with_row_ids(datasets.Dataset.from_parquet(str(root)), root.name)
+        return _resolved_images(ds, root.resolve().parent, image_key)
     if root.is_file():
         raise DataError(f"dataset file {str(root)!r} is not .jsonl, .json or .parquet (SFT_DATASET_URI)")
-    return _with_row_ids(datasets.load_from_disk(str(root)), root.name)
+    return _resolved_images(_with_row_ids(datasets.load_from_disk(str(root)), root.name), root.resolve(), image_key)
 
 
 def load_local_split(uri: str, split: str, image_key: str = "image"):
@@ -191,11 +229,12 @@ def load_local_split(uri: str, split: str, image_key: str = "image"):
             raise DataError(
                 f"split {split!r} not found in {uri}: it has {sorted(loaded)}; set SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT"
             )
-        ds = _with_row_ids(loaded[split], split)
+        ds = _resolved_images(_with_row_ids(loaded[split], split), root.resolve(), image_key)
     elif (jsonl := _split_file(root, split)) is not None:
         ds = _rows_to_dataset(_jsonl_rows(jsonl, image_key, split))
     elif parquet := _parquet_files(root, split):
         ds = _with_row_ids(datasets.Dataset.from_parquet([str(p) for p in parquet]), split)
+        ds = _resolved_images(ds, root.resolve(), image_key)
     else:
         raise DataError(
             f"no {split!r} split in {uri}: expected {split}.jsonl, {split}*.parquet, {split}/*.parquet "
