@@ -11,11 +11,16 @@ from pathlib import Path
 import pytest
 from test_preflight import REPORT, make_cfg, row, write_split
 
+from job.cards import ModelCards
+from job.config import build_cfg
 from job.data.holdout import holdout_sides
 from job.data.loaders import _rows_to_dataset, holds_out
 from job.errors import DataError
 from job.preflight import run as preflight
 from job.storage.hub import _eval_data_lines
+from job.storage.sources import localize
+from job.train.prepare import _resolve_run_id
+from job.train.resume import derived_run_id
 
 
 def _rows(root: Path, n: int, start: int = 0) -> list[dict]:
@@ -166,3 +171,19 @@ def test_a_symlinked_images_folder_works_and_crafted_paths_do_not(tmp_path, tiny
         with pytest.raises(DataError, match=f"train\\[2\\]: .*escapes the dataset directory .*{re.escape(why)}"):
             preflight.run_preflight(make_cfg(tiny_assets, root, tmp_path / "out"), processor)
         (root / "train.parquet").unlink()
+
+
+# -- run id ------------------------------------------------------------------------------------------------------
+def test_an_unset_run_id_is_derived_from_the_data_and_the_training_settings(tmp_path, capsys):
+    """A restarted pod without SFT_RUN_ID gets the same id (so it finds its checkpoints), a new run a new one."""
+    env = {"SFT_DATASET_URI": str(tmp_path), "SFT_OUTPUT_DIR": str(tmp_path / "out")}
+    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
+    data = {"train": "a" * 64, "eval": "b" * 64}
+    run_id = _resolve_run_id(cfg, localize(cfg), {"data_fingerprint": data})
+    assert run_id == derived_run_id(cfg, data) and run_id.startswith("qwen3-sft-") and len(run_id) == 22
+    assert f"run id: {run_id} (SFT_RUN_ID unset: derived from the data fingerprint" in capsys.readouterr().out
+    assert derived_run_id(cfg.replace(train={"output_dir": "elsewhere"}, eval={"batch_size": 1}), data) == run_id
+    assert derived_run_id(cfg.replace(train={"learning_rate": 1e-3}), data) != run_id
+    assert derived_run_id(cfg, {**data, "train": "c" * 64}) != run_id
+    named = cfg.replace(train={"run_id": "mine"})
+    assert _resolve_run_id(named, localize(named), {"data_fingerprint": data}) == "mine"
