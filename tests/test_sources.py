@@ -14,7 +14,7 @@ from test_preflight import REPORT, make_cfg, row, write_split
 from job.cards import ModelCards
 from job.config import build_cfg
 from job.data.holdout import holdout_sides
-from job.data.loaders import _rows_to_dataset, holds_out
+from job.data.loaders import _rows_to_dataset, holds_out, load_local_split
 from job.errors import DataError
 from job.preflight import run as preflight
 from job.storage.hub import _eval_data_lines
@@ -187,3 +187,79 @@ def test_an_unset_run_id_is_derived_from_the_data_and_the_training_settings(tmp_
     assert derived_run_id(cfg, {**data, "train": "c" * 64}) != run_id
     named = cfg.replace(train={"run_id": "mine"})
     assert _resolve_run_id(named, localize(named), {"data_fingerprint": data}) == "mine"
+
+
+# -- layouts -----------------------------------------------------------------------------------------------------
+def _imagefolder(folder: Path, n: int, start: int, metadata: str) -> None:
+    """n rows whose images lie beside the metadata file, named by `file_name` as the imagefolder convention has it."""
+    rows = []
+    for r in _rows(folder, n, start):
+        (folder / "images" / Path(r["image"]).name).rename(folder / Path(r["image"]).name)
+        rows.append({"file_name": Path(r.pop("image")).name, **r})
+    if metadata == "metadata.jsonl":
+        (folder / metadata).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        lines = ["file_name,query,caption,target_json"] + [
+            ",".join([r["file_name"], r["query"], r["caption"], '"' + r["target_json"].replace('"', '""') + '"'])
+            for r in rows]
+        (folder / metadata).write_text("\n".join(lines) + "\n")
+
+
+def _hub_parquet(root: Path) -> None:
+    """What `push_to_hub` writes: data/{split}-00000-of-00001.parquet, the images embedded as bytes."""
+    import datasets
+
+    for split, start, n in (("train", 0, 5), ("validation", 100, 2)):
+        rows = [{**r, "image": {"bytes": (root / r["image"]).read_bytes(), "path": None}}
+                for r in _rows(root, n, start)]
+        features = datasets.Features({"image": datasets.Image(), **{k: datasets.Value("string") for k in
+                                                                    ("query", "caption", "target_json")}})
+        ds = datasets.Dataset.from_list(rows, features=features)
+        (root / "data").mkdir(exist_ok=True)
+        ds.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    shutil.rmtree(root / "images")
+
+
+LAYOUTS = {
+    "hub_parquet_shards": (_hub_parquet, "train[0]", 5),
+    "imagefolder_per_split": (lambda root: [_imagefolder(root / "train", 5, 0, "metadata.jsonl"),
+                                            _imagefolder(root / "validation", 2, 100, "metadata.csv")],
+                              "train/metadata.jsonl:1", 5),
+    "imagefolder_under_data": (lambda root: [_imagefolder(root / "data" / "train", 5, 0, "metadata.csv"),
+                                             _imagefolder(root / "data" / "validation", 2, 100, "metadata.jsonl")],
+                               "data/train/metadata.csv:2", 5),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_hub_layouts_are_found_without_pointing_inside_them(layout, tmp_path, tiny_assets, processor):
+    """The issue's second bullet: push_to_hub's data/ shards and the imagefolder convention, from the dataset root."""
+    build, first_id, n_train = LAYOUTS[layout]
+    root = tmp_path / "data"
+    root.mkdir()
+    build(root)
+    result = preflight.run_preflight(make_cfg(tiny_assets, root, tmp_path / "out"), processor)
+    assert result.report["ok"], result.report["errors"]
+    assert result.report["holdout"] is None and (len(result.train_dataset), len(result.eval_dataset)) == (n_train, 2)
+    assert result.train_dataset[0]["row_id"] == first_id
+
+
+def test_a_root_imagefolder_is_one_split_and_is_held_out(tmp_path, tiny_assets, processor):
+    root = tmp_path / "data"
+    root.mkdir()
+    _imagefolder(root, 12, 0, "metadata.csv")
+    cfg = make_cfg(tiny_assets, root, tmp_path / "out", SFT_EVAL_HOLDOUT="3")
+    assert holds_out(cfg)
+    report = preflight.run_preflight(cfg, processor).report
+    assert report["ok"] and len(report["holdout"]["eval_row_ids"]) == 3
+    assert all(r.startswith("metadata.csv:") for r in report["holdout"]["train_row_ids"])
+
+
+def test_a_missing_split_names_every_layout(tmp_path):
+    write_split(tmp_path, "train", [{"query": "q"}])
+    write_split(tmp_path, "val", [{"query": "q"}])
+    with pytest.raises(DataError) as info:
+        load_local_split(str(tmp_path), "validation")
+    for layout in ("validation.jsonl", "validation/metadata.jsonl (imagefolder)", "data/validation-*.parquet",
+                   "save_to_disk"):
+        assert layout in str(info.value)

@@ -7,16 +7,18 @@ decodes them: holding every decoded image in memory would not scale.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from job.config import JobConfig
 from job.data.holdout import holdout_sides
+from job.data.layouts import JSONL_SUFFIXES, SplitFiles, expected_layouts, find_split, single_split_source, whole_source
 from job.errors import DataError, TransientError, hub_offline
 from job.storage.sources import hub_dataset_id
 
@@ -24,35 +26,57 @@ from job.storage.sources import hub_dataset_id
 # (preflight, for length-grouped sampling).
 ROW_ID = "row_id"
 LENGTH_COLUMN = "sft_num_tokens"
-JSONL_SUFFIXES = (".jsonl", ".json")
+IMAGEFOLDER_FILE_KEY = "file_name"  # the imagefolder convention's image column (README, "Data format")
 
 
-def _jsonl_rows(path: Path, image_key: str, split: str) -> list[dict[str, Any]]:
-    """Parse a JSONL file line by line so that an error names the line; resolve image paths against the file."""
-    root = path.parent.resolve()
-    rows = []
+def _jsonl_records(path: Path, split: str, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) per non-blank line; a line that is not one JSON object names itself."""
     with path.open("rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise _line_error(split, f"{path.name}:{lineno}", f"is not valid UTF-8 ({exc.reason})",
+                raise _line_error(split, f"{name}:{lineno}", f"is not valid UTF-8 ({exc.reason})",
                                   "re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise _line_error(split, f"{path.name}:{lineno}", f"is not valid JSON ({exc.msg})",
+                raise _line_error(split, f"{name}:{lineno}", f"is not valid JSON ({exc.msg})",
                                   "each line must be one JSON object") from None
             if not isinstance(row, dict):
-                raise _line_error(split, f"{path.name}:{lineno}", f"is a JSON {type(row).__name__}",
+                raise _line_error(split, f"{name}:{lineno}", f"is a JSON {type(row).__name__}",
                                   "expected an object", carried_fix="each line must be one JSON object")
-            row[ROW_ID] = f"{path.name}:{lineno}"
-            image = row.get(image_key)
-            if isinstance(image, str):
-                row[image_key] = _resolve_image_path(root, image, row[ROW_ID], image_key)
-            rows.append(row)
+            yield lineno, row
+
+
+def _csv_records(path: Path, split: str, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """An imagefolder's metadata.csv: (line number, row); an empty cell is a missing value (CSV has no null)."""
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            for lineno, row in enumerate(csv.DictReader(handle), start=2):
+                yield lineno, {k: (v if v != "" else None) for k, v in row.items() if k is not None}
+    except UnicodeDecodeError as exc:
+        raise _line_error(split, name, f"is not valid UTF-8 ({exc.reason})", "re-encode the file as UTF-8") from None
+
+
+def _jsonl_rows(path: Path, image_key: str, split: str, name: str | None = None,
+                file_key: str | None = None) -> list[dict[str, Any]]:
+    """Parse a JSONL (or an imagefolder's metadata.csv) file line by line so that an error names the line; resolve
+    image paths against the file. name: the row ids' file part (the file name); file_key: the imagefolder column
+    (`file_name`) that names the image, which becomes the image column."""
+    root, name = path.parent.resolve(), name or path.name
+    records = _csv_records(path, split, name) if path.suffix == ".csv" else _jsonl_records(path, split, name)
+    rows = []
+    for lineno, row in records:
+        row[ROW_ID] = f"{name}:{lineno}"
+        if file_key is not None and file_key in row:
+            row[image_key] = row.pop(file_key)
+        image = row.get(image_key)
+        if isinstance(image, str):
+            row[image_key] = _resolve_image_path(root, image, row[ROW_ID], image_key)
+        rows.append(row)
     return rows
 
 
@@ -154,92 +178,43 @@ def _with_row_ids(ds, split: str):
     return ds.add_column(ROW_ID, [f"{split}[{i}]" for i in range(len(ds))])
 
 
-def _split_file(root: Path, split: str) -> Path | None:
-    for suffix in JSONL_SUFFIXES:
-        if (root / f"{split}{suffix}").is_file():
-            return root / f"{split}{suffix}"
-    return None
-
-
-def _is_saved_dataset(root: Path) -> bool:
-    return (root / "dataset_dict.json").is_file() or (root / "dataset_info.json").is_file()
-
-
-def _has_split(root: Path, split: str) -> bool:
-    """Whether a local dataset directory holds the split in one of the per-split layouts."""
-    if (root / "dataset_dict.json").is_file():
-        return (root / split).is_dir()
-    return _split_file(root, split) is not None or bool(_parquet_files(root, split))
-
-
-def _parquet_files(root: Path, split: str) -> list[Path]:
-    return sorted(root.glob(f"{split}*.parquet")) or sorted(root.glob(f"{split}/*.parquet"))
-
-
-def single_split_source(uri: str, train_split: str, eval_split: str) -> bool:
-    """A local source with one split, which the hold-out splits into train and eval: a single file, a save_to_disk
-    directory holding one Dataset, or a directory whose only split is the training split."""
-    root = Path(uri)
-    if root.is_file():
-        return True
-    if not root.is_dir():
-        return False
-    if (root / "dataset_info.json").is_file() and not (root / "dataset_dict.json").is_file():
-        return True
-    if not _has_split(root, train_split) or _has_split(root, eval_split):
-        return False
-    # Other data files may be the eval split under another name (SFT_EVAL_SPLIT=validation, a val.jsonl): then the
-    # missing split is an error naming what is there, never a silent hold-out.
-    ours = {p.resolve() for p in _parquet_files(root, train_split)}
-    ours.add((_split_file(root, train_split) or root).resolve())
-    return not [p for p in _data_files(root) if p.resolve() not in ours]
-
-
-def _data_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.suffix in (*JSONL_SUFFIXES, ".parquet") and p.is_file()
-            and p.name not in ("dataset_info.json", "dataset_dict.json", "state.json")]
-
-
-def _load_whole(root: Path, image_key: str):
-    """A single-split source, its rows named after the file or directory (`all.jsonl:17`, `all.parquet[17]`)."""
+def _read(found: SplitFiles, root: Path, split: str, image_key: str, label: str):
+    """A split's rows from its files (see job/data/layouts.py), named `{label}[i]` where the files give no line."""
     import datasets
 
-    if root.is_file() and root.suffix in JSONL_SUFFIXES:
-        return _rows_to_dataset(_jsonl_rows(root, image_key, root.name))
-    if root.is_file() and root.suffix == ".parquet":
-        ds = _with_row_ids(datasets.Dataset.from_parquet(str(root)), root.name)
-        return _resolved_images(ds, root.resolve().parent, image_key)
-    if root.is_file():
-        raise DataError(f"dataset file {str(root)!r} is not .jsonl, .json or .parquet (SFT_DATASET_URI)")
-    return _resolved_images(_with_row_ids(datasets.load_from_disk(str(root)), root.name), root.resolve(), image_key)
+    files = found.files
+    if found.kind == "jsonl":
+        return _rows_to_dataset(_jsonl_rows(files[0], image_key, split))
+    if found.kind == "imagefolder":
+        name = files[0].resolve().relative_to(root).as_posix()
+        return _rows_to_dataset(_jsonl_rows(files[0], image_key, split, name=name, file_key=IMAGEFOLDER_FILE_KEY))
+    if found.kind == "parquet":
+        ds = datasets.Dataset.from_parquet([str(p) for p in files])
+    else:
+        ds = datasets.load_from_disk(str(files[0]))
+    return _resolved_images(_with_row_ids(ds, label), root, image_key)
 
 
 def load_local_split(uri: str, split: str, image_key: str = "image"):
     """Load one split from a local path. Raises DataError naming the path and what was expected."""
-    import datasets
-
-    root = Path(uri)
-    if not root.exists():
+    path = Path(uri)
+    if not path.exists():
         raise DataError(f"dataset path {uri!r} does not exist (SFT_DATASET_URI)")
-    if root.is_file() or ((root / "dataset_info.json").is_file() and not (root / "dataset_dict.json").is_file()):
-        ds = _load_whole(root, image_key)
-    elif (root / "dataset_dict.json").is_file():
-        loaded = datasets.load_from_disk(str(root))
-        if split not in loaded:
-            raise DataError(
-                f"split {split!r} not found in {uri}: it has {sorted(loaded)}; set SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT"
-            )
-        ds = _resolved_images(_with_row_ids(loaded[split], split), root.resolve(), image_key)
-    elif (jsonl := _split_file(root, split)) is not None:
-        ds = _rows_to_dataset(_jsonl_rows(jsonl, image_key, split))
-    elif parquet := _parquet_files(root, split):
-        ds = _with_row_ids(datasets.Dataset.from_parquet([str(p) for p in parquet]), split)
-        ds = _resolved_images(ds, root.resolve(), image_key)
+    if path.is_file() and path.suffix not in (*JSONL_SUFFIXES, ".parquet"):
+        raise DataError(f"dataset file {uri!r} is not .jsonl, .json or .parquet (SFT_DATASET_URI)")
+    root = path.resolve() if path.is_dir() else path.resolve().parent
+    found = find_split(path, split) if path.is_dir() else None
+    whole = whole_source(path) if found is None else None
+    if found is not None:
+        ds = _read(found, root, split, image_key, split)
+    elif whole is not None:  # one split by its form: rows named after the file or directory (`all.parquet[17]`)
+        ds = _read(whole, root, split, image_key, path.name)
+    elif (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits")
+        raise DataError(f"split {split!r} not found in {uri}: it has {splits}; set SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT")
     else:
-        raise DataError(
-            f"no {split!r} split in {uri}: expected {split}.jsonl, {split}*.parquet, {split}/*.parquet "
-            "or a datasets.save_to_disk directory; add it, or set SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT to a split it has"
-        )
+        raise DataError(f"no {split!r} split in {uri}: expected {expected_layouts(split)}; add it, or set "
+                        "SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT to a split it has")
     if len(ds) == 0:
         raise DataError(
             f"split {split!r} in {uri} is empty; add rows or point SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT elsewhere"
