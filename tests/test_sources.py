@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import TINY_PIXELS
 from test_preflight import REPORT, make_cfg, row, write_split
 
 from job.cards import ModelCards
@@ -16,7 +17,9 @@ from job.config import build_cfg
 from job.data.holdout import holdout_sides
 from job.data.loaders import _rows_to_dataset, holds_out, load_local_split
 from job.errors import DataError
+from job.eval import command as eval_command
 from job.preflight import run as preflight
+from job.storage import s3 as s3io
 from job.storage.hub import _eval_data_lines
 from job.storage.sources import localize
 from job.train.prepare import _resolve_run_id
@@ -263,3 +266,41 @@ def test_a_missing_split_names_every_layout(tmp_path):
     for layout in ("validation.jsonl", "validation/metadata.jsonl (imagefolder)", "data/validation-*.parquet",
                    "save_to_disk"):
         assert layout in str(info.value)
+
+
+# -- preflight and eval read s3:// sources as run does -----------------------------------------------------------
+@pytest.fixture()
+def s3_dataset(s3_endpoint, tmp_path) -> str:
+    """6 train and 2 eval rows under s3://sources-<test>/ds (moto, over real HTTP)."""
+    root = tmp_path / "upload"
+    write_split(root, "train", _rows(root, 6))
+    write_split(root, "validation", _rows(root, 2, 100))
+    bucket = f"sources-{abs(hash(str(tmp_path))) % 10**8}"
+    s3io.client().create_bucket(Bucket=bucket)
+    s3io.upload_dir(s3io.client(), root, s3io.S3Uri(bucket, "ds"))
+    return f"s3://{bucket}/ds"
+
+
+def _cli_env(tiny_assets, tmp_path: Path, **env: str) -> dict[str, str]:
+    return {"SFT_MODEL_ID": str(tiny_assets[0]), "SFT_OUTPUT_DIR": str(tmp_path / "out"), "SFT_MAX_LENGTH": "512",
+            "SFT_CACHE_DIR": str(tmp_path / "cache"), **TINY_PIXELS, **env}
+
+
+def test_preflight_mirrors_an_s3_dataset_into_the_run_cache(s3_dataset, tiny_assets, tmp_path):
+    """The issue's fourth bullet: `preflight` (the retrain workflow's first step) reads the bucket itself."""
+    env = _cli_env(tiny_assets, tmp_path, SFT_DATASET_URI=s3_dataset)
+    result = preflight.main(env)
+    assert result.report["ok"] and len(result.train_dataset) == 6 and len(result.eval_dataset) == 2
+    mirror = tmp_path / "cache" / "datasets" / s3_dataset.removeprefix("s3://")
+    assert (mirror / "train.jsonl").is_file() and result.train_dataset[0]["image"].startswith(str(mirror.resolve()))
+    stamp = (mirror / "train.jsonl").stat().st_mtime_ns
+    preflight.main(env)  # the same cache, unchanged objects (size and ETag) not downloaded again
+    assert (mirror / "train.jsonl").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow  # loads the tiny model and generates
+def test_eval_mirrors_an_s3_dataset_into_the_run_cache(s3_dataset, tiny_assets, tmp_path):
+    env = _cli_env(tiny_assets, tmp_path, SFT_DATASET_URI=s3_dataset, SFT_EVAL_ADAPTER="none",
+                   SFT_EVAL_MAX_NEW_TOKENS="2", SFT_WANDB_ENABLED="false")
+    assert eval_command.main(env)["n"] == 2
+    assert (tmp_path / "cache" / "datasets" / s3_dataset.removeprefix("s3://") / "validation.jsonl").is_file()

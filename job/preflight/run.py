@@ -30,6 +30,7 @@ from job.errors import DataError
 from job.preflight.early import check_inputs, load_processor_checked
 from job.preflight.report import MAX_LISTED_ERRORS, build_report, failure_message, format_issue, summary_table
 from job.preflight.scan import SplitTally, effective_workers, make_issue, scan, worker_count
+from job.storage.sources import localize
 
 log = logging.getLogger("job.preflight")
 
@@ -256,4 +257,6 @@ def run_preflight(cfg: JobConfig, processor=None, roles: tuple[str, ...] = ROLES
 def main(env: dict | None = None) -> PreflightResult:
     cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
     check_inputs(cfg, "preflight")
-    return run_preflight(cfg, load_processor_checked(cfg))
+    sources = localize(cfg)  # s3:// and Hub sources, mirrored into the same cache as `run` uses
+    local = sources.local(cfg)
+    return run_preflight(local, load_processor_checked(local, sources.model_id))
