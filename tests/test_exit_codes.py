@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 from helpers import REPO, TINY_PIXELS
+from hub_server import serve_hub
 
 from job import cli
 from job.cards import ModelCards
@@ -46,30 +46,6 @@ def _free_port() -> int:
 
 
 # -- loopback servers --------------------------------------------------------------------------------------------
-class _HubHandler(http.server.BaseHTTPRequestHandler):
-    """The Hub's API as huggingface_hub reads it: the status and X-Error-Code decide the exception it raises."""
-
-    ROUTES: ClassVar[dict[str, tuple[int, str | None]]] = {
-        "org/private": (401, "RepoNotFound"), "org/gated": (403, "GatedRepo"), "org/down": (503, None),
-        "org/missing-rev": (404, "RevisionNotFound")}
-
-    def do_GET(self):  # http.server's name
-        status, code = next((v for k, v in self.ROUTES.items() if f"/{k}" in self.path), (404, "RepoNotFound"))
-        body = json.dumps({"error": f"loopback hub says {status}"}).encode()
-        self.send_response(status)
-        if code:
-            self.send_header("X-Error-Code", code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_HEAD = do_GET
-
-    def log_message(self, *args):  # quiet
-        pass
-
-
 class _SlowDownHandler(http.server.BaseHTTPRequestHandler):
     """An S3 endpoint under a storm: every request gets 503 SlowDown (botocore retries, then gives up)."""
 
@@ -98,9 +74,9 @@ def _serve(handler) -> tuple[str, http.server.ThreadingHTTPServer]:
 
 @pytest.fixture(scope="module")
 def hub_endpoint():
-    url, server = _serve(_HubHandler)
-    yield url
-    server.shutdown()
+    """The loopback Hub (tests/hub_server.py) with no repos: only its fixed errors and 404s."""
+    with serve_hub() as hub:
+        yield hub.url
 
 
 @pytest.fixture(scope="module")
