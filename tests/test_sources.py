@@ -18,10 +18,11 @@ from job.data.holdout import holdout_sides
 from job.data.loaders import _rows_to_dataset, holds_out, load_local_split
 from job.errors import DataError
 from job.eval import command as eval_command
+from job.outputs import lineage, training_meta
 from job.preflight import run as preflight
 from job.storage import s3 as s3io
-from job.storage.hub import _eval_data_lines
-from job.storage.sources import localize
+from job.storage.hub import _eval_data_lines, build_model_card
+from job.storage.sources import HubDataset, Sources, hub_dataset, localize
 from job.train.prepare import _resolve_run_id
 from job.train.resume import derived_run_id
 
@@ -304,3 +305,20 @@ def test_eval_mirrors_an_s3_dataset_into_the_run_cache(s3_dataset, tiny_assets, 
                    SFT_EVAL_MAX_NEW_TOKENS="2", SFT_WANDB_ENABLED="false")
     assert eval_command.main(env)["n"] == 2
     assert (tmp_path / "cache" / "datasets" / s3_dataset.removeprefix("s3://") / "validation.jsonl").is_file()
+
+
+# -- Hub dataset lineage -----------------------------------------------------------------------------------------
+def test_the_hub_commit_goes_into_training_meta_and_the_card():
+    """The resolved commit (what localize learned) is recorded next to the revision the user asked for."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, {"SFT_DATASET_URI": "hf://datasets/org/sarcasm/v2",
+                                                        "SFT_DATASET_REVISION": "v2.1"})
+    assert hub_dataset(cfg.data.uri) == HubDataset("org/sarcasm", "v2")
+    sources = Sources(cfg.data.uri, cfg.model.id, "/cache/snapshots/x/v2", cfg.model.id, commit)
+    info = lineage(cfg, sources, None, "f" * 64)
+    meta = training_meta(cfg, sources, "r", lineage_info=info, metrics={}, durations={}, params={},
+                         resumed_from=None, global_step=0)
+    assert meta["dataset"]["commit_sha"] == commit and meta["dataset"]["revision"] == "v2.1"
+    card = str(build_model_card(cfg, "r", {"post": {"accuracy": 0.5}}, info))
+    assert "datasets:\n- org/sarcasm\n" in card and f"dataset_revision: {commit}" in card
+    assert f"revision: {commit}" in card.split("model-index:")[1]  # each eval result names the commit

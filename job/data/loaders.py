@@ -178,7 +178,7 @@ def _with_row_ids(ds, split: str):
     return ds.add_column(ROW_ID, [f"{split}[{i}]" for i in range(len(ds))])
 
 
-def _read(found: SplitFiles, root: Path, split: str, image_key: str, label: str):
+def _read(found: SplitFiles, base: Path, root: Path, split: str, image_key: str, label: str):
     """A split's rows from its files (see job/data/layouts.py), named `{label}[i]` where the files give no line."""
     import datasets
 
@@ -186,7 +186,8 @@ def _read(found: SplitFiles, root: Path, split: str, image_key: str, label: str)
     if found.kind == "jsonl":
         return _rows_to_dataset(_jsonl_rows(files[0], image_key, split))
     if found.kind == "imagefolder":
-        name = files[0].resolve().relative_to(root).as_posix()
+        # Named as the dataset lays it out; not resolved: a Hub snapshot's files are links into its blob store.
+        name = os.path.relpath(files[0], base).replace(os.sep, "/")
         return _rows_to_dataset(_jsonl_rows(files[0], image_key, split, name=name, file_key=IMAGEFOLDER_FILE_KEY))
     if found.kind == "parquet":
         ds = datasets.Dataset.from_parquet([str(p) for p in files])
@@ -206,9 +207,9 @@ def load_local_split(uri: str, split: str, image_key: str = "image"):
     found = find_split(path, split) if path.is_dir() else None
     whole = whole_source(path) if found is None else None
     if found is not None:
-        ds = _read(found, root, split, image_key, split)
+        ds = _read(found, path, root, split, image_key, split)
     elif whole is not None:  # one split by its form: rows named after the file or directory (`all.parquet[17]`)
-        ds = _read(whole, root, split, image_key, path.name)
+        ds = _read(whole, path if path.is_dir() else path.parent, root, split, image_key, path.name)
     elif (path / "dataset_dict.json").is_file():
         splits = json.loads((path / "dataset_dict.json").read_text()).get("splits")
         raise DataError(f"split {split!r} not found in {uri}: it has {splits}; set SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT")

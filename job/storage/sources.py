@@ -112,13 +112,17 @@ class Sources:
 
 def _hub_snapshot(cfg: JobConfig, hub: HubDataset) -> tuple[Path, str]:
     """The dataset's files at SFT_DATASET_REVISION (only hub.path's, when the URI names a folder), and the commit."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
 
     data = cfg.data
-    revision = f" at SFT_DATASET_REVISION={data.revision!r}" if data.revision else ""
-    context = f"SFT_DATASET_URI={data.uri!r} (no such local path, so the Hub dataset {hub.repo_id}{revision})"
+    pinned = f" at SFT_DATASET_REVISION={data.revision!r}" if data.revision else ""
+    context = f"SFT_DATASET_URI={data.uri!r} (no such local path, so the Hub dataset {hub.repo_id}{pinned})"
     try:
-        local = Path(snapshot_download(hub.repo_id, repo_type="dataset", revision=data.revision,
+        # The revision is resolved first, and the snapshot asked for by commit: snapshot_download alone falls back to
+        # a cached snapshot when the Hub refuses (401/403) or fails, which would train on data the token may no
+        # longer read, or on an old commit of a moved branch. HF_HUB_OFFLINE=1 reads the cache on purpose.
+        revision = data.revision if hub_offline() else HfApi().dataset_info(hub.repo_id, revision=data.revision).sha
+        local = Path(snapshot_download(hub.repo_id, repo_type="dataset", revision=revision,
                                        allow_patterns=[f"{hub.path}/**"] if hub.path else None))
     except Exception as exc:  # classified: 401/403/404 -> 2, timeouts and 5xx -> 3, else a bug
         if hub_offline():
