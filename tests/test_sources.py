@@ -13,6 +13,7 @@ from helpers import TINY_PIXELS
 from test_preflight import REPORT, make_cfg, row, write_split
 
 from job.cards import ModelCards
+from job.cli import exit_code_for
 from job.config import build_cfg
 from job.data.holdout import holdout_sides
 from job.data.loaders import _rows_to_dataset, holds_out, load_local_split
@@ -322,3 +323,11 @@ def test_the_hub_commit_goes_into_training_meta_and_the_card():
     card = str(build_model_card(cfg, "r", {"post": {"accuracy": 0.5}}, info))
     assert "datasets:\n- org/sarcasm\n" in card and f"dataset_revision: {commit}" in card
     assert f"revision: {commit}" in card.split("model-index:")[1]  # each eval result names the commit
+
+
+def test_hub_timeouts_are_transient_and_refusals_user_errors():
+    """huggingface_hub 2 talks through httpx2: its timeouts and refused connections are exit 3 like httpx's."""
+    import httpx2
+
+    assert exit_code_for(httpx2.ConnectTimeout("timed out")) == 3
+    assert exit_code_for(httpx2.ConnectError("refused")) == 3
