@@ -288,6 +288,7 @@ def _cli_env(tiny_assets, tmp_path: Path, **env: str) -> dict[str, str]:
             "SFT_CACHE_DIR": str(tmp_path / "cache"), **TINY_PIXELS, **env}
 
 
+@pytest.mark.slow  # loads the processor through the command's own path (about 8 s)
 def test_preflight_mirrors_an_s3_dataset_into_the_run_cache(s3_dataset, tiny_assets, tmp_path):
     """The issue's fourth bullet: `preflight` (the retrain workflow's first step) reads the bucket itself."""
     env = _cli_env(tiny_assets, tmp_path, SFT_DATASET_URI=s3_dataset)
@@ -296,7 +297,8 @@ def test_preflight_mirrors_an_s3_dataset_into_the_run_cache(s3_dataset, tiny_ass
     mirror = tmp_path / "cache" / "datasets" / s3_dataset.removeprefix("s3://")
     assert (mirror / "train.jsonl").is_file() and result.train_dataset[0]["image"].startswith(str(mirror.resolve()))
     stamp = (mirror / "train.jsonl").stat().st_mtime_ns
-    preflight.main(env)  # the same cache, unchanged objects (size and ETag) not downloaded again
+    # The same cache `run` fills, and its ETag reuse: unchanged objects (size and ETag) are not downloaded again.
+    assert localize(build_cfg(ModelCards().qwen3_vl_8b_instruct, env)).dataset_path == str(mirror)
     assert (mirror / "train.jsonl").stat().st_mtime_ns == stamp
 
 
