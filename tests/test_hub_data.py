@@ -74,6 +74,9 @@ def _repos() -> dict[str, Repo]:
         "org/nested": Repo({commit_sha("nested"): {**readme, **_shards("sarcasm/fr/", 3, "fr"),
                                                    **_shards("sarcasm/en/", 4, "en")}},
                            {"main": commit_sha("nested")}),
+        # One split on the Hub (push_to_hub of a single Dataset): the eval rows are held out of it.
+        "org/train-only": Repo({commit_sha("train-only"): {"data/train-00000-of-00001.parquet": _parquet(20, "one")}},
+                               {"main": commit_sha("train-only")}),
         "org/private-images": Repo({commit_sha("images"): _imagefolder()}, {"main": commit_sha("images")}, TOKEN),
     }
 
@@ -85,6 +88,7 @@ SCENARIOS = {
     "folder_and_config": {"SFT_DATASET_URI": "hf://datasets/org/nested/sarcasm", "SFT_DATASET_CONFIG": "fr"},
     "unknown_config": {"SFT_DATASET_URI": "hf://datasets/org/nested/sarcasm", "SFT_DATASET_CONFIG": "de"},
     "unknown_revision": {"SFT_DATASET_URI": "org/pinned", "SFT_DATASET_REVISION": "v9"},
+    "one_split": {"SFT_DATASET_URI": "org/train-only", "SFT_EVAL_HOLDOUT": "4"},
     "private_with_token": {"SFT_DATASET_URI": "org/private-images", "HF_TOKEN": TOKEN},
     "private_without_token": {"SFT_DATASET_URI": "org/private-images"},
     "private_wrong_token": {"SFT_DATASET_URI": "org/private-images", "HF_TOKEN": "hf_wrong"},
@@ -132,6 +136,12 @@ def test_a_folder_of_the_repo_and_a_named_configuration(hub_runs):
     unknown = results["unknown_config"]
     assert unknown["code"] == 2 and "SFT_DATASET_CONFIG='de'" in unknown["message"] and "en, fr" in unknown["message"]
     assert results["unknown_revision"]["code"] == 2 and "org/pinned" in results["unknown_revision"]["message"]
+
+
+def test_a_hub_dataset_with_one_split_is_held_out(hub_runs):
+    one = hub_runs[0]["one_split"]
+    assert one["code"] == 0 and len(one["eval_ids"]) == 4 and len(one["train_ids"]) == 16, one
+    assert not set(one["eval_ids"]) & set(one["train_ids"])
 
 
 def test_a_private_imagefolder_needs_the_token(hub_runs):
