@@ -65,13 +65,28 @@ def _imagefolder() -> dict[str, bytes]:
     return files
 
 
+# The configurations a dataset card declares: by data_files per split, and by data_dir.
+CONFIGS_CARD = b"""---
+configs:
+- config_name: french
+  data_files:
+  - split: train
+    path: sarcasm/fr/train-*
+  - split: validation
+    path: sarcasm/fr/validation-*
+- config_name: english
+  data_dir: sarcasm/en
+---
+"""
+
+
 def _repos() -> dict[str, Repo]:
     readme = {"README.md": b"---\nlicense: mit\n---\n"}
     return {
         # Two commits: v1 (a tag) has 5 training rows, main moved on to 7. The pinned one is what is read.
         "org/pinned": Repo({V1: {**readme, **_shards("data/", 5, "v1")}, V2: {**readme, **_shards("data/", 7, "v2")}},
                            {"main": V2, "v1": V1}),
-        "org/nested": Repo({commit_sha("nested"): {**readme, **_shards("sarcasm/fr/", 3, "fr"),
+        "org/nested": Repo({commit_sha("nested"): {"README.md": CONFIGS_CARD, **_shards("sarcasm/fr/", 3, "fr"),
                                                    **_shards("sarcasm/en/", 4, "en")}},
                            {"main": commit_sha("nested")}),
         # One split on the Hub (push_to_hub of a single Dataset): the eval rows are held out of it.
@@ -86,6 +101,8 @@ SCENARIOS = {
     "pinned_by_commit": {"SFT_DATASET_URI": "hf://datasets/org/pinned", "SFT_DATASET_REVISION": V1},
     "default_branch": {"SFT_DATASET_URI": "org/pinned"},
     "folder_and_config": {"SFT_DATASET_URI": "hf://datasets/org/nested/sarcasm", "SFT_DATASET_CONFIG": "fr"},
+    "declared_config": {"SFT_DATASET_URI": "org/nested", "SFT_DATASET_CONFIG": "french"},
+    "declared_data_dir": {"SFT_DATASET_URI": "org/nested", "SFT_DATASET_CONFIG": "english"},
     "unknown_config": {"SFT_DATASET_URI": "hf://datasets/org/nested/sarcasm", "SFT_DATASET_CONFIG": "de"},
     "unknown_revision": {"SFT_DATASET_URI": "org/pinned", "SFT_DATASET_REVISION": "v9"},
     "one_split": {"SFT_DATASET_URI": "org/train-only", "SFT_EVAL_HOLDOUT": "4"},
@@ -133,6 +150,9 @@ def test_a_folder_of_the_repo_and_a_named_configuration(hub_runs):
     results = hub_runs[0]
     fr = results["folder_and_config"]
     assert fr["code"] == 0 and len(fr["train_ids"]) == 3 and fr["captions"][0].startswith("fr ")
+    french, english = results["declared_config"], results["declared_data_dir"]
+    assert french["code"] == 0 and len(french["train_ids"]) == 3 and french["captions"][0].startswith("fr "), french
+    assert english["code"] == 0 and len(english["train_ids"]) == 4 and english["captions"][0].startswith("en "), english
     unknown = results["unknown_config"]
     assert unknown["code"] == 2 and "SFT_DATASET_CONFIG='de'" in unknown["message"] and "en, fr" in unknown["message"]
     assert results["unknown_revision"]["code"] == 2 and "org/pinned" in results["unknown_revision"]["message"]

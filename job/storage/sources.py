@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,15 +134,64 @@ def _hub_snapshot(cfg: JobConfig, hub: HubDataset) -> tuple[Path, str]:
             raise
         raise error from exc
     root = local / hub.path
-    if data.config:  # a named configuration: its folder (what push_to_hub(config_name=...) writes)
-        if not (root / data.config).is_dir():
-            folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-            raise UserError(f"SFT_DATASET_CONFIG={data.config!r}: {context} has no folder {data.config!r} "
-                            f"(its folders: {', '.join(folders) or 'none'}); unset it or name one of them")
-        root = root / data.config
     if not root.is_dir():
         raise UserError(f"{context} has no folder {hub.path!r} at commit {local.name}")
+    if data.config:
+        root = _config_root(cfg, hub, root, local.name, context)
     return root, local.name
+
+
+def _declared_configs(card: Path) -> dict[str, dict]:
+    """The configurations a dataset card declares (`configs:` in README.md's YAML header), by name."""
+    from huggingface_hub.repocard import metadata_load
+
+    meta = (metadata_load(card) if card.is_file() else None) or {}
+    return {str(c.get("config_name")): c for c in meta.get("configs") or [] if isinstance(c, dict)}
+
+
+def _split_patterns(data_files: Any) -> dict[str, list[str]]:
+    """`data_files` as the card writes it (a pattern, a list, or a list of {split, path}) as split -> patterns."""
+    if isinstance(data_files, str):
+        return {"train": [data_files]}
+    if isinstance(data_files, dict):
+        return {str(k): [v] if isinstance(v, str) else list(v) for k, v in data_files.items()}
+    patterns: dict[str, list[str]] = {}
+    for entry in data_files or []:
+        if isinstance(entry, str):
+            patterns.setdefault("train", []).append(entry)
+        elif isinstance(entry, dict):
+            path = entry.get("path", [])
+            patterns.setdefault(str(entry.get("split", "train")), []).extend([path] if isinstance(path, str) else path)
+    return patterns
+
+
+def _config_root(cfg: JobConfig, hub: HubDataset, root: Path, commit: str, context: str) -> Path:
+    """SFT_DATASET_CONFIG: the configuration the card declares (its `data_dir`, or its parquet `data_files` per split,
+    linked into `{split}/` folders under SFT_CACHE_DIR), else the folder of that name (what
+    push_to_hub(config_name=...) writes beside the card's entry)."""
+    name = cfg.data.config or ""
+    declared = _declared_configs(root / "README.md").get(name)
+    if declared is None:
+        if (root / name).is_dir():
+            return root / name
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        known = sorted(_declared_configs(root / "README.md")) + folders
+        raise UserError(f"SFT_DATASET_CONFIG={name!r}: {context} declares no such configuration and has no such "
+                        f"folder (it has: {', '.join(known) or 'none'}); unset it or name one of them")
+    if declared.get("data_dir"):
+        return root / str(declared["data_dir"])
+    view = cache_dir(cfg) / "hub-configs" / hub.repo_id / commit / name
+    shutil.rmtree(view, ignore_errors=True)
+    for split, patterns in _split_patterns(declared.get("data_files")).items():
+        matched = sorted({p for pattern in patterns for p in root.glob(pattern) if p.is_file()})
+        if not matched or any(p.suffix != ".parquet" for p in matched):
+            raise UserError(f"SFT_DATASET_CONFIG={name!r}: {context}: split {split!r} of the configuration matches "
+                            f"{[p.name for p in matched][:5] or 'no file'} ({patterns}); a configuration's data_files "
+                            "must be parquet files here (or give it a data_dir)")
+        (view / split).mkdir(parents=True)
+        for path in matched:
+            (view / split / path.relative_to(root).as_posix().replace("/", "--")).symlink_to(path)
+    return view
 
 
 def localize(cfg: JobConfig) -> Sources:
