@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from job.config import JobConfig
-from job.data.holdout import holdout_sides
+from job.data.holdout import ROW_ID, holdout_sides
 from job.data.layouts import JSONL_SUFFIXES, SplitFiles, expected_layouts, find_split, single_split_source, whole_source
 from job.errors import DataError, TransientError, hub_offline
 from job.storage.sources import hub_dataset_id
 
 # Columns the job adds to a split: each row's name in messages (loading), and its text + visual token count
 # (preflight, for length-grouped sampling).
-ROW_ID = "row_id"
 LENGTH_COLUMN = "sft_num_tokens"
 IMAGEFOLDER_FILE_KEY = "file_name"  # the imagefolder convention's image column (README, "Data format")
 
