@@ -38,17 +38,25 @@ $(STAMP): pyproject.toml requirements.lock
 lock: install ## regenerate docker/constraints.txt (the image) and requirements.lock (make install, CI) from pyproject.toml
 	$(PY) scripts/lock.py
 
+# The demo's settings that training, eval and export share (export reuses the run's post-eval only when they match).
+DEMO_ENV := WANDB_MODE=offline WANDB_DIR=$(DEMO_DIR) HF_HUB_OFFLINE=1 \
+	SFT_MODEL_ID=$(DEMO_DIR)/model SFT_DATASET_URI=$(DEMO_DIR)/data SFT_OUTPUT_DIR=$(DEMO_DIR)/out SFT_RUN_ID=demo \
+	SFT_MAX_LENGTH=512 SFT_IMAGE_MIN_PIXELS=4096 SFT_IMAGE_MAX_PIXELS=16384 SFT_EVAL_MAX_NEW_TOKENS=16 \
+	SFT_EVAL_BATCH_SIZE=16
+
 demo: install ## run the whole job on the tiny offline Qwen3-VL and the synthetic dataset (CPU, W&B offline)
 	$(PY) -m job.demo.tiny $(DEMO_DIR)
 	rm -rf $(DEMO_DIR)/out
-	WANDB_MODE=offline WANDB_DIR=$(DEMO_DIR) HF_HUB_OFFLINE=1 \
-	SFT_MODEL_ID=$(DEMO_DIR)/model SFT_DATASET_URI=$(DEMO_DIR)/data SFT_OUTPUT_DIR=$(DEMO_DIR)/out SFT_RUN_ID=demo \
+	$(DEMO_ENV) \
 	SFT_MAX_STEPS=60 SFT_SAVE_STEPS=30 SFT_LEARNING_RATE=5e-3 SFT_PER_DEVICE_BATCH_SIZE=4 SFT_GRAD_ACCUM=1 \
-	SFT_LOGGING_STEPS=10 SFT_WARMUP_RATIO=0.05 SFT_LORA_DROPOUT=0 SFT_MAX_LENGTH=512 SFT_GRADIENT_CHECKPOINTING=false \
-	SFT_IMAGE_MIN_PIXELS=4096 SFT_IMAGE_MAX_PIXELS=16384 SFT_EVAL_MAX_NEW_TOKENS=16 SFT_EVAL_BATCH_SIZE=16 \
+	SFT_LOGGING_STEPS=10 SFT_WARMUP_RATIO=0.05 SFT_LORA_DROPOUT=0 SFT_GRADIENT_CHECKPOINTING=false \
 	SFT_DATALOADER_NUM_WORKERS=0 \
 	$(VENV)/bin/qwen3-sft run
 	@$(PY) -m job.demo.report $(DEMO_DIR)/out/metrics.json
+
+export: install ## after make demo: merge the demo run's adapter into the tiny base, verify it, write $(DEMO_DIR)/out/merged
+	@test -f $(DEMO_DIR)/out/adapter/adapter_config.json || { echo "make export: run make demo first" >&2; exit 2; }
+	$(DEMO_ENV) $(VENV)/bin/qwen3-sft export
 
 # lint-py runs beside the suite, at a lower priority (it fills the cores the suite leaves idle); its output is printed
 # after the suite's, and either failing fails the target.
@@ -89,7 +97,7 @@ lint: install lint-py ## lint-py, then docker/Dockerfile, k8s/ and the retrain w
 	$(VENV)/bin/zizmor --offline .github/workflows/retrain.yml
 
 device-kit: ## download the GPU proof kit into .cache/device-kit: the wheels a CUDA box with torch lacks (<= 60 MiB; see README)
-	$(KIT_PY) benchmarks/device/kit.py download
+	$(KIT_PY) -m benchmarks.device.kit download
 
 image: ## docker build the GPU image as $(IMAGE) (needs Docker; MAX_JOBS=N for a flash-attn source build)
 	docker build -f docker/Dockerfile -t $(IMAGE) \
@@ -123,5 +131,5 @@ image-smoke: image ## build the image, then run qwen3-sft config and preflight o
 	docker run --rm $(SMOKE_ENV) --entrypoint tini $(IMAGE) -- \
 	  sh -c 'python -m job.demo.tiny /tmp/demo && exec qwen3-sft preflight'
 
-.PHONY: help install lock demo test test-fast test-image-pins lint lint-py device-kit image push submit preflight \
+.PHONY: help install lock demo export test test-fast test-image-pins lint lint-py device-kit image push submit preflight \
 	image-smoke

@@ -1,6 +1,6 @@
 """Collator throughput: the seed's two-pass labels vs our single pass vs the bare processor call (the floor).
 
-    python benchmarks/collator.py [--assets DIR] [--quick] [--rows N] [--batch-size B] [--repeat R]
+    python -m benchmarks.collator [--assets DIR] [--quick] [--rows N] [--batch-size B] [--repeat R]
 
 Variants, on the same rows (in-memory RGB images of mixed sizes up to 1600x1200, varied text) and batches:
   (a) seed, two pass: render the chats, run the processor on the batch, then run the processor again on every
@@ -21,9 +21,6 @@ import argparse
 import random
 import sys
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import best_time, draw_image, load_average, machine, mixed_image_sizes, tiny_assets
 

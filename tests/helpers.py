@@ -1,14 +1,24 @@
-"""Helpers for tests that run the job as a real subprocess on the tiny model."""
+"""Helpers for tests that run the job as a real subprocess on the tiny model, and images they build."""
 
 from __future__ import annotations
 
 import os
+import random
+import struct
 import subprocess
 import sys
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from PIL import Image
+
+from benchmarks import REPO
+
+# Log lines the job writes when it loads the processor and the weights (job/model.py): absent = failed early.
+PROCESSOR_LOADED = "loading processor"
+WEIGHTS_LOADED = "loading model weights"
+TRACEBACK = "Traceback (most recent call last)"
 TINY_PIXELS = {"SFT_IMAGE_MIN_PIXELS": "4096", "SFT_IMAGE_MAX_PIXELS": "16384"}
 
 
@@ -33,3 +43,20 @@ def run_job(args: list[str], env: dict[str, str], timeout: int = 600) -> subproc
     return subprocess.run(
         [sys.executable, "-m", "job", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
+
+
+def noise_image(size=(96, 64), mode="RGB", seed=0) -> Image.Image:
+    rng = random.Random(seed)
+    return Image.frombytes(mode, size, bytes(rng.getrandbits(8) for _ in range(size[0] * size[1] * len(mode))))
+
+
+def bomb_png(path: Path, width: int, height: int) -> None:
+    """A valid 1-bit PNG of width x height that is tiny on disk (zero rows compress ~1000:1), written without PIL."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    line, comp = b"\x00" * (1 + (width + 7) // 8), zlib.compressobj(9)
+    idat = b"".join(comp.compress(line) for _ in range(height)) + comp.flush()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))

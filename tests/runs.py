@@ -11,9 +11,9 @@ Job processes are forked by the zygote (tests/zygote.py: one interpreter that ha
 11-14 CPU-s of imports per process on 2 cores); each is still its own process with its own environment, signals and
 exit code. A whole-suite session starts the zygote before collection (pytest_configure), so that its imports overlap
 collection's. Fresh interpreters: the reference run (`python -m job run` itself, PYTHONWARNINGS from the first import),
-the torchrun ranks, and the tests that need an environment read at import time (HF_ENDPOINT). `run_forked` runs a
-one-off process the same way. At the end of the session, the terminal summary says when each run finished and the
-CPU seconds each folder's forked processes used.
+the DDP workers (the launcher, forked, starts them as torchrun would), and the tests that need an environment read
+at import time (HF_ENDPOINT). `run_forked` runs a one-off process the same way. At the end of the session, the
+terminal summary says when each run finished and the CPU seconds each folder's forked processes used.
 
 To reuse a run in a new test, request its fixture and read its files; never change them (copy the directory first,
 as the `resumed_from_an_incomplete_checkpoint` run does). Every run writes its console output to `tmp/log.txt`, its
@@ -38,11 +38,11 @@ The runs (fixture -> what it returns):
   pod1 is SIGKILLed while its checkpoint-4 upload is held, pod2 (an empty disk, the same SFT_RUN_ID) restores
   checkpoint-2 from the store and finishes exactly like the reference run.
 - rerun_chain -> Rerun: a 2-step run whose gate refuses, then the same command again, a rerun after its adapter and
-  metrics were lost, and once more (the re-run tests of tests/test_rerun.py).
-- ddp_run -> Run: `torchrun --nproc_per_node=2` (gloo), 4 steps. ddp_standalone_eval -> Run: `qwen3-sft eval` of its
-  adapter in a single process.
-- ddp_preempted_run -> DDPPreempted: torchrun with 40 steps, one rank SIGTERMed after checkpoint-2 is COMPLETED; each
-  rank's own stdout/stderr in `rank_logs` (torchrun --log-dir), the rank pids in `ranks`.
+  metrics were lost, and once more (the re-run tests of tests/train/test_rerun.py).
+- ddp_run -> Run: `qwen3-sft run` with SFT_NPROC_PER_NODE=2 (the launcher, 2 gloo workers), 4 steps, a gate that
+  refuses: exit 4. ddp_standalone_eval -> Run: `qwen3-sft eval` of its adapter in a single process.
+- ddp_preempted_run -> DDPPreempted: the launcher with 40 steps, SIGTERMed once checkpoint-2 is COMPLETED.
+- ddp_bad_row_run -> Run: the launcher on data_with_one_bad_row with SFT_BAD_ROWS=fail: exit 2 in preflight.
 - benchmark_outputs -> {name: CompletedProcess}: benchmarks/*.py in their quick/dry-run modes (BENCHMARKS).
 - s3_endpoint -> str: moto's S3 server, a separate process on 127.0.0.1 (AWS_ENV credentials, also set in os.environ).
 """
@@ -80,7 +80,7 @@ from job.storage import s3 as s3io
 
 STEPS = 6
 # PYTHONWARNINGS=default prints every warning once per location, library DeprecationWarnings included, so the logs
-# show any warning at all (tests/test_warnings.py reads the reference run's).
+# show any warning at all (tests/utils/test_warnings.py reads the reference run's).
 # Two dataloader workers, gradient accumulation and LoRA dropout: every resume below must restore the sampler, the
 # partial accumulation window and the RNG streams of the workers and of dropout, or it does not end where this ends.
 REFERENCE = dict(SFT_MAX_STEPS=str(STEPS), SFT_SAVE_STEPS="2", SFT_EVAL_SUBSET="4", SFT_SAVE_TOTAL_LIMIT="10",
@@ -93,8 +93,8 @@ WANDB_SECRET = "wandbkey_TESTSECRET_0123456789"
 CHECKPOINT_BUCKET = "shared-runs"
 BAD_ROW = {"id": "bad-empty-query", "image": "images/train-00000.png", "query": " ", "caption": None,
            "target_json": '{"label": "sarcastic"}'}
-TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # its ranks: fresh interpreters
-DDP = dict(SFT_MAX_STEPS="4", SFT_SAVE_STEPS="2", SFT_EVAL_SUBSET="4")
+# `qwen3-sft run` launching 2 workers (gloo): the launcher is forked, its workers are fresh interpreters
+DDP = dict(SFT_NPROC_PER_NODE="2", SFT_MAX_STEPS="4", SFT_SAVE_STEPS="2", SFT_EVAL_SUBSET="4")
 DEADLINE_S = 600  # a failsafe only: every wait below ends on an event (a file, a log line, an exit)
 
 
@@ -144,6 +144,9 @@ class Zygote:
     """tests/zygote.py: one interpreter that has imported the job forks every job process (its docstring says why)."""
 
     def __init__(self, env: dict[str, str]):
+        # `python tests/zygote.py` puts tests/ first on sys.path, not the checkout: PYTHONPATH puts REPO before the
+        # package the venv's editable install points at (another checkout's, when a worktree shares the venv).
+        env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH"))))}
         self.proc = subprocess.Popen([sys.executable, str(REPO / "tests/zygote.py")], env=env, cwd=REPO,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._lock, self._forked = threading.Lock(), threading.Condition()
@@ -570,20 +573,26 @@ def _checkpoint_bucket(ctx: Ctx) -> str:
 
 
 def _ddp_run(ctx: Ctx) -> Run:
-    return ctx.job(ctx.tmp, [*TORCHRUN, "-m", "job", "run"], count=2, **DDP)
+    # The gate refuses (the tiny model scores 0): the same launch shows the artifacts of a DDP run and the exit 4.
+    return ctx.job(ctx.tmp, count=2, **DDP, **GATE)
 
 
 def _ddp_standalone_eval(ctx: Ctx) -> Run:
     ddp = ctx.result("ddp_run")
-    return ctx.job(ctx.tmp, ["-m", "job", "eval"], **DDP, SFT_EVAL_ADAPTER=str(ddp.out / "adapter"))
+    return ctx.job(ctx.tmp, ["-m", "job", "eval"], **{k: v for k, v in DDP.items() if k != "SFT_NPROC_PER_NODE"},
+                   SFT_EVAL_ADAPTER=str(ddp.out / "adapter"))
+
+
+def _ddp_bad_row_run(ctx: Ctx) -> Run:
+    # SFT_BAD_ROWS=fail (the default): rank 0's preflight names the row; no weights load on either rank.
+    return ctx.job(ctx.tmp, count=2, **DDP, **NO_WANDB, SFT_DATASET_URI=str(ctx.result("data_with_one_bad_row")))
 
 
 @dataclass
 class DDPPreempted:
     tmp: Path
     returncode: int
-    ranks: list[int]
-    rank_logs: dict[int, str]  # local rank -> its stdout + stderr, as torchrun --log-dir kept them
+    signalled_s: float  # from the SIGTERM to the launcher's exit (informative: the tests assert no timings)
 
     @property
     def log(self) -> str:
@@ -591,32 +600,25 @@ class DDPPreempted:
 
 
 def _ddp_preempted_run(ctx: Ctx) -> DDPPreempted:
-    # --log-dir keeps each rank's own output (torch 2.8's torchrun summary names only the first rank that failed).
-    argv = [*TORCHRUN, "--log-dir", str(ctx.tmp / "ranks"), "--tee", "3", "-m", "job", "run"]
+    """The launcher with 40 steps, SIGTERMed (as Kubernetes does: the container's main process only) once
+    checkpoint-2 is COMPLETED."""
     done = ctx.tmp / "out/checkpoints/checkpoint-2/COMPLETED"
     with ctx.slots.hold(ctx.priority, 2):
-        env = job_env(ctx.tmp, ctx.tiny_assets, ctx.environ, **{**DDP, "SFT_MAX_STEPS": "40", "SFT_EVAL_PRE": "false"})
-        proc = ctx.start(ctx.tmp, env, argv)
+        env = job_env(ctx.tmp, ctx.tiny_assets, ctx.environ,
+                      **{**DDP, **NO_WANDB, "SFT_MAX_STEPS": "40", "SFT_EVAL_PRE": "false"})
+        proc = ctx.start(ctx.tmp, env)
         wait_until(done.exists, proc, "checkpoint-2/COMPLETED")
-        ranks = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                                    text=True).stdout.split()]
-        if len(ranks) == 2:
-            os.kill(ranks[1], signal.SIGTERM)
-        else:
-            proc.kill()
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
         returncode = proc.wait(timeout=120)
-    rank_logs = {}
-    for rank in (0, 1):
-        files = sorted((ctx.tmp / "ranks").glob(f"*/attempt_0/{rank}/std*.log"))
-        rank_logs[rank] = "".join(p.read_text(errors="replace") for p in files)
-    return DDPPreempted(ctx.tmp, returncode, ranks, rank_logs)
+    return DDPPreempted(ctx.tmp, returncode, time.monotonic() - sent)
 
 
 BENCHMARKS = {
-    "padding": ["benchmarks/padding.py", "--quick"],
-    "collator": ["benchmarks/collator.py", "--quick"],
-    "eval": ["benchmarks/eval.py", "--quick"],
-    "gpu_step": ["benchmarks/gpu_step.py", "--dry-run"],
+    "padding": ["-m", "benchmarks.padding", "--quick"],
+    "collator": ["-m", "benchmarks.collator", "--quick"],
+    "eval": ["-m", "benchmarks.eval", "--quick"],
+    "gpu_step": ["-m", "benchmarks.gpu_step", "--dry-run"],
 }
 
 
@@ -651,6 +653,7 @@ KINDS: dict[str, Kind] = {
     "resumed_from_an_incomplete_checkpoint": Kind(_resumed_from_an_incomplete_checkpoint, 7,
                                                   ("reference_run", "data_with_one_bad_row")),
     "ddp_standalone_eval": Kind(_ddp_standalone_eval, 7, ("ddp_run",)),
+    "ddp_bad_row_run": Kind(_ddp_bad_row_run, 7, ("data_with_one_bad_row",)),
     "adapter_reload": Kind(_adapter_reload, 8, ("reference_run",)),
     "benchmark_outputs": Kind(_benchmark_outputs, 9),
     "data_with_one_bad_row": Kind(_data_with_one_bad_row, -1),
@@ -831,6 +834,11 @@ def ddp_standalone_eval(request) -> Run:
 @pytest.fixture(scope="session")
 def ddp_preempted_run(request) -> DDPPreempted:
     return _result(request, "ddp_preempted_run")
+
+
+@pytest.fixture(scope="session")
+def ddp_bad_row_run(request) -> Run:
+    return _result(request, "ddp_bad_row_run")
 
 
 @pytest.fixture(scope="session")

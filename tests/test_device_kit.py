@@ -25,10 +25,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 KIT = REPO / ".cache" / "device-kit"
 CACHE = REPO / ".cache" / "device-rehearsal"
 # What the kit supplies that the image lacks (or has too old: transformers), by import name.
@@ -57,7 +57,7 @@ def stand_in() -> Path:
     except (OSError, ValueError):
         fresh = False
     if not fresh:
-        result = _run([sys.executable, "benchmarks/device/kit.py", "imitate", str(target),
+        result = _run([sys.executable, "-m", "benchmarks.device.kit", "imitate", str(target),
                        "--wheels", str(CACHE / "imitation-wheels")])
         assert result.returncode == 0, result.stdout + result.stderr
         info = json.loads((target / "IMITATION.json").read_text())
@@ -71,7 +71,7 @@ def kit_links() -> list[str]:
     result = _run(["make", "--no-print-directory", "device-kit"])
     assert result.returncode == 0, result.stdout + result.stderr
     twin = CACHE / "kit-twin"
-    result = _run([sys.executable, "benchmarks/device/kit.py", "twin", "--kit", str(KIT), "--dest", str(twin)])
+    result = _run([sys.executable, "-m", "benchmarks.device.kit", "twin", "--kit", str(KIT), "--dest", str(twin)])
     assert result.returncode == 0, result.stdout + result.stderr
     return ["--kit", str(KIT), "--kit", str(twin)]
 

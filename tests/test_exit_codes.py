@@ -14,18 +14,16 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TINY_PIXELS
-from hub_server import serve_hub
+from helpers import PROCESSOR_LOADED, REPO, TINY_PIXELS, TRACEBACK, WEIGHTS_LOADED
+from loopback import HubErrorHandler, free_port, serve
 
 from job import cli
 from job.cards import ModelCards
@@ -34,18 +32,8 @@ from job.errors import DataError, ExitCode, find_job_error
 from job.storage import s3 as s3io
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testingsecret", "AWS_DEFAULT_REGION": "us-east-1"}
-PROCESSOR_LOADED = "loading processor"
-WEIGHTS_LOADED = "loading model weights"
-TRACEBACK = "Traceback (most recent call last)"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-# -- loopback servers --------------------------------------------------------------------------------------------
 class _SlowDownHandler(http.server.BaseHTTPRequestHandler):
     """An S3 endpoint under a storm: every request gets 503 SlowDown (botocore retries, then gives up)."""
 
@@ -66,22 +54,16 @@ class _SlowDownHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _serve(handler) -> tuple[str, http.server.ThreadingHTTPServer]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", _free_port()), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}", server
-
-
 @pytest.fixture(scope="module")
 def hub_endpoint():
-    """The loopback Hub (tests/hub_server.py) with no repos: only its fixed errors and 404s."""
-    with serve_hub() as hub:
-        yield hub.url
+    url, server = serve(HubErrorHandler)
+    yield url
+    server.shutdown()
 
 
 @pytest.fixture(scope="module")
 def slowdown_endpoint():
-    url, server = _serve(_SlowDownHandler)
+    url, server = serve(_SlowDownHandler)
     yield url
     server.shutdown()
 
@@ -90,7 +72,7 @@ def slowdown_endpoint():
 def moto_endpoint():
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     yield f"http://127.0.0.1:{port}"

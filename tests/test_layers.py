@@ -27,20 +27,21 @@ MOVED = {
 }
 
 # From the bottom up: what every module may use; config; storage; data and collators; the model, the outputs, the
-# eval core and the training parts; the checks before training; the flows (the run's steps beside it); the entry
-# points and the demo; last, the aliases at old paths. A prefix names a package and everything in it (the longest
-# prefix wins).
+# eval core and the training parts; the checks before training; the flows (the run's steps beside it, eval, export);
+# the entry points and the demo; last, the aliases at old paths. A prefix names a package and everything in it (the
+# longest prefix wins).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("job.errors", "job.prompts", "job.cards", "job.utils"),
     ("job.config",),
     ("job.storage",),
     ("job.data.rows", "job.collators", "job.data.checks", "job.data.holdout", "job.data.layouts", "job.data.loaders",
      "job.data"),
-    ("job.model", "job.outputs", "job.eval.generate"),
+    ("job.model", "job.outputs", "job.eval.generate", "job.export.report", "job.export.merge"),
     ("job.train.callbacks", "job.train.distributed", "job.train.preemption", "job.train.resume", "job.train.sampler",
-     "job.train.trainer", "job.train"),
+     "job.train.trainer", "job.train.launch", "job.train"),
     ("job.preflight",),
-    ("job.train.flow", "job.train.prepare", "job.train.finish", "job.train.rerun", "job.eval.command", "job.eval"),
+    ("job.train.flow", "job.train.prepare", "job.train.finish", "job.train.rerun", "job.eval.command", "job.eval",
+     "job.export.command", "job.export"),
     ("job.cli", "job.__main__", "job.demo", "job"),
     tuple(MOVED),
 )
@@ -213,3 +214,13 @@ def test_the_size_check_reports_what_this_repository_used_to_have(tmp_path):
     long_function.write_text("def f():\n" + "    pass\n" * 60)
     assert [line.split(": ", 1)[1] for line in _oversized([long_module, long_function])] == [
         "401 lines (at most 400)", "61 lines (at most 60)"]
+
+
+def test_tests_mirror_the_layout():
+    """tests/<package>/ holds the tests of job/<package>/; what spans the job stays at the top of tests/."""
+    folders = [p for p in (REPO / "tests").iterdir() if p.is_dir() and not p.name.startswith((".", "__"))]
+    assert folders, "tests/ has no per-package folders"
+    strays = [p.name for p in folders if not (REPO / "job" / p.name / "__init__.py").exists()]
+    assert not strays, f"tests/{strays} mirror no package of job/"
+    for folder in folders:
+        assert list(folder.glob("test_*.py")), f"tests/{folder.name}/ holds no tests"

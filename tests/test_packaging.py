@@ -27,16 +27,18 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     from pip._vendor import tomli as tomllib
 
+from helpers import REPO
+
 from job.config import KNOWN_ENV_VARS
 from job.errors import ExitCode
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCKERFILE = ROOT / "docker" / "Dockerfile"
-ENV_EXAMPLE = ROOT / "docker" / "job.env.example"
-CONSTRAINTS = ROOT / "docker" / "constraints.txt"
-K8S = ROOT / "k8s"
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+ENV_EXAMPLE = REPO / "docker" / "job.env.example"
+CONSTRAINTS = REPO / "docker" / "constraints.txt"
+K8S = REPO / "k8s"
 MULTINODE = K8S / "multinode" / "pytorchjob.yaml"
-WORKFLOW = ROOT / ".github" / "workflows" / "retrain.yml"
+README = REPO / "README.md"
+WORKFLOW = REPO / ".github" / "workflows" / "retrain.yml"
 K8S_BUILTIN = ["job.yaml", "configmap.yaml", "secret.example.yaml", "serviceaccount.yaml"]
 # The oldest Kubernetes the manifests target (podFailurePolicy GA) and the newest schema kubernetes-validate bundles.
 K8S_VERSIONS = ["1.31.0", "1.37.0"]
@@ -46,7 +48,7 @@ CREDENTIAL_RE = re.compile(r"hf_[A-Za-z0-9]{20,}|(AKIA|ASIA)[A-Z0-9]{16}|\b[0-9a
 SFT_NAME_RE = re.compile(r"\bSFT_[A-Z0-9_]*[A-Z0-9]\b")
 RUN_ID_LABEL = "metadata.labels['batch.kubernetes.io/job-name']"
 NON_RETRYABLE = {int(c) for c in ExitCode if c != ExitCode.OK and not c.retryable}
-# torch 2.8's torchrun SIGKILLs its workers this long after forwarding SIGTERM (configurable only from 2.12 on).
+# torch 2.8's launcher SIGKILLs its workers this long after forwarding SIGTERM (configurable only from 2.12 on).
 TORCHRUN_SHUTDOWN_S = 30
 
 
@@ -63,7 +65,7 @@ def tool(name: str) -> str:
 
 
 def run(*cmd: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(list(cmd), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(list(cmd), cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def load_yaml(path: Path) -> dict:
@@ -156,8 +158,8 @@ def test_hadolint_passes_dockerfile_with_zero_warnings():
 
 
 def test_hadolint_ignores_are_documented():
-    config = load_yaml(ROOT / ".hadolint.yaml")
-    text = (ROOT / ".hadolint.yaml").read_text()
+    config = load_yaml(REPO / ".hadolint.yaml")
+    text = (REPO / ".hadolint.yaml").read_text()
     comments = " ".join(line for line in text.splitlines() if line.lstrip().startswith("#"))
     for rule in config.get("ignored", []):
         assert rule in comments, f"{rule} is ignored without a reason in .hadolint.yaml"
@@ -309,6 +311,34 @@ def test_wait_script_explains_only_real_failure_codes():
     assert explained >= NON_RETRYABLE
 
 
+def pytorchjob_action(exit_code: int) -> str:
+    """What the training operator does with a replica's exit code under restartPolicy ExitCode."""
+    if exit_code == 0:
+        return "succeeded"
+    return "restart" if 128 <= exit_code <= 255 else "fail"
+
+
+@pytest.mark.parametrize("code", [*ExitCode, 137], ids=lambda c: getattr(c, "name", str(c)))
+def test_pytorchjob_retries_exactly_what_the_job_retries(code):
+    """With SFT_EXIT_CODES=kubeflow (the manifest's), each code gets the PyTorchJob action the Job's podFailurePolicy
+    gives it: FailJob for the non-retryable codes, a retry for the others (and for an OOM kill, 137)."""
+    from job.train.launch import reported_code
+
+    style = env_entry(container(load_yaml(MULTINODE)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"],
+                                "pytorch"), "SFT_EXIT_CODES")["value"]
+    action = pytorchjob_action(reported_code(int(code), style))
+    if code == ExitCode.OK:
+        assert action == "succeeded"
+    elif int(code) in NON_RETRYABLE:
+        assert action == "fail"
+    else:
+        assert action == "restart"
+    # the README's table says the same
+    table = README.read_text().split("| Job's code |", 1)[1].split("\n\n", 1)[0]
+    row = next(line for line in table.splitlines() if line.startswith(f"| {int(code)} |"))
+    assert f"| {reported_code(int(code), style)} |" in row, row
+
+
 def test_multinode_pytorchjob_structure():
     job = load_yaml(MULTINODE)
     assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
@@ -316,16 +346,13 @@ def test_multinode_pytorchjob_structure():
     assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] >= 1
     assert job["spec"]["runPolicy"]["backoffLimit"] >= 1
     for role, replica in replicas.items():
-        # torchrun turns every worker failure into exit 1, so codes cannot be told apart: restart and count
-        assert replica["restartPolicy"] == "OnFailure", role
+        # the launcher exits with the contract's code: the operator decides on it (1-127 fail, 128-255 restart)
+        assert replica["restartPolicy"] == "ExitCode", role
         spec = replica["template"]["spec"]
         c = container(spec, "pytorch")  # the name the training operator looks for
-        assert c["command"] == ["tini", "--", "torchrun"]
-        assert c["args"][-3:] == ["-m", "job", "run"]
-        for flag, var in [("--nnodes", "PET_NNODES"), ("--nproc-per-node", "PET_NPROC_PER_NODE"),
-                          ("--node-rank", "PET_NODE_RANK"), ("--master-addr", "MASTER_ADDR"),
-                          ("--master-port", "MASTER_PORT")]:
-            assert f"{flag}=$({var})" in c["args"], flag
+        # the image's own entrypoint: `qwen3-sft run` reads the operator's PET_* / MASTER_* variables itself
+        assert c["command"] == ["tini", "--", "qwen3-sft"] and c["args"] == ["run"]
+        assert env_entry(c, "SFT_EXIT_CODES")["value"] == "kubeflow"
         assert {"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"} in c["ports"]
         run_id = env_entry(c, "SFT_RUN_ID")["valueFrom"]["fieldRef"]["fieldPath"]
         assert run_id == "metadata.labels['training.kubeflow.org/job-name']"
@@ -343,7 +370,7 @@ def test_multinode_pytorchjob_structure():
 def test_entrypoint_is_tini_then_the_console_script():
     entrypoint = json.loads(instruction_args("ENTRYPOINT")[-1])
     cmd = json.loads(instruction_args("CMD")[-1])
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert entrypoint[:2] == ["tini", "--"] and len(entrypoint) == 3
     assert scripts[entrypoint[-1]] == "job.cli:main"
     from job.cli import COMMANDS
@@ -353,7 +380,7 @@ def test_entrypoint_is_tini_then_the_console_script():
 
 @pytest.mark.slow
 def test_python_dash_m_job_calls_the_same_main():
-    tree = ast.parse((ROOT / "job" / "__main__.py").read_text())
+    tree = ast.parse((REPO / "job" / "__main__.py").read_text())
     imports = {(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
     calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
     assert ("job.cli", "main") in imports and "main" in calls
@@ -390,7 +417,7 @@ def test_image_pins_torch_and_flash_attn_together():
     installs = " ".join(instruction_args("RUN"))
     assert "-c /tmp/constraints.txt flash-attn" in installs and "--no-build-isolation" in installs
     assert '".[gpu,demo]"' in installs
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
     for requirement in extras:
         name = re.split(r"[<>=!\[ ]", requirement)[0].lower()
         assert name in pins, f"{name} (gpu extra) is not pinned in docker/constraints.txt"
@@ -419,7 +446,7 @@ def test_no_secret_in_dockerfile_args_or_env():
 
 
 def test_dockerignore_admits_exactly_what_the_dockerfile_copies():
-    lines = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+    lines = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert lines[0] == "*"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     sources = set()
@@ -434,14 +461,14 @@ def test_dockerignore_admits_exactly_what_the_dockerfile_copies():
 # ---------------------------------------------------------------------------------------------------------------
 
 def files_naming_settings() -> list[Path]:
-    return [*K8S.rglob("*.yaml"), ENV_EXAMPLE, DOCKERFILE, WORKFLOW, ROOT / "Makefile"]
+    return [*K8S.rglob("*.yaml"), ENV_EXAMPLE, DOCKERFILE, WORKFLOW, REPO / "Makefile"]
 
 
 def test_every_sft_name_is_a_real_setting():
     used = {}
     for path in files_naming_settings():
         for name in SFT_NAME_RE.findall(path.read_text()):
-            used.setdefault(name, path.relative_to(ROOT))
+            used.setdefault(name, path.relative_to(REPO))
     assert len(used) >= 10
     unknown = {name: str(path) for name, path in used.items() if name not in KNOWN_ENV_VARS}
     assert not unknown, f"not in job.config.KNOWN_ENV_VARS (the job would exit 2): {unknown}"

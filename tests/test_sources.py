@@ -9,8 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import TINY_PIXELS
-from test_preflight import REPORT, make_cfg, row, write_split
+from helpers import TINY_PIXELS, noise_image
 
 from job.cards import ModelCards
 from job.cli import exit_code_for
@@ -36,6 +35,30 @@ def _write_all(root: Path, rows: list[dict], name: str = "all.jsonl") -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root / name
+
+
+REPORT = "preflight_report.json"
+CARD = ModelCards().qwen3_vl_8b_instruct
+
+
+def row(root: Path, i: int, label: str = "sarcastic", **fields) -> dict:
+    """A good row whose image (images/img-{i}.png, 96x64 noise) is written under root."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    noise_image(seed=i).save(root / "images" / f"img-{i}.png")
+    base = {"image": f"images/img-{i}.png", "query": "Is this post sarcastic?", "caption": f"post {i}",
+            "target_json": json.dumps({"label": label})}
+    return {**base, **fields}
+
+
+def write_split(root: Path, split: str, rows: list[dict]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def make_cfg(tiny_assets, data: Path, out: Path, **env: str):
+    base = {"SFT_MODEL_ID": str(tiny_assets[0]), "SFT_DATASET_URI": str(data), "SFT_OUTPUT_DIR": str(out),
+            "SFT_MAX_LENGTH": "512", **TINY_PIXELS}
+    return build_cfg(CARD, {**base, **env})
 
 
 # -- hold-out ----------------------------------------------------------------------------------------------------
@@ -182,7 +205,7 @@ def test_a_symlinked_images_folder_works_and_crafted_paths_do_not(tmp_path, tiny
 def test_an_unset_run_id_is_derived_from_the_data_and_the_training_settings(tmp_path, capsys):
     """A restarted pod without SFT_RUN_ID gets the same id (so it finds its checkpoints), a new run a new one."""
     env = {"SFT_DATASET_URI": str(tmp_path), "SFT_OUTPUT_DIR": str(tmp_path / "out")}
-    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
+    cfg = build_cfg(CARD, env)
     data = {"train": "a" * 64, "eval": "b" * 64}
     run_id = _resolve_run_id(cfg, localize(cfg), {"data_fingerprint": data})
     assert run_id == derived_run_id(cfg, data) and run_id.startswith("qwen3-sft-") and len(run_id) == 22
@@ -298,7 +321,7 @@ def test_preflight_mirrors_an_s3_dataset_into_the_run_cache(s3_dataset, tiny_ass
     assert (mirror / "train.jsonl").is_file() and result.train_dataset[0]["image"].startswith(str(mirror.resolve()))
     stamp = (mirror / "train.jsonl").stat().st_mtime_ns
     # The same cache `run` fills, and its ETag reuse: unchanged objects (size and ETag) are not downloaded again.
-    assert localize(build_cfg(ModelCards().qwen3_vl_8b_instruct, env)).dataset_path == str(mirror)
+    assert localize(build_cfg(CARD, env)).dataset_path == str(mirror)
     assert (mirror / "train.jsonl").stat().st_mtime_ns == stamp
 
 
@@ -314,7 +337,7 @@ def test_eval_mirrors_an_s3_dataset_into_the_run_cache(s3_dataset, tiny_assets, 
 def test_the_hub_commit_goes_into_training_meta_and_the_card():
     """The resolved commit (what localize learned) is recorded next to the revision the user asked for."""
     commit = "0123456789abcdef0123456789abcdef01234567"
-    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, {"SFT_DATASET_URI": "hf://datasets/org/sarcasm/v2",
+    cfg = build_cfg(CARD, {"SFT_DATASET_URI": "hf://datasets/org/sarcasm/v2",
                                                         "SFT_DATASET_REVISION": "v2.1"})
     assert hub_dataset(cfg.data.uri) == HubDataset("org/sarcasm", "v2")
     sources = Sources(cfg.data.uri, cfg.model.id, "/cache/snapshots/x/v2", cfg.model.id, commit)

@@ -34,6 +34,7 @@ import wandb  # noqa: F401
 
 import job.cli
 import job.eval.command
+import job.export.command
 import job.train.flow  # noqa: F401
 
 

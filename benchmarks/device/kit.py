@@ -1,10 +1,10 @@
 """The GPU proof kit (issue #20): the wheels a run on the lent GPU machine needs and its image lacks.
 
-    python benchmarks/device/kit.py download [--dest .cache/device-kit]      # make device-kit
-    python benchmarks/device/kit.py twin --kit .cache/device-kit --dest DIR  # the kit's Python-specific wheels for
+    python -m benchmarks.device.kit download [--dest .cache/device-kit]      # make device-kit
+    python -m benchmarks.device.kit twin --kit .cache/device-kit --dest DIR  # the kit's Python-specific wheels for
                                                                              # this interpreter (the CPU rehearsal)
-    python benchmarks/device/kit.py check [--json FILE]                      # run.sh, after installing the kit
-    python benchmarks/device/kit.py imitate DIR                              # a venv standing in for the device image
+    python -m benchmarks.device.kit check [--json FILE]                      # run.sh, after installing the kit
+    python -m benchmarks.device.kit imitate DIR                              # a venv standing in for the device image
 
 The device (an H200 box, /work/.library/device/KINDS.md) has no network: its image holds torch 2.11 (CUDA 13),
 transformers 5.17, peft, accelerate, huggingface_hub 1.33, safetensors, pyarrow, pandas, pillow, tiktoken, ... but
@@ -31,7 +31,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from benchmarks import REPO
+
 CONSTRAINTS = REPO / "docker" / "constraints.txt"
 DEFAULT_KIT = REPO / ".cache" / "device-kit"
 LIMIT_MIB = 60  # the device takes 64 MiB per call, the repository (~0.7 MB) and this folder together

@@ -124,7 +124,7 @@ fi
 
 # 2. What the job needs against what is there (missing or conflicting distributions fail this stage only).
 # env.json's "runtime": Python, torch, CUDA, the GPU, transformers, flash-attn.
-NOTE="env.json" stage env 60 5 -- "$PYTHON" benchmarks/device/kit.py check --json "$OUT_DIR/env.json"
+NOTE="env.json" stage env 60 5 -- "$PYTHON" -m benchmarks.device.kit check --json "$OUT_DIR/env.json"
 
 # 3. The whole job on the tiny Qwen3-VL: on CUDA in bf16 with 4-bit, gradient checkpointing and workers (the
 # production paths); --dry-run: the CPU, 1 step, post-eval on 4 rows.
@@ -156,7 +156,7 @@ if [ $DRY -eq 1 ]; then
 else
   GPU_STEP=(--rows 48 --warmup 2 --steps 8 --work-dir "$WORK/gpu-step")
 fi
-NOTE="gpu_step.jsonl" stage gpu-step "$GPU_STEP_S" 60 -- "$PYTHON" benchmarks/gpu_step.py "${GPU_STEP[@]}" --liger-ab \
+NOTE="gpu_step.jsonl" stage gpu-step "$GPU_STEP_S" 60 -- "$PYTHON" -m benchmarks.gpu_step "${GPU_STEP[@]}" --liger-ab \
   --memory-probe 4096 --json "$OUT_DIR/gpu_step.jsonl"
 
 # 5. SDPA vs FlashAttention-2: only with a flash-attn built for this torch, and PyPI has none (sdist only; a source

@@ -10,6 +10,7 @@ from job.config.schema import (
     CardConfig,
     DataConfig,
     EvalConfig,
+    ExportConfig,
     HubConfig,
     ImageConfig,
     JobConfig,
@@ -33,8 +34,8 @@ from job.config.settings import (
 )
 
 __all__ = [
-    "ENV_PREFIX", "KNOWN_ENV_VARS", "SECRET_ENV_VARS", "CardConfig", "DataConfig", "EvalConfig", "HubConfig",
-    "ImageConfig", "JobConfig", "LineageConfig", "LoraConfig", "ModelConfig", "Settings", "StorageConfig",
+    "ENV_PREFIX", "KNOWN_ENV_VARS", "SECRET_ENV_VARS", "CardConfig", "DataConfig", "EvalConfig", "ExportConfig",
+    "HubConfig", "ImageConfig", "JobConfig", "LineageConfig", "LoraConfig", "ModelConfig", "Settings", "StorageConfig",
     "TrainConfig", "WandbConfig", "build_cfg", "cross_field_problems", "effective_save_steps", "env_name",
     "load_settings",
 ]

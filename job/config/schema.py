@@ -7,7 +7,7 @@ with the card's default wherever a setting is unset; normalising validators sit 
 Sections hold tuples, not lists, so a config cannot change after it is built; a changed copy is
 `cfg.replace(train={"max_steps": 5})`. `cfg.model_dump(mode="json")` is the JSON form the `config` command prints
 and training_meta.json, W&B and the resume fingerprint store: the same keys, in the same order, as the nested dict
-build_cfg returned before 0.2 (tests/test_config.py locks it).
+build_cfg returned before 0.2 (tests/config/test_config.py locks it).
 
 Only what the user configured lives here. What a later step learns (the local mirror of an s3:// source) is
 `job.storage.sources.Sources`.
@@ -109,6 +109,8 @@ class TrainConfig(_Section):
     dataloader_num_workers: int
     group_by_length: bool
     preempt_grace_s: float
+    nproc_per_node: int | None  # `run`'s processes on this node (job/train/launch.py); None = one per CUDA device
+    exit_codes: Literal["standard", "kubeflow"]
     resume: Literal["auto", "never", "require"]
 
     @classmethod
@@ -120,7 +122,8 @@ class TrainConfig(_Section):
                    per_device_batch_size=s.per_device_batch_size, grad_accum=s.grad_accum,
                    max_length=s.max_length or card.max_length, logging_steps=s.logging_steps,
                    dataloader_num_workers=s.dataloader_num_workers, group_by_length=s.group_by_length,
-                   preempt_grace_s=s.preempt_grace_s, resume=s.resume)
+                   preempt_grace_s=s.preempt_grace_s, nproc_per_node=s.nproc_per_node, exit_codes=s.exit_codes,
+                   resume=s.resume)
 
 
 class LoraConfig(_Section):
@@ -190,6 +193,15 @@ class HubConfig(_Section):
     require_improvement: bool
 
 
+class ExportConfig(_Section):
+    """qwen3-sft export / SFT_EXPORT: the adapter merged into the unquantized base (job/export/)."""
+
+    enabled: bool
+    verify_rows: int | None
+    max_drop: float
+    repo_id: str | None
+
+
 class LineageConfig(_Section):
     image_digest: str | None
 
@@ -210,6 +222,7 @@ class JobConfig(_Section):
     wandb: WandbConfig
     storage: StorageConfig
     hub: HubConfig
+    export: ExportConfig
     lineage: LineageConfig
     card: CardConfig
 
@@ -224,6 +237,8 @@ class JobConfig(_Section):
                                   s3_concurrency=s.s3_concurrency),
             hub=HubConfig(repo_id=s.hub_repo_id, private=s.hub_private, min_metric=s.push_min_metric,
                           require_improvement=s.push_require_improvement),
+            export=ExportConfig(enabled=s.export, verify_rows=s.export_verify_rows, max_drop=s.export_max_drop,
+                                repo_id=s.export_repo_id),
             lineage=LineageConfig(image_digest=s.image_digest), card=CardConfig(tags=card.tags),
         )
 

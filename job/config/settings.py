@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     output_dir: str = Field("outputs", min_length=1, examples=["/workspace/outputs"])
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", examples=["sarcasm-2026-11-25"])
     seed: int = Field(42, ge=0, examples=["42"])
+    # processes per node for `run` (job/train/launch.py): unset = one per visible CUDA device; 1 = no launcher
+    nproc_per_node: int | None = Field(None, ge=1, le=1024, examples=["8", "2 (on the CPU: gloo)", "1"])
+    # how the exit code leaves the process: `kubeflow` moves retryable 1 and 3 to 129 and 131 (PyTorchJob ExitCode)
+    exit_codes: Literal["standard", "kubeflow"] = Field("standard", examples=["standard", "kubeflow"])
     # training
     max_steps: int = Field(-1, ge=-1, examples=["500", "-1 (train SFT_NUM_EPOCHS epochs)"])
     num_epochs: float = Field(1.0, gt=0, le=1000, examples=["1", "2.5"])
@@ -118,6 +122,13 @@ class Settings(BaseSettings):
     )
     push_require_improvement: bool = Field(True, examples=["true"])
     image_digest: str | None = Field(None, examples=["sha256:0123abcd..."])
+    # export: the adapter merged into the base (job/export/), its proof and its push
+    export: bool = Field(False, examples=["false"])
+    export_verify_rows: int | None = Field(None, ge=1, examples=["200"])
+    export_max_drop: float = Field(0.01, ge=0, le=1, examples=["0.01"])
+    export_repo_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", examples=["my-org/qwen3-vl-sarcasm"]
+    )
 
     @field_validator("eval_holdout")
     @classmethod
@@ -187,7 +198,7 @@ def _field_problems(exc: ValidationError, env: Mapping[str, str]) -> list[str]:
 
 
 def cross_field_problems(s: Settings, card: ModelSpec) -> list[str]:
-    """Rules that involve more than one variable. Each has its own raise-test in tests/test_config.py."""
+    """Rules that involve more than one variable. Each has its own raise-test in tests/config/test_config.py."""
     problems = []
     min_px = s.image_min_pixels or card.image_min_pixels
     max_px = s.image_max_pixels or card.image_max_pixels
@@ -219,6 +230,11 @@ def cross_field_problems(s: Settings, card: ModelSpec) -> list[str]:
         )
     if s.push_min_metric and not s.eval_post:
         problems.append("SFT_PUSH_MIN_METRIC needs the post-eval: set SFT_EVAL_POST=true or unset the gate")
+    if s.export_repo_id and s.hub_repo_id and s.export_repo_id.lower() == s.hub_repo_id.lower():
+        problems.append(
+            f"SFT_EXPORT_REPO_ID and SFT_HUB_REPO_ID are both {s.hub_repo_id!r}: the merged model and the adapter "
+            "need their own repos (a repo with adapter_config.json loads as an adapter); name another repo"
+        )
     return problems
 
 

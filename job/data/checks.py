@@ -8,7 +8,8 @@ what they find, and adds the rules that need the tokenizer or the image processo
 The token length is computed cheaply instead of running the processor on every row: the collator's own chat text
 (`Qwen3VisionSFTCollator.chat_text`) is tokenized, and the single `<|image_pad|>` placeholder is replaced by the number
 of visual tokens the image processor will produce for that image size (`visual_token_count`, which runs the same
-`smart_resize` as the real preprocessing). tests/test_preflight.py checks that this equals the collator's count.
+`smart_resize` as the real preprocessing). tests/preflight/test_preflight.py
+checks that this equals the collator's count.
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ def visual_token_count(processor, width: int, height: int) -> int:
 
     Public API only: `get_number_of_image_patches` of Qwen2VLImageProcessor (checked on transformers 5.24; its
     docstring asks to keep it, vLLM uses it), divided by merge_size**2 as Qwen3VLProcessor's private
-    `_get_num_multimodal_tokens` computes it. tests/test_row_rules.py fails by name if the method goes, and
-    tests/test_preflight.py::test_token_estimate_equals_collator_length if the count drifts from the processor's.
+    `_get_num_multimodal_tokens` computes it. tests/data/test_row_rules.py fails by name if the method goes, and
+    tests/preflight/test_preflight.py::test_token_estimate_equals_collator_length
+    if the count drifts from the processor's.
     """
     image_processor = processor.image_processor
     return int(image_processor.get_number_of_image_patches(height, width)) // image_processor.merge_size**2

@@ -4,7 +4,7 @@ Each rule is written once, here, as a function that returns a `RowProblem` (None
 meets it). It has two consumers: the collator raises the first problem as a DataError (`load_image`, `parse_target`,
 `RowProblem.raise_for`), and preflight's row checker (job/data/checks.py) collects every problem as an issue of its
 report. The two have always worded a problem differently (preflight's words come with a kind and a longer fix), and
-both wordings are kept as they were, so a problem carries both, side by side in its rule; tests/test_row_rules.py
+both wordings are kept as they were, so a problem carries both, side by side in its rule; tests/data/test_row_rules.py
 pins them and checks that the two consumers agree.
 """
 

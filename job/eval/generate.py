@@ -92,18 +92,22 @@ def generation_kwargs(processor, eval_cfg: EvalConfig) -> dict[str, Any]:
     return kwargs
 
 
-@torch.no_grad()
-def generate_batches(model, processor, eval_dataset, eval_collator, eval_cfg: EvalConfig) -> list[str]:
-    """Decoded continuations, one per row, in dataset order."""
-    batch_size = eval_cfg.batch_size
-    kwargs = generation_kwargs(processor, eval_cfg)
+def _batches(model, eval_dataset, eval_collator, batch_size: int):
+    """The eval collator's batches (left-padded prompts ending in the generation prompt) on the model's device."""
     device = next(model.parameters()).device
-    texts: list[str] = []
     for start in range(0, len(eval_dataset), batch_size):
         rows = [eval_dataset[i] for i in range(start, min(start + batch_size, len(eval_dataset)))]
         batch = eval_collator(rows)
         batch.pop("token_type_ids", None)
-        batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+        yield {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def generate_batches(model, processor, eval_dataset, eval_collator, eval_cfg: EvalConfig) -> list[str]:
+    """Decoded continuations, one per row, in dataset order."""
+    kwargs = generation_kwargs(processor, eval_cfg)
+    texts: list[str] = []
+    for batch in _batches(model, eval_dataset, eval_collator, eval_cfg.batch_size):
         output = model.generate(**batch, **kwargs)
         # Left padding puts every prompt flush against the generated tokens: trimming the padded prompt
         # width from each row leaves exactly that row's new tokens.
@@ -112,6 +116,23 @@ def generate_batches(model, processor, eval_dataset, eval_collator, eval_cfg: Ev
             [out[prompt_width:] for out in output], skip_special_tokens=True, clean_up_tokenization_spaces=False,
         ))
     return texts
+
+
+@torch.no_grad()
+def next_token_logits(model, eval_dataset, eval_collator, batch_size: int) -> torch.Tensor:
+    """[rows, vocab] fp32 on the CPU: each prompt's logits for the first generated token, in dataset order.
+
+    The prompts are the eval collator's (left padded, so the last position of every row is its generation start);
+    `logits_to_keep=1` computes the LM head at that position only (151,936 logits per row, not per token).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = [model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1, :].float().cpu()
+                  for batch in _batches(model, eval_dataset, eval_collator, batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks) if chunks else torch.empty(0)
 
 
 def evaluate_qwen3(model, processor, eval_dataset, eval_collator, cfg: JobConfig) -> dict[str, Any]:

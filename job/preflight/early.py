@@ -27,7 +27,7 @@ from job.storage.sources import hub_dataset_id, hub_model_id
 
 log = logging.getLogger("job.checks")
 
-Command = Literal["run", "preflight", "eval"]
+Command = Literal["run", "preflight", "eval", "export"]
 # SFT_EVAL_ADAPTER=none scores the base model on purpose (any other value must be an adapter directory).
 BASE_MODEL = "none"
 
@@ -122,6 +122,28 @@ def adapter_problems(cfg: JobConfig) -> list[str]:
     return []
 
 
+def export_adapter(cfg: JobConfig) -> Path:
+    """The adapter `export` merges: SFT_EVAL_ADAPTER, else $SFT_OUTPUT_DIR/adapter (there is no base-model export)."""
+    value = cfg.eval.adapter
+    return Path(cfg.train.output_dir) / "adapter" if value is None else Path(value)
+
+
+def export_adapter_problems(cfg: JobConfig) -> list[str]:
+    value = cfg.eval.adapter
+    if value is not None and value.strip().lower() == BASE_MODEL:
+        return [f"SFT_EVAL_ADAPTER={value!r}: export merges an adapter into the base model; point SFT_EVAL_ADAPTER "
+                "at an adapter directory, or unset it for $SFT_OUTPUT_DIR/adapter"]
+    adapter = export_adapter(cfg)
+    name, shown = ("SFT_EVAL_ADAPTER", value) if value is not None else ("SFT_OUTPUT_DIR", cfg.train.output_dir)
+    fix = "; run the job first (it saves adapter/ there) or set SFT_EVAL_ADAPTER to an adapter directory"
+    if not adapter.is_dir():
+        return [f"{name}={shown!r}: no adapter directory {str(adapter)!r}{_cwd_note(str(adapter))}{fix}"]
+    missing = [f for f in ("adapter_config.json", "adapter_model.safetensors") if not (adapter / f).is_file()]
+    if missing:
+        return [f"{name}={shown!r}: {str(adapter)!r} is not a saved adapter ({', '.join(missing)} missing){fix}"]
+    return []
+
+
 def output_dir_problems(output_dir: str) -> list[str]:
     """Create SFT_OUTPUT_DIR and write (then remove) a probe file in it: what every later write needs."""
     name, path = "SFT_OUTPUT_DIR", Path(output_dir)
@@ -145,6 +167,8 @@ def check_inputs(cfg: JobConfig, command: Command) -> None:
     problems = dataset_problems(cfg.data.uri) + model_problems(cfg.model.id)
     if command == "eval":
         problems += adapter_problems(cfg)
+    if command == "export":
+        problems += export_adapter_problems(cfg)
     problems += output_dir_problems(cfg.train.output_dir)
     if problems:
         raise ConfigError(problems)

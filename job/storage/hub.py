@@ -114,42 +114,45 @@ def _eval_data_lines(lineage: dict) -> str:
     return "\n".join(lines)
 
 
-def _hub_errors(what: str, exc: Exception) -> Exception:
+def _hub_errors(what: str, exc: Exception, setting: str = "SFT_HUB_REPO_ID") -> Exception:
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
 
     if isinstance(exc, OfflineModeIsEnabled):
-        return UserError(f"Hub {what}: HF_HUB_OFFLINE=1 but SFT_HUB_REPO_ID asks for a push; unset one of them")
+        return UserError(f"Hub {what}: HF_HUB_OFFLINE=1 but {setting} asks for a push; unset one of them")
     if isinstance(exc, RepositoryNotFoundError):
-        return UserError(f"Hub {what}: repository not found or no access; check SFT_HUB_REPO_ID and HF_TOKEN")
+        return UserError(f"Hub {what}: repository not found or no access; check {setting} and HF_TOKEN")
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(exc, HfHubHTTPError) and status in (401, 403, 404):
-        return UserError(f"Hub {what}: HTTP {status}; check HF_TOKEN has write access to SFT_HUB_REPO_ID")
+        return UserError(f"Hub {what}: HTTP {status}; check HF_TOKEN has write access to {setting}")
     return TransientError(f"Hub {what}: {type(exc).__name__}: {exc}")
 
 
-def check_push_access(repo_id: str) -> str:
-    """whoami before training: a bad token must not cost a GPU run. Returns the user name."""
+def check_push_access(repo_id: str, setting: str = "SFT_HUB_REPO_ID") -> str:
+    """whoami before training (or before an export loads a model): a bad token must not cost a GPU run. Returns the
+    user name. `setting` is the variable that named the repo (SFT_HUB_REPO_ID, SFT_EXPORT_REPO_ID)."""
     from huggingface_hub import HfApi
 
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UserError(f"SFT_HUB_REPO_ID={repo_id} needs the Hub, but HF_HUB_OFFLINE=1")
+        raise UserError(f"{setting}={repo_id} needs the Hub, but HF_HUB_OFFLINE=1")
     if not os.environ.get("HF_TOKEN"):
-        raise UserError(f"SFT_HUB_REPO_ID={repo_id} needs HF_TOKEN with write access")
+        raise UserError(f"{setting}={repo_id} needs HF_TOKEN with write access")
     try:
         return HfApi().whoami()["name"]
     except Exception as exc:  # noqa: BLE001 - mapped to user/transient
-        raise _hub_errors("whoami", exc) from None
+        raise _hub_errors("whoami", exc, setting) from None
 
 
-def push_adapter(adapter_dir: Path, repo_id: str, private: bool, run_id: str) -> str:
-    """create_repo(exist_ok) + one upload_folder commit; returns the commit URL."""
+def push_adapter(adapter_dir: Path, repo_id: str, private: bool, run_id: str, *, setting: str = "SFT_HUB_REPO_ID",
+                 what: str = "run") -> str:
+    """create_repo(exist_ok) + one upload_folder commit of a directory (the adapter, or the merged model with
+    setting="SFT_EXPORT_REPO_ID", what="export"); returns the commit URL."""
     from huggingface_hub import HfApi
 
     api = HfApi()
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         info = api.upload_folder(folder_path=str(adapter_dir), repo_id=repo_id, repo_type="model",
-                                 commit_message=f"qwen3-sft run {run_id}")
+                                 commit_message=f"qwen3-sft {what} {run_id}")
     except Exception as exc:  # noqa: BLE001 - mapped to user/transient
-        raise _hub_errors(f"push to {repo_id}", exc) from None
+        raise _hub_errors(f"push to {repo_id}", exc, setting) from None
     return str(getattr(info, "commit_url", info))

@@ -16,9 +16,10 @@ from job.storage.checkpoints import RemoteCheckpoints
 
 # Re-exported: the marker's home is job.storage.completed (the store and the resume logic read it too).
 from job.storage.completed import COMPLETED, checkpoint_step, latest_completed_checkpoint, write_completed_marker
+from job.train import distributed
 
-__all__ = ["COMPLETED", "CompletedMarkerCallback", "LogCallback", "RemoteCheckpointCallback", "checkpoint_step",
-           "latest_completed_checkpoint", "write_completed_marker"]
+__all__ = ["COMPLETED", "CompletedMarkerCallback", "LogCallback", "RankStateCallback", "RemoteCheckpointCallback",
+           "checkpoint_step", "latest_completed_checkpoint", "write_completed_marker"]
 
 log = logging.getLogger("job.train")
 _LOGGED = ("loss", "grad_norm", "learning_rate", "mean_token_accuracy", "epoch")
@@ -42,6 +43,45 @@ class LogCallback(TrainerCallback):
         shown = " ".join(f"{k}={logs[k]:.4g}" for k in _LOGGED if isinstance(logs.get(k), (int, float)))
         elapsed = time.monotonic() - self._started
         log.info("step %d/%d %s (%.0fs)", state.global_step, state.max_steps, shown, elapsed)
+
+
+def rank_state_name(rank: int) -> str:
+    """The Trainer's per-rank RNG file in a checkpoint of a multi-process run."""
+    return f"rng_state_{rank}.pth"
+
+
+def add_missing_files(checkpoint: Path, files: dict[str, bytes]) -> list[str]:
+    """Write the files this node's checkpoint lacks (another node's ranks saved them on their own disk)."""
+    added = []
+    for name, data in files.items():
+        if not (checkpoint / name).is_file():
+            (checkpoint / name).write_bytes(data)
+            added.append(name)
+    return added
+
+
+class RankStateCallback(TrainerCallback):
+    """Brings every rank's RNG state file into rank 0's checkpoint before it is marked COMPLETED and uploaded.
+
+    Each rank saves `rng_state_<rank>.pth` on its own node's disk; only rank 0's checkpoint is marked and uploaded,
+    so without this a multi-node resume would restore the dropout and sampling RNG of node 0's ranks only. The
+    files are a few KB each: one gather per save, on every rank at the same step (on_save runs on all of them).
+    On one node the files are all there already and nothing is written. A resume downloads the whole checkpoint on
+    every node (local rank 0), so each rank finds its own file again.
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        if not distributed.is_distributed():
+            return control
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        mine = ckpt / rank_state_name(distributed.rank())
+        gathered = distributed.gather_to_main({mine.name: mine.read_bytes()} if mine.is_file() else {})
+        if gathered is not None and ckpt.is_dir():
+            added = add_missing_files(ckpt, {k: v for files in gathered for k, v in files.items()})
+            if added:
+                log.info("checkpoint-%d: added the RNG state of other nodes' ranks: %s", state.global_step,
+                         ", ".join(sorted(added)))
+        return control
 
 
 class CompletedMarkerCallback(TrainerCallback):

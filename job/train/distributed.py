@@ -64,6 +64,17 @@ def broadcast_from_main(value: Any) -> Any:
     return box[0]
 
 
+def gather_to_main(value: Any) -> list[Any] | None:
+    """Every rank's `value` (picklable), in rank order, on rank 0; None on the other ranks."""
+    if not is_distributed():
+        return [value]
+    import torch.distributed as dist
+
+    gathered: list[Any] | None = [None] * world_size() if is_main_process() else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
 def any_rank(flag: bool, device) -> bool:
     """True on every rank when it is True on at least one (an all-reduce MAX), so all ranks act at the same step."""
     if not is_distributed():

@@ -22,7 +22,7 @@ from job.utils import tracking
 
 log = logging.getLogger("job.train")
 
-FINAL_ARTIFACTS = ("adapter", "training_meta.json", "metrics.json", "eval", "preflight_report.json")
+FINAL_ARTIFACTS = outputs.FINAL_ARTIFACTS
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from job.cards import ModelCards
 from job.collators.qwen3_collator import build_collators
 from job.config import JobConfig, build_cfg
 from job.errors import JobError
+from job.export.command import run_export
 from job.model import _count_trainable_params, apply_liger, apply_lora, load_model
 from job.train import distributed, resume
 from job.train.finish import FINAL_ARTIFACTS, Trained, _evaluate, _finish, _publish, _stored_pre_metrics
@@ -93,7 +94,12 @@ def main(env: dict[str, str] | None = None) -> dict[str, Any]:
     """Build the config from the environment and run the job; user errors keep their type (and exit code)."""
     cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
     try:
-        return run_job(cfg)
+        meta = run_job(cfg)
+        # SFT_EXPORT=true: once the gate passed (a refusal raised above). The training model is out of scope by now,
+        # so the export's bf16 model does not share the GPU with it; DDP: rank 0 exports, the others are done.
+        if cfg.export.enabled and distributed.is_main_process():
+            meta["export"] = run_export(cfg, after_run=True)["publish"]
+        return meta
     except JobError:
         raise
     except Exception as exc:

@@ -148,6 +148,10 @@ def _check_publish_access(cfg: JobConfig) -> None:
     if cfg.hub.repo_id and distributed.is_main_process():
 
         log.info("Hub: push as %s to %s", check_push_access(cfg.hub.repo_id), cfg.hub.repo_id)
+    export_repo = cfg.export.repo_id
+    if cfg.export.enabled and export_repo and distributed.is_main_process():  # the export after training pushes
+        log.info("Hub: merged model pushed as %s to %s", check_push_access(export_repo, "SFT_EXPORT_REPO_ID"),
+                 export_repo)
 
 
 def _preflight_summary(report: dict) -> dict:

@@ -13,7 +13,7 @@ from job.config import JobConfig
 from job.data.loaders import LENGTH_COLUMN
 from job.model import has_cuda, keep_trainable_params_fp32
 from job.storage.checkpoints import RemoteCheckpoints
-from job.train.callbacks import CompletedMarkerCallback, LogCallback, RemoteCheckpointCallback
+from job.train.callbacks import CompletedMarkerCallback, LogCallback, RankStateCallback, RemoteCheckpointCallback
 from job.train.preemption import PreemptionCallback, PreemptionGuard
 from job.train.sampler import LengthGroupedSampler
 
@@ -47,7 +47,7 @@ def sft_config(cfg: JobConfig, output_dir: Path, run_id: str, report_to: list[st
         # Not persistent: a new worker iterator each epoch draws its base seed from the global torch RNG. With
         # persistent workers the uninterrupted run draws once (epoch 0) but a resumed one draws again when it first
         # iterates the full loader (the epoch after the resume), shifting every later dropout mask: the resumed run
-        # left the uninterrupted one at the first step of the next epoch (tests/test_resume_matrix.py, 2 workers).
+        # left the uninterrupted one at the first step of the next epoch (tests/train/test_resume_matrix.py, 2 workers).
         dataloader_persistent_workers=False,
         # Every LoRA parameter receives a gradient each step (the vision tower is frozen, not LoRA'd), so DDP's
         # unused-parameter search (an extra graph traversal per step) is not needed.
@@ -136,12 +136,13 @@ def build_trainer(cfg: JobConfig, model, data: TrainingData, saving: Checkpointi
                   report_to: list[str]):
     """The trainer and, with a checkpoint URI, the background uploader.
 
-    Callback order matters: the local COMPLETED marker is written before the upload snapshot is taken.
+    Callback order matters: every rank's RNG state is in rank 0's checkpoint before the local COMPLETED marker is
+    written, and the marker before the upload snapshot is taken.
     """
     from transformers import PrinterCallback
 
     uploader = None
-    callbacks = [LogCallback(), CompletedMarkerCallback(extra_files=saving.extra_files)]
+    callbacks = [LogCallback(), RankStateCallback(), CompletedMarkerCallback(extra_files=saving.extra_files)]
     if saving.remote is not None:
         uploader = RemoteCheckpointCallback(saving.remote, saving.output_dir.parent / ".upload-staging")
         callbacks.append(uploader)

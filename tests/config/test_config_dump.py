@@ -2,7 +2,9 @@
 print what build_cfg's nested dict gave before the config became typed (0.1.0), byte for byte.
 
 The two dicts below were printed by that code (job/config.py at 60250fd) for the empty environment and for
-OVERRIDES; key order included (W&B keeps it).
+OVERRIDES; key order included (W&B keeps it). Sections added since then are inserted where the config puts them
+(`export`, 0.2: SFT_EXPORT*, before `lineage`; `train.nproc_per_node` and `train.exit_codes`, 0.2, before
+`train.resume`); no existing key moves or changes.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ DEFAULT = {'model': {'id': 'Qwen/Qwen3-VL-8B-Instruct',
                'dataloader_num_workers': 2,
                'group_by_length': True,
                'preempt_grace_s': 25.0,
+               'nproc_per_node': None,
+               'exit_codes': 'standard',
                'resume': 'auto'},
      'lora': {'r': 16,
               'alpha': 32,
@@ -89,6 +93,7 @@ DEFAULT = {'model': {'id': 'Qwen/Qwen3-VL-8B-Instruct',
      'wandb': {'enabled': True},
      'storage': {'checkpoint_uri': None, 'cache_dir': None, 's3_concurrency': 16},
      'hub': {'repo_id': None, 'private': True, 'min_metric': None, 'require_improvement': True},
+     'export': {'enabled': False, 'verify_rows': None, 'max_drop': 0.01, 'repo_id': None},
      'lineage': {'image_digest': None},
      'card': {'tags': ['qwen3-vl', 'qlora', 'sft', 'sarcasm-detection']}}
 
@@ -137,6 +142,8 @@ WITH_OVERRIDES = {'model': {'id': 'org/model',
                'dataloader_num_workers': 2,
                'group_by_length': True,
                'preempt_grace_s': 25.0,
+               'nproc_per_node': None,
+               'exit_codes': 'standard',
                'resume': 'auto'},
      'lora': {'r': 16,
               'alpha': 64.0,
@@ -154,6 +161,7 @@ WITH_OVERRIDES = {'model': {'id': 'org/model',
      'wandb': {'enabled': False},
      'storage': {'checkpoint_uri': 's3://ckpt/run', 'cache_dir': None, 's3_concurrency': 4},
      'hub': {'repo_id': 'org/adapter', 'private': True, 'min_metric': 'macro_f1:0.7', 'require_improvement': True},
+     'export': {'enabled': False, 'verify_rows': None, 'max_drop': 0.01, 'repo_id': None},
      'lineage': {'image_digest': 'sha256:abc'},
      'card': {'tags': ['qwen3-vl', 'qlora', 'sft', 'sarcasm-detection']}}
 

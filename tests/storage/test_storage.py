@@ -135,7 +135,7 @@ def test_failed_preflight_writes_nothing_to_storage_or_hub(bucket, s3_endpoint, 
 @pytest.mark.slow
 def test_sigkill_then_same_run_id_resumes_from_s3(s3_resume_run, s3_endpoint):
     """Data from S3, checkpoints to S3; SIGKILL during an upload; a fresh pod (empty disk) resumes from the store.
-    (Its exactness against the reference run: tests/test_resume_matrix.py.)"""
+    (Its exactness against the reference run: tests/train/test_resume_matrix.py.)"""
     run, bucket = s3_resume_run, s3_resume_run.bucket
     done, log = run.pod2, run.pod2.log
     assert done.returncode == 0, log[-3000:]

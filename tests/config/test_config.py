@@ -10,9 +10,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 from pydantic import ValidationError
 
 from job.cards import ModelCards
@@ -30,7 +30,6 @@ from job.config import (
 from job.errors import ConfigError, ExitCode
 from job.prompts import Queries
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CARD = ModelCards().qwen3_vl_8b_instruct
 
 
@@ -129,6 +128,8 @@ OVERLAY_CASES = [
     ({"SFT_USE_LIGER": "false"}, {("model", "use_liger"): "false"}),
     ({"SFT_GROUP_BY_LENGTH": "false"}, {("train", "group_by_length"): False}),
     ({"SFT_PREEMPT_GRACE_S": "50"}, {("train", "preempt_grace_s"): 50.0}),
+    ({"SFT_NPROC_PER_NODE": "2"}, {("train", "nproc_per_node"): 2}),
+    ({"SFT_EXIT_CODES": "kubeflow"}, {("train", "exit_codes"): "kubeflow"}),
     ({"SFT_RESUME": "never"}, {("train", "resume"): "never"}),
     ({"SFT_GRADIENT_CHECKPOINTING": "0"}, {("model", "gradient_checkpointing"): False}),
     ({"SFT_DATASET_URI": "s3://bucket/sarcasm"}, {("data", "uri"): "s3://bucket/sarcasm"}),
@@ -186,6 +187,10 @@ OVERLAY_CASES = [
     ({"SFT_PUSH_MIN_METRIC": "macro_f1:0.7"}, {("hub", "min_metric"): "macro_f1:0.7"}),
     ({"SFT_PUSH_REQUIRE_IMPROVEMENT": "false"}, {("hub", "require_improvement"): False}),
     ({"SFT_IMAGE_DIGEST": "sha256:abc"}, {("lineage", "image_digest"): "sha256:abc"}),
+    ({"SFT_EXPORT": "true"}, {("export", "enabled"): True}),
+    ({"SFT_EXPORT_VERIFY_ROWS": "200"}, {("export", "verify_rows"): 200}),
+    ({"SFT_EXPORT_MAX_DROP": "0.02"}, {("export", "max_drop"): 0.02}),
+    ({"SFT_EXPORT_REPO_ID": "org/merged"}, {("export", "repo_id"): "org/merged"}),
     ({"SFT_BAD_ROWS": "skip"}, {("data", "bad_rows"): "skip"}),
     ({"SFT_MAX_BAD_FRACTION": "0.05"}, {("data", "max_bad_fraction"): 0.05}),
     ({"SFT_EVAL_HOLDOUT": "0.2"}, {("data", "eval_holdout"): 0.2}),
@@ -563,7 +568,7 @@ def _cli_env(**extra: str) -> dict[str, str]:
 def _run_config(**extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "job", "config"],
-        cwd=REPO_ROOT, env=_cli_env(**extra), capture_output=True, text=True, timeout=120,
+        cwd=REPO, env=_cli_env(**extra), capture_output=True, text=True, timeout=120,
     )
 
 
@@ -619,12 +624,17 @@ def test_gate_needs_post_eval():
         build_cfg(CARD, env={"SFT_PUSH_MIN_METRIC": "macro_f1:0.7", "SFT_EVAL_POST": "false"})
 
 
+def test_export_repo_is_not_the_adapter_repo():
+    with pytest.raises(ConfigError, match="SFT_EXPORT_REPO_ID and SFT_HUB_REPO_ID are both 'org/x'"):
+        build_cfg(CARD, env={"SFT_EXPORT_REPO_ID": "org/x", "SFT_HUB_REPO_ID": "org/x"})
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["run", "preflight", "eval"])
+@pytest.mark.parametrize("command", ["run", "preflight", "eval", "export"])
 def test_a_config_mistake_exits_2_before_torch_is_imported(command):
     """Fail early and cheap: the SFT_* environment is validated before a command imports the training stack."""
     code = f"import sys, job.cli; rc = job.cli.main([{command!r}]); print(rc, 'torch' in sys.modules)"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=_cli_env(SFT_MAX_STEPS="abc"),
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_cli_env(SFT_MAX_STEPS="abc"),
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["2", "False"], proc.stderr[-2000:]
     assert "SFT_MAX_STEPS" in proc.stderr and "Traceback" not in proc.stderr

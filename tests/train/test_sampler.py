@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import itertools
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import skewed_lengths
 from job.train.sampler import LengthGroupedSampler, padding_fraction

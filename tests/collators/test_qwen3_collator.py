@@ -1,18 +1,15 @@
 """Exact label positions from Qwen3VisionSFTCollator on real tokenized examples.
 
-Also runs as a script and fails loudly: `python tests/test_qwen3_collator.py`.
+Also runs as a script and fails loudly: `python tests/collators/test_qwen3_collator.py`.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from job.collators.qwen3_collator import (
     IGNORE_INDEX,

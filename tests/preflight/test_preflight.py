@@ -10,13 +10,10 @@ from __future__ import annotations
 import io
 import json
 import os
-import random
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
-from helpers import TINY_PIXELS, job_env
+from helpers import TINY_PIXELS, bomb_png, job_env, noise_image
 from PIL import Image
 
 from job.cards import ModelCards
@@ -31,11 +28,6 @@ REPORT = "preflight_report.json"
 
 
 # -- corpus builders ---------------------------------------------------------------------------------------------
-def noise_image(size=(96, 64), mode="RGB", seed=0) -> Image.Image:
-    rng = random.Random(seed)
-    return Image.frombytes(mode, size, bytes(rng.getrandbits(8) for _ in range(size[0] * size[1] * len(mode))))
-
-
 def save(root: Path, name: str, image: Image.Image | None = None, **kw) -> str:
     path = root / "images" / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,18 +55,6 @@ def dataset(root: Path, extra_train: list | None = None, eval_rows: list | None 
     write_split(root, "validation", eval_rows if eval_rows is not None else
                 [row(root, 100 + i, ("sarcastic", "not_sarcastic")[i % 2]) for i in range(2)])
     return root
-
-
-def bomb_png(path: Path, width: int, height: int) -> None:
-    """A valid 1-bit PNG of width x height that is tiny on disk (zero rows compress ~1000:1), written without PIL."""
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    line, comp = b"\x00" * (1 + (width + 7) // 8), zlib.compressobj(9)
-    idat = b"".join(comp.compress(line) for _ in range(height)) + comp.flush()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
 def _truncated_jpeg(root):

@@ -1,15 +1,17 @@
-"""A loopback HTTP server that speaks the Hub's endpoints as huggingface_hub (and so the job) calls them.
+"""Loopback HTTP servers for tests that need a real client to meet a real status code (no patched clients).
 
-Point HF_ENDPOINT at `HubServer.url` (in a fresh interpreter: huggingface_hub reads it at import) and the real client
-runs its real code: revision resolution (`/api/{type}s/{repo}/revision/{rev}`), the recursive tree listing
-(`/api/{type}s/{repo}/tree/{commit}`), file downloads (`/{datasets/}{repo}/resolve/{commit}/{path}`, HEAD then
-GET, with X-Repo-Commit and ETag) and its cache. Errors are answered as the Hub answers them: the status and an
-X-Error-Code header decide which exception huggingface_hub raises.
+`serve(handler)` starts a ThreadingHTTPServer on 127.0.0.1 and returns (url, server); call server.shutdown() when
+done. `HubErrorHandler` answers the Hub's API by repository: 401, 403, 503 or 404 with the X-Error-Code header
+huggingface_hub reads to choose its exception. Point the client at it with HF_ENDPOINT (a subprocess) or
+huggingface_hub.constants.ENDPOINT (in-process; HfApi reads it when it is constructed).
 
-- `Repo`: commits (each a dict path -> bytes), refs (branch or tag -> commit), and a token for a private repo
-  (requests without `Authorization: Bearer <token>` get 401 RepoNotFound, as the Hub hides private repos).
-- `ERRORS`: repos answered with a fixed error (tests/test_exit_codes.py: 401, 403 gated, 503, 404 revision).
-- Anything else is 404 RepoNotFound.
+`serve_hub(repos)` adds repositories with files to it (`HubRepoHandler`): the endpoints huggingface_hub's downloads
+use, so the real client runs its real code (tests/storage/test_hub_data.py). Revision resolution
+(`/api/{type}s/{repo}/revision/{rev}`), the recursive tree listing (`/api/{type}s/{repo}/tree/{commit}`), file
+downloads (`/{datasets/}{repo}/resolve/{commit}/{path}`, HEAD then GET, with X-Repo-Commit and ETag) and so its
+cache. A `Repo` has commits (each a dict path -> bytes), refs (branch or tag -> commit) and, when private, a token:
+requests without `Authorization: Bearer <token>` get 401 RepoNotFound, as the Hub hides private repos. HF_ENDPOINT
+is read when huggingface_hub is imported, so its clients run in fresh interpreters.
 """
 
 from __future__ import annotations
@@ -25,9 +27,51 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 from urllib.parse import unquote, urlsplit
 
-ERRORS: dict[str, tuple[int, str | None]] = {
-    "org/private": (401, "RepoNotFound"), "org/gated": (403, "GatedRepo"), "org/down": (503, None),
-    "org/missing-rev": (404, "RevisionNotFound")}
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -- loopback servers --------------------------------------------------------------------------------------------
+class HubErrorHandler(http.server.BaseHTTPRequestHandler):
+    """The Hub's API as huggingface_hub reads it: the status and X-Error-Code decide the exception it raises."""
+
+    ROUTES: ClassVar[dict[str, tuple[int, str | None]]] = {
+        "org/private": (401, "RepoNotFound"), "org/gated": (403, "GatedRepo"), "org/down": (503, None),
+        "org/missing-rev": (404, "RevisionNotFound")}
+
+    def _answer(self, where: str) -> None:
+        status, code = next((v for k, v in self.ROUTES.items() if f"/{k}" in where), (404, "RepoNotFound"))
+        body = json.dumps({"error": f"loopback hub says {status}"}).encode()
+        self.send_response(status)
+        if code:
+            self.send_header("X-Error-Code", code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):  # http.server's name
+        self._answer(self.path)
+
+    do_HEAD = do_GET
+
+    def do_POST(self):
+        """create_repo posts to /api/repos/create and names the repository in its JSON body."""
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        named = f"/{body['organization']}/{body['name']}" if body.get("organization") else ""
+        self._answer(self.path + named)
+
+    def log_message(self, *args):  # quiet
+        pass
+
+
+def serve(handler) -> tuple[str, http.server.ThreadingHTTPServer]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server
 
 
 @dataclass
@@ -46,12 +90,11 @@ def _blob_id(content: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()  # git's blob id, as the Hub reports
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class HubRepoHandler(HubErrorHandler):
+    """HubErrorHandler, plus the repositories in `repos` served with their files (the module docstring)."""
+
     repos: ClassVar[dict[str, Repo]] = {}
     seen: ClassVar[list[tuple[str, str]]] = []
-
-    def log_message(self, *args):  # quiet
-        pass
 
     def _reply(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
                content_type: str = "application/json") -> None:
@@ -85,13 +128,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):  # http.server's name
         self.seen.append((self.command, self.path))
-        fixed = next((v for k, v in ERRORS.items() if f"/{k}/" in self.path + "/"), None)
-        if fixed is not None:
-            return self._error(*fixed)
         route = self._route()
         repo = self.repos.get(route[1]) if route else None
         if route is None or repo is None:
-            return self._error(404, "RepoNotFound")
+            return self._answer(self.path)  # the fixed errors, else 404 RepoNotFound
         kind, repo_id, revision, path = route
         if repo.token and self.headers.get("Authorization") != f"Bearer {repo.token}":
             return self._error(401, "RepoNotFound")
@@ -117,12 +157,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class HubServer:
     url: str
@@ -132,14 +166,12 @@ class HubServer:
 
 @contextmanager
 def serve_hub(repos: dict[str, Repo] | None = None) -> Iterator[HubServer]:
-    """The server on 127.0.0.1 in a thread of this process, serving `repos` (and ERRORS)."""
+    """HubRepoHandler on 127.0.0.1 in a thread of this process, serving `repos` (and HubErrorHandler's errors)."""
     seen: list[tuple[str, str]] = []
-    handler = type("Handler", (_Handler,), {"repos": dict(repos or {}), "seen": seen})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", _free_port()), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    handler = type("Handler", (HubRepoHandler,), {"repos": dict(repos or {}), "seen": seen})
+    url, server = serve(handler)
     try:
-        yield HubServer(f"http://127.0.0.1:{server.server_address[1]}", handler.repos, seen)
+        yield HubServer(url, handler.repos, seen)
     finally:
         server.shutdown()
         server.server_close()

@@ -3,7 +3,8 @@
 Each rule of job/data/rows.py has two consumers: the training collator raises the first broken rule as a DataError
 (row, field, fix and message carried), preflight's RowChecker collects each one as an Issue (kind, field, message,
 fix) for the report. Their wordings predate the shared rules and are kept byte for byte, so this file pins both for
-one bad row per rule, as tests/test_label_equivalence.py locks the single-pass labels to the two-pass ones: a rule
+one bad row per rule,
+as tests/collators/test_label_equivalence.py locks the single-pass labels to the two-pass ones: a rule
 changed for one consumer and not the other fails here. The rules only preflight enforces (the collator can still
 build the batch: a caption that is not a string, control tokens in the text, a verdict without its label) are pinned
 too, with the collator accepting the row.
@@ -16,8 +17,8 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import bomb_png, noise_image
 from PIL import Image
-from test_preflight import bomb_png, noise_image
 
 from job.collators.qwen3_collator import Qwen3VisionSFTCollator
 from job.data.checks import RowChecker, visual_token_count

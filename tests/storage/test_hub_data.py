@@ -1,5 +1,5 @@
 """Hub datasets through the real huggingface_hub client (issue 18): a loopback server speaking the Hub's endpoints
-(tests/hub_server.py), HF_ENDPOINT pointed at it, no patched functions.
+(tests/loopback.py), HF_ENDPOINT pointed at it, no patched functions.
 
 HF_ENDPOINT is read when huggingface_hub is imported, so the clients run in fresh interpreters (not the zygote of
 tests/runs.py), both started when the module's first test needs them and run side by side:
@@ -19,7 +19,7 @@ import sys
 
 import pytest
 from helpers import REPO, job_env
-from hub_server import Repo, commit_sha, serve_hub
+from loopback import Repo, commit_sha, serve_hub
 from PIL import Image
 
 TOKEN = "hf_loopback_reader_token"
@@ -92,7 +92,7 @@ def _repos() -> dict[str, Repo]:
         # One split on the Hub (push_to_hub of a single Dataset): the eval rows are held out of it.
         "org/train-only": Repo({commit_sha("train-only"): {"data/train-00000-of-00001.parquet": _parquet(20, "one")}},
                                {"main": commit_sha("train-only")}),
-        "org/private-images": Repo({commit_sha("images"): _imagefolder()}, {"main": commit_sha("images")}, TOKEN),
+        "org/secret-images": Repo({commit_sha("images"): _imagefolder()}, {"main": commit_sha("images")}, TOKEN),
     }
 
 
@@ -106,9 +106,9 @@ SCENARIOS = {
     "unknown_config": {"SFT_DATASET_URI": "hf://datasets/org/nested/sarcasm", "SFT_DATASET_CONFIG": "de"},
     "unknown_revision": {"SFT_DATASET_URI": "org/pinned", "SFT_DATASET_REVISION": "v9"},
     "one_split": {"SFT_DATASET_URI": "org/train-only", "SFT_EVAL_HOLDOUT": "4"},
-    "private_with_token": {"SFT_DATASET_URI": "org/private-images", "HF_TOKEN": TOKEN},
-    "private_without_token": {"SFT_DATASET_URI": "org/private-images"},
-    "private_wrong_token": {"SFT_DATASET_URI": "org/private-images", "HF_TOKEN": "hf_wrong"},
+    "private_with_token": {"SFT_DATASET_URI": "org/secret-images", "HF_TOKEN": TOKEN},
+    "private_without_token": {"SFT_DATASET_URI": "org/secret-images"},
+    "private_wrong_token": {"SFT_DATASET_URI": "org/secret-images", "HF_TOKEN": "hf_wrong"},
     "gated": {"SFT_DATASET_URI": "org/gated"},
     "hub_down": {"SFT_DATASET_URI": "org/down"},
 }
