@@ -70,7 +70,8 @@ class HubErrorHandler(http.server.BaseHTTPRequestHandler):
 
 def serve(handler) -> tuple[str, http.server.ThreadingHTTPServer]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # poll 20 times a second: shutdown() waits for the next poll (0.5 s by default, per test)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return f"http://127.0.0.1:{server.server_address[1]}", server
 
 
