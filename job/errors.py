@@ -9,6 +9,7 @@ anything else is an internal error (a bug) and keeps its traceback.
 from __future__ import annotations
 
 import enum
+import importlib
 
 
 class ExitCode(enum.IntEnum):
@@ -206,13 +207,13 @@ def _classify_http(exc: BaseException) -> JobError | None:
         http_error_types.append(requests.HTTPError)
     except ImportError:
         pass
-    try:
-        import httpx
-
-        transient_types += [httpx.TransportError]
-        http_error_types.append(httpx.HTTPStatusError)
-    except ImportError:
-        pass
+    for name in ("httpx", "httpx2"):  # huggingface_hub 2 uses httpx2, a fork of httpx with the same error classes
+        try:
+            client = importlib.import_module(name)
+        except ImportError:
+            continue
+        transient_types += [client.TransportError]
+        http_error_types.append(client.HTTPStatusError)
     if isinstance(exc, tuple(http_error_types)):
         status = _http_status(exc)
         url = getattr(getattr(exc, "request", None), "url", None) or getattr(getattr(exc, "response", None), "url", "")

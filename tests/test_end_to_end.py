@@ -44,6 +44,11 @@ def test_training_meta(reference_run):
     assert meta["preflight"]["rows_skipped"] == {"train": 1, "validation": 0}
     assert meta["preflight"]["skipped_row_ids"]["train"] == ["train.jsonl:1"]  # rows are named by file:line
     assert meta["preflight"]["policy"] == {"bad_rows": "skip", "max_bad_fraction": 0.1}
+    # Its own eval split (no hold-out), none of whose rows is a training row; the card says both.
+    assert meta["preflight"]["eval_holdout"] is None and meta["preflight"]["eval_overlap"]["rows"] == 0
+    assert meta["dataset"]["commit_sha"] is None  # a local dataset
+    card = (reference_run.out / "adapter" / "README.md").read_text()
+    assert "- eval rows: the dataset's own eval split" in card and "identical to training rows" not in card
 
 
 def test_trainable_params_changed(reference_run):

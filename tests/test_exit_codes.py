@@ -116,16 +116,16 @@ def _not_json(tmp: Path, model: Path, data: Path) -> None:
 
 
 def _one_missing_image(tmp: Path, model: Path, data: Path) -> None:
-    """A parquet split whose row 3 points at an image that does not exist (paths are used as stored)."""
+    """A parquet split whose row 3 points at an image that does not exist (paths relative to the dataset directory,
+    whose images/ is a symlink)."""
     import datasets
 
     out = tmp / "pq"
     out.mkdir()
+    (out / "images").symlink_to(data / "images")
     for split, name in (("train", "train.jsonl"), ("validation", "validation.jsonl")):
         rows = [json.loads(line) for line in (data / name).read_text().splitlines() if line.strip()]
-        for row in rows:
-            row["image"] = str(data / row["image"])
-        rows[3]["image"] = str(data / "images" / "gone.png")
+        rows[3]["image"] = "images/gone.png"
         datasets.Dataset.from_list(rows).to_parquet(str(out / f"{split}.parquet"))
 
 
@@ -185,7 +185,8 @@ MISTAKES = [
     Mistake("line_not_json", "preflight", {"SFT_DATASET_URI": "{tmp}/broken"}, 2, ("train.jsonl:5", "not valid JSON"),
             setup=_not_json),
     Mistake("parquet_missing_image", "preflight", {"SFT_DATASET_URI": "{tmp}/pq", "SFT_TRAIN_SUBSET": None}, 2,
-            ("train[3]", "gone.png", "as stored"), setup=_one_missing_image, not_in_message=("JSONL",)),
+            ("train[3]", "gone.png", "relative to the dataset directory"), setup=_one_missing_image,
+            not_in_message=("JSONL",)),
     Mistake("hub_dataset_offline", "run", {"SFT_DATASET_URI": "data/sarcasm"}, 2,
             ("SFT_DATASET_URI='data/sarcasm'", "no such local path", "HF_HUB_OFFLINE=1")),
     Mistake("hub_push_without_token", "run", {"SFT_HUB_REPO_ID": "me/adapter"}, 2,

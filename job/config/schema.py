@@ -64,6 +64,8 @@ class DataConfig(_Section):
     system_prompt: str
     bad_rows: Literal["fail", "skip"]
     max_bad_fraction: float
+    eval_holdout: int | float  # a source with one split: the share (< 1) or row count (>= 1) held out for eval
+    max_eval_overlap: float
 
     @classmethod
     def from_settings(cls, s: Settings, card: ModelSpec) -> Self:
@@ -73,7 +75,8 @@ class DataConfig(_Section):
                    train_split=s.train_split, eval_split=s.eval_split, train_subset=s.train_subset,
                    eval_subset=s.eval_subset, image_key=s.image_key, query_key=s.query_key,
                    caption_key=s.caption_key, target_key=s.target_key, label_field=s.label_field,
-                   system_prompt=prompt, bad_rows=s.bad_rows, max_bad_fraction=s.max_bad_fraction)
+                   system_prompt=prompt, bad_rows=s.bad_rows, max_bad_fraction=s.max_bad_fraction,
+                   eval_holdout=s.eval_holdout, max_eval_overlap=s.max_eval_overlap)
 
 
 class ImageConfig(_Section):

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     # preflight: what to do with rows that fail the checks (job/preflight/run.py)
     bad_rows: Literal["fail", "skip"] = Field("fail", examples=["fail", "skip"])
     max_bad_fraction: float = Field(0.01, ge=0, le=1, examples=["0.01"])
+    # a source with one split: the share (0 < x < 1) or number (>= 1) of its rows held out for eval
+    eval_holdout: int | float = Field(0.1, examples=["0.1", "200"])
+    # eval rows identical to training rows above this share fail preflight (the gate would measure memorisation)
+    max_eval_overlap: float = Field(0.01, ge=0, le=1, examples=["0.01"])
     # run and output
     output_dir: str = Field("outputs", min_length=1, examples=["/workspace/outputs"])
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", examples=["sarcasm-2026-11-25"])
@@ -125,6 +129,13 @@ class Settings(BaseSettings):
     export_repo_id: str | None = Field(
         None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", examples=["my-org/qwen3-vl-sarcasm"]
     )
+
+    @field_validator("eval_holdout")
+    @classmethod
+    def _holdout_share_or_count(cls, value: int | float) -> int | float:
+        if (isinstance(value, int) and value >= 1) or (isinstance(value, float) and 0 < value < 1):
+            return value
+        raise ValueError("must be a share of the rows (0 < x < 1, e.g. 0.1) or a row count (an integer >= 1)")
 
     @field_validator("lora_target_modules")
     @classmethod

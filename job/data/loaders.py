@@ -7,50 +7,75 @@ decodes them: holding every decoded image in memory would not scale.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from job.config import JobConfig
+from job.data.holdout import ROW_ID, holdout_sides
+from job.data.layouts import JSONL_SUFFIXES, SplitFiles, expected_layouts, find_split, single_split_source, whole_source
 from job.errors import DataError, TransientError, hub_offline
 from job.storage.sources import hub_dataset_id
 
 # Columns the job adds to a split: each row's name in messages (loading), and its text + visual token count
 # (preflight, for length-grouped sampling).
-ROW_ID = "row_id"
 LENGTH_COLUMN = "sft_num_tokens"
-JSONL_SUFFIXES = (".jsonl", ".json")
+IMAGEFOLDER_FILE_KEY = "file_name"  # the imagefolder convention's image column (README, "Data format")
 
 
-def _jsonl_rows(path: Path, image_key: str, split: str) -> list[dict[str, Any]]:
-    """Parse a JSONL file line by line so that an error names the line; resolve image paths against the file."""
-    root = path.parent.resolve()
-    rows = []
+def _jsonl_records(path: Path, split: str, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) per non-blank line; a line that is not one JSON object names itself."""
     with path.open("rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise _line_error(split, f"{path.name}:{lineno}", f"is not valid UTF-8 ({exc.reason})",
+                raise _line_error(split, f"{name}:{lineno}", f"is not valid UTF-8 ({exc.reason})",
                                   "re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise _line_error(split, f"{path.name}:{lineno}", f"is not valid JSON ({exc.msg})",
+                raise _line_error(split, f"{name}:{lineno}", f"is not valid JSON ({exc.msg})",
                                   "each line must be one JSON object") from None
             if not isinstance(row, dict):
-                raise _line_error(split, f"{path.name}:{lineno}", f"is a JSON {type(row).__name__}",
+                raise _line_error(split, f"{name}:{lineno}", f"is a JSON {type(row).__name__}",
                                   "expected an object", carried_fix="each line must be one JSON object")
-            row[ROW_ID] = f"{path.name}:{lineno}"
-            image = row.get(image_key)
-            if isinstance(image, str):
-                row[image_key] = _resolve_image_path(root, image, row[ROW_ID], image_key)
-            rows.append(row)
+            yield lineno, row
+
+
+def _csv_records(path: Path, split: str, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """An imagefolder's metadata.csv: (line number, row); an empty cell is a missing value (CSV has no null)."""
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            for lineno, row in enumerate(csv.DictReader(handle), start=2):
+                yield lineno, {k: (v if v != "" else None) for k, v in row.items() if k is not None}
+    except UnicodeDecodeError as exc:
+        raise _line_error(split, name, f"is not valid UTF-8 ({exc.reason})", "re-encode the file as UTF-8") from None
+
+
+def _jsonl_rows(path: Path, image_key: str, split: str, name: str | None = None,
+                file_key: str | None = None) -> list[dict[str, Any]]:
+    """Parse a JSONL (or an imagefolder's metadata.csv) file line by line so that an error names the line; resolve
+    image paths against the file. name: the row ids' file part (the file name); file_key: the imagefolder column
+    (`file_name`) that names the image, which becomes the image column."""
+    root, name = path.parent.resolve(), name or path.name
+    records = _csv_records(path, split, name) if path.suffix == ".csv" else _jsonl_records(path, split, name)
+    rows = []
+    for lineno, row in records:
+        row[ROW_ID] = f"{name}:{lineno}"
+        if file_key is not None and file_key in row:
+            row[image_key] = row.pop(file_key)
+        image = row.get(image_key)
+        if isinstance(image, str):
+            row[image_key] = _resolve_image_path(root, image, row[ROW_ID], image_key)
+        rows.append(row)
     return rows
 
 
@@ -62,11 +87,47 @@ def _line_error(split: str, row: str, problem: str, fix: str, carried_fix: str |
 
 
 def _resolve_image_path(root: Path, rel: str, row_id: str, image_key: str) -> str:
-    resolved = (root / rel).resolve()
-    if not resolved.is_relative_to(root):
-        raise DataError.for_row(row_id, image_key, f"path {rel!r} escapes the dataset directory {root}",
-                                fix="use a path inside it")
-    return str(resolved)
+    """rel joined to the dataset directory. The check is on the path as written: absolute, or leaving the directory
+    through `..`, is refused; a symlink inside the directory (a linked `images/`) is followed when the file is read."""
+    written = Path(rel)
+    normal = Path(os.path.normpath(rel))
+    if written.is_absolute() or normal.parts[:1] == ("..",):
+        why = "is absolute" if written.is_absolute() else "leaves it through '..'"
+        raise DataError.for_row(row_id, image_key, f"path {rel!r} escapes the dataset directory {root} ({why})",
+                                fix="use a path relative to the dataset directory, inside it")
+    return str(root / normal)
+
+
+def _resolved_images(ds, root: Path, image_key: str):
+    """Parquet and save_to_disk rows: image paths (strings, or `datasets.Image` values without bytes) resolved against
+    the dataset directory as JSONL paths are, so the same dataset loads from any working directory."""
+    import datasets
+
+    if image_key not in ds.column_names or ROW_ID not in ds.column_names:
+        return ds
+    feature = ds.features[image_key]
+    if isinstance(feature, datasets.Image):
+        chunks = ds.data.column(image_key).chunks  # Arrow structs {bytes, path}
+        if not sum(chunk.field("bytes").null_count for chunk in chunks):  # every image embedded: no path to resolve
+            return ds
+        view = ds.cast_column(image_key, datasets.Image(decode=False)) if feature.decode else ds
+    elif isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        view = ds
+    else:
+        return ds  # a column of another type: the row checks name it
+
+    def resolve(value: Any, row_id: str) -> Any:
+        if isinstance(value, str) and value:
+            return _resolve_image_path(root, value, row_id, image_key)
+        if isinstance(value, dict) and not value.get("bytes") and value.get("path"):
+            return {**value, "path": _resolve_image_path(root, value["path"], row_id, image_key)}
+        return value
+
+    def batch(rows: dict) -> dict:
+        return {image_key: [resolve(v, r) for v, r in zip(rows[image_key], rows[ROW_ID], strict=True)]}
+
+    resolved = view.map(batch, batched=True)
+    return resolved.cast_column(image_key, feature) if resolved.features[image_key] != feature else resolved
 
 
 def _rows_to_dataset(rows: list[dict[str, Any]]):
@@ -116,42 +177,44 @@ def _with_row_ids(ds, split: str):
     return ds.add_column(ROW_ID, [f"{split}[{i}]" for i in range(len(ds))])
 
 
-def _split_file(root: Path, split: str) -> Path | None:
-    for suffix in JSONL_SUFFIXES:
-        if (root / f"{split}{suffix}").is_file():
-            return root / f"{split}{suffix}"
-    return None
+def _read(found: SplitFiles, base: Path, root: Path, split: str, image_key: str, label: str):
+    """A split's rows from its files (see job/data/layouts.py), named `{label}[i]` where the files give no line."""
+    import datasets
+
+    files = found.files
+    if found.kind == "jsonl":
+        return _rows_to_dataset(_jsonl_rows(files[0], image_key, split))
+    if found.kind == "imagefolder":
+        # Named as the dataset lays it out; not resolved: a Hub snapshot's files are links into its blob store.
+        name = os.path.relpath(files[0], base).replace(os.sep, "/")
+        return _rows_to_dataset(_jsonl_rows(files[0], image_key, split, name=name, file_key=IMAGEFOLDER_FILE_KEY))
+    if found.kind == "parquet":
+        ds = datasets.Dataset.from_parquet([str(p) for p in files])
+    else:
+        ds = datasets.load_from_disk(str(files[0]))
+    return _resolved_images(_with_row_ids(ds, label), root, image_key)
 
 
 def load_local_split(uri: str, split: str, image_key: str = "image"):
     """Load one split from a local path. Raises DataError naming the path and what was expected."""
-    import datasets
-
-    root = Path(uri)
-    if not root.exists():
+    path = Path(uri)
+    if not path.exists():
         raise DataError(f"dataset path {uri!r} does not exist (SFT_DATASET_URI)")
-    if root.is_file() and root.suffix in JSONL_SUFFIXES:
-        ds = _rows_to_dataset(_jsonl_rows(root, image_key, split))
-    elif root.is_file() and root.suffix == ".parquet":
-        ds = _with_row_ids(datasets.Dataset.from_parquet(str(root)), split)
-    elif (root / "dataset_dict.json").is_file() or (root / "dataset_info.json").is_file():
-        loaded = datasets.load_from_disk(str(root))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise DataError(
-                    f"split {split!r} not found in {uri}: it has {sorted(loaded)}; set SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT"
-                )
-            loaded = loaded[split]
-        ds = _with_row_ids(loaded, split)
-    elif (jsonl := _split_file(root, split)) is not None:
-        ds = _rows_to_dataset(_jsonl_rows(jsonl, image_key, split))
-    elif parquet := sorted(root.glob(f"{split}*.parquet")) or sorted(root.glob(f"{split}/*.parquet")):
-        ds = _with_row_ids(datasets.Dataset.from_parquet([str(p) for p in parquet]), split)
+    if path.is_file() and path.suffix not in (*JSONL_SUFFIXES, ".parquet"):
+        raise DataError(f"dataset file {uri!r} is not .jsonl, .json or .parquet (SFT_DATASET_URI)")
+    root = path.resolve() if path.is_dir() else path.resolve().parent
+    found = find_split(path, split) if path.is_dir() else None
+    whole = whole_source(path) if found is None else None
+    if found is not None:
+        ds = _read(found, path, root, split, image_key, split)
+    elif whole is not None:  # one split by its form: rows named after the file or directory (`all.parquet[17]`)
+        ds = _read(whole, path if path.is_dir() else path.parent, root, split, image_key, path.name)
+    elif (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits")
+        raise DataError(f"split {split!r} not found in {uri}: it has {splits}; set SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT")
     else:
-        raise DataError(
-            f"no {split!r} split in {uri}: expected {split}.jsonl, {split}*.parquet, {split}/*.parquet "
-            "or a datasets.save_to_disk directory; add it, or set SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT to a split it has"
-        )
+        raise DataError(f"no {split!r} split in {uri}: expected {expected_layouts(split)}; add it, or set "
+                        "SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT to a split it has")
     if len(ds) == 0:
         raise DataError(
             f"split {split!r} in {uri} is empty; add rows or point SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT elsewhere"
@@ -190,7 +253,6 @@ def load_hub_split(dataset_id: str, split: str, config: str | None, revision: st
 
 
 def load_split(cfg: JobConfig, split: str):
-
     data = cfg.data
     if not data.uri:
         raise DataError("SFT_DATASET_URI is not set: point it at a local path, s3://bucket/prefix or a Hub dataset id")
@@ -199,13 +261,31 @@ def load_split(cfg: JobConfig, split: str):
     return load_local_split(data.uri, split, data.image_key)
 
 
+def holds_out(cfg: JobConfig) -> bool:
+    """Whether eval rows are held out of the source's one split (SFT_EVAL_HOLDOUT) rather than read from its own."""
+    data = cfg.data
+    if not data.uri or hub_dataset_id(data.uri) is not None:
+        return False
+    return single_split_source(data.uri, data.train_split, data.eval_split)
+
+
+def _load_role(cfg: JobConfig, role: str):
+    """The train or eval rows: the split SFT_TRAIN_SPLIT / SFT_EVAL_SPLIT names, or a side of the hold-out."""
+    data = cfg.data
+    if not holds_out(cfg):
+        return load_split(cfg, data.train_split if role == "train" else data.eval_split)
+    whole = load_split(cfg, data.train_split)
+    sides = holdout_sides(whole, cfg.train.seed, data.eval_holdout, data.image_key, str(data.uri))
+    return whole.select(sides[role])
+
+
 def load_train_dataset(cfg: JobConfig):
-    ds = load_split(cfg, cfg.data.train_split)
+    ds = _load_role(cfg, "train")
     return _select_subset(ds, cfg.data.train_subset, cfg.train.seed)
 
 
 def _load_eval_dataset(cfg: JobConfig):
-    ds = load_split(cfg, cfg.data.eval_split)
+    ds = _load_role(cfg, "eval")
     return _select_subset(ds, cfg.data.eval_subset, cfg.train.seed)
 
 

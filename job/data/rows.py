@@ -205,9 +205,8 @@ def image_source(value: Any, field: str, row: str) -> Any:
         return RowProblem("bad_type", field, f"is {describe(value)}, expected an image path",
                           "store the image as a path string", *bad_type)
     if not Path(path).is_file():
-        # JSONL paths arrive resolved against the JSONL file (loaders.py); parquet/Arrow paths are used as stored.
-        where = ("relative to the JSONL file" if _JSONL_ROW.match(row)
-                 else "as stored: absolute, or relative to the working directory")
+        # JSONL paths arrive resolved against the JSONL file (loaders.py), parquet/Arrow paths against the dataset.
+        where = "relative to the JSONL file" if _JSONL_ROW.match(row) else "relative to the dataset directory"
         message = f"file {str(path)!r} does not exist"
         return RowProblem("image_missing_file", field, message, f"fix the path ({where}) or add the file", message)
     return str(path)

@@ -19,6 +19,7 @@ from job.eval.generate import evaluate_qwen3
 from job.model import load_model
 from job.preflight.early import check_inputs, eval_adapter, load_processor_checked
 from job.preflight.run import run_preflight
+from job.storage.sources import localize
 
 log = logging.getLogger("job.eval.command")
 PREFLIGHT_REPORT = "eval/standalone_preflight_report.json"
@@ -28,7 +29,9 @@ def run_eval(cfg: JobConfig) -> dict:
     check_inputs(cfg, "eval")
     out = Path(cfg.train.output_dir)
     adapter = eval_adapter(cfg)
-    processor = load_processor_checked(cfg)
+    sources = localize(cfg)  # s3:// and Hub sources, mirrored into the same cache as `run` uses
+    cfg = sources.local(cfg)
+    processor = load_processor_checked(cfg, sources.model_id)
     checked = run_preflight(cfg, processor, roles=("eval",), report_name=PREFLIGHT_REPORT)
     skipped = checked.report["splits"]["eval"]["skipped_row_ids"]
     if skipped:

@@ -25,11 +25,12 @@ from job.cards import ModelCards
 from job.collators.qwen3_collator import build_collators
 from job.config import JobConfig, build_cfg
 from job.data.checks import RowChecker
-from job.data.loaders import LENGTH_COLUMN, ROW_ID, _load_eval_dataset, load_train_dataset
+from job.data.loaders import LENGTH_COLUMN, ROW_ID, _load_eval_dataset, holds_out, load_train_dataset
 from job.errors import DataError
 from job.preflight.early import check_inputs, load_processor_checked
 from job.preflight.report import MAX_LISTED_ERRORS, build_report, failure_message, format_issue, summary_table
 from job.preflight.scan import SplitTally, effective_workers, make_issue, scan, worker_count
+from job.storage.sources import localize
 
 log = logging.getLogger("job.preflight")
 
@@ -122,6 +123,33 @@ def _policy_failure(cfg: JobConfig, tallies: dict[str, SplitTally]) -> str | Non
     return None
 
 
+def eval_overlap(cfg: JobConfig, tallies: dict[str, SplitTally]) -> dict | None:
+    """Eval rows identical to training rows (image bytes, query, caption and target): how many, and the limit."""
+    if "train" not in tallies or "eval" not in tallies:
+        return None
+    ev = tallies["eval"]
+    rows = sorted({w["row_id"] for w in ev.warnings if w["kind"] == "eval_row_in_train"})
+    return {"rows": len(rows), "of": ev.rows, "fraction": round(len(rows) / ev.rows, 6) if ev.rows else 0.0,
+            "limit": cfg.data.max_eval_overlap, "row_ids": rows}
+
+
+def _overlap_failure(overlap: dict | None) -> str | None:
+    if overlap is None or overlap["fraction"] <= overlap["limit"]:
+        return None
+    listed = ", ".join(overlap["row_ids"][:10]) + (", ..." if overlap["rows"] > 10 else "")
+    return (f"{overlap['rows']} of {overlap['of']} eval rows ({overlap['fraction']:.1%}) are identical to training "
+            f"rows ({listed}), above SFT_MAX_EVAL_OVERLAP={overlap['limit']}: the eval (and the gate) would measure "
+            "memorisation; remove them from one split, or raise SFT_MAX_EVAL_OVERLAP")
+
+
+def _holdout_record(cfg: JobConfig, loaded: dict[str, Any]) -> dict | None:
+    """A source with one split: how it was split, and the row ids on each side (after the subsets)."""
+    if not holds_out(cfg):
+        return None
+    return {"seed": cfg.train.seed, "eval_holdout": cfg.data.eval_holdout,
+            **{f"{role}_row_ids": list(loaded[role][ROW_ID]) for role in loaded}}
+
+
 def _publish(cfg: JobConfig, report: dict, name: str = REPORT_NAME) -> Path:
     path = Path(cfg.train.output_dir) / name
     outputs.write_json(path, report)
@@ -212,7 +240,10 @@ def run_preflight(cfg: JobConfig, processor=None, roles: tuple[str, ...] = ROLES
     failure = _policy_failure(cfg, tallies)
     if mismatches:  # no SFT_BAD_ROWS setting can help: the column names are wrong
         failure = "the dataset's columns do not match the SFT_*_KEY settings"
+    overlap = eval_overlap(cfg, tallies)
+    failure = failure or _overlap_failure(overlap)
     report = build_report(cfg, tallies, mismatches, failure, seconds, workers)
+    report["holdout"], report["eval_overlap"] = _holdout_record(cfg, loaded), overlap
     # Free: every image was already read and hashed by the row checks above (the duplicate digests).
     report["data_fingerprint"] = {role: tally.fingerprint() for role, tally in tallies.items()}
     path = _publish(cfg, report, report_name)
@@ -226,4 +257,6 @@ def run_preflight(cfg: JobConfig, processor=None, roles: tuple[str, ...] = ROLES
 def main(env: dict | None = None) -> PreflightResult:
     cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
     check_inputs(cfg, "preflight")
-    return run_preflight(cfg, load_processor_checked(cfg))
+    sources = localize(cfg)  # s3:// and Hub sources, mirrored into the same cache as `run` uses
+    local = sources.local(cfg)
+    return run_preflight(local, load_processor_checked(local, sources.model_id))

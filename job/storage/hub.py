@@ -41,13 +41,19 @@ def build_model_card(cfg: JobConfig, run_id: str, metrics: dict, lineage: dict):
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     post = metrics.get("post") or {}
-    dataset = lineage.get("dataset_uri") or "local"
+    # A Hub dataset by its repo id (what the Hub links), with the commit that was trained on.
+    dataset = lineage.get("dataset_repo_id") or lineage.get("dataset_uri") or "local"
+    commit = lineage.get("dataset_commit")
     results = [EvalResult(task_type="image-text-to-text", dataset_type=str(dataset), dataset_name="sarcasm eval split",
-                          dataset_split=cfg.data.eval_split, metric_type=k, metric_value=float(post[k]))
+                          dataset_split=cfg.data.eval_split, dataset_revision=commit, dataset_config=cfg.data.config,
+                          metric_type=k, metric_value=float(post[k]))
                for k in GATE_METRICS if isinstance(post.get(k), (int, float))]
     data = ModelCardData(
         base_model=lineage["base_model"], library_name="peft", pipeline_tag="image-text-to-text",
-        datasets=[dataset] if lineage.get("dataset_is_hub") else None, tags=list(cfg.card.tags),
+        # `datasets:` keeps the bare repo id, which the Hub links ("owner/name@sha" would link nowhere); the commit
+        # goes beside it (dataset_revision) and into each eval result's dataset.revision.
+        datasets=[dataset] if lineage.get("dataset_is_hub") else None, dataset_revision=commit,
+        tags=list(cfg.card.tags),
         model_name=run_id, eval_results=results or None, base_model_revision=lineage.get("base_model_revision"),
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_card_body(cfg, run_id, metrics, lineage)}")
@@ -74,6 +80,7 @@ Multimodal sarcasm detection: an image, a query and an optional caption in, a JS
 - base model: `{lineage['base_model']}` revision `{lineage.get('base_model_revision')}`
 - dataset: `{lineage.get('dataset_uri')}` revision/ETags `{lineage.get('dataset_version')}`
 - data fingerprint (sha256): `{lineage.get('fingerprint')}`
+{_eval_data_lines(lineage)}
 - code: git `{lineage.get('git_sha')}`, image `{lineage.get('image_digest')}`
 
 ## Training config
@@ -93,6 +100,18 @@ model = PeftModel.from_pretrained(base, "<this repo or directory>")
 processor = AutoProcessor.from_pretrained("<this repo or directory>")
 ```
 """
+
+
+def _eval_data_lines(lineage: dict) -> str:
+    """Where the eval rows came from and how many of them are also training rows (preflight's count)."""
+    holdout = lineage.get("eval_holdout")
+    lines = [f"- eval rows: held out of the dataset's one split (SFT_EVAL_HOLDOUT={holdout}, by SFT_SEED and a hash "
+             "of each row)" if holdout is not None else "- eval rows: the dataset's own eval split"]
+    overlap = lineage.get("eval_overlap")
+    if overlap and overlap["rows"]:
+        lines.append(f"- eval rows identical to training rows: {overlap['rows']} of {overlap['of']} "
+                     f"(SFT_MAX_EVAL_OVERLAP={overlap['limit']}); their scores measure memorisation")
+    return "\n".join(lines)
 
 
 def _hub_errors(what: str, exc: Exception, setting: str = "SFT_HUB_REPO_ID") -> Exception:

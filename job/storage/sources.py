@@ -1,7 +1,13 @@
 """Where data and weights come from: a local path, the HF Hub, or an s3:// prefix mirrored into a local cache.
 
-`localize(cfg)` mirrors the s3:// sources and returns `Sources`: what the run learned about its inputs after the
-config was built (where each was read from, next to what the user configured). The config itself never changes.
+`localize(cfg)` mirrors the s3:// sources and Hub datasets and returns `Sources`: what the run learned about its
+inputs after the config was built (where each was read from, the Hub commit a dataset revision resolved to, next to
+what the user configured). The config itself never changes.
+
+A Hub dataset (`owner/name`, `hf://datasets/owner/name[/path]`) is downloaded with huggingface_hub's
+`snapshot_download` into its own cache (HF_HOME; HF_TOKEN for private and gated repos; HF_HUB_OFFLINE=1 reads the
+cache only) at SFT_DATASET_REVISION, and then read like a local directory, so it has the same layouts
+(job/data/layouts.py). The snapshot folder is named after the commit the revision resolved to.
 """
 
 from __future__ import annotations
@@ -10,11 +16,13 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from job.config import JobConfig
+from job.errors import UserError, classified, hub_offline
 from job.storage import s3 as s3io
 
 log = logging.getLogger(__name__)
@@ -37,9 +45,28 @@ def _hub_id(value: str | None, scheme: str) -> str | None:
     return value if _HUB_ID.match(value) else None
 
 
+@dataclass(frozen=True)
+class HubDataset:
+    """A Hub dataset as SFT_DATASET_URI names it: the repo and a folder inside it ("" for the whole repo)."""
+
+    repo_id: str
+    path: str
+
+
+def hub_dataset(uri: str | None) -> HubDataset | None:
+    """`org/name` or `hf://datasets/org/name[/path]` when uri is not a local path; else None."""
+    named = _hub_id(uri, "hf://datasets/")
+    if named is None:
+        return None
+    owner, _, rest = named.partition("/")
+    name, _, path = rest.partition("/")
+    return HubDataset(f"{owner}/{name}", path.strip("/"))
+
+
 def hub_dataset_id(uri: str | None) -> str | None:
-    """`org/name` or `hf://datasets/org/name` when uri is not a local path; else None."""
-    return _hub_id(uri, "hf://datasets/")
+    """The repo id (`org/name`) of a Hub dataset URI (`org/name`, `hf://datasets/org/name[/path]`); else None."""
+    found = hub_dataset(uri)
+    return found.repo_id if found is not None else None
 
 
 def hub_model_id(model_id: str | None) -> str | None:
@@ -63,8 +90,9 @@ class Sources:
 
     dataset_uri: str | None  # as configured: a local path, a Hub id or an s3:// prefix
     model_id: str
-    dataset_path: str | None  # where the rows are read: the local mirror of an s3:// prefix, else dataset_uri
+    dataset_path: str | None  # where the rows are read: the local mirror of an s3:// prefix or Hub dataset
     model_path: str
+    dataset_commit: str | None = None  # a Hub dataset: the commit SFT_DATASET_REVISION (or main) resolved to
 
     def configured(self, cfg: JobConfig) -> JobConfig:
         """cfg as the user configured it: data.uri and model.id as set (the inverse of local)."""
@@ -83,14 +111,102 @@ class Sources:
         return record
 
 
+def _hub_snapshot(cfg: JobConfig, hub: HubDataset) -> tuple[Path, str]:
+    """The dataset's files at SFT_DATASET_REVISION (only hub.path's, when the URI names a folder), and the commit."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    data = cfg.data
+    pinned = f" at SFT_DATASET_REVISION={data.revision!r}" if data.revision else ""
+    context = f"SFT_DATASET_URI={data.uri!r} (no such local path, so the Hub dataset {hub.repo_id}{pinned})"
+    try:
+        # The revision is resolved first, and the snapshot asked for by commit: snapshot_download alone falls back to
+        # a cached snapshot when the Hub refuses (401/403) or fails, which would train on data the token may no
+        # longer read, or on an old commit of a moved branch. HF_HUB_OFFLINE=1 reads the cache on purpose.
+        revision = data.revision if hub_offline() else HfApi().dataset_info(hub.repo_id, revision=data.revision).sha
+        local = Path(snapshot_download(hub.repo_id, repo_type="dataset", revision=revision,
+                                       allow_patterns=[f"{hub.path}/**"] if hub.path else None))
+    except Exception as exc:  # classified: 401/403/404 -> 2, timeouts and 5xx -> 3, else a bug
+        if hub_offline():
+            raise UserError(f"{context}: HF_HUB_OFFLINE=1 and it is not in the local cache; fix the path, download "
+                            "it first, or unset HF_HUB_OFFLINE") from exc
+        error = classified(exc, context)
+        if error is None:
+            raise
+        raise error from exc
+    root = local / hub.path
+    if not root.is_dir():
+        raise UserError(f"{context} has no folder {hub.path!r} at commit {local.name}")
+    if data.config:
+        root = _config_root(cfg, hub, root, local.name, context)
+    return root, local.name
+
+
+def _declared_configs(card: Path) -> dict[str, dict]:
+    """The configurations a dataset card declares (`configs:` in README.md's YAML header), by name."""
+    from huggingface_hub.repocard import metadata_load
+
+    meta = (metadata_load(card) if card.is_file() else None) or {}
+    return {str(c.get("config_name")): c for c in meta.get("configs") or [] if isinstance(c, dict)}
+
+
+def _split_patterns(data_files: Any) -> dict[str, list[str]]:
+    """`data_files` as the card writes it (a pattern, a list, or a list of {split, path}) as split -> patterns."""
+    if isinstance(data_files, str):
+        return {"train": [data_files]}
+    if isinstance(data_files, dict):
+        return {str(k): [v] if isinstance(v, str) else list(v) for k, v in data_files.items()}
+    patterns: dict[str, list[str]] = {}
+    for entry in data_files or []:
+        if isinstance(entry, str):
+            patterns.setdefault("train", []).append(entry)
+        elif isinstance(entry, dict):
+            path = entry.get("path", [])
+            patterns.setdefault(str(entry.get("split", "train")), []).extend([path] if isinstance(path, str) else path)
+    return patterns
+
+
+def _config_root(cfg: JobConfig, hub: HubDataset, root: Path, commit: str, context: str) -> Path:
+    """SFT_DATASET_CONFIG: the configuration the card declares (its `data_dir`, or its parquet `data_files` per split,
+    linked into `{split}/` folders under SFT_CACHE_DIR), else the folder of that name (what
+    push_to_hub(config_name=...) writes beside the card's entry)."""
+    name = cfg.data.config or ""
+    declared = _declared_configs(root / "README.md").get(name)
+    if declared is None:
+        if (root / name).is_dir():
+            return root / name
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        known = sorted(_declared_configs(root / "README.md")) + folders
+        raise UserError(f"SFT_DATASET_CONFIG={name!r}: {context} declares no such configuration and has no such "
+                        f"folder (it has: {', '.join(known) or 'none'}); unset it or name one of them")
+    if declared.get("data_dir"):
+        return root / str(declared["data_dir"])
+    view = cache_dir(cfg) / "hub-configs" / hub.repo_id / commit / name
+    shutil.rmtree(view, ignore_errors=True)
+    for split, patterns in _split_patterns(declared.get("data_files")).items():
+        matched = sorted({p for pattern in patterns for p in root.glob(pattern) if p.is_file()})
+        if not matched or any(p.suffix != ".parquet" for p in matched):
+            raise UserError(f"SFT_DATASET_CONFIG={name!r}: {context}: split {split!r} of the configuration matches "
+                            f"{[p.name for p in matched][:5] or 'no file'} ({patterns}); a configuration's data_files "
+                            "must be parquet files here (or give it a data_dir)")
+        (view / split).mkdir(parents=True)
+        for path in matched:
+            (view / split / path.relative_to(root).as_posix().replace("/", "--")).symlink_to(path)
+    return view
+
+
 def localize(cfg: JobConfig) -> Sources:
-    """Download the s3:// sources into the cache; the others are read where they are."""
-    dataset, model = cfg.data.uri, cfg.model.id
+    """Download the s3:// sources and Hub datasets into their caches; local paths and Hub models are read where
+    they are (from_pretrained downloads a Hub model itself)."""
+    dataset, model, commit = cfg.data.uri, cfg.model.id, None
     if dataset and dataset.startswith("s3://"):
         dataset = str(_mirror(cfg, dataset, "datasets"))
+    elif (hub := hub_dataset(dataset)) is not None:
+        root, commit = _hub_snapshot(cfg, hub)
+        dataset = str(root)
+        print(f"dataset: Hub {hub.repo_id} revision {cfg.data.revision or 'main'} = commit {commit}", flush=True)
     if model.startswith("s3://"):
         model = str(_mirror(cfg, model, "models"))
-    return Sources(cfg.data.uri, cfg.model.id, dataset, model)
+    return Sources(cfg.data.uri, cfg.model.id, dataset, model, commit)
 
 
 def s3_etags(uri: str | None) -> str | None:

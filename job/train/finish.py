@@ -73,6 +73,7 @@ def _save_outputs(p: Prepared, model, run, trained: Trained, metrics: dict, time
 
     files = outputs.save_adapter(model, p.processor, p.paths.adapter)
     lineage = outputs.lineage(p.cfg, p.sources, model, dataset_fingerprint(p.preflight.get("data_fingerprint")))
+    lineage.update(eval_overlap=p.preflight.get("eval_overlap"), eval_holdout=p.preflight.get("eval_holdout"))
     build_model_card(p.cfg, p.run_id, metrics, lineage).save(p.paths.adapter / "README.md")
     outputs.write_json(p.paths.root / "metrics.json", metrics)
     timer.track("save", started)

@@ -11,7 +11,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -84,16 +83,21 @@ def _seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
-def _resolve_run_id(cfg: JobConfig) -> str:
-    """SFT_RUN_ID; unset, the run id of the checkpoint a rerun continues; else a new timestamped id."""
+def _resolve_run_id(cfg: JobConfig, sources: Sources, preflight: dict) -> str:
+    """SFT_RUN_ID; unset, the run id of the checkpoint a rerun continues; else one derived from the data and the
+    training settings (the resume fingerprint's), so that a restarted pod (no local checkpoint, the same settings)
+    finds its checkpoints under SFT_CHECKPOINT_URI and continues its W&B run."""
     if cfg.train.run_id:
         return cfg.train.run_id
     if cfg.train.resume != "never":
         stored = resume.stored_run_id(RunPaths(Path(cfg.train.output_dir)).checkpoints)
         if stored is not None:
-            log.info("SFT_RUN_ID unset: continuing run %s (from its newest checkpoint)", stored)
+            print(f"run id: {stored} (SFT_RUN_ID unset: continuing the run of the newest checkpoint)", flush=True)
             return stored
-    return f"qwen3-sft-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    derived = resume.derived_run_id(cfg, preflight.get("data_fingerprint") or {}, sources)
+    print(f"run id: {derived} (SFT_RUN_ID unset: derived from the data fingerprint and the training settings; "
+          "the same data and settings give the same id, so a restart resumes)", flush=True)
+    return derived
 
 
 def _uses_hub(cfg: JobConfig) -> bool:
@@ -155,7 +159,9 @@ def _preflight_summary(report: dict) -> dict:
     return {"rows_checked": report["rows_checked"], "policy": report["policy"],
             "rows_skipped": {s["split"]: s["rows_skipped"] for s in report["splits"].values()},
             "skipped_row_ids": {s["split"]: s["skipped_row_ids"] for s in report["splits"].values()},
-            "warnings_by_kind": report["warnings_by_kind"], "data_fingerprint": report.get("data_fingerprint")}
+            "warnings_by_kind": report["warnings_by_kind"], "data_fingerprint": report.get("data_fingerprint"),
+            "eval_overlap": {k: v for k, v in (report.get("eval_overlap") or {}).items() if k != "row_ids"} or None,
+            "eval_holdout": report["holdout"]["eval_holdout"] if report.get("holdout") else None}
 
 
 def _checked_datasets(cfg: JobConfig, processor) -> tuple[Any, Any, dict]:
@@ -180,7 +186,6 @@ def _prepare(cfg: JobConfig, timer: Timer) -> Prepared:
     started = time.monotonic()
     distributed.init_process_group()
     _seed_everything(cfg.train.seed)
-    run_id = _resolve_run_id(cfg)
     early.check_inputs(cfg, "run")  # paths and the output dir, before any download
     _hub_access(cfg)
     with distributed.local_main_first():  # one download per node into the shared cache
@@ -189,6 +194,7 @@ def _prepare(cfg: JobConfig, timer: Timer) -> Prepared:
         early.check_lora_targets(cfg, sources.model_id)  # config.json on the meta device, no weights
         processor = early.load_processor_checked(cfg, sources.model_id)
     train_ds, eval_ds, preflight = _checked_datasets(cfg, processor)
+    run_id = _resolve_run_id(cfg, sources, preflight)
     log.info("data: %d train rows, %d eval rows from %s", len(train_ds), len(eval_ds), cfg.data.uri)
     remote = _remote_checkpoints(cfg, run_id)
     _check_publish_access(cfg)

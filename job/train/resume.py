@@ -9,6 +9,7 @@ output paths, secrets, W&B, Hub repo and gate, preemption budget, dataloader wor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -167,6 +168,14 @@ class Progress:
     def read(cls, checkpoint: Path) -> Progress:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         return cls(int(state["global_step"]), int(state.get("max_steps") or 0))
+
+
+def derived_run_id(cfg: JobConfig, data: dict[str, str], sources: Sources | None = None) -> str:
+    """`qwen3-sft-<12 hex>`: a digest of what the resume fingerprint compares, the training settings and the data's
+    content fingerprint (so the run id is not itself part of it)."""
+    fingerprint = Fingerprint.of(cfg, "", data, sources)
+    content = json.dumps({"settings": fingerprint.settings, "data": fingerprint.data}, sort_keys=True)
+    return f"qwen3-sft-{hashlib.sha256(content.encode()).hexdigest()[:12]}"
 
 
 def stored_run_id(checkpoints: Path) -> str | None:

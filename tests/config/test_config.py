@@ -193,7 +193,16 @@ OVERLAY_CASES = [
     ({"SFT_EXPORT_REPO_ID": "org/merged"}, {("export", "repo_id"): "org/merged"}),
     ({"SFT_BAD_ROWS": "skip"}, {("data", "bad_rows"): "skip"}),
     ({"SFT_MAX_BAD_FRACTION": "0.05"}, {("data", "max_bad_fraction"): 0.05}),
+    ({"SFT_EVAL_HOLDOUT": "0.2"}, {("data", "eval_holdout"): 0.2}),
+    ({"SFT_EVAL_HOLDOUT": "200"}, {("data", "eval_holdout"): 200}),
+    ({"SFT_MAX_EVAL_OVERLAP": "0"}, {("data", "max_eval_overlap"): 0.0}),
 ]
+
+
+@pytest.mark.parametrize("value", ["0", "0.0", "-3", "1.5", "all"])
+def test_eval_holdout_is_a_share_below_one_or_a_row_count(value):
+    with pytest.raises(ConfigError, match="SFT_EVAL_HOLDOUT"):
+        build_cfg(CARD, {"SFT_EVAL_HOLDOUT": value})
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -107,10 +108,13 @@ def test_bucket_errors_are_user_errors_and_dead_endpoint_is_transient(s3_endpoin
 def test_missing_bucket_fails_run_before_training(s3_endpoint, tiny_assets, tmp_path, run_forked):
     env = job_env(tmp_path, tiny_assets, SFT_CHECKPOINT_URI="s3://missing-bucket/runs", **AWS_ENV,
                   AWS_ENDPOINT_URL=s3_endpoint)
+    del env["SFT_RUN_ID"]  # a plain `docker run`: the run id is derived after preflight, before the store is probed
     proc = run_forked(["-m", "job", "run"], env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "missing-bucket" in proc.stderr and "Traceback" not in proc.stderr
     assert not list((tmp_path / "out/checkpoints").glob("checkpoint-*"))
+    derived = re.search(r"run id: (qwen3-sft-[0-9a-f]{12}) \(SFT_RUN_ID unset: derived from the data", proc.stdout)
+    assert derived, proc.stdout[-2000:]
 
 
 @pytest.mark.slow
