@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= .cache/demo
 PYTEST_ARGS ?=
 # make test-image-pins: a Python 3.12 venv with docker/constraints.txt's exact versions (the image's, torch 2.8.0 CPU).
-IMAGE_PINS_PYTHON ?= python3.12
+# python3.12 on the PATH, else pyenv's 3.12 (a pyenv shim answers "command not found" unless 3.12 is selected).
+IMAGE_PINS_PYTHON ?= $(or $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null),$(lastword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12)),python3.12)
 IMAGE_PINS_VENV ?= .cache/venv-image-pins
 # Image and cluster submission (make image / push / submit / image-smoke).
 IMAGE_TAG ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)

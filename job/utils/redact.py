@@ -74,7 +74,29 @@ def setup_logging(level: int = logging.INFO) -> None:
     root.setLevel(level)
     for noisy in ("httpx", "urllib3", "botocore", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for name, prefix in THIRD_PARTY_LOG_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropPrefix) for f in logger.filters):
+            logger.addFilter(_DropPrefix(prefix))
     ignore_third_party_warnings()
+
+
+class _DropPrefix(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+# Log records of libraries that say nothing the user can act on: (logger, message prefix), each with why.
+THIRD_PARTY_LOG_NOISE = (
+    # bitsandbytes 0.50.2, at import on a CPU with avx512_bf16: it looks for an optional CPU kernel that the `kernels`
+    # package would download from the Hub at run time (never possible offline, never used on a GPU), then uses its
+    # own CPU kernel. The 4-bit path the job trains on is set by keep_4bit_layout_unpacked (job/model.py).
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+)
 
 
 # Warnings raised inside libraries we call, about their own internals; nothing in this job can change them.

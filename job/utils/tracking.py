@@ -35,10 +35,17 @@ def init_wandb(run_id: str, config: dict, *, enabled: bool, output_dir: str):
     mode = wandb_mode()
     if mode == "offline" and not os.environ.get("WANDB_MODE"):
         log.info("W&B: no WANDB_API_KEY, logging offline (sync later with `wandb sync`)")
+    # Offline, wandb's only warning in a run here is "URL not available in offline run", printed at every save
+    # because transformers' WandbCallback reads run.url (wandb 0.31, transformers 5.24): an offline run has no URL by
+    # definition. Online runs keep every wandb warning. (Terminal output is configured by setup(), not init().)
+    wandb.setup(settings=wandb.Settings(show_warnings=mode != "offline"))
     return wandb.init(
         project=os.environ.get("WANDB_PROJECT", "qwen3-sft"),
         id=run_id, name=run_id, resume="allow", mode=mode, config=config,
         dir=os.environ.get("WANDB_DIR") or output_dir,
+        # quiet: no version banner and no 30-line run-history footer; the offline header (where the run's files are,
+        # how to sync them) still prints.
+        settings=wandb.Settings(quiet=True),
     )
 
 

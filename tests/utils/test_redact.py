@@ -8,7 +8,15 @@ import logging
 import pytest
 
 from job.config import SECRET_ENV_VARS
-from job.utils.redact import REDACTED, SecretFilter, redact, scrub, secret_values, setup_logging
+from job.utils.redact import (
+    REDACTED,
+    THIRD_PARTY_LOG_NOISE,
+    SecretFilter,
+    redact,
+    scrub,
+    secret_values,
+    setup_logging,
+)
 
 TOKEN = "hf_supersecret123"
 
@@ -213,3 +221,22 @@ def test_setup_logging_installs_one_secret_filter(monkeypatch, capsys):
             if h not in before_handlers:
                 root.removeHandler(h)
         root.setLevel(before_level)
+
+
+def test_setup_logging_drops_only_the_named_library_noise(monkeypatch, capsys):
+    """bitsandbytes' kernels-community notice goes; any other record of that logger, and the same text from another
+    logger, still prints."""
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", root.level)
+    setup_logging()
+    name, prefix = THIRD_PARTY_LOG_NOISE[0]
+    logging.getLogger(name).warning("%s: No module named 'kernels'", prefix)
+    logging.getLogger(name).warning("a real bitsandbytes problem")
+    logging.getLogger("job.other").warning("%s: quoted elsewhere", prefix)
+    err = capsys.readouterr().err
+    assert "No module named 'kernels'" not in err
+    assert "a real bitsandbytes problem" in err and "quoted elsewhere" in err
+    setup_logging()  # idempotent: one filter per logger
+    assert len(logging.getLogger(name).filters) == 1

@@ -18,3 +18,21 @@ def test_a_run_raises_no_warning(reference_run):
     assert reference_run.returncode == 0, reference_run.log[-3000:]
     found = [m.group(0) for m in WARNING_LINE.finditer(reference_run.log)]
     assert found == [], "\n".join(found)
+
+
+# Third-party lines that told the user nothing (job/utils/redact.py THIRD_PARTY_LOG_NOISE, job/utils/tracking.py).
+NOISE = ("Failed to load CPU gemm_4bit_forward", "URL not available in offline run", "Run history:")
+
+
+@pytest.mark.slow
+def test_a_run_prints_each_line_once_and_no_library_noise(reference_run):
+    assert reference_run.returncode == 0, reference_run.log[-3000:]
+    lines = [line.strip() for line in reference_run.log.splitlines()]
+    assert [n for n in NOISE if any(n in line for line in lines)] == []
+    seen: set[str] = set()
+    repeated = []
+    for line in lines:
+        if line.strip("wandb: ") and line in seen:
+            repeated.append(line)
+        seen.add(line)
+    assert repeated == [], "\n".join(repeated)
