@@ -17,6 +17,7 @@ from typing import Any
 from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator, build_collators
 from job.config import JobConfig
 from job.errors import DataError
+from job.eval.score import LabelSet, resolve_mode
 from job.preflight import early
 from job.preflight.run import apply_plan, run_preflight
 from job.storage import s3 as s3io
@@ -75,6 +76,7 @@ class Prepared:
     collator: Qwen3VisionSFTCollator
     eval_collator: Qwen3VisionSFTCollator
     preflight: dict
+    label_set: LabelSet | None = None  # the training split's labels and their scored answers (job/eval/score.py)
 
 
 def _seed_everything(seed: int) -> None:
@@ -201,9 +203,24 @@ def _prepare(cfg: JobConfig, timer: Timer) -> Prepared:
     paths = RunPaths(Path(cfg.train.output_dir)).create()
     collator, eval_collator = build_collators(cfg, processor)
     _check_supervised_tokens(collator, train_ds, cfg.train.per_device_batch_size)
+    label_set = training_label_set(cfg, train_ds)
     timer.track("setup", started)
     return Prepared(cfg, sources, paths, run_id, remote, processor, train_ds, eval_ds, collator, eval_collator,
-                    preflight)
+                    preflight, label_set)
+
+
+def training_label_set(cfg: JobConfig, train_ds) -> LabelSet | None:
+    """The label set scoring mode scores, from the training targets (a column read: no image is decoded), checked
+    against SFT_EVAL_MODE and SFT_EVAL_STEPS here, before any weight loads (exit 2)."""
+    label_set = LabelSet.from_targets(list(train_ds[cfg.data.target_key]), cfg.data.label_field)
+    mode = resolve_mode(cfg.eval.mode, label_set)
+    if cfg.eval.steps is not None and label_set is None:
+        raise DataError(
+            "SFT_EVAL_STEPS scores the labels during training, and the training targets give no label set to score "
+            f"('{cfg.data.label_field}' must be the first key of every target): unset SFT_EVAL_STEPS")
+    if label_set is not None:
+        log.info("eval mode %s; labels (%s): %s", mode, label_set.scored, ", ".join(label_set.labels))
+    return label_set
 
 
 def _init_wandb(p: Prepared):
