@@ -78,7 +78,7 @@ def _save_outputs(p: Prepared, model, run, trained: Trained, metrics: dict, time
     started = time.monotonic()
 
     files = outputs.save_adapter(model, p.processor, p.paths.adapter)
-    metrics["report"] = _pictures(p, metrics, trained)
+    metrics["report"] = _pictures(p, metrics, trained, run)
     lineage = outputs.lineage(p.cfg, p.sources, model, dataset_fingerprint(p.preflight.get("data_fingerprint")))
     lineage.update(eval_overlap=p.preflight.get("eval_overlap"), eval_holdout=p.preflight.get("eval_holdout"))
     build_model_card(p.cfg, p.run_id, metrics, lineage).save(p.paths.adapter / "README.md")
@@ -94,9 +94,9 @@ def _save_outputs(p: Prepared, model, run, trained: Trained, metrics: dict, time
     return meta
 
 
-def _pictures(p: Prepared, metrics: dict, trained: Trained) -> dict | None:
+def _pictures(p: Prepared, metrics: dict, trained: Trained, run) -> dict | None:
     """report/*.png (job/eval/plots.py), copied into the adapter folder too: the card links them by relative path,
-    which the Hub renders from the pushed repo."""
+    which the Hub renders from the pushed repo; and in the W&B run, as `report/<name>` images."""
     drawn = plots.write_report(p.paths.root / REPORT_DIR, metrics, trained.log_history)
     if not drawn:
         return None
@@ -108,6 +108,7 @@ def _pictures(p: Prepared, metrics: dict, trained: Trained) -> dict | None:
         (target / path.name).chmod(0o644)
     for name, path in drawn.items():
         print(f"report: {name} {path}", flush=True)
+    tracking.log_pictures(run, drawn)
     return {"dir": REPORT_DIR, "files": {name: f"{REPORT_DIR}/{path.name}" for name, path in drawn.items()}}
 
 

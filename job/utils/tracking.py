@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Literal
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ def log_metrics(run, prefix: str, metrics: dict) -> None:
 
 def log_confusion_matrix(run, key: str, confusion: dict) -> None:
     """The confusion matrix (job/eval/metrics.py per_class_report) in the run's summary, as the metrics file holds it
-    ({labels, columns, matrix}: rows gold, columns predicted plus "unparsed").
+    ({labels, columns, matrix}: rows gold, columns predicted plus "unparsed"); its picture is a report image
+    (log_pictures).
 
     Not a `wandb.Table`: logging one makes wandb 0.31 create a run-table artifact whose temporary directory it never
     cleans (a ResourceWarning at exit, tests/utils/test_warnings.py), and stage the table in a temporary directory
@@ -84,6 +86,16 @@ def log_confusion_matrix(run, key: str, confusion: dict) -> None:
     if run is None or not confusion:
         return
     run.summary[key] = {k: confusion[k] for k in ("labels", "columns", "matrix")}
+
+
+def log_pictures(run, pictures: dict[str, Path]) -> None:
+    """The report's PNGs (job/eval/plots.py) as W&B images, `report/<name>`: the confusion matrices pre and post, the
+    curves, the reliability diagram. From the file, so wandb copies it into the run and stages nothing."""
+    if run is None or not pictures:
+        return
+    import wandb  # as in init_wandb: only a run with W&B on imports it
+
+    run.log({f"report/{name}": wandb.Image(str(path), caption=path.name) for name, path in pictures.items()})
 
 
 def finish(run) -> None:
