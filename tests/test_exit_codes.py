@@ -355,7 +355,8 @@ def test_report_reads_every_metrics_file_and_prints_usage(tmp_path):
         "red": {"precision": 0.5, "recall": 1.0, "f1": 0.667, "support": 2}}}  # score-only mode: no parse rate
     best = {"step": 4, "final_step": 6, "metric": "macro_f1", "value": 0.25, "history": [{"step": 2}, {"step": 4}]}
     table = format_metrics({"pre": None, "post": scored, "best": best})
-    assert "roc_auc" in table and "red" in table and "best step: 4 of 6 by macro_f1=0.250" in table
+    assert "roc_auc" in table and "red" in table
+    assert "best step: 4 of 6 by macro_f1=0.250 of the label probabilities (evals at steps 2, 4)" in table
     assert "json_parse_rate            -           -" in table
     assert main([]) == 2
     (tmp_path / "x.json").write_text("[1, 2]")

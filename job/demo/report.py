@@ -43,7 +43,7 @@ def format_metrics(metrics: dict, name: str = "value") -> str:
         best = metrics["best"]
         steps = ", ".join(str(e["step"]) for e in best["history"])
         lines.append(f"best step: {best['step']} of {best['final_step']} by {best['metric']}="
-                     f"{_cell(best['value']).strip()} (evals at steps {steps})")
+                     f"{_cell(best['value']).strip()} of the label probabilities (evals at steps {steps})")
     for picture in ((metrics.get("report") or {}).get("files") or {}).values():
         lines.append(f"picture: {picture} (in the adapter folder and in report/)")
     return "\n".join(lines)

@@ -123,9 +123,11 @@ def _best_step(metrics: dict) -> str:
         return ""
     value = best.get("value")
     shown = f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+    # Scored, not generated (job/train/best.py): the table's post row is generation's, so the two can differ.
     return (f"\nThis is the adapter of step {best['step']}: the best {best['metric']} ({shown}) of "
             f"{len(best['history'])} evals during training on {best['rows']} eval rows, every {best['eval_steps']} "
-            f"steps (SFT_EVAL_STEPS); training ran to step {best['final_step']}. Post is this adapter.\n")
+            f"steps (SFT_EVAL_STEPS), scored from the label probabilities (no generation); training ran to step "
+            f"{best['final_step']}. Post is this adapter.\n")
 
 
 def _pictures(metrics: dict) -> str:

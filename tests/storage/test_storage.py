@@ -253,7 +253,8 @@ def test_the_card_of_another_task(tmp_path):
     assert "The main colour of a photo, as JSON." in text and "| roc_auc | - | 0.6 |" in text
     assert "| red | 0.4000 | 1.0000 | 0.5700 | 5 |" in text and "| blue | 0 | 7 | 0 |" in text
     assert "This is the adapter of step 5: the best macro_f1 (0.3800) of 4 evals during training on 8 eval rows, " \
-           "every 5 steps (SFT_EVAL_STEPS); training ran to step 20." in " ".join(text.split())
+           "every 5 steps (SFT_EVAL_STEPS), scored from the label probabilities (no generation); " \
+           "training ran to step 20." in " ".join(text.split())
     assert "None" not in card.content  # YAML and text: nothing unknown printed (base_model_revision None)
     assert "- system prompt, exactly:\n\n  ```text\n  Name the colour.\n  ```\n" in text
     assert "`CAPTION: <caption>`" in text and '"text": "<query>\\nCAPTION: <caption>"' in text
