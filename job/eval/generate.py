@@ -36,13 +36,18 @@ def _as_dict(target: Any) -> dict | None:
     return parse_verdict(str(target)) if target is not None else None
 
 
+def gold_label(target: Any, label_field: str) -> str:
+    """A row's gold label as every metric compares it: the target parsed as JSON, its label field as text."""
+    return str((_as_dict(target) or {}).get(label_field, INVALID))
+
+
 def compute_metrics(predictions: list[str], targets: list[Any], label_field: str) -> dict[str, Any]:
     """Scalar metrics plus the per-row records. Labels are compared after parsing both sides as JSON."""
     rows, golds, preds = [], [], []
     parsed_count = exact = 0
     for prediction, target in zip(predictions, targets, strict=True):
         pred_obj, gold_obj = parse_verdict(prediction), _as_dict(target)
-        gold = str((gold_obj or {}).get(label_field, INVALID))
+        gold = gold_label(gold_obj, label_field)
         pred = str(pred_obj.get(label_field, INVALID)) if pred_obj is not None else INVALID
         parsed_count += pred_obj is not None
         exact += pred_obj is not None and pred_obj == gold_obj

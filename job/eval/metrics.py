@@ -31,6 +31,32 @@ def macro_f1(golds: list[str], preds: list[str]) -> float:
     return sum(scores) / len(scores)
 
 
+def stratified_rows(golds: list[str], n: int) -> list[int]:
+    """The indices, in order, of n rows that keep every label while n allows and otherwise each label's share.
+
+    Deterministic, no RNG: every label first gets one row (the most frequent labels first when n is smaller than
+    the label count), then each next row goes to the label furthest below its share n * count / len(golds) (ties:
+    the more frequent, then the first seen); a label's rows are taken in order. On a file sorted by label, the first
+    n rows would hold only the first labels:
+
+    >>> stratified_rows(["a"] * 6 + ["b"] * 3 + ["c"], 4)
+    [0, 1, 6, 9]
+    """
+    if n >= len(golds):
+        return list(range(len(golds)))
+    rows: dict[str, list[int]] = {}
+    for i, label in enumerate(golds):
+        rows.setdefault(label, []).append(i)
+    order = sorted(rows, key=lambda label: -len(rows[label]))  # stable: equal counts keep first-seen order
+    taken = dict.fromkeys(order, 0)
+    for _ in range(n):
+        open_ = [label for label in order if taken[label] < len(rows[label])]
+        unseen = [label for label in open_ if taken[label] == 0]
+        pick = unseen[0] if unseen else max(open_, key=lambda label: n * len(rows[label]) / len(golds) - taken[label])
+        taken[pick] += 1
+    return sorted(i for label in order for i in rows[label][: taken[label]])
+
+
 def per_class_report(golds: list[str], preds: list[str]) -> dict[str, Any]:
     """Per-label precision, recall, F1 and support, the support-weighted F1 and the confusion matrix.
 

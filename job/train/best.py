@@ -1,12 +1,12 @@
 """SFT_EVAL_STEPS: score a fixed eval subset during training and keep the best step's adapter.
 
-Every SFT_EVAL_STEPS optimizer steps, and at the last step, the first SFT_EVAL_DURING_TRAIN_ROWS eval rows are scored
-in scoring mode (job/eval/score.py: each label's probability, no generation). SFT_BEST_METRIC (default macro_f1 of
-the argmax labels; log_loss and ece are lower-is-better) picks the best step; a tie keeps the lower log-loss, then
-the earlier step. The best step's adapter and `best.json` (the metric, the step, every eval so far) live in
-`$SFT_OUTPUT_DIR/best/`, which is copied into every checkpoint before it is marked COMPLETED (and uploaded), so a
-resume, also on a fresh pod, restores the best-so-far of the step it continues from. After training the best
-adapter is loaded into the model: the post-eval, the save, the gate and the push all see it.
+Every SFT_EVAL_STEPS optimizer steps, and at the last step, SFT_EVAL_DURING_TRAIN_ROWS eval rows (stratified by label,
+during_train_subset) are scored in scoring mode (job/eval/score.py: each label's probability, no generation).
+SFT_BEST_METRIC (default macro_f1 of the argmax labels; log_loss and ece are lower-is-better) picks the best step; a
+tie keeps the lower log-loss, then the earlier step. The best step's adapter and `best.json` (the metric, the step,
+every eval so far) live in `$SFT_OUTPUT_DIR/best/`, which is copied into every checkpoint before it is marked
+COMPLETED (and uploaded), so a resume, also on a fresh pod, restores the best-so-far of the step it continues from.
+After training the best adapter is loaded into the model: the post-eval, the save, the gate and the push all see it.
 
 An eval step that a preemption skipped (a SIGTERM at that very step leaves no time for it) is scored when the run
 resumes from that step's checkpoint: the weights are the same, so the result is too.
@@ -26,8 +26,8 @@ from transformers import TrainerCallback
 
 from job import outputs
 from job.config import JobConfig
-from job.eval.generate import compute_metrics, score_labels
-from job.eval.metrics import probability_metrics
+from job.eval.generate import compute_metrics, gold_label, score_labels
+from job.eval.metrics import probability_metrics, stratified_rows
 from job.eval.score import LabelSet, argmax_labels
 from job.train import distributed
 from job.train.preemption import PreemptionGuard
@@ -106,6 +106,21 @@ def load_best_adapter(model, root: Path) -> BestState | None:
     log.info("best step: %s (%s=%.4g); its adapter is loaded for the post-eval, the save and the push",
              state.step, state.metric, state.value if state.value is not None else float("nan"))
     return state
+
+
+def during_train_subset(cfg: JobConfig, eval_ds):
+    """The SFT_EVAL_DURING_TRAIN_ROWS eval rows that every eval during training scores, the same in every process
+    (resume included): stratified by gold label, so that a file sorted by label still gives every label its rows
+    (the colour test's eval file, red 5 then blue 3, green 2, yellow 1, purple 1: its first 8 rows held no green,
+    yellow or purple, and macro-F1 over them ignored three labels of five)."""
+    golds = [gold_label(t, cfg.data.label_field) for t in eval_ds[cfg.data.target_key]]
+    chosen = stratified_rows(golds, cfg.eval.during_train_rows)
+    counts: dict[str, int] = {}
+    for i in chosen:
+        counts[golds[i]] = counts.get(golds[i], 0) + 1
+    log.info("eval during training: %d of %d eval rows, every %d steps (%s)", len(chosen), len(golds),
+             cfg.eval.steps, ", ".join(f"{label} {k}" for label, k in counts.items()))
+    return eval_ds.select(chosen)
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,10 @@ __all__ = ["FINAL_ARTIFACTS", "Prepared", "RunPaths", "Timer", "_build_collators
 
 
 def _during_train_eval(p: Prepared, run, guard: PreemptionGuard) -> best.BestCheckpointCallback | None:
-    """SFT_EVAL_STEPS' callback on the first SFT_EVAL_DURING_TRAIN_ROWS eval rows (None without SFT_EVAL_STEPS)."""
+    """SFT_EVAL_STEPS' callback on SFT_EVAL_DURING_TRAIN_ROWS eval rows (None without SFT_EVAL_STEPS)."""
     if p.cfg.eval.steps is None or p.label_set is None:  # no label set with SFT_EVAL_STEPS is refused in _prepare
         return None
-    rows = p.eval_ds.select(range(min(p.cfg.eval.during_train_rows, len(p.eval_ds))))
+    rows = best.during_train_subset(p.cfg, p.eval_ds)
     return best.BestCheckpointCallback(
         best.DuringTrainEval(p.cfg, rows, p.eval_collator, p.label_set, p.paths.root, run), guard)
 

@@ -65,6 +65,9 @@ def test_the_saved_adapter_is_the_best_steps(colour_run):
     assert _tensors_equal(out / ADAPTER, final / "best" / ADAPTER)  # the best-so-far travels in the checkpoint
     assert _tensors_equal(out / ADAPTER, final / "adapter_model.safetensors") == (best["step"] == COLOUR_STEPS)
     assert f"best macro_f1={best['value']:.4g} at step {best['step']}" in colour_run.log
+    # Stratified by label: the eval file is sorted (red 5 first), yet every label is in the scored rows.
+    assert best["rows"] == 8 and "eval during training: 8 of 12 eval rows, every 5 steps " \
+        "(red 3, blue 2, green 1, yellow 1, purple 1)" in colour_run.log
     print(f"best step {best['step']} of {[(e['step'], round(e['macro_f1'], 3)) for e in best['history']]}")
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from job.eval.metrics import calibration, probability_metrics, roc_auc
+from job.eval.metrics import calibration, probability_metrics, roc_auc, stratified_rows
 
 
 def test_binary_auc_counts_ordered_pairs_and_ties_half():
@@ -47,3 +47,17 @@ def test_probability_metrics_on_a_majority_class_model():
     assert m["roc_auc"] == pytest.approx(1.0)  # red's 0.7 beats the blue row's 0.6 every time: ranking is right
     assert m["score_rows"] == 4
     assert probability_metrics(labels, probs, ["red", "red", "red", "green"], None)["score_rows"] == 3
+
+
+def test_the_during_train_subset_keeps_every_label_and_otherwise_each_share():
+    sorted_file = ["red"] * 5 + ["blue"] * 3 + ["green"] * 2 + ["yellow", "purple"]  # the colour test's eval file
+    picked = stratified_rows(sorted_file, 8)
+    assert [sorted_file[i] for i in picked] == ["red"] * 3 + ["blue"] * 2 + ["green", "yellow", "purple"]
+    assert stratified_rows(sorted_file, 3) == [0, 5, 8]  # fewer rows than labels: the most frequent labels
+    assert stratified_rows(sorted_file, 12) == list(range(12)) and stratified_rows(sorted_file, 50) == list(range(12))
+    # Shares: 900 "a" and 100 "b" rows interleaved give 90 and 10 of 100, each label's first rows.
+    mixed = ["b" if i % 10 == 3 else "a" for i in range(1000)]
+    chosen = stratified_rows(mixed, 100)
+    assert len(chosen) == len(set(chosen)) == 100 and chosen == sorted(chosen)
+    assert [mixed[i] for i in chosen].count("b") == 10 and chosen[:3] == [0, 1, 2]
+    assert [i for i in chosen if mixed[i] == "b"] == list(range(3, 100, 10))
