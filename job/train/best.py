@@ -118,8 +118,9 @@ def during_train_subset(cfg: JobConfig, eval_ds):
     counts: dict[str, int] = {}
     for i in chosen:
         counts[golds[i]] = counts.get(golds[i], 0) + 1
-    log.info("eval during training: %d of %d eval rows, every %d steps (%s)", len(chosen), len(golds),
-             cfg.eval.steps, ", ".join(f"{label} {k}" for label, k in counts.items()))
+    if distributed.is_main_process():  # the rank that scores them
+        log.info("eval during training: %d of %d eval rows, every %d steps (%s)", len(chosen), len(golds),
+                 cfg.eval.steps, ", ".join(f"{label} {k}" for label, k in counts.items()))
     return eval_ds.select(chosen)
 
 
