@@ -21,6 +21,11 @@ from job.errors import ConfigError
 from job.utils.redact import SECRET_ENV_VARS as SECRET_ENV_VARS  # its home is job.utils.redact
 
 ENV_PREFIX = "SFT_"
+# What SFT_PUSH_MIN_METRIC may gate on: post-eval metrics in [0, 1], higher is better. roc_auc is scoring mode's
+# (SFT_EVAL_MODE score or both, and a label set from the training split: checked before any weights load,
+# job/train/prepare.py check_gate_measurable); the others every eval has.
+PUSH_GATE_METRICS = ("accuracy", "macro_f1", "json_parse_rate", "exact_match", "weighted_f1", "roc_auc")
+SCORED_GATE_METRICS = ("roc_auc",)
 # Standard variables that keep their own names. Their values are secrets: never logged, never stored.
 
 
@@ -130,7 +135,7 @@ class Settings(BaseSettings):
     hub_private: bool = Field(True, examples=["true"])
     push_min_metric: str | None = Field(
         None,
-        pattern=r"^(accuracy|macro_f1|json_parse_rate|exact_match):(0(\.\d+)?|1(\.0+)?)$",
+        pattern=rf"^({'|'.join(PUSH_GATE_METRICS)}):(0(\.\d+)?|1(\.0+)?)$",
         examples=["macro_f1:0.70"],
     )
     push_require_improvement: bool = Field(True, examples=["true"])
@@ -256,6 +261,9 @@ def cross_field_problems(s: Settings, card: ModelSpec) -> list[str]:
                         "off: use SFT_EVAL_MODE=auto, score or both, or unset SFT_EVAL_STEPS")
     if s.push_min_metric and not s.eval_post:
         problems.append("SFT_PUSH_MIN_METRIC needs the post-eval: set SFT_EVAL_POST=true or unset the gate")
+    if s.push_min_metric and s.push_min_metric.partition(":")[0] in SCORED_GATE_METRICS and s.eval_mode == "generate":
+        problems.append(f"SFT_PUSH_MIN_METRIC={s.push_min_metric} gates on a scoring-mode metric, and "
+                        "SFT_EVAL_MODE=generate turns scoring off: use SFT_EVAL_MODE=auto, score or both")
     if s.export_repo_id and s.hub_repo_id and s.export_repo_id.lower() == s.hub_repo_id.lower():
         problems.append(
             f"SFT_EXPORT_REPO_ID and SFT_HUB_REPO_ID are both {s.hub_repo_id!r}: the merged model and the adapter "

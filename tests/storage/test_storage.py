@@ -305,6 +305,36 @@ def test_gate_rules():
     assert gate_decision({"pre": pre, "post": None}, None, True)[0] is False
 
 
+def test_a_gate_on_roc_auc_is_checked_before_any_weights():
+    """roc_auc:... gates on scoring mode's ROC-AUC: a run that could not measure it is exit 2 before the weights
+    (config, then the label set and the eval split's labels), never a refusal (exit 4) after the training."""
+    import datasets
+
+    from job.cards import ModelCards
+    from job.config import build_cfg
+    from job.errors import ConfigError, DataError
+    from job.eval.score import LabelSet
+    from job.storage.hub import gate_decision
+    from job.train.prepare import check_gate_measurable
+
+    card = ModelCards().qwen3_vl_8b_instruct
+    with pytest.raises(ConfigError, match="SFT_EVAL_MODE=generate turns scoring off"):
+        build_cfg(card, {"SFT_PUSH_MIN_METRIC": "roc_auc:0.8", "SFT_EVAL_MODE": "generate"})
+    cfg = build_cfg(card, {"SFT_PUSH_MIN_METRIC": "roc_auc:0.8"})
+    targets = [json.dumps({"label": v}) for v in ("red", "blue", "red")]
+    labels = LabelSet.from_targets(targets, "label")
+    with pytest.raises(DataError, match="no label set to score"):
+        check_gate_measurable(cfg, None, datasets.Dataset.from_dict({"target_json": targets}))
+    with pytest.raises(DataError, match=r"one gold label \(red\), so ROC-AUC is undefined"):
+        check_gate_measurable(cfg, labels, datasets.Dataset.from_dict({"target_json": targets[:1] * 2}))
+    check_gate_measurable(cfg, labels, datasets.Dataset.from_dict({"target_json": targets}))
+    check_gate_measurable(build_cfg(card, {"SFT_PUSH_MIN_METRIC": "weighted_f1:0.5"}), None, None)  # every eval has it
+    metrics = {"pre": {"roc_auc": 0.5}, "post": {"roc_auc": 0.75}}
+    refused = (False, "post roc_auc=0.7500 is below SFT_PUSH_MIN_METRIC 0.8")
+    assert gate_decision(metrics, "roc_auc:0.8", True) == refused
+    assert gate_decision(metrics, "roc_auc:0.7", True) == (True, "post roc_auc=0.7500 passed (>= 0.7)")
+
+
 def test_refused_gate_never_reaches_the_hub(tmp_path, monkeypatch):
     """_publish with a repo set and a failing gate raises GateRefused without calling the Hub at all."""
     from job.cards import ModelCards
