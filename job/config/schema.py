@@ -66,6 +66,8 @@ class DataConfig(_Section):
     max_bad_fraction: float
     eval_holdout: int | float  # a source with one split: the share (< 1) or row count (>= 1) held out for eval
     max_eval_overlap: float
+    min_class_rows: int  # preflight's small-class warning (0: off)
+    max_class_ratio: float  # preflight's imbalance warning: largest/smallest training label
 
     @classmethod
     def from_settings(cls, s: Settings, card: ModelSpec) -> Self:
@@ -76,7 +78,8 @@ class DataConfig(_Section):
                    eval_subset=s.eval_subset, image_key=s.image_key, query_key=s.query_key,
                    caption_key=s.caption_key, target_key=s.target_key, label_field=s.label_field,
                    system_prompt=prompt, bad_rows=s.bad_rows, max_bad_fraction=s.max_bad_fraction,
-                   eval_holdout=s.eval_holdout, max_eval_overlap=s.max_eval_overlap)
+                   eval_holdout=s.eval_holdout, max_eval_overlap=s.max_eval_overlap,
+                   min_class_rows=s.min_class_rows, max_class_ratio=s.max_class_ratio)
 
 
 class ImageConfig(_Section):
@@ -161,13 +164,18 @@ class EvalConfig(_Section):
     post: bool
     adapter: str | None
     stop_tokens: tuple[str, ...]
+    mode: Literal["auto", "generate", "score", "both"]  # job/eval/score.py resolves auto
+    steps: int | None  # eval during training every N steps (None: off)
+    during_train_rows: int
+    best_metric: Literal["macro_f1", "accuracy", "weighted_f1", "roc_auc", "log_loss", "ece"]
 
     @classmethod
     def from_settings(cls, s: Settings, card: ModelSpec) -> Self:
         return cls(max_new_tokens=s.eval_max_new_tokens or card.eval_max_new_tokens,
                    batch_size=s.eval_batch_size or card.eval_batch_size, do_sample=s.eval_do_sample,
                    temperature=s.eval_temperature, pre=s.eval_pre, post=s.eval_post, adapter=s.eval_adapter,
-                   stop_tokens=card.stop_tokens)
+                   stop_tokens=card.stop_tokens, mode=s.eval_mode, steps=s.eval_steps,
+                   during_train_rows=s.eval_during_train_rows, best_metric=s.best_metric)
 
 
 class WandbConfig(_Section):
@@ -208,6 +216,8 @@ class LineageConfig(_Section):
 
 class CardConfig(_Section):
     tags: tuple[str, ...]
+    task_name: str  # SFT_TASK_NAME: the card's title, a tag and the eval dataset's name
+    task_description: str
 
 
 class JobConfig(_Section):
@@ -239,7 +249,8 @@ class JobConfig(_Section):
                           require_improvement=s.push_require_improvement),
             export=ExportConfig(enabled=s.export, verify_rows=s.export_verify_rows, max_drop=s.export_max_drop,
                                 repo_id=s.export_repo_id),
-            lineage=LineageConfig(image_digest=s.image_digest), card=CardConfig(tags=card.tags),
+            lineage=LineageConfig(image_digest=s.image_digest), card=CardConfig(
+                tags=card.tags, task_name=s.task_name, task_description=s.task_description),
         )
 
     def replace(self, **changes: Mapping[str, Any]) -> JobConfig:

@@ -21,6 +21,11 @@ from job.errors import ConfigError
 from job.utils.redact import SECRET_ENV_VARS as SECRET_ENV_VARS  # its home is job.utils.redact
 
 ENV_PREFIX = "SFT_"
+# What SFT_PUSH_MIN_METRIC may gate on: post-eval metrics in [0, 1], higher is better. roc_auc is scoring mode's
+# (SFT_EVAL_MODE score or both, and a label set from the training split: checked before any weights load,
+# job/train/prepare.py check_gate_measurable); the others every eval has.
+PUSH_GATE_METRICS = ("accuracy", "macro_f1", "json_parse_rate", "exact_match", "weighted_f1", "roc_auc")
+SCORED_GATE_METRICS = ("roc_auc",)
 # Standard variables that keep their own names. Their values are secrets: never logged, never stored.
 
 
@@ -61,6 +66,10 @@ class Settings(BaseSettings):
     eval_holdout: int | float = Field(0.1, examples=["0.1", "200"])
     # eval rows identical to training rows above this share fail preflight (the gate would measure memorisation)
     max_eval_overlap: float = Field(0.01, ge=0, le=1, examples=["0.01"])
+    # preflight warns about a label with fewer training rows than this (0: never), and about a largest/smallest
+    # training-label ratio above SFT_MAX_CLASS_RATIO
+    min_class_rows: int = Field(10, ge=0, examples=["10"])
+    max_class_ratio: float = Field(20.0, ge=1, examples=["20"])
     # run and output
     output_dir: str = Field("outputs", min_length=1, examples=["/workspace/outputs"])
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", examples=["sarcasm-2026-11-25"])
@@ -105,6 +114,15 @@ class Settings(BaseSettings):
     eval_pre: bool = Field(True, examples=["true"])
     eval_post: bool = Field(True, examples=["true"])
     eval_adapter: str | None = Field(None, examples=["outputs/adapter"])
+    # generate: trimmed decoding; score: each label's answer scored (probabilities, no generation); both; auto =
+    # both when the training split gives the label set, else generate (job/eval/score.py)
+    eval_mode: Literal["auto", "generate", "score", "both"] = Field("auto", examples=["both", "generate"])
+    # every N optimizer steps, score SFT_EVAL_DURING_TRAIN_ROWS eval rows; the best step's adapter is the one kept
+    eval_steps: int | None = Field(None, ge=1, examples=["50"])
+    eval_during_train_rows: int = Field(128, ge=1, examples=["128"])
+    best_metric: Literal["macro_f1", "accuracy", "weighted_f1", "roc_auc", "log_loss", "ece"] = Field(
+        "macro_f1", examples=["macro_f1", "log_loss"]
+    )
     # integrations
     wandb_enabled: bool = Field(True, examples=["true"])
     # storage and publishing
@@ -117,11 +135,17 @@ class Settings(BaseSettings):
     hub_private: bool = Field(True, examples=["true"])
     push_min_metric: str | None = Field(
         None,
-        pattern=r"^(accuracy|macro_f1|json_parse_rate|exact_match):(0(\.\d+)?|1(\.0+)?)$",
+        pattern=rf"^({'|'.join(PUSH_GATE_METRICS)}):(0(\.\d+)?|1(\.0+)?)$",
         examples=["macro_f1:0.70"],
     )
     push_require_improvement: bool = Field(True, examples=["true"])
     image_digest: str | None = Field(None, examples=["sha256:0123abcd..."])
+    # how the model card, its tags and the eval dataset name describe the task
+    task_name: str = Field("sarcasm", min_length=1, max_length=64, examples=["sarcasm", "colour"])
+    task_description: str = Field(
+        "Multimodal sarcasm detection: an image, a query and an optional caption in, a JSON verdict out.",
+        min_length=1, examples=["Colour classification of product photos, a JSON label out."],
+    )
     # export: the adapter merged into the base (job/export/), its proof and its push
     export: bool = Field(False, examples=["false"])
     export_verify_rows: int | None = Field(None, ge=1, examples=["200"])
@@ -228,8 +252,18 @@ def cross_field_problems(s: Settings, card: ModelSpec) -> list[str]:
             f"SFT_SAVE_STEPS={s.save_steps} exceeds SFT_MAX_STEPS={s.max_steps}: no resumable checkpoint would be "
             "written before the end; lower SFT_SAVE_STEPS"
         )
+    unused = sorted({"best_metric", "eval_during_train_rows"} & s.model_fields_set) if s.eval_steps is None else []
+    if unused:
+        problems.append(f"{', '.join(env_name(f) for f in unused)} only apply with SFT_EVAL_STEPS (eval during "
+                        "training): set SFT_EVAL_STEPS=N or unset them")
+    if s.eval_steps is not None and s.eval_mode == "generate":
+        problems.append("SFT_EVAL_STEPS scores the labels during training, and SFT_EVAL_MODE=generate turns scoring "
+                        "off: use SFT_EVAL_MODE=auto, score or both, or unset SFT_EVAL_STEPS")
     if s.push_min_metric and not s.eval_post:
         problems.append("SFT_PUSH_MIN_METRIC needs the post-eval: set SFT_EVAL_POST=true or unset the gate")
+    if s.push_min_metric and s.push_min_metric.partition(":")[0] in SCORED_GATE_METRICS and s.eval_mode == "generate":
+        problems.append(f"SFT_PUSH_MIN_METRIC={s.push_min_metric} gates on a scoring-mode metric, and "
+                        "SFT_EVAL_MODE=generate turns scoring off: use SFT_EVAL_MODE=auto, score or both")
     if s.export_repo_id and s.hub_repo_id and s.export_repo_id.lower() == s.hub_repo_id.lower():
         problems.append(
             f"SFT_EXPORT_REPO_ID and SFT_HUB_REPO_ID are both {s.hub_repo_id!r}: the merged model and the adapter "

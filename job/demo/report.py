@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 KEYS = ("accuracy", "macro_f1", "json_parse_rate", "exact_match", "n")
+# Shown when a column has them: the per-class summary and scoring mode's (job/eval/metrics.py).
+OPTIONAL_KEYS = ("weighted_f1", "roc_auc", "log_loss", "ece", "score_accuracy", "score_agreement")
 USAGE = "usage: python -m job.demo.report METRICS_FILE  (metrics.json or eval/{pre,post,standalone}_metrics.json)"
 
 
@@ -21,11 +23,29 @@ def _columns(metrics: dict, name: str) -> dict[str, dict]:
     return {name.removesuffix("_metrics") or "value": metrics}
 
 
+def _cell(value) -> str:
+    return f"{value:>12.3f}" if isinstance(value, (int, float)) else f"{'-':>12}"  # None: not measured in this mode
+
+
 def format_metrics(metrics: dict, name: str = "value") -> str:
     columns = _columns(metrics, name)
     lines = [f"{'metric':<16}" + "".join(f"{title:>12}" for title in columns)]
-    for key in KEYS:
-        lines.append(f"{key:<16}" + "".join(f"{cols.get(key, float('nan')):>12.3f}" for cols in columns.values()))
+    keys = [*KEYS, *(k for k in OPTIONAL_KEYS if any(k in cols for cols in columns.values()))]
+    for key in keys:
+        lines.append(f"{key:<16}" + "".join(_cell(cols.get(key)) for cols in columns.values()))
+    last = columns.get("post") or next(iter(columns.values()))
+    if last.get("per_class"):
+        lines.append(f"{'per class':<16}{'precision':>12}{'recall':>12}{'f1':>12}{'support':>12}")
+        for label, c in last["per_class"].items():
+            lines.append(f"  {label:<14}" + "".join(_cell(c[k]) for k in ("precision", "recall", "f1"))
+                         + f"{c['support']:>12}")
+    if metrics.get("best"):
+        best = metrics["best"]
+        steps = ", ".join(str(e["step"]) for e in best["history"])
+        lines.append(f"best step: {best['step']} of {best['final_step']} by {best['metric']}="
+                     f"{_cell(best['value']).strip()} of the label probabilities (evals at steps {steps})")
+    for picture in ((metrics.get("report") or {}).get("files") or {}).values():
+        lines.append(f"picture: {picture} (in the adapter folder and in report/)")
     return "\n".join(lines)
 
 

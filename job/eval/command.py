@@ -3,7 +3,9 @@
 Which model is scored (job.preflight.early.eval_adapter): SFT_EVAL_ADAPTER=<dir> that adapter (a path that is not an
 adapter directory is exit 2); SFT_EVAL_ADAPTER=none the base model; unset $SFT_OUTPUT_DIR/adapter when a run saved
 one, else the base model. The eval split goes through the same preflight as `run` (SFT_BAD_ROWS,
-SFT_MAX_BAD_FRACTION); skipped rows are printed and listed in eval/standalone_preflight_report.json.
+SFT_MAX_BAD_FRACTION); skipped rows are printed and listed in eval/standalone_preflight_report.json. Scoring mode's
+label set comes from the targets of the training split, as in `run` (none when the source has no training split:
+SFT_EVAL_MODE=auto then generates only).
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from job import outputs
 from job.cards import ModelCards
 from job.collators.qwen3_collator import build_collators
 from job.config import JobConfig, build_cfg
+from job.data.loaders import load_train_dataset
+from job.errors import DataError
 from job.eval.generate import evaluate_qwen3
+from job.eval.score import LabelSet, resolve_mode
 from job.model import load_model
 from job.preflight.early import check_inputs, eval_adapter, load_processor_checked
 from job.preflight.run import run_preflight
@@ -38,6 +43,7 @@ def run_eval(cfg: JobConfig) -> dict:
         print(f"eval: skipped {len(skipped)} bad row(s) (SFT_BAD_ROWS=skip, see {out / PREFLIGHT_REPORT}): "
               + ", ".join(skipped), flush=True)
     _, eval_collator = build_collators(cfg, processor)
+    label_set = _label_set(cfg)
     model = load_model(cfg)
     if adapter is not None:
         from peft import PeftModel
@@ -46,12 +52,24 @@ def run_eval(cfg: JobConfig) -> dict:
         model = PeftModel.from_pretrained(model, str(adapter))
     else:
         log.info("eval: scoring the base model (SFT_EVAL_ADAPTER=none, or unset with no %s)", out / "adapter")
-    metrics = evaluate_qwen3(model, processor, checked.eval_dataset, eval_collator, cfg)
+    metrics = evaluate_qwen3(model, processor, checked.eval_dataset, eval_collator, cfg, label_set)
     outputs.write_predictions(out / "eval" / "standalone_predictions.jsonl", metrics["predictions"])
     scalars = outputs.scalar_metrics(metrics)
     outputs.write_json(out / "eval" / "standalone_metrics.json", scalars)  # the same keys as post_metrics.json
-    print(f"eval ({adapter or 'base model'}): " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items()), flush=True)
+    print(f"eval ({adapter or 'base model'}): " + outputs.headline(scalars), flush=True)
     return scalars
+
+
+def _label_set(cfg: JobConfig) -> LabelSet | None:
+    """The training split's label set (its targets only: no image is read), checked against SFT_EVAL_MODE before
+    the weights load."""
+    try:
+        label_set = LabelSet.from_targets(list(load_train_dataset(cfg)[cfg.data.target_key]), cfg.data.label_field)
+    except DataError as exc:
+        log.info("eval: no training split to take the label set from (%s)", str(exc).splitlines()[0])
+        label_set = None
+    resolve_mode(cfg.eval.mode, label_set)
+    return label_set
 
 
 def main(env: dict | None = None) -> dict:

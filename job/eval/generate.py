@@ -1,4 +1,5 @@
-"""`evaluate_qwen3`: batched, left-padded generation with trimmed decoding, and sarcasm-verdict metrics."""
+"""`evaluate_qwen3`: batched, left-padded generation with trimmed decoding and, in scoring mode, each label's
+probability (job/eval/score.py); the verdicts' classification metrics (job/eval/metrics.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from typing import Any
 import torch
 
 from job.config import EvalConfig, JobConfig
+from job.errors import DataError
+from job.eval.metrics import INVALID, macro_f1, per_class_report, probability_metrics
+from job.eval.score import LabelSet, answer_log_probs, argmax_labels, label_probabilities, resolve_mode
 
-INVALID = "<invalid>"
 _OBJECT = re.compile(r"\{.*\}", re.DOTALL)
 
 
@@ -33,18 +36,9 @@ def _as_dict(target: Any) -> dict | None:
     return parse_verdict(str(target)) if target is not None else None
 
 
-def _macro_f1(golds: list[str], preds: list[str]) -> float:
-    """Macro F1 over the gold label set; an unparseable prediction is simply wrong for every class."""
-    classes = sorted(set(golds))
-    if not classes:
-        return 0.0
-    scores = []
-    for label in classes:
-        tp = sum(g == label and p == label for g, p in zip(golds, preds, strict=True))
-        fp = sum(g != label and p == label for g, p in zip(golds, preds, strict=True))
-        fn = sum(g == label and p != label for g, p in zip(golds, preds, strict=True))
-        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return sum(scores) / len(scores)
+def gold_label(target: Any, label_field: str) -> str:
+    """A row's gold label as every metric compares it: the target parsed as JSON, its label field as text."""
+    return str((_as_dict(target) or {}).get(label_field, INVALID))
 
 
 def compute_metrics(predictions: list[str], targets: list[Any], label_field: str) -> dict[str, Any]:
@@ -53,7 +47,7 @@ def compute_metrics(predictions: list[str], targets: list[Any], label_field: str
     parsed_count = exact = 0
     for prediction, target in zip(predictions, targets, strict=True):
         pred_obj, gold_obj = parse_verdict(prediction), _as_dict(target)
-        gold = str((gold_obj or {}).get(label_field, INVALID))
+        gold = gold_label(gold_obj, label_field)
         pred = str(pred_obj.get(label_field, INVALID)) if pred_obj is not None else INVALID
         parsed_count += pred_obj is not None
         exact += pred_obj is not None and pred_obj == gold_obj
@@ -65,9 +59,10 @@ def compute_metrics(predictions: list[str], targets: list[Any], label_field: str
     return {
         "n": n,
         "accuracy": sum(g == p for g, p in zip(golds, preds, strict=True)) / n if n else 0.0,
-        "macro_f1": _macro_f1(golds, preds),
+        "macro_f1": macro_f1(golds, preds),
         "json_parse_rate": parsed_count / n if n else 0.0,
         "exact_match": exact / n if n else 0.0,
+        **per_class_report(golds, preds),
         "predictions": rows,
     }
 
@@ -135,26 +130,67 @@ def next_token_logits(model, eval_dataset, eval_collator, batch_size: int) -> to
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 
-def evaluate_qwen3(model, processor, eval_dataset, eval_collator, cfg: JobConfig) -> dict[str, Any]:
+@torch.no_grad()
+def score_labels(model, eval_dataset, eval_collator, label_set: LabelSet, batch_size: int) -> torch.Tensor:
+    """[rows, labels]: each row's probability of each label's answer (rows sum to 1), in dataset order."""
+    answers = label_set.answer_ids(eval_collator.processor.tokenizer)
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = [answer_log_probs(model, batch, answers)
+                  for batch in _batches(model, eval_dataset, eval_collator, batch_size)]
+    finally:
+        model.train(was_training)
+    return label_probabilities(torch.cat(chunks)) if chunks else torch.empty(0, len(answers))
+
+
+def evaluate_qwen3(model, processor, eval_dataset, eval_collator, cfg: JobConfig,
+                   label_set: LabelSet | None = None) -> dict[str, Any]:
     """Generate a verdict for every eval row and score it against `target_json`.
 
-    Returns `accuracy`, `macro_f1`, `json_parse_rate`, `exact_match`, `n` and `predictions` (one record per row with
-    at least `prediction` and `target`).
+    Returns `accuracy`, `macro_f1`, `json_parse_rate`, `exact_match`, `n`, the per-class report and `predictions`
+    (one record per row with at least `prediction` and `target`). With a label set (the training split's) and
+    SFT_EVAL_MODE both or score (auto: both), each record also has `label_probs` and the metrics the scoring-mode
+    keys (job.eval.metrics.probability_metrics). Score-only mode generates nothing: the argmax label is the
+    prediction, so json_parse_rate and exact_match are not measured (None).
     """
     try:
-        target_key = cfg.data.target_key
+        mode = resolve_mode(cfg.eval.mode, label_set)
         was_training = model.training
         model.eval()
         try:
-            predictions = generate_batches(model, processor, eval_dataset, eval_collator, cfg.eval)
+            predictions = (generate_batches(model, processor, eval_dataset, eval_collator, cfg.eval)
+                           if mode != "score" else None)
+            probs = (score_labels(model, eval_dataset, eval_collator, label_set, cfg.eval.batch_size)
+                     if label_set is not None and mode != "generate" else None)
         finally:
             model.train(was_training)
         # Column reads: indexing rows would decode every image a second time.
-        targets = list(eval_dataset[target_key])
+        targets = list(eval_dataset[cfg.data.target_key])
         row_ids = list(eval_dataset["row_id"]) if "row_id" in eval_dataset.column_names else range(len(targets))
-        metrics = compute_metrics(predictions, targets, cfg.data.label_field)
+        if predictions is None and label_set is not None and probs is not None:
+            predictions = [label_set.prediction_text(label) for label in argmax_labels(label_set, probs)]
+        metrics = compute_metrics(predictions or [], targets, cfg.data.label_field)
+        metrics["eval_mode"] = mode
+        if label_set is not None and probs is not None:
+            _add_probabilities(metrics, label_set, probs, generated=mode == "both")
+        if mode == "score":
+            metrics.update(json_parse_rate=None, exact_match=None)
         for record, row_id in zip(metrics["predictions"], row_ids, strict=True):
             record["row_id"] = str(row_id)
         return metrics
+    except DataError:
+        raise
     except Exception as exc:
         raise RuntimeError(f"evaluate_qwen3 failed: {exc}") from exc
+
+
+def _add_probabilities(metrics: dict, label_set: LabelSet, probs: torch.Tensor, generated: bool) -> None:
+    records = metrics["predictions"]
+    rows = probs.tolist()
+    golds = [r["gold_label"] for r in records]
+    metrics.update(probability_metrics(label_set.labels, rows, golds,
+                                       [r["pred_label"] for r in records] if generated else None))
+    for record, row, label in zip(records, rows, argmax_labels(label_set, probs), strict=True):
+        record["label_probs"] = dict(zip(label_set.labels, row, strict=True))
+        record["score_label"] = label

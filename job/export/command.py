@@ -83,10 +83,12 @@ class Verifier:
 
     def score(self, name: str, model) -> dict:
         started = time.monotonic()
-        metrics = evaluate_qwen3(model, self.processor, self.rows, self.collator, self.cfg)
+        # Generation only, whatever SFT_EVAL_MODE says: the proof compares the generated answers (and the logits).
+        metrics = evaluate_qwen3(model, self.processor, self.rows, self.collator, self.cfg.replace(
+            eval={"mode": "generate"}))
         outputs.write_predictions(self.out / "eval" / f"export_{name}_predictions.jsonl", metrics["predictions"])
         scalars = outputs.scalar_metrics(metrics)
-        print(f"export {name}: " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+        print(f"export {name}: " + outputs.headline(scalars)
               + f" ({time.monotonic() - started:.1f} s)", flush=True)
         return metrics
 

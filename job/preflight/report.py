@@ -14,7 +14,8 @@ MAX_LISTED_ERRORS = 50  # in the exception message; the JSON report lists every 
 
 def format_issue(issue: dict) -> str:
     fix = f"; fix: {issue['fix']}" if issue["fix"] else ""
-    if issue["kind"] in ("split_unreadable", "column_missing"):  # the message already names the file, line or column
+    # The message already names the file, line or column; or the issue is about a split, not a row.
+    if issue["kind"] in ("split_unreadable", "column_missing") or issue["row_id"] is None:
         return f"{issue['split']}: {issue['message']}{fix}"
     where = "row" if issue["field"] == "row" else f"field '{issue['field']}'"
     return f"{issue['split']}: {issue['row_id']}: {where} {issue['message']}{fix}"

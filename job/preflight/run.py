@@ -23,7 +23,7 @@ from typing import Any
 from job import outputs
 from job.cards import ModelCards
 from job.collators.qwen3_collator import build_collators
-from job.config import JobConfig, build_cfg
+from job.config import DataConfig, JobConfig, build_cfg
 from job.data.checks import RowChecker
 from job.data.loaders import LENGTH_COLUMN, ROW_ID, _load_eval_dataset, holds_out, load_train_dataset
 from job.errors import DataError
@@ -85,7 +85,9 @@ def _check_view(ds, image_key: str):
 
 
 # -- policy and report -------------------------------------------------------------------------------------------
-def _label_warnings(tallies: dict[str, SplitTally], field_name: str) -> None:
+def _label_warnings(tallies: dict[str, SplitTally], field_name: str, data: DataConfig) -> None:
+    if "train" in tallies:
+        _class_balance_warnings(tallies["train"], field_name, data)
     if "train" not in tallies or "eval" not in tallies:
         return
     train, ev = tallies["train"], tallies["eval"]
@@ -94,6 +96,29 @@ def _label_warnings(tallies: dict[str, SplitTally], field_name: str) -> None:
             ev.warnings.append(make_issue(ev.name, ev.label_rows[label], None, "eval_label_not_in_train", field_name,
                                       f"label {label!r} is in {count} eval row(s) but in no training row",
                                       "add training rows with this label, or fix its spelling"))
+
+
+def _class_balance_warnings(train: SplitTally, field_name: str, data: DataConfig) -> None:
+    """A label with too few training rows, and a largest/smallest ratio above the limit: the model then learns to
+    answer the majority label (a 5-class set of 128/34/24/11/3 rows trained to "red" for every row: accuracy 0.68,
+    macro-F1 0.18). Warnings, not errors: the user may know, and the per-class eval shows the effect."""
+    if not train.labels:
+        return
+    small = sorted((n, label) for label, n in train.labels.items() if n < data.min_class_rows)
+    for n, label in small:
+        train.warnings.append(make_issue(
+            train.name, train.label_rows[label], None, "class_too_small", field_name,
+            f"label {label!r} has {n} training row(s), fewer than SFT_MIN_CLASS_ROWS={data.min_class_rows}",
+            "add training rows with this label (or merge it into another); SFT_MIN_CLASS_ROWS=0 silences this"))
+    by_size = sorted((n, label) for label, n in train.labels.items())
+    (least, bottom), (most, top) = by_size[0], by_size[-1]
+    if least and most / least > data.max_class_ratio:
+        train.warnings.append(make_issue(
+            train.name, None, None, "class_imbalance", field_name,
+            f"the largest label {top!r} has {most / least:.1f}x the rows of the smallest {bottom!r} ({most} vs "
+            f"{least}), above SFT_MAX_CLASS_RATIO={data.max_class_ratio:g}",
+            "rebalance the training rows (oversample the small labels, or subsample the large one), and read the "
+            "per-class metrics, not only accuracy"))
 
 
 def _policy_failure(cfg: JobConfig, tallies: dict[str, SplitTally]) -> str | None:
@@ -235,7 +260,7 @@ def run_preflight(cfg: JobConfig, processor=None, roles: tuple[str, ...] = ROLES
     started = time.monotonic()
     tallies = scan(jobs, workers)
     seconds = time.monotonic() - started
-    _label_warnings(tallies, f"{cfg.data.target_key}.{cfg.data.label_field}")
+    _label_warnings(tallies, f"{cfg.data.target_key}.{cfg.data.label_field}", cfg.data)
     mismatches = _column_mismatches(cfg, tallies, loaded)
     failure = _policy_failure(cfg, tallies)
     if mismatches:  # no SFT_BAD_ROWS setting can help: the column names are wrong

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 from job.config import JobConfig
@@ -13,6 +14,9 @@ from job.utils.redact import redact
 
 log = logging.getLogger(__name__)
 GATE_METRICS = ("accuracy", "macro_f1", "json_parse_rate", "exact_match")
+# Scoring mode's metrics (job/eval/metrics.py) in the card's table and its YAML eval results, when measured.
+CARD_SCORE_METRICS = ("weighted_f1", "roc_auc", "log_loss", "ece", "score_agreement")
+DEFAULT_TASK_TAG = "sarcasm-detection"  # the model card's task tag, for the default SFT_TASK_NAME (sarcasm)
 
 
 def parse_min_metric(spec: str | None) -> tuple[str, float] | None:
@@ -44,44 +48,61 @@ def build_model_card(cfg: JobConfig, run_id: str, metrics: dict, lineage: dict):
     # A Hub dataset by its repo id (what the Hub links), with the commit that was trained on.
     dataset = lineage.get("dataset_repo_id") or lineage.get("dataset_uri") or "local"
     commit = lineage.get("dataset_commit")
-    results = [EvalResult(task_type="image-text-to-text", dataset_type=str(dataset), dataset_name="sarcasm eval split",
+    results = [EvalResult(task_type="image-text-to-text", dataset_type=str(dataset),
+                          dataset_name=f"{cfg.card.task_name} eval split",
                           dataset_split=cfg.data.eval_split, dataset_revision=commit, dataset_config=cfg.data.config,
                           metric_type=k, metric_value=float(post[k]))
-               for k in GATE_METRICS if isinstance(post.get(k), (int, float))]
+               for k in (*GATE_METRICS, *CARD_SCORE_METRICS) if isinstance(post.get(k), (int, float))]
     data = ModelCardData(
         base_model=lineage["base_model"], library_name="peft", pipeline_tag="image-text-to-text",
         # `datasets:` keeps the bare repo id, which the Hub links ("owner/name@sha" would link nowhere); the commit
         # goes beside it (dataset_revision) and into each eval result's dataset.revision.
         datasets=[dataset] if lineage.get("dataset_is_hub") else None, dataset_revision=commit,
-        tags=list(cfg.card.tags),
+        tags=card_tags(cfg),
         model_name=run_id, eval_results=results or None, base_model_revision=lineage.get("base_model_revision"),
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_card_body(cfg, run_id, metrics, lineage)}")
 
 
+def card_tags(cfg: JobConfig) -> list[str]:
+    """The model card's tags with the task tag from SFT_TASK_NAME: `sarcasm-detection` for the default (sarcasm),
+    else `<name>-classification` (lower case, runs of other characters as one '-')."""
+    name = cfg.card.task_name
+    if name == "sarcasm":
+        return list(cfg.card.tags)
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "task"
+    return [t for t in cfg.card.tags if t != DEFAULT_TASK_TAG] + [f"{slug}-classification"]
+
+
+def _value(value) -> str:
+    return "-" if value is None else str(value)
+
+
 def _card_body(cfg: JobConfig, run_id: str, metrics: dict, lineage: dict) -> str:
     pre, post = metrics.get("pre") or {}, metrics.get("post") or {}
-    rows = "\n".join(f"| {k} | {pre.get(k, '-')} | {post.get(k, '-')} |" for k in (*GATE_METRICS, "n"))
+    keys = (*GATE_METRICS, *(k for k in CARD_SCORE_METRICS if k in pre or k in post), "n")
+    rows = "\n".join(f"| {k} | {_value(pre.get(k))} | {_value(post.get(k))} |" for k in keys)
     train_cfg = json.dumps(
         redact(cfg.model_dump(mode="json", include={"train", "lora", "image"})), indent=2, sort_keys=True
     )
+    revision = lineage.get("base_model_revision")
     return f"""# {run_id}: QLoRA adapter for {lineage['base_model']}
 
-Multimodal sarcasm detection: an image, a query and an optional caption in, a JSON verdict out.
+{cfg.card.task_description}
 
 ## Evaluation (pre = base model, post = with this adapter)
 
 | metric | pre | post |
 |---|---|---|
 {rows}
-
+{_best_step(metrics)}{_per_class_table(metrics)}{_pictures(metrics)}
 ## Lineage
 
-- base model: `{lineage['base_model']}` revision `{lineage.get('base_model_revision')}`
-- dataset: `{lineage.get('dataset_uri')}` revision/ETags `{lineage.get('dataset_version')}`
+- base model: `{lineage['base_model']}`{f" revision `{revision}`" if revision else ""}
+- dataset: `{lineage.get('dataset_uri')}`{_version(lineage.get('dataset_version'))}
 - data fingerprint (sha256): `{lineage.get('fingerprint')}`
 {_eval_data_lines(lineage)}
-- code: git `{lineage.get('git_sha')}`, image `{lineage.get('image_digest')}`
+- code: git `{lineage.get('git_sha') or 'not recorded'}`, image `{lineage.get('image_digest') or 'not recorded'}`
 
 ## Training config
 
@@ -89,16 +110,115 @@ Multimodal sarcasm detection: an image, a query and an optional caption in, a JS
 {train_cfg}
 ```
 
-## How to load
+{how_to_use(cfg, metrics, lineage)}"""
+
+
+def _version(version) -> str:
+    return f" version (revision or ETags) `{version}`" if version else ""
+
+
+def _best_step(metrics: dict) -> str:
+    best = metrics.get("best")
+    if not best:
+        return ""
+    value = best.get("value")
+    shown = f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+    # Scored, not generated (job/train/best.py): the table's post row is generation's, so the two can differ.
+    return (f"\nThis is the adapter of step {best['step']}: the best {best['metric']} ({shown}) of "
+            f"{len(best['history'])} evals during training on {best['rows']} eval rows, every {best['eval_steps']} "
+            f"steps (SFT_EVAL_STEPS), scored from the label probabilities (no generation); training ran to step "
+            f"{best['final_step']}. Post is this adapter.\n")
+
+
+def _pictures(metrics: dict) -> str:
+    files = (metrics.get("report") or {}).get("files") or {}
+    titles = {"confusion": "confusion matrices, pre and post", "training": "training loss and eval during training",
+              "reliability": "reliability diagram (scoring mode)"}
+    if not files:
+        return ""
+    return "\n" + "\n".join(f"![{titles.get(name, name)}]({path})" for name, path in files.items()) + "\n"
+
+
+def how_to_use(cfg: JobConfig, metrics: dict, lineage: dict) -> str:
+    """The exact prompt the adapter was trained on (Qwen3VisionSFTCollator.chat_text) and a runnable example."""
+    data = cfg.data
+    label_set = metrics.get("label_set") or {}
+    field = label_set.get("field") or data.label_field
+    labels = ", ".join(f"`{label}`" for label in label_set.get("labels") or []) or "those of the training data"
+    # The answer as job/data/rows.py target_text writes it (ensure_ascii=False: a label "grün" stays "grün").
+    example = json.dumps({field: (label_set.get("labels") or ["..."])[0]}, ensure_ascii=False)
+    where = cfg.hub.repo_id or "<this repo or directory>"
+    revision = lineage.get("base_model_revision")
+    pinned = f", revision={json.dumps(revision)}" if revision else ""
+    system = (f'    {{"role": "system", "content": [{{"type": "text", "text": {json.dumps(data.system_prompt)}}}]}},\n'
+              if data.system_prompt else "")
+    system_line = (f"- system prompt, exactly:\n\n{_fenced(data.system_prompt)}\n" if data.system_prompt
+                   else "- no system prompt (SFT_SYSTEM_PROMPT was empty)")
+    return f"""## How to use
+
+The prompt format this adapter was trained on (use exactly this, or the answers drift):
+
+{system_line}
+- user turn: the image first, then the query; a caption, when there is one, follows the query on a new line as
+  `CAPTION: <caption>`
+- answer: one JSON object whose `{field}` is one of {labels}, e.g.
+  `{example}`, then the end of turn
 
 ```python
+import json
+
 from peft import PeftModel
+from PIL import Image
 from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
-base = Qwen3VLForConditionalGeneration.from_pretrained("{lineage['base_model']}")
-model = PeftModel.from_pretrained(base, "<this repo or directory>")
-processor = AutoProcessor.from_pretrained("<this repo or directory>")
+base = Qwen3VLForConditionalGeneration.from_pretrained("{lineage['base_model']}"{pinned}, dtype="auto",
+                                                       device_map="auto")
+model = PeftModel.from_pretrained(base, "{where}")
+processor = AutoProcessor.from_pretrained("{where}")  # the image pixel bounds this adapter was trained with
+
+messages = [
+{system}    {{"role": "user", "content": [{{"type": "image"}},
+                                 {{"type": "text", "text": "<query>\\nCAPTION: <caption>"}}]}},
+]
+text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+inputs = processor(text=[text], images=[Image.open("image.png").convert("RGB")], return_tensors="pt").to(model.device)
+output = model.generate(**inputs, max_new_tokens={cfg.eval.max_new_tokens}, do_sample=False)
+answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+verdict = json.loads(answer)  # {{"{field}": ...}}
 ```
+"""
+
+
+def _fenced(text: str) -> str:
+    """`text` verbatim in a fenced block inside a list item: inline code would show a multi-line prompt on one line
+    and end at its first backtick. The fence is longer than any backtick run in the text (CommonMark)."""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    return "\n".join(f"  {line}" if line else "" for line in (f"{fence}text", *text.splitlines(), fence))
+
+
+def _per_class_table(metrics: dict) -> str:
+    """Post-eval (else pre-eval) precision, recall, F1 and support per label, and the confusion matrix."""
+    phase, scores = next(((k, metrics[k]) for k in ("post", "pre") if (metrics.get(k) or {}).get("per_class")),
+                         (None, None))
+    if scores is None:
+        return ""
+    rows = "\n".join(f"| {label} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
+                     for label, c in scores["per_class"].items())
+    cm = scores["confusion_matrix"]
+    matrix = "\n".join(f"| {label} | " + " | ".join(map(str, row)) + " |" for label, row in zip(
+        cm["labels"], cm["matrix"], strict=True))
+    return f"""
+### Per class ({phase}-eval; weighted F1 {scores['weighted_f1']:.4f})
+
+| label | precision | recall | f1 | support |
+|---|---|---|---|---|
+{rows}
+
+Confusion matrix (rows: gold label, columns: predicted; "unparsed": no JSON verdict):
+
+| gold \\ predicted | {' | '.join(cm['columns'])} |
+|---|{'---|' * len(cm['columns'])}
+{matrix}
 """
 
 

@@ -88,8 +88,8 @@ class CompletedMarkerCallback(TrainerCallback):
     """Writes `checkpoint-N/COMPLETED` once the Trainer has finished writing checkpoint-N.
 
     A checkpoint without the marker may be half-written (the pod died mid-save) and is never resumed from.
-    `extra_files` (e.g. the pre-eval metrics) are copied into every checkpoint first, so a resume on a fresh pod
-    finds them with the checkpoint.
+    `extra_files` (e.g. the pre-eval metrics, and the best-so-far directory of SFT_EVAL_STEPS) are copied into every
+    checkpoint first, so a resume on a fresh pod finds them with the checkpoint.
     """
 
     def __init__(self, extra_files: tuple[Path, ...] = ()):
@@ -102,6 +102,8 @@ class CompletedMarkerCallback(TrainerCallback):
                 for extra in self.extra_files:
                     if extra.is_file():
                         shutil.copy2(extra, ckpt / extra.name)
+                    elif extra.is_dir():
+                        shutil.copytree(extra, ckpt / extra.name, dirs_exist_ok=True)
                 write_completed_marker(ckpt, state.global_step)
         return control
 

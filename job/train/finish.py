@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from job import outputs
 from job.config import JobConfig
 from job.data.loaders import dataset_fingerprint
 from job.errors import GateRefused
+from job.eval import plots
 from job.eval.generate import evaluate_qwen3
 from job.storage.checkpoints import RemoteCheckpoints
 from job.storage.hub import build_model_card, gate_decision, push_adapter
@@ -23,6 +25,7 @@ from job.utils import tracking
 log = logging.getLogger("job.train")
 
 FINAL_ARTIFACTS = outputs.FINAL_ARTIFACTS
+REPORT_DIR = "report"  # the pictures, in the run's root and in the adapter folder
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class Trained:
     params: dict  # trainable / total parameter counts
     pre: dict | None  # the pre-eval metrics (None with SFT_EVAL_PRE=false)
     resumed_from: str | None  # the checkpoint this process continued, None for a fresh start
+    best: dict | None = None  # SFT_EVAL_STEPS: the best step's record (job/train/best.py), whose adapter this is
+    log_history: list[dict] = field(default_factory=list)  # the Trainer's log entries (the loss curve)
 
 
 # -- eval --------------------------------------------------------------------------------------------------------
@@ -44,12 +49,13 @@ def _evaluate(phase: str, p: Prepared, model, run) -> dict | None:
 
 
 def _evaluate_here(phase: str, p: Prepared, model, run) -> dict:
-    metrics = evaluate_qwen3(model, p.processor, p.eval_ds, p.eval_collator, p.cfg)
+    metrics = evaluate_qwen3(model, p.processor, p.eval_ds, p.eval_collator, p.cfg, p.label_set)
     outputs.write_predictions(p.paths.eval / f"{phase}_predictions.jsonl", metrics["predictions"])
     scalars = outputs.scalar_metrics(metrics)
     outputs.write_json(p.paths.eval / f"{phase}_metrics.json", scalars)
     tracking.log_metrics(run, f"gen_eval/{phase}_", scalars)
-    print(f"{phase}-eval: " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items()), flush=True)
+    tracking.log_confusion_matrix(run, f"gen_eval/{phase}_confusion_matrix", scalars.get("confusion_matrix") or {})
+    print(f"{phase}-eval: " + outputs.headline(scalars), flush=True)
     return scalars
 
 
@@ -72,6 +78,7 @@ def _save_outputs(p: Prepared, model, run, trained: Trained, metrics: dict, time
     started = time.monotonic()
 
     files = outputs.save_adapter(model, p.processor, p.paths.adapter)
+    metrics["report"] = _pictures(p, metrics, trained, run)
     lineage = outputs.lineage(p.cfg, p.sources, model, dataset_fingerprint(p.preflight.get("data_fingerprint")))
     lineage.update(eval_overlap=p.preflight.get("eval_overlap"), eval_holdout=p.preflight.get("eval_holdout"))
     build_model_card(p.cfg, p.run_id, metrics, lineage).save(p.paths.adapter / "README.md")
@@ -85,6 +92,24 @@ def _save_outputs(p: Prepared, model, run, trained: Trained, metrics: dict, time
     outputs.write_json(p.paths.root / "training_meta.json", meta)
     outputs.log_run_metadata(run, meta)
     return meta
+
+
+def _pictures(p: Prepared, metrics: dict, trained: Trained, run) -> dict | None:
+    """report/*.png (job/eval/plots.py), copied into the adapter folder too: the card links them by relative path,
+    which the Hub renders from the pushed repo; and in the W&B run, as `report/<name>` images."""
+    drawn = plots.write_report(p.paths.root / REPORT_DIR, metrics, trained.log_history)
+    if not drawn:
+        return None
+    target = p.paths.adapter / REPORT_DIR
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for path in drawn.values():
+        shutil.copy2(path, target / path.name)
+        (target / path.name).chmod(0o644)
+    for name, path in drawn.items():
+        print(f"report: {name} {path}", flush=True)
+    tracking.log_pictures(run, drawn)
+    return {"dir": REPORT_DIR, "files": {name: f"{REPORT_DIR}/{path.name}" for name, path in drawn.items()}}
 
 
 # -- gate, upload, push ------------------------------------------------------------------------------------------
@@ -129,7 +154,8 @@ def _finish(p: Prepared, model, run, timer: Timer, trained: Trained) -> dict[str
     post = _evaluate("post", p, model, run)
     timer.track("post_eval", started)
     step = trained.result.global_step
-    metrics = {"pre": trained.pre, "post": post, "train": {"loss": trained.result.training_loss, "global_step": step}}
+    metrics = {"pre": trained.pre, "post": post, "train": {"loss": trained.result.training_loss, "global_step": step},
+               "label_set": p.label_set.to_json() if p.label_set is not None else None, "best": trained.best}
 
     def save_and_publish() -> dict[str, Any]:
         meta = _save_outputs(p, model, run, trained, metrics, timer)

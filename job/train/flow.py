@@ -20,7 +20,7 @@ from job.config import JobConfig, build_cfg
 from job.errors import JobError
 from job.export.command import run_export
 from job.model import _count_trainable_params, apply_liger, apply_lora, load_model
-from job.train import distributed, resume
+from job.train import best, distributed, resume
 from job.train.finish import FINAL_ARTIFACTS, Trained, _evaluate, _finish, _publish, _stored_pre_metrics
 from job.train.preemption import PreemptionGuard
 from job.train.prepare import Prepared, RunPaths, Timer, _init_wandb, _prepare
@@ -35,13 +35,26 @@ __all__ = ["FINAL_ARTIFACTS", "Prepared", "RunPaths", "Timer", "_build_collators
            "_resume_plan", "main", "run_job"]
 
 
+def _during_train_eval(p: Prepared, run, guard: PreemptionGuard) -> best.BestCheckpointCallback | None:
+    """SFT_EVAL_STEPS' callback on SFT_EVAL_DURING_TRAIN_ROWS eval rows (None without SFT_EVAL_STEPS)."""
+    if p.cfg.eval.steps is None or p.label_set is None:  # no label set with SFT_EVAL_STEPS is refused in _prepare
+        return None
+    rows = best.during_train_subset(p.cfg, p.eval_ds)
+    return best.BestCheckpointCallback(
+        best.DuringTrainEval(p.cfg, rows, p.eval_collator, p.label_set, p.paths.root, run), guard)
+
+
 def _train(p: Prepared, model, run, guard: PreemptionGuard, resume_from: str | None):
     """The Trainer loop. Returns its result, or raises Preempted once the preemption checkpoint is uploaded."""
     report_to = ["wandb"] if run is not None else []
     saving = Checkpointing(p.paths.checkpoints, guard, remote=p.remote,
-                           extra_files=(p.paths.eval / "pre_metrics.json", p.paths.root / resume.FINGERPRINT_FILE))
+                           extra_files=(p.paths.eval / "pre_metrics.json", p.paths.root / resume.FINGERPRINT_FILE,
+                                        p.paths.root / best.BEST_DIR))
+    if distributed.is_main_process():
+        best.restore(p.paths.root, resume_from)  # the best-so-far of the step this run continues, or none
     trainer, uploader, preemption = build_trainer(
-        p.cfg, model, TrainingData(p.processor, p.collator, p.train_ds), saving, p.run_id, report_to)
+        p.cfg, model, TrainingData(p.processor, p.collator, p.train_ds), saving, p.run_id, report_to,
+        _during_train_eval(p, run, guard))
     guard.in_training = True
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
@@ -60,6 +73,14 @@ def _train(p: Prepared, model, run, guard: PreemptionGuard, resume_from: str | N
         log.warning("preempted at step %s: %s", preemption.stopped_at, saved)
         guard.raise_if_requested(preemption.stopped_at)
     return trainer, result
+
+
+def _best_step(p: Prepared, model, final_step: int) -> dict | None:
+    """SFT_EVAL_STEPS: load the best step's adapter (rank 0 evaluates, saves, pushes); its record for metrics.json."""
+    if p.cfg.eval.steps is None or not distributed.is_main_process():
+        return None
+    state = best.load_best_adapter(model, p.paths.root)
+    return None if state is None else {**state.to_json(), "final_step": final_step}
 
 
 def run_job(cfg: JobConfig) -> dict[str, Any]:
@@ -85,7 +106,9 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
             started = time.monotonic()
             trainer, result = _train(p, model, run, guard, resume_from)
             timer.track("train", started)
-            return _finish(p, trainer.model, run, timer, Trained(result, params, pre, resume_from))
+            kept = _best_step(p, trainer.model, result.global_step)
+            return _finish(p, trainer.model, run, timer,
+                           Trained(result, params, pre, resume_from, kept, trainer.state.log_history))
         finally:
             tracking.finish(run)
 

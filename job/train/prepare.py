@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator, build_collators
-from job.config import JobConfig
+from job.config import SCORED_GATE_METRICS, JobConfig
 from job.errors import DataError
+from job.eval.generate import gold_label
+from job.eval.score import LabelSet, resolve_mode
 from job.preflight import early
 from job.preflight.run import apply_plan, run_preflight
 from job.storage import s3 as s3io
 from job.storage.checkpoints import RemoteCheckpoints
-from job.storage.hub import check_push_access
+from job.storage.hub import check_push_access, parse_min_metric
 from job.storage.sources import Sources, localize
 from job.train import distributed, resume
 from job.utils import tracking
@@ -75,6 +77,7 @@ class Prepared:
     collator: Qwen3VisionSFTCollator
     eval_collator: Qwen3VisionSFTCollator
     preflight: dict
+    label_set: LabelSet | None = None  # the training split's labels and their scored answers (job/eval/score.py)
 
 
 def _seed_everything(seed: int) -> None:
@@ -201,9 +204,42 @@ def _prepare(cfg: JobConfig, timer: Timer) -> Prepared:
     paths = RunPaths(Path(cfg.train.output_dir)).create()
     collator, eval_collator = build_collators(cfg, processor)
     _check_supervised_tokens(collator, train_ds, cfg.train.per_device_batch_size)
+    label_set = training_label_set(cfg, train_ds)
+    check_gate_measurable(cfg, label_set, eval_ds)
     timer.track("setup", started)
     return Prepared(cfg, sources, paths, run_id, remote, processor, train_ds, eval_ds, collator, eval_collator,
-                    preflight)
+                    preflight, label_set)
+
+
+def training_label_set(cfg: JobConfig, train_ds) -> LabelSet | None:
+    """The label set scoring mode scores, from the training targets (a column read: no image is decoded), checked
+    against SFT_EVAL_MODE and SFT_EVAL_STEPS here, before any weight loads (exit 2)."""
+    label_set = LabelSet.from_targets(list(train_ds[cfg.data.target_key]), cfg.data.label_field)
+    mode = resolve_mode(cfg.eval.mode, label_set)
+    if cfg.eval.steps is not None and label_set is None:
+        raise DataError(
+            "SFT_EVAL_STEPS scores the labels during training, and the training targets give no label set to score "
+            f"('{cfg.data.label_field}' must be the first key of every target): unset SFT_EVAL_STEPS")
+    if label_set is not None:
+        log.info("eval mode %s; labels (%s): %s", mode, label_set.scored, ", ".join(label_set.labels))
+    return label_set
+
+
+def check_gate_measurable(cfg: JobConfig, label_set: LabelSet | None, eval_ds) -> None:
+    """A gate on a scoring metric (SFT_PUSH_MIN_METRIC=roc_auc:...) that the post-eval cannot measure is exit 2 here,
+    before any weights load, not a refusal (exit 4) after the whole training: without a label set there is no
+    scoring, and with one gold label in the eval split ROC-AUC is undefined."""
+    threshold = parse_min_metric(cfg.hub.min_metric)
+    if threshold is None or threshold[0] not in SCORED_GATE_METRICS:
+        return
+    spec = f"SFT_PUSH_MIN_METRIC={cfg.hub.min_metric}"
+    if label_set is None:
+        raise DataError(f"{spec} needs scoring mode, and the training targets give no label set to score "
+                        f"('{cfg.data.label_field}' must be the first key of every target): gate on macro_f1")
+    golds = {gold_label(t, cfg.data.label_field) for t in eval_ds[cfg.data.target_key]}
+    if len(golds) < 2:
+        raise DataError(f"{spec}: the eval split has one gold label ({', '.join(sorted(golds))}), so ROC-AUC is "
+                        "undefined: add rows of another label to the eval split, or gate on accuracy")
 
 
 def _init_wandb(p: Prepared):

@@ -13,7 +13,7 @@ from job import outputs
 from job.model import _count_trainable_params, apply_liger, apply_lora, keep_trainable_params_fp32, load_model
 from job.storage.checkpoints import RemoteCheckpoints
 from job.storage.completed import latest_completed_checkpoint
-from job.train import distributed, resume
+from job.train import best, distributed, resume
 from job.train.finish import Trained, _earlier_push, _finish, _publish, _stored_pre_metrics
 from job.train.prepare import Prepared, RunPaths, Timer, _init_wandb
 from job.utils import tracking
@@ -143,13 +143,19 @@ def _evaluate_finished_checkpoint(p: Prepared, checkpoint: str, step: int, timer
     apply_liger(p.cfg, model)
     keep_trainable_params_fp32(model)  # as the Trainer left it: fp32 LoRA weights
     set_peft_model_state_dict(model, load_file(str(Path(checkpoint) / "adapter_model.safetensors")))
+    kept = None
+    if p.cfg.eval.steps is not None:  # the adapter kept is the best step's, stored in the checkpoint
+        best.restore(p.paths.root, checkpoint)
+        best_state = best.load_best_adapter(model, p.paths.root)
+        kept = None if best_state is None else {**best_state.to_json(), "final_step": step}
     params = _count_trainable_params(model)
     run = _init_wandb(p)
     timer.track("model", started)
     try:
         state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
         result = TrainResult(step, _training_loss(state["log_history"]))
-        trained = Trained(result, params, _stored_pre_metrics(p.paths, checkpoint), checkpoint)
+        trained = Trained(result, params, _stored_pre_metrics(p.paths, checkpoint), checkpoint, kept,
+                          state["log_history"])
         return _finish(p, model, run, timer, trained)
     finally:
         tracking.finish(run)

@@ -74,7 +74,15 @@ TRAINING_SETTINGS: tuple[tuple[str, Callable[[JobConfig], Any]], ...] = (
     ("SFT_LORA_TARGET_MODULES", lambda c: ",".join(c.lora.target_modules)),
     # The global batch is per-device batch x accumulation x processes.
     ("WORLD_SIZE", lambda c: int(os.environ.get("WORLD_SIZE", "1"))),
+    # Not the weights, but the best-so-far a checkpoint carries (job/train/best.py): which steps were scored, on which
+    # rows, by which metric. Changing them mid-run would compare evals that are not comparable.
+    ("SFT_EVAL_STEPS", lambda c: c.eval.steps),
+    ("SFT_EVAL_DURING_TRAIN_ROWS", lambda c: c.eval.during_train_rows if c.eval.steps is not None else None),
+    ("SFT_BEST_METRIC", lambda c: c.eval.best_metric if c.eval.steps is not None else None),
 )
+# Settings recorded since a later version, with the value that a checkpoint written before then was trained with:
+# such a checkpoint resumes without drift when the setting still has that value.
+RECORDED_SINCE: dict[str, Any] = {"SFT_EVAL_STEPS": None, "SFT_EVAL_DURING_TRAIN_ROWS": None, "SFT_BEST_METRIC": None}
 
 
 class ResumeDrift(UserError):
@@ -136,7 +144,8 @@ class Fingerprint:
         for name in [n for n, _ in TRAINING_SETTINGS] + sorted(
             set(stored.settings) - {n for n, _ in TRAINING_SETTINGS}
         ):
-            old, new = stored.settings.get(name, "<not recorded>"), self.settings.get(name, "<not recorded>")
+            missing = RECORDED_SINCE.get(name, "<not recorded>")
+            old, new = stored.settings.get(name, missing), self.settings.get(name, "<not recorded>")
             if old != new:
                 changes.append(f"{name}: {_show(old)} -> {_show(new)}")
         for role in sorted(set(stored.data) | set(self.data)):

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from transformers import TrainerCallback
+
 from job.config import JobConfig
 from job.data.loaders import LENGTH_COLUMN
 from job.model import has_cuda, keep_trainable_params_fp32
@@ -133,16 +135,18 @@ def trainer_class() -> type:
 
 
 def build_trainer(cfg: JobConfig, model, data: TrainingData, saving: Checkpointing, run_id: str,
-                  report_to: list[str]):
+                  report_to: list[str], during_train: TrainerCallback | None = None):
     """The trainer and, with a checkpoint URI, the background uploader.
 
     Callback order matters: every rank's RNG state is in rank 0's checkpoint before the local COMPLETED marker is
-    written, and the marker before the upload snapshot is taken.
+    written, and the marker before the upload snapshot is taken. `during_train` (SFT_EVAL_STEPS' eval) runs its
+    step-end eval before the save of the same step, and before the preemption callback (added last) asks to stop.
     """
     from transformers import PrinterCallback
 
     uploader = None
-    callbacks = [LogCallback(), RankStateCallback(), CompletedMarkerCallback(extra_files=saving.extra_files)]
+    callbacks = [LogCallback(), *([during_train] if during_train is not None else []), RankStateCallback(),
+                 CompletedMarkerCallback(extra_files=saving.extra_files)]
     if saving.remote is not None:
         uploader = RemoteCheckpointCallback(saving.remote, saving.output_dir.parent / ".upload-staging")
         callbacks.append(uploader)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Literal
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,52 @@ def init_wandb(run_id: str, config: dict, *, enabled: bool, output_dir: str):
     )
 
 
+def flat_scalars(prefix: str, metrics: dict) -> dict[str, float]:
+    """The numbers of a metrics dict for W&B, per-class ones flattened: `{prefix}per_class/<label>/f1`.
+
+    >>> flat_scalars("gen_eval/post_", {"accuracy": 0.5, "per_class": {"red": {"f1": 1.0}}, "eval_mode": "both"})
+    {'gen_eval/post_accuracy': 0.5, 'gen_eval/post_per_class/red/f1': 1.0}
+    """
+    flat = {f"{prefix}{k}": v for k, v in metrics.items() if _is_number(v)}
+    for label, scores in (metrics.get("per_class") or {}).items():
+        flat.update({f"{prefix}per_class/{label}/{k}": v for k, v in scores.items() if _is_number(v)})
+    return flat
+
+
+def _is_number(value) -> bool:
+    """A W&B scalar: a number; not a bool (a flag is no metric), None (roc_auc of a one-class eval) or a dict."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def log_metrics(run, prefix: str, metrics: dict) -> None:
     if run is None:
         return
-    run.log({f"{prefix}{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    run.log(flat_scalars(prefix, metrics))
+
+
+def log_confusion_matrix(run, key: str, confusion: dict) -> None:
+    """The confusion matrix (job/eval/metrics.py per_class_report) in the run's summary, as the metrics file holds it
+    ({labels, columns, matrix}: rows gold, columns predicted plus "unparsed"); its picture is a report image
+    (log_pictures).
+
+    Not a `wandb.Table`: logging one makes wandb 0.31 create a run-table artifact whose temporary directory it never
+    cleans (a ResourceWarning at exit, tests/utils/test_warnings.py), and stage the table in a temporary directory
+    made at `import wandb`, which the first forked process to exit deletes for every other one (the next table
+    failed with "No such file or directory", tests/zygote.py forks each job process).
+    """
+    if run is None or not confusion:
+        return
+    run.summary[key] = {k: confusion[k] for k in ("labels", "columns", "matrix")}
+
+
+def log_pictures(run, pictures: dict[str, Path]) -> None:
+    """The report's PNGs (job/eval/plots.py) as W&B images, `report/<name>`: the confusion matrices pre and post, the
+    curves, the reliability diagram. From the file, so wandb copies it into the run and stages nothing."""
+    if run is None or not pictures:
+        return
+    import wandb  # as in init_wandb: only a run with W&B on imports it
+
+    run.log({f"report/{name}": wandb.Image(str(path), caption=path.name) for name, path in pictures.items()})
 
 
 def finish(run) -> None:

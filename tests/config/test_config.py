@@ -178,6 +178,17 @@ OVERLAY_CASES = [
     ({"SFT_EVAL_PRE": "false"}, {("eval", "pre"): False}),
     ({"SFT_EVAL_POST": "no"}, {("eval", "post"): False}),
     ({"SFT_EVAL_ADAPTER": "outputs/adapter"}, {("eval", "adapter"): "outputs/adapter"}),
+    ({"SFT_EVAL_MODE": "score"}, {("eval", "mode"): "score"}),
+    ({"SFT_EVAL_STEPS": "25"}, {("eval", "steps"): 25}),
+    # These two apply only with SFT_EVAL_STEPS (test_during_train_settings_need_eval_steps).
+    ({"SFT_EVAL_DURING_TRAIN_ROWS": "64", "SFT_EVAL_STEPS": "25"},
+     {("eval", "during_train_rows"): 64, ("eval", "steps"): 25}),
+    ({"SFT_BEST_METRIC": "log_loss", "SFT_EVAL_STEPS": "25"},
+     {("eval", "best_metric"): "log_loss", ("eval", "steps"): 25}),
+    ({"SFT_MIN_CLASS_ROWS": "0"}, {("data", "min_class_rows"): 0}),
+    ({"SFT_MAX_CLASS_RATIO": "5"}, {("data", "max_class_ratio"): 5.0}),
+    ({"SFT_TASK_NAME": "colour"}, {("card", "task_name"): "colour"}),
+    ({"SFT_TASK_DESCRIPTION": "Colours."}, {("card", "task_description"): "Colours."}),
     ({"SFT_WANDB_ENABLED": "false"}, {("wandb", "enabled"): False}),
     ({"SFT_CHECKPOINT_URI": "s3://bucket/runs/"}, {("storage", "checkpoint_uri"): "s3://bucket/runs"}),
     ({"SFT_CACHE_DIR": "/cache/x"}, {("storage", "cache_dir"): "/cache/x"}),
@@ -622,6 +633,15 @@ def test_storage_settings_reject_bad_values(name, value):
 def test_gate_needs_post_eval():
     with pytest.raises(ConfigError, match="SFT_PUSH_MIN_METRIC needs the post-eval"):
         build_cfg(CARD, env={"SFT_PUSH_MIN_METRIC": "macro_f1:0.7", "SFT_EVAL_POST": "false"})
+
+
+def test_during_train_settings_need_eval_steps():
+    with pytest.raises(ConfigError) as info:
+        build_cfg(CARD, env={"SFT_BEST_METRIC": "log_loss", "SFT_EVAL_DURING_TRAIN_ROWS": "64"})
+    assert info.value.problems == ["SFT_BEST_METRIC, SFT_EVAL_DURING_TRAIN_ROWS only apply with SFT_EVAL_STEPS (eval "
+                                   "during training): set SFT_EVAL_STEPS=N or unset them"]
+    with pytest.raises(ConfigError, match="SFT_EVAL_MODE=generate turns scoring off"):
+        build_cfg(CARD, env={"SFT_EVAL_STEPS": "5", "SFT_EVAL_MODE": "generate"})
 
 
 def test_export_repo_is_not_the_adapter_repo():

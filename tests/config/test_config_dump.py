@@ -4,7 +4,9 @@ print what build_cfg's nested dict gave before the config became typed (0.1.0), 
 The two dicts below were printed by that code (job/config.py at 60250fd) for the empty environment and for
 OVERRIDES; key order included (W&B keeps it). Sections added since then are inserted where the config puts them
 (`export`, 0.2: SFT_EXPORT*, before `lineage`; `train.nproc_per_node` and `train.exit_codes`, 0.2, before
-`train.resume`); no existing key moves or changes.
+`train.resume`; 0.3 appends `data.min_class_rows`, `data.max_class_ratio`, `eval.mode`, `eval.steps`,
+`eval.during_train_rows`, `eval.best_metric`, `card.task_name` and `card.task_description` to their sections); no
+existing key moves or changes.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ DEFAULT = {'model': {'id': 'Qwen/Qwen3-VL-8B-Instruct',
               'bad_rows': 'fail',
               'max_bad_fraction': 0.01,
               'eval_holdout': 0.1,
-              'max_eval_overlap': 0.01},
+              'max_eval_overlap': 0.01,
+              'min_class_rows': 10,
+              'max_class_ratio': 20.0},
      'image': {'min_pixels': 65536, 'max_pixels': 1048576},
      'train': {'output_dir': 'outputs',
                'run_id': None,
@@ -89,13 +93,20 @@ DEFAULT = {'model': {'id': 'Qwen/Qwen3-VL-8B-Instruct',
               'pre': True,
               'post': True,
               'adapter': None,
-              'stop_tokens': ['<|im_end|>', '<|endoftext|>']},
+              'stop_tokens': ['<|im_end|>', '<|endoftext|>'],
+              'mode': 'auto',
+              'steps': None,
+              'during_train_rows': 128,
+              'best_metric': 'macro_f1'},
      'wandb': {'enabled': True},
      'storage': {'checkpoint_uri': None, 'cache_dir': None, 's3_concurrency': 16},
      'hub': {'repo_id': None, 'private': True, 'min_metric': None, 'require_improvement': True},
      'export': {'enabled': False, 'verify_rows': None, 'max_drop': 0.01, 'repo_id': None},
      'lineage': {'image_digest': None},
-     'card': {'tags': ['qwen3-vl', 'qlora', 'sft', 'sarcasm-detection']}}
+     'card': {'tags': ['qwen3-vl', 'qlora', 'sft', 'sarcasm-detection'],
+              'task_name': 'sarcasm',
+              'task_description': 'Multimodal sarcasm detection: an image, a query and an optional caption in, a '
+                                  'JSON verdict out.'}}
 
 WITH_OVERRIDES = {'model': {'id': 'org/model',
                'revision': None,
@@ -121,7 +132,9 @@ WITH_OVERRIDES = {'model': {'id': 'org/model',
               'bad_rows': 'fail',
               'max_bad_fraction': 0.01,
               'eval_holdout': 0.1,
-              'max_eval_overlap': 0.01},
+              'max_eval_overlap': 0.01,
+              'min_class_rows': 10,
+              'max_class_ratio': 20.0},
      'image': {'min_pixels': 65536, 'max_pixels': 524288},
      'train': {'output_dir': 'outputs',
                'run_id': None,
@@ -157,13 +170,20 @@ WITH_OVERRIDES = {'model': {'id': 'org/model',
               'pre': True,
               'post': True,
               'adapter': None,
-              'stop_tokens': ['<|im_end|>', '<|endoftext|>']},
+              'stop_tokens': ['<|im_end|>', '<|endoftext|>'],
+              'mode': 'auto',
+              'steps': None,
+              'during_train_rows': 128,
+              'best_metric': 'macro_f1'},
      'wandb': {'enabled': False},
      'storage': {'checkpoint_uri': 's3://ckpt/run', 'cache_dir': None, 's3_concurrency': 4},
      'hub': {'repo_id': 'org/adapter', 'private': True, 'min_metric': 'macro_f1:0.7', 'require_improvement': True},
      'export': {'enabled': False, 'verify_rows': None, 'max_drop': 0.01, 'repo_id': None},
      'lineage': {'image_digest': 'sha256:abc'},
-     'card': {'tags': ['qwen3-vl', 'qlora', 'sft', 'sarcasm-detection']}}
+     'card': {'tags': ['qwen3-vl', 'qlora', 'sft', 'sarcasm-detection'],
+              'task_name': 'sarcasm',
+              'task_description': 'Multimodal sarcasm detection: an image, a query and an optional caption in, a '
+                                  'JSON verdict out.'}}
 
 CASES = [({}, DEFAULT), (OVERRIDES, WITH_OVERRIDES)]
 

@@ -11,8 +11,11 @@ from job.cards import ModelCards
 from job.collators.qwen3_collator import Qwen3VisionSFTCollator
 from job.config import build_cfg
 from job.data.loaders import load_local_split
-from job.eval.generate import compute_metrics, evaluate_qwen3, generation_kwargs, parse_verdict
+from job.errors import DataError
+from job.eval.generate import compute_metrics, evaluate_qwen3, generation_kwargs, parse_verdict, score_labels
+from job.eval.score import LabelSet, answer_log_probs
 from job.model import load_model
+from job.outputs import headline
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +113,122 @@ def test_generation_kwargs_greedy_and_stops(processor):
     ]
     sampled = generation_kwargs(processor, defaults.model_copy(update={"do_sample": True, "temperature": 0.5}))
     assert sampled["temperature"] == 0.5 and sampled["max_new_tokens"] == 256
+
+
+def test_per_class_metrics_expose_a_majority_class_answer():
+    """#19's case: an imbalanced set where the model answers the majority class for every row. Accuracy looks
+    fine, the per-class numbers and the confusion matrix show what happened."""
+    golds = ["red"] * 8 + ["blue"] * 3 + ["green"] * 1
+    preds = ['{"label": "red"}'] * 11 + ["no json here"]
+    m = compute_metrics(preds, [{"label": g} for g in golds], "label")
+    assert m["accuracy"] == pytest.approx(8 / 12)
+    assert m["per_class"]["red"] == {"precision": pytest.approx(8 / 11), "recall": 1.0,
+                                     "f1": pytest.approx(16 / 19), "support": 8}
+    assert m["per_class"]["blue"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 3}
+    assert m["per_class"]["green"]["support"] == 1
+    assert m["macro_f1"] == pytest.approx(sum(c["f1"] for c in m["per_class"].values()) / 3)
+    assert m["weighted_f1"] == pytest.approx(8 / 12 * 16 / 19)
+    cm = m["confusion_matrix"]
+    assert cm["labels"] == ["blue", "green", "red"] and cm["columns"] == ["blue", "green", "red", "unparsed"]
+    assert cm["matrix"] == [[0, 0, 3, 0], [0, 0, 0, 1], [0, 0, 8, 0]]
+    assert sum(map(sum, cm["matrix"])) == m["n"]
+
+
+def test_a_label_only_the_model_answered_gets_a_row_and_column():
+    m = compute_metrics(['{"label": "maybe"}', '{"label": "yes"}'], ['{"label": "yes"}', '{"label": "yes"}'], "label")
+    assert m["confusion_matrix"]["labels"] == ["maybe", "yes"]
+    assert m["confusion_matrix"]["matrix"] == [[0, 0, 0], [1, 1, 0]]
+    assert m["per_class"]["maybe"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    # macro F1 stays over the gold labels (as before): only "yes", f1 = 2/3
+    assert m["macro_f1"] == pytest.approx(2 / 3)
+
+
+def test_the_printed_headline_has_the_numbers_only():
+    m = compute_metrics(['{"label": "a"}'], ['{"label": "a"}'], "label")
+    assert headline({k: v for k, v in m.items() if k != "predictions"}) == (
+        "n=1 accuracy=1 macro_f1=1 json_parse_rate=1 exact_match=1 weighted_f1=1")
+
+
+# -- scoring mode (job/eval/score.py) ----------------------------------------------------------------------------
+def _prompt_batch(collator, rows) -> dict:
+    batch = collator(rows)
+    batch.pop("token_type_ids", None)
+    return batch
+
+
+def test_scored_log_probs_equal_the_training_loss_of_each_answer(model, processor, eval_rows):
+    """Scoring and training agree on what an answer costs: a label's scored log-probability (left-padded prompts,
+    the answer appended, logits_to_keep) equals minus the training collator's summed token loss for the row whose
+    target is that label (right padded, labels on the answer and <|im_end|> only)."""
+    label_set = LabelSet.from_targets(list(eval_rows["target_json"]), "label")
+    assert label_set is not None and label_set.scored == "full" and len(label_set.labels) == 2
+    rows = [eval_rows[i] for i in range(len(eval_rows))]
+    scored = answer_log_probs(model, _prompt_batch(Qwen3VisionSFTCollator(processor, training=False), rows),
+                              label_set.answer_ids(processor.tokenizer))
+    train_collator = Qwen3VisionSFTCollator(processor, training=True)
+    for j, label in enumerate(label_set.labels):
+        batch = train_collator([{**r, "target_json": label_set.prediction_text(label)} for r in rows])
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            logits = model(**batch).logits.double()
+        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+        targets = labels[:, 1:]
+        kept = targets != -100
+        token_lp = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * kept
+        assert kept.sum(dim=1).tolist() == [len(label_set.answer_ids(processor.tokenizer)[j])] * len(rows)
+        # Measured: at most 1.2e-7 apart (left vs right padding changes the fp32 reduction order, nothing else).
+        torch.testing.assert_close(scored[:, j], token_lp.sum(dim=1), atol=1e-5, rtol=0)
+
+
+def test_scoring_batched_equals_single_and_rows_sum_to_one(model, processor, cfg, eval_rows):
+    label_set = LabelSet.from_targets(list(eval_rows["target_json"]), "label")
+    collator = Qwen3VisionSFTCollator(processor, training=False)
+    batched = score_labels(model, eval_rows, collator, label_set, batch_size=6)
+    single = score_labels(model, eval_rows, collator, label_set, batch_size=1)
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched.sum(dim=1), torch.ones(len(eval_rows), dtype=batched.dtype))
+
+
+def test_both_mode_adds_probabilities_beside_generation(model, processor, cfg, eval_rows):
+    label_set = LabelSet.from_targets(list(eval_rows["target_json"]), "label")
+    collator = Qwen3VisionSFTCollator(processor, training=False)
+    both = evaluate_qwen3(model, processor, eval_rows, collator, cfg, label_set)
+    generated = evaluate_qwen3(model, processor, eval_rows, collator, cfg)  # auto without a label set: generate
+    assert both["eval_mode"] == "both" and generated["eval_mode"] == "generate" and "roc_auc" not in generated
+    # Generation is unchanged by scoring beside it.
+    assert [r["prediction"] for r in both["predictions"]] == [r["prediction"] for r in generated["predictions"]]
+    for record in both["predictions"]:
+        assert set(record["label_probs"]) == set(label_set.labels)
+        assert abs(sum(record["label_probs"].values()) - 1) < 1e-9
+        assert record["score_label"] == max(record["label_probs"], key=record["label_probs"].get)
+    parsed = [r for r in both["predictions"] if r["pred_label"] is not None]
+    agreement = sum(r["score_label"] == r["pred_label"] for r in parsed) / len(parsed) if parsed else None
+    assert both["score_agreement"] == agreement
+    assert 0 <= both["ece"] <= 1 and both["log_loss"] > 0 and both["score_rows"] == len(eval_rows)
+    assert sum(b["count"] for b in both["calibration"]["bins"]) == len(eval_rows)
+    print(f"argmax agrees with generation on {agreement} of {len(parsed)} parsed rows (untrained tiny model)")
+
+
+def test_score_mode_generates_nothing_and_predicts_the_argmax(model, processor, cfg, eval_rows):
+    label_set = LabelSet.from_targets(list(eval_rows["target_json"]), "label")
+    collator = Qwen3VisionSFTCollator(processor, training=False)
+    scored = evaluate_qwen3(model, processor, eval_rows, collator, cfg.replace(eval={"mode": "score"}), label_set)
+    assert scored["eval_mode"] == "score" and scored["json_parse_rate"] is None and scored["exact_match"] is None
+    assert [r["pred_label"] for r in scored["predictions"]] == [r["score_label"] for r in scored["predictions"]]
+    assert scored["accuracy"] == scored["score_accuracy"] and scored["macro_f1"] == scored["score_macro_f1"]
+    with pytest.raises(DataError, match="SFT_EVAL_MODE=score needs the label set"):
+        evaluate_qwen3(model, processor, eval_rows, collator, cfg.replace(eval={"mode": "score"}))
+
+
+def test_prefix_answers_tokenize_as_the_start_of_the_trained_answer(processor):
+    """Targets with more keys than the label: the scored prefix `{"label": "x",` is exactly the first tokens of the
+    trained answer (a tokenization that merged across the cut would score tokens the model never writes)."""
+    targets = ['{"label": "sarcastic", "why": "the caption praises a flat tyre"}', {"label": 3, "why": "count"}]
+    label_set = LabelSet.from_targets(targets, "label")
+    assert label_set is not None and label_set.scored == "prefix" and label_set.labels == ("3", "sarcastic")
+    tokenizer = processor.tokenizer
+    for target, ids in zip((targets[1], targets[0]), label_set.answer_ids(tokenizer), strict=True):
+        verdict = target if isinstance(target, dict) else json.loads(target)
+        full = tokenizer.encode(json.dumps(verdict, ensure_ascii=False) + "<|im_end|>", add_special_tokens=False)
+        assert full[: len(ids)] == ids
+    assert LabelSet.from_targets(['{"why": "x", "label": "a"}'], "label") is None  # label not first: not scorable

@@ -264,7 +264,7 @@ def valid_variant_rows(root: Path) -> list[dict]:
 def test_valid_variants_pass(tmp_path, tiny_assets, processor, capsys):
     root = tmp_path / "data"
     data = dataset(root, valid_variant_rows(root))
-    result = preflight.run_preflight(make_cfg(tiny_assets, data, tmp_path / "out"), processor)
+    result = preflight.run_preflight(make_cfg(tiny_assets, data, tmp_path / "out", SFT_MIN_CLASS_ROWS="0"), processor)
     report = result.report
     assert report["ok"] and report["errors"] == [] and report["warnings"] == [], report["errors"]
     assert report == json.loads((tmp_path / "out" / REPORT).read_text())
@@ -326,7 +326,8 @@ def test_labels_duplicates_and_eval_labels_missing_from_train(tmp_path, tiny_ass
     write_split(root, "train", train)
     write_split(root, "validation", evals)
     # 1 of 4 eval rows is a training row: allowed here, so that its warning is reported (the limit: test_sources.py)
-    cfg = make_cfg(tiny_assets, root, tmp_path / "out", SFT_MAX_EVAL_OVERLAP="0.25")
+    # SFT_MIN_CLASS_ROWS=0: the class-size warnings of so few rows are test_class_balance_warnings' subject
+    cfg = make_cfg(tiny_assets, root, tmp_path / "out", SFT_MAX_EVAL_OVERLAP="0.25", SFT_MIN_CLASS_ROWS="0")
     report = preflight.run_preflight(cfg, processor).report
     assert report["splits"]["train"]["labels"] == {"a": 3, "b": 2}
     assert report["splits"]["eval"]["labels"] == {"a": 2, "c": 2}
@@ -339,6 +340,32 @@ def test_labels_duplicates_and_eval_labels_missing_from_train(tmp_path, tiny_ass
     assert (
         "labels validation: a=2, c=2" in out and "warnings by kind: duplicate_row=2, eval_label_not_in_train=1" in out
     )
+
+
+def test_class_balance_warnings(tmp_path, tiny_assets, processor, capsys, caplog):
+    """The issue's imbalanced set, scaled down: a label under SFT_MIN_CLASS_ROWS and a largest/smallest ratio above
+    SFT_MAX_CLASS_RATIO are warnings (the run goes on), listed with their fix and counted in the summary."""
+    root = tmp_path / "data"
+    counts = {"red": 22, "blue": 6, "purple": 1}
+    train = [row(root, i, label) for i, label in enumerate(label for label, n in counts.items() for _ in range(n))]
+    write_split(root, "train", train)
+    write_split(root, "validation", [row(root, 100, "red"), row(root, 101, "blue")])
+    cfg = make_cfg(tiny_assets, root, tmp_path / "out", SFT_MIN_CLASS_ROWS="6", SFT_MAX_CLASS_RATIO="20")
+    report = preflight.run_preflight(cfg, processor).report
+    assert report["ok"] and report["splits"]["train"]["labels"] == {"blue": 6, "purple": 1, "red": 22}
+    small = [w for w in report["warnings"] if w["kind"] == "class_too_small"]
+    assert [(w["row_id"], w["message"]) for w in small] == [
+        ("train.jsonl:29", "label 'purple' has 1 training row(s), fewer than SFT_MIN_CLASS_ROWS=6")]
+    (ratio,) = [w for w in report["warnings"] if w["kind"] == "class_imbalance"]
+    assert "'red' has 22.0x the rows of the smallest 'purple' (22 vs 1), above SFT_MAX_CLASS_RATIO=20" in (
+        ratio["message"])
+    assert "warnings by kind: class_imbalance=1, class_too_small=1" in capsys.readouterr().out
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]  # each warning with its fix
+    assert any(m.startswith("train: train.jsonl:29: ") and "SFT_MIN_CLASS_ROWS=0 silences this" in m for m in logged)
+    assert any(m.startswith("train: the largest label 'red'") for m in logged)
+    # Within both limits: no warning.
+    cfg = make_cfg(tiny_assets, root, tmp_path / "out2", SFT_MIN_CLASS_ROWS="1", SFT_MAX_CLASS_RATIO="22")
+    assert not preflight.run_preflight(cfg, processor).report["warnings"]
 
 
 # -- token lengths -----------------------------------------------------------------------------------------------

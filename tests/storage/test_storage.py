@@ -175,6 +175,7 @@ def test_model_card_metadata_parses(tiny_assets, tmp_path):
 
     from job.cards import ModelCards
     from job.config import build_cfg
+    from job.prompts import Queries
     from job.storage.hub import build_model_card
 
     cfg = build_cfg(
@@ -201,6 +202,92 @@ def test_model_card_metadata_parses(tiny_assets, tmp_path):
     assert values == {"accuracy": 0.9, "macro_f1": 0.85, "json_parse_rate": 1.0, "exact_match": 0.8}
     assert "model-index" in card.content and "PeftModel.from_pretrained" in card.text
     assert "hf_secret_abcdef" not in card.content
+    # The default task wording is today's: sarcasm, with the seed's system prompt.
+    assert card.data.tags == ["qwen3-vl", "qlora", "sft", "sarcasm-detection"]
+    assert card.data.eval_results[0].dataset_name == "sarcasm eval split"
+    assert card.text.startswith("\n# run-1: QLoRA adapter for Qwen/Qwen3-VL-8B-Instruct\n\nMultimodal sarcasm "
+                                "detection: an image, a query and an optional caption in, a JSON verdict out.\n")
+    assert cfg.data.system_prompt == Queries().SYSTEM_PROMPT and f"\n  {Queries().SYSTEM_PROMPT}\n" in card.text
+    assert "- base model: `Qwen/Qwen3-VL-8B-Instruct` revision `abc123`" in card.text
+    assert 'from_pretrained("Qwen/Qwen3-VL-8B-Instruct", revision="abc123", dtype="auto"' in card.text
+    # No label set (generate mode without one): the labels are the training data's.
+    assert "whose `label` is one of those of the training data, e.g.\n  `{\"label\": \"...\"}`" in card.text
+
+
+COLOUR_METRICS = {
+    "pre": None,
+    "post": {"accuracy": 0.4, "macro_f1": 0.1, "json_parse_rate": 1.0, "exact_match": 0.4, "n": 12, "roc_auc": 0.6,
+             "log_loss": 1.2, "ece": 0.1, "score_agreement": 1.0, "weighted_f1": 0.3,
+             "per_class": {"red": {"precision": 0.4, "recall": 1.0, "f1": 0.57, "support": 5},
+                           "blue": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 7}},
+             "confusion_matrix": {"labels": ["blue", "red"], "columns": ["blue", "red", "unparsed"],
+                                  "matrix": [[0, 7, 0], [0, 5, 0]]}},
+    "label_set": {"field": "label", "labels": ["blue", "red"], "answers": {}, "scored": "full"},
+    "best": {"metric": "macro_f1", "step": 5, "value": 0.38, "final_step": 20, "eval_steps": 5, "rows": 8,
+             "history": [{"step": 5}, {"step": 10}, {"step": 15}, {"step": 20}]},
+}
+NO_REVISION = {"base_model": "Qwen/Qwen3-VL-8B-Instruct", "base_model_revision": None, "dataset_uri": "/data",
+               "dataset_is_hub": False, "dataset_version": None, "fingerprint": "f" * 64, "git_sha": None,
+               "image_digest": None}
+
+
+def test_the_card_of_another_task(tmp_path):
+    """SFT_TASK_NAME / SFT_TASK_DESCRIPTION word the card; the per-class table, the best step, the pictures (only
+    when drawn), the exact prompt format and labels; and never a `revision None`."""
+    from huggingface_hub import ModelCard
+
+    from job.cards import ModelCards
+    from job.config import build_cfg
+    from job.storage.hub import build_model_card
+
+    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, {
+        "SFT_TASK_NAME": "Colour", "SFT_TASK_DESCRIPTION": "The main colour of a photo, as JSON.",
+        "SFT_HUB_REPO_ID": "org/colour", "SFT_SYSTEM_PROMPT": "Name the colour."})
+    build_model_card(cfg, "run-1", COLOUR_METRICS, NO_REVISION).save(tmp_path / "README.md")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "sarcasm" not in card.content.lower()
+    assert card.data.tags[-1] == "colour-classification" and card.data.eval_results[0].dataset_name == (
+        "Colour eval split")
+    assert {r.metric_type for r in card.data.eval_results} >= {"roc_auc", "log_loss"}
+    text = card.text
+    assert "The main colour of a photo, as JSON." in text and "| roc_auc | - | 0.6 |" in text
+    assert "| red | 0.4000 | 1.0000 | 0.5700 | 5 |" in text and "| blue | 0 | 7 | 0 |" in text
+    assert "This is the adapter of step 5: the best macro_f1 (0.3800) of 4 evals during training on 8 eval rows, " \
+           "every 5 steps (SFT_EVAL_STEPS), scored from the label probabilities (no generation); " \
+           "training ran to step 20." in " ".join(text.split())
+    assert "None" not in card.content  # YAML and text: nothing unknown printed (base_model_revision None)
+    assert "- system prompt, exactly:\n\n  ```text\n  Name the colour.\n  ```\n" in text
+    assert "`CAPTION: <caption>`" in text and '"text": "<query>\\nCAPTION: <caption>"' in text
+    assert "one of `blue`, `red`" in text and 'PeftModel.from_pretrained(base, "org/colour")' in text
+    assert "![" not in text  # no pictures drawn: none linked
+    with_pictures = {**COLOUR_METRICS, "report": {"dir": "report", "files": {"confusion": "report/confusion.png"}}}
+    assert "![confusion matrices, pre and post](report/confusion.png)" in str(
+        build_model_card(cfg, "run-1", with_pictures, NO_REVISION))
+
+
+def test_the_cards_prompt_is_exact():
+    """The card shows the system prompt verbatim (a multi-line one with backticks, in a fence that outlasts them), the
+    example answer as target_text writes it, and a "How to use" code block that compiles; "" means no system turn."""
+    from markdown_it import MarkdownIt
+
+    from job.cards import ModelCards
+    from job.config import build_cfg
+    from job.data.rows import target_text
+    from job.storage.hub import build_model_card
+
+    prompt = "Name the colour.\n\n  Answer with ```json``` only, e.g. `{...}`."
+    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, {"SFT_TASK_NAME": "colour", "SFT_SYSTEM_PROMPT": prompt})
+    metrics = {**COLOUR_METRICS, "label_set": {**COLOUR_METRICS["label_set"], "labels": ["grün", "rot"]}}
+    card = str(build_model_card(cfg, "run-1", metrics, NO_REVISION))
+    fences = {t.info: t.content for t in MarkdownIt().parse(card) if t.type == "fence"}
+    assert fences["text"] == prompt + "\n"
+    compile(fences["python"], "how_to_use", "exec")
+    assert f'"text": {json.dumps(prompt)}' in fences["python"]
+    assert f"e.g.\n  `{target_text({'label': 'grün'}, 'row', 'target')}`" in card and "whose `label` is one of " \
+        "`grün`, `rot`" in card
+    empty = build_cfg(ModelCards().qwen3_vl_8b_instruct, {"SFT_SYSTEM_PROMPT": ""})
+    card = str(build_model_card(empty, "run-1", COLOUR_METRICS, NO_REVISION))
+    assert "- no system prompt (SFT_SYSTEM_PROMPT was empty)" in card and '"role": "system"' not in card
 
 
 def test_gate_rules():
@@ -216,6 +303,36 @@ def test_gate_rules():
     assert not passed and "below pre accuracy=0.7000" in reason
     assert gate_decision({"pre": pre, "post": post}, "accuracy:0.5", False)[0] is True
     assert gate_decision({"pre": pre, "post": None}, None, True)[0] is False
+
+
+def test_a_gate_on_roc_auc_is_checked_before_any_weights():
+    """roc_auc:... gates on scoring mode's ROC-AUC: a run that could not measure it is exit 2 before the weights
+    (config, then the label set and the eval split's labels), never a refusal (exit 4) after the training."""
+    import datasets
+
+    from job.cards import ModelCards
+    from job.config import build_cfg
+    from job.errors import ConfigError, DataError
+    from job.eval.score import LabelSet
+    from job.storage.hub import gate_decision
+    from job.train.prepare import check_gate_measurable
+
+    card = ModelCards().qwen3_vl_8b_instruct
+    with pytest.raises(ConfigError, match="SFT_EVAL_MODE=generate turns scoring off"):
+        build_cfg(card, {"SFT_PUSH_MIN_METRIC": "roc_auc:0.8", "SFT_EVAL_MODE": "generate"})
+    cfg = build_cfg(card, {"SFT_PUSH_MIN_METRIC": "roc_auc:0.8"})
+    targets = [json.dumps({"label": v}) for v in ("red", "blue", "red")]
+    labels = LabelSet.from_targets(targets, "label")
+    with pytest.raises(DataError, match="no label set to score"):
+        check_gate_measurable(cfg, None, datasets.Dataset.from_dict({"target_json": targets}))
+    with pytest.raises(DataError, match=r"one gold label \(red\), so ROC-AUC is undefined"):
+        check_gate_measurable(cfg, labels, datasets.Dataset.from_dict({"target_json": targets[:1] * 2}))
+    check_gate_measurable(cfg, labels, datasets.Dataset.from_dict({"target_json": targets}))
+    check_gate_measurable(build_cfg(card, {"SFT_PUSH_MIN_METRIC": "weighted_f1:0.5"}), None, None)  # every eval has it
+    metrics = {"pre": {"roc_auc": 0.5}, "post": {"roc_auc": 0.75}}
+    refused = (False, "post roc_auc=0.7500 is below SFT_PUSH_MIN_METRIC 0.8")
+    assert gate_decision(metrics, "roc_auc:0.8", True) == refused
+    assert gate_decision(metrics, "roc_auc:0.7", True) == (True, "post roc_auc=0.7500 passed (>= 0.7)")
 
 
 def test_refused_gate_never_reaches_the_hub(tmp_path, monkeypatch):

@@ -40,6 +40,11 @@ def test_ddp_run_completes_with_one_checkpoint_set_and_one_adapter(ddp_run):
     assert json.loads((out / "metrics.json").read_text())["gate"]["passed"] is False
     assert len(list((tmp / "wandb").glob("offline-run-*"))) == 1  # rank 0 only
     assert log.count("post-eval:") == 1 and log.count("pre-eval:") == 1  # eval runs on rank 0 only
+    # Eval during training (SFT_EVAL_STEPS=2) on rank 0 only; the best-so-far is in rank 0's checkpoints.
+    assert log.count("eval at step 2 on ") == 1 and log.count("eval at step 4 on ") == 1
+    best = json.loads((out / "metrics.json").read_text())["best"]
+    assert [e["step"] for e in best["history"]] == [2, 4]
+    assert (out / "checkpoints/checkpoint-4/best/best.json").is_file()
     # rank 0's gate message, once: rank 1 (which exits 4 with it) and the launcher's torch elastic stay quiet
     lines = error_lines(log)
     assert len(lines) == 1 and "macro_f1" in lines[0], lines
