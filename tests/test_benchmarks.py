@@ -1,8 +1,9 @@
 """The benchmarks run (quick modes, as subprocesses, all four at once) and print their result lines.
 
 Timings are never asserted here (CI machines vary); what is asserted is what does not depend on speed: exit 0, the
-label identity of the seed's two-pass and our single-pass collator, identical batched vs per-row eval outputs,
-padding under 5% with length grouping, and gpu_step's table from its CPU dry run.
+label identity of the seed's two-pass and our single-pass collator, identical batched vs per-row eval outputs, the
+same label scores from the KV cache as from a forward per label, padding under 5% with length grouping, and
+gpu_step's table from its CPU dry run.
 """
 
 from __future__ import annotations
@@ -47,6 +48,18 @@ def test_eval_batched_outputs_identical(outputs):
     assert "OUTPUTS identical per row (batch 1 vs 8): True (8/8 rows equal)" in out
     assert re.search(r"predictions: ([2-8]) distinct of 8", out), "a vacuous check: (almost) all outputs equal"
     assert re.search(r"RESULT eval batch=8 vs 1 speed-up=[\d.]+x", out)
+
+
+def test_scoring_from_the_kv_cache_equals_a_forward_per_label(outputs):
+    """The cached scorer and the per-label forward give the same scores on the data's 2 labels and on 5, and the
+    5-label probabilities are not all near 0 or 1 (where a wrong score could still round to the right one)."""
+    out = _ok(outputs, "eval")
+    for name in ("data", "5 labels"):
+        assert re.search(rf"RESULT score \[{name}\] ours vs per-label forward speed-up=[\d.]+x CPU time; scores "
+                         rf"agree \(within 0.0001 nats, 1e-05 in probability\): True", out), name
+        assert re.search(rf"RESULT score \[{name}\] vs generation \(4 new tokens\) CPU time ratio=[\d.]+", out)
+    spread = re.search(r"scoring \[5 labels\]: 5 labels.*\(probabilities ([\d.e-]+)\.\.([\d.e-]+)\)", out)
+    assert spread and 0.01 < float(spread.group(1)) < float(spread.group(2)) < 0.99, out[-2000:]
 
 
 def test_gpu_step_dry_run_prints_the_table(outputs):
