@@ -76,13 +76,13 @@ def test_wandb_offline_run_files(reference_run):
     runs = list(wandb.glob(f"offline-run-*-{REFERENCE['SFT_RUN_ID']}"))
     assert len(runs) == 1, list(wandb.glob("*"))
     assert list(runs[0].glob("*.wandb")), "the offline run must have its binary log"
-    # The confusion matrices in the run's summary, as compact JSON inside W&B's own offline log.
-    (log,) = runs[0].glob("*.wandb")
-    data = log.read_bytes()
+    # The confusion matrices as W&B tables, each the metrics file's matrix: a gold column, then the counts.
     for phase in ("pre", "post"):
         cm = json.loads((reference_run.out / f"eval/{phase}_metrics.json").read_text())["confusion_matrix"]
-        saved = json.dumps({k: cm[k] for k in ("labels", "columns", "matrix")}, separators=(",", ":"))
-        assert f"gen_eval/{phase}_confusion_matrix".encode() in data and saved.encode() in data
+        (table,) = (runs[0] / "files/media/table/gen_eval").glob(f"{phase}_confusion_matrix_*.table.json")
+        assert json.loads(table.read_text()) == {
+            "columns": ["gold", *cm["columns"]],
+            "data": [[gold, *counts] for gold, counts in zip(cm["labels"], cm["matrix"], strict=True)]}
     # The report's pictures as W&B images (report/<name>), the same bytes as $SFT_OUTPUT_DIR/report/.
     drawn = json.loads((reference_run.out / "metrics.json").read_text())["report"]["files"]
     assert "confusion" in drawn, drawn

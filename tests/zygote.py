@@ -1,6 +1,6 @@
 """A preloaded interpreter for the slow tier's job processes: `python -m job ...` without paying the imports each time.
 
-Importing the job (torch, transformers, peft, TRL, bitsandbytes, W&B) costs 11-14 CPU-seconds on the 2-core CI machine,
+Importing the job (torch, transformers, peft, TRL, bitsandbytes) costs 11-14 CPU-seconds on the 2-core CI machine,
 more than a whole 8-step tiny run trains; the slow tier starts about thirty job processes. This script imports them
 once, then forks one child per request, as the preflight pool's forkserver does. Each child is its own process with
 the request's environment, working directory, stdin from /dev/null and stdout/stderr in files; it runs what followed
@@ -27,15 +27,19 @@ import select
 import sys
 
 # The entry point and what its commands import (run: the flow; eval: the eval command), and the heavy libraries the
-# job imports only where it uses them (datasets, W&B, boto3: 3 CPU-s together).
+# job imports only where it uses them (datasets, boto3).
 import boto3  # noqa: F401
 import datasets  # noqa: F401
-import wandb  # noqa: F401
 
 import job.cli
 import job.eval.command
 import job.export.command
 import job.train.flow  # noqa: F401
+
+# Not W&B (0.3 CPU-s in a child, measured after the imports above): `import wandb` makes its media staging directory
+# and registers its removal at exit, so the first forked child to exit would delete it for every other one (a
+# wandb.Table logged afterwards failed with "No such file or directory"). Each child imports its own.
+assert "wandb" not in sys.modules, "a preloaded module imported wandb: its staging directory would be shared"
 
 
 def _malloc_tunables(env: dict[str, str]) -> None:

@@ -100,13 +100,17 @@ THIRD_PARTY_LOG_NOISE = (
 
 
 # Warnings raised inside libraries we call, about their own internals; nothing in this job can change them.
-# (message regex, category), each with why. pyproject.toml's pytest filterwarnings repeats them for the tests.
+# (message regex, category), each with why. tests/conftest.py applies them to every test.
 THIRD_PARTY_WARNINGS = (
     # peft 0.21 and trl 1.16 read model.is_gradient_checkpointing, which transformers 5.24 deprecated in favour of
     # is_activation_checkpointing; our own code uses the new names.
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
     # peft 0.21's prepare_model_for_kbit_training calls model.gradient_checkpointing_enable (same deprecation).
     (r"`gradient_checkpointing_enable` is deprecated", FutureWarning),
+    # wandb 0.31: every logged wandb.Table (the confusion matrices, job/utils/tracking.py) is staged in a run-table
+    # artifact whose anonymous TemporaryDirectory (Artifact.new_file) wandb never cleans, so each one warns at
+    # interpreter exit. Only anonymous directories ('tmp' + 8 characters): the job's own are named (qwen3-sft-...).
+    (r"Implicitly cleaning up <TemporaryDirectory '[^']*/tmp[a-z0-9_]{8}'>", ResourceWarning),
 )
 
 

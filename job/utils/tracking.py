@@ -74,18 +74,27 @@ def log_metrics(run, prefix: str, metrics: dict) -> None:
 
 
 def log_confusion_matrix(run, key: str, confusion: dict) -> None:
-    """The confusion matrix (job/eval/metrics.py per_class_report) in the run's summary, as the metrics file holds it
-    ({labels, columns, matrix}: rows gold, columns predicted plus "unparsed"); its picture is a report image
-    (log_pictures).
-
-    Not a `wandb.Table`: logging one makes wandb 0.31 create a run-table artifact whose temporary directory it never
-    cleans (a ResourceWarning at exit, tests/utils/test_warnings.py), and stage the table in a temporary directory
-    made at `import wandb`, which the first forked process to exit deletes for every other one (the next table
-    failed with "No such file or directory", tests/zygote.py forks each job process).
+    """The confusion matrix (job/eval/metrics.py per_class_report) as a W&B table: one row per gold label, a `gold`
+    column, then one column per predicted label and `unparsed`, the counts as the metrics file holds them. Its
+    picture is a report image (log_pictures). In the offline run: files/media/table/<key>_<step>_<hash>.table.json.
     """
     if run is None or not confusion:
         return
-    run.summary[key] = {k: confusion[k] for k in ("labels", "columns", "matrix")}
+    import wandb  # as in init_wandb: only a run with W&B on imports it
+
+    columns, rows = confusion_table(confusion)
+    run.log({key: wandb.Table(columns=columns, data=rows)})
+
+
+def confusion_table(confusion: dict) -> tuple[list[str], list[list]]:
+    """(columns, rows) of the W&B table for a {labels, columns, matrix} confusion matrix.
+
+    >>> confusion_table({"labels": ["blue", "red"], "columns": ["blue", "red", "unparsed"],
+    ...                  "matrix": [[0, 7, 0], [1, 4, 0]]})
+    (['gold', 'blue', 'red', 'unparsed'], [['blue', 0, 7, 0], ['red', 1, 4, 0]])
+    """
+    rows = [[gold, *counts] for gold, counts in zip(confusion["labels"], confusion["matrix"], strict=True)]
+    return ["gold", *confusion["columns"]], rows
 
 
 def log_pictures(run, pictures: dict[str, Path]) -> None:

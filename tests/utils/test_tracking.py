@@ -57,17 +57,20 @@ def test_wandb_gets_scalars_per_class_and_the_confusion_matrix(tmp_path, monkeyp
         wandb.teardown()  # the service process ends here, not at pytest's exit
     (log,) = tmp_path.glob("wandb/offline-run-*-track-1/run-track-1.wandb")
     records = wandb_records(log)
-    (history,) = [r.history for r in records if r.WhichOneof("record_type") == "history"]
-    logged = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in history.item}
-    ours = {k: v for k, v in logged.items() if not k.startswith("_")}
+    metrics, matrix = [{"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
+                       for r in records if r.WhichOneof("record_type") == "history"]
+    ours = {k: v for k, v in metrics.items() if not k.startswith("_")}
     assert ours == {"gen_eval/post_n": 12, "gen_eval/post_accuracy": 0.33,
                     **{f"gen_eval/post_per_class/{label}/{k}": v for label, c in POST["per_class"].items()
                        for k, v in c.items()}}
     # Each a single key with a number: W&B charts it (a nested dict would be split into keys, a None dropped).
-    assert all(len(i.nested_key) <= 1 for i in history.item) and all(type(v) in (int, float) for v in ours.values())
-    summary = {u.key: json.loads(u.value_json) for r in records if r.WhichOneof("record_type") == "summary"
-               for u in r.summary.update if u.key}
-    assert summary["gen_eval/post_confusion_matrix"] == CONFUSION
+    assert all(type(v) in (int, float) for v in ours.values())
+    # The matrix as a W&B table, its file beside the run's other media: rows gold, columns predicted and unparsed.
+    # (W&B splits the table's reference into one item per field: nested_key [key, field].)
+    table = {k.split("/", 2)[2]: v for k, v in matrix.items() if k.startswith("gen_eval/post_confusion_matrix/")}
+    assert table["_type"] == "table-file" and (table["nrows"], table["ncols"]) == (2, 4), table
+    saved = json.loads((log.parent / "files" / table["path"]).read_text())
+    assert saved == {"columns": ["gold", "blue", "red", "unparsed"], "data": [["blue", 0, 7, 0], ["red", 1, 4, 0]]}
 
 
 def test_no_run_logs_nothing():

@@ -3,9 +3,14 @@ silenced by name (job/utils/redact.py THIRD_PARTY_WARNINGS), never by category."
 
 from __future__ import annotations
 
+import gc
 import re
+import tempfile
+import warnings
 
 import pytest
+
+from job.utils.redact import ignore_third_party_warnings
 
 # How the warnings module prints a warning: "path:line: Category: message".
 WARNING_LINE = re.compile(r"^(?P<path>\S+\.py):(?P<line>\d+): (?P<category>\w*Warning): (?P<message>.*)$", re.M)
@@ -36,3 +41,20 @@ def test_a_run_prints_each_line_once_and_no_library_noise(reference_run):
             repeated.append(line)
         seen.add(line)
     assert repeated == [], "\n".join(repeated)
+
+
+@pytest.mark.parametrize(("prefix", "silenced"), [(None, True), ("qwen3-sft-", False)])
+def test_the_temporary_directory_filter_covers_anonymous_directories_only(prefix, silenced):
+    """wandb's leaked table staging directories are anonymous ('tmp' + 8 characters) and their ResourceWarning is
+    silenced; a named directory of the job's, left to the garbage collector, still warns."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ignore_third_party_warnings()
+        leaked = tempfile.TemporaryDirectory(prefix=prefix)
+        del leaked
+        gc.collect()
+    resource = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    if silenced:
+        assert resource == []
+    else:
+        assert len(resource) == 1 and "qwen3-sft-" in resource[0], resource
