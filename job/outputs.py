@@ -11,7 +11,7 @@ from typing import Any
 
 from job.config import JobConfig
 from job.errors import JobError
-from job.storage.sources import Sources, hub_dataset_id, s3_etags
+from job.storage.sources import Sources, hub_dataset_id
 from job.utils.redact import redact
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -94,9 +94,9 @@ def lineage(cfg: JobConfig, sources: Sources, model, fingerprint: str | None) ->
         "dataset_uri": source,
         "dataset_is_hub": hub_dataset_id(source) is not None,
         "dataset_repo_id": hub_dataset_id(source),
-        # A Hub dataset: the commit its revision resolved to; an s3:// prefix: a digest of the ETags read.
+        # A Hub dataset: the commit its revision resolved to; an s3:// prefix: a digest of the ETags mirrored and read.
         "dataset_commit": sources.dataset_commit,
-        "dataset_version": sources.dataset_commit or cfg.data.revision or s3_etags(source),
+        "dataset_version": sources.dataset_commit or cfg.data.revision or sources.dataset_etags,
         "fingerprint": fingerprint,
         "git_sha": git_sha(),
         "image_digest": cfg.lineage.image_digest,

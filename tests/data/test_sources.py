@@ -181,7 +181,8 @@ def test_parquet_and_saved_paths_resolve_against_the_dataset_from_any_working_di
 
 
 def test_a_symlinked_images_folder_works_and_crafted_paths_do_not(tmp_path, tiny_assets, processor):
-    """The issue's `images/` symlink: followed; `../../etc/passwd` and absolute paths: refused, in JSONL and parquet."""
+    """The issue's `images/` symlink: followed; `../../etc/passwd` and absolute paths: refused, in JSONL and parquet
+    (string paths and plain {bytes, path} structs)."""
     store, root = tmp_path / "store", tmp_path / "data"
     rows = _rows(store, 4)
     root.mkdir()
@@ -196,6 +197,12 @@ def test_a_symlinked_images_folder_works_and_crafted_paths_do_not(tmp_path, tiny
             preflight.run_preflight(make_cfg(tiny_assets, root, tmp_path / "out"), processor)
         (root / "train.jsonl").unlink()
         _parquet_dataset(root, [*rows[:2], {**rows[2], "image": bad}])
+        with pytest.raises(DataError, match=f"train\\[2\\]: .*escapes the dataset directory .*{re.escape(why)}"):
+            preflight.run_preflight(make_cfg(tiny_assets, root, tmp_path / "out"), processor)
+        (root / "train.parquet").unlink()
+        # A plain struct column {bytes, path} (no datasets.Image feature): its path is confined the same way.
+        structs = [{**r, "image": {"bytes": None, "path": r["image"]}} for r in rows[:2]]
+        _parquet_dataset(root, [*structs, {**rows[2], "image": {"bytes": None, "path": bad}}])
         with pytest.raises(DataError, match=f"train\\[2\\]: .*escapes the dataset directory .*{re.escape(why)}"):
             preflight.run_preflight(make_cfg(tiny_assets, root, tmp_path / "out"), processor)
         (root / "train.parquet").unlink()
