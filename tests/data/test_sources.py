@@ -318,6 +318,27 @@ def _cli_env(tiny_assets, tmp_path: Path, **env: str) -> dict[str, str]:
             "SFT_CACHE_DIR": str(tmp_path / "cache"), **TINY_PIXELS, **env}
 
 
+def test_a_train_only_s3_prefix_is_held_out_as_the_same_local_directory_is(s3_endpoint, tmp_path, tiny_assets,
+                                                                             processor):
+    """The mirror's bookkeeping (.s3-manifest.json) is not data: the prefix is one split, and the same rows are held
+    out as from the directory it was uploaded from."""
+    root = tmp_path / "upload"
+    write_split(root, "train", _rows(root, 12))
+    bucket = f"holdout-{abs(hash(str(tmp_path))) % 10**8}"
+    s3io.client().create_bucket(Bucket=bucket)
+    s3io.upload_dir(s3io.client(), root, s3io.S3Uri(bucket, "ds"))
+    sides = {}
+    for uri in (str(root), f"s3://{bucket}/ds"):
+        cfg = make_cfg(tiny_assets, uri, tmp_path / "out", SFT_CACHE_DIR=str(tmp_path / "cache"), SFT_EVAL_HOLDOUT="3")
+        local = localize(cfg).local(cfg)
+        assert holds_out(local), uri
+        report = preflight.run_preflight(local, processor).report
+        assert report["ok"], report["errors"]
+        sides[uri] = (report["holdout"]["train_row_ids"], report["holdout"]["eval_row_ids"])
+    train, held = sides[str(root)]
+    assert sides[f"s3://{bucket}/ds"] == (train, held) and len(held) == 3 and len(train) == 9
+
+
 @pytest.mark.slow  # loads the processor through the command's own path (about 8 s)
 def test_preflight_mirrors_an_s3_dataset_into_the_run_cache(s3_dataset, tiny_assets, tmp_path):
     """The issue's fourth bullet: `preflight` (the retrain workflow's first step) reads the bucket itself."""
