@@ -163,8 +163,8 @@ def test_retention_keeps_newest_complete(bucket, tmp_path):
 
 # What `final/` holds (README, "Storage and publishing"): the final artifacts, nothing else of SFT_OUTPUT_DIR.
 FINAL_FILES = {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/README.md",
-               "adapter/report/confusion.png", "training_meta.json", "metrics.json",
-               "eval/pre_metrics.json", "eval/pre_predictions.jsonl", "eval/post_metrics.json",
+               "adapter/report/confusion.png", "training_meta.json", "metrics.json", "run_stamp.json",
+               "eval/pre_metrics.json", "eval/pre_predictions.jsonl", "eval/pre_stamp.json", "eval/post_metrics.json",
                "eval/post_predictions.jsonl", "preflight_report.json", "report/confusion.png"}
 NOT_FINAL = {"checkpoints/checkpoint-2/optimizer.pt", "checkpoints/checkpoint-2/COMPLETED",
              "checkpoints.replaced-20261201-000000-000000/checkpoint-2/adapter_model.safetensors",
