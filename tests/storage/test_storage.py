@@ -241,6 +241,16 @@ def test_failed_preflight_writes_nothing_to_storage_or_hub(bucket, s3_endpoint, 
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["preflight_report.json"]
 
 
+def _final_keys(out: Path, final: str) -> set[str]:
+    """final/'s keys for a finished run's output dir (README, "Outputs"): the files under the final artifacts' names,
+    and COMPLETED; no checkpoint, W&B or staging file."""
+    names = ("adapter", "eval", "report", "metrics.json", "training_meta.json", "preflight_report.json",
+             "run_stamp.json")
+    files = {p.relative_to(out).as_posix() for name in names for p in [out / name, *(out / name).rglob("*")]
+             if p.is_file()}
+    return {f"{final}/{rel}" for rel in files} | {f"{final}/COMPLETED"}
+
+
 @pytest.mark.slow
 def test_sigkill_then_same_run_id_resumes_from_s3(s3_resume_run, s3_endpoint):
     """Data from S3, checkpoints to S3; SIGKILL during an upload; a fresh pod (empty disk) resumes from the store.
@@ -253,8 +263,9 @@ def test_sigkill_then_same_run_id_resumes_from_s3(s3_resume_run, s3_endpoint):
     assert "reusing the stored pre-eval metrics" in log
     final = f"runs/{run.run_id}/final"
     keys = {o["Key"] for o in s3io.list_objects(s3_client(s3_endpoint), s3io.S3Uri(bucket, final))}
+    assert keys == _final_keys(done.out, final)
     for rel in ("adapter/adapter_model.safetensors", "adapter/README.md", "training_meta.json", "metrics.json",
-                "eval/post_predictions.jsonl", "COMPLETED"):
+                "eval/post_predictions.jsonl", "eval/pre_metrics.json", "eval/pre_stamp.json", "run_stamp.json"):
         assert f"{final}/{rel}" in keys, rel
     assert meta["dataset"]["uri"] == f"s3://{bucket}/data" and len(meta["dataset"]["version"]) == 64
 
@@ -272,7 +283,8 @@ def test_gate_refuses_push_exit_4(pre_eval_off_run):
     final = f"runs/{REFERENCE['SFT_RUN_ID']}/final"
     keys = {o["Key"] for o in s3io.list_objects(s3_client(run.env["AWS_ENDPOINT_URL"]),
                                                  s3io.S3Uri(CHECKPOINT_BUCKET, final))}
-    assert f"{final}/adapter/adapter_model.safetensors" in keys  # artifacts kept in storage
+    assert keys == _final_keys(run.out, final)  # artifacts kept in storage, and nothing else
+    assert f"{final}/adapter/adapter_model.safetensors" in keys
 
 
 def test_model_card_metadata_parses(tiny_assets, tmp_path):
