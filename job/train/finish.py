@@ -94,7 +94,7 @@ def _stored_pre_metrics(p: Prepared, checkpoint: str) -> dict | None:
 # -- save --------------------------------------------------------------------------------------------------------
 def _save_outputs(p: Prepared, model, run, trained: Trained, metrics: dict, timer: Timer) -> dict:
     started = time.monotonic()
-
+    (p.paths.root / outputs.RUN_STAMP).unlink(missing_ok=True)  # rewritten last, once everything below is
     files = outputs.save_adapter(model, p.processor, p.paths.adapter)
     metrics["report"] = _pictures(p, metrics, trained, run)
     lineage = outputs.lineage(p.cfg, p.sources, model, dataset_fingerprint(p.preflight.get("data_fingerprint")))

@@ -101,10 +101,10 @@ def _start_over(p: Prepared) -> None:
     if p.remote is not None:
         p.remote.move_aside()
     if p.cfg.train.launch_id is not None:
-        record = json.dumps({"launch_id": p.cfg.train.launch_id, "run_id": p.run_id, "time": time.time()})
-        outputs.write_json(p.paths.root / resume.LAUNCH_FILE, json.loads(record))
+        record = {"launch_id": p.cfg.train.launch_id, "run_id": p.run_id, "time": time.time()}
+        outputs.write_json(p.paths.root / resume.LAUNCH_FILE, record)
         if p.remote is not None:
-            p.remote.write_run_file(resume.LAUNCH_FILE, record)
+            p.remote.write_run_file(resume.LAUNCH_FILE, json.dumps(record))
 
 
 def _training_loss(log_history: list[dict]) -> float | None:
