@@ -72,6 +72,32 @@ def test_finished_and_published_run_says_so_and_exits_0(rerun_chain):
     assert "nothing to do: run rerun finished at step 2" in log and "post-eval:" not in log
 
 
+def test_another_run_in_a_finished_runs_directory_ends_with_its_own_adapter_and_metadata(rerun_chain):
+    """The issue's A/B case: run A finished in the directory; run B (another run id and learning rate,
+    SFT_RESUME=never) is SIGKILLed after its last checkpoint; B's retry (the same launch) continues B, and ends with
+    B's adapter (its checkpoint's weights) and B's training_meta.json; A's outputs are kept aside, untouched."""
+    from safetensors.torch import load_file
+
+    stages, out = rerun_chain.stages, rerun_chain.tmp / "ab/out"
+    assert stages["b_killed"] != 0
+    retry = stages["b_retry"]
+    log = _log(retry)
+    assert retry.returncode == ExitCode.OK, log[-3000:]
+    assert "SFT_RESUME=never: SFT_LAUNCH_ID=launch-b started this run in an earlier pod; continuing it" in log
+    assert "training already finished: checkpoint-2 is at step 2 of 2" in log and "step 3/" not in log
+    if not stages["b_saved_before_the_kill"]:  # killed before its save (the usual case): the retry redoes it
+        assert "post-eval or the save did not finish" in log
+    meta = json.loads((out / "training_meta.json").read_text())
+    assert meta["run_id"] == "run-b" and meta["config"]["train"]["learning_rate"] == 1e-3
+    assert json.loads((out / "run_stamp.json").read_text())["run_id"] == "run-b"
+    adapter = load_file(str(out / "adapter/adapter_model.safetensors"))
+    trained = load_file(str(out / "checkpoints/checkpoint-2/adapter_model.safetensors"))
+    assert adapter.keys() == trained.keys() and all(adapter[k].equal(trained[k]) for k in adapter)
+    (aside,) = out.glob("replaced-*")
+    assert (aside / "adapter/adapter_model.safetensors").read_bytes() == stages["first_adapter"]
+    assert (out / "adapter/adapter_model.safetensors").read_bytes() != stages["first_adapter"]
+
+
 # -- drift --------------------------------------------------------------------------------------------------------
 def _plan(env: dict[str, str]):
     """The flow up to the resume decision, in-process: config, data, preflight, checkpoint and drift check."""
