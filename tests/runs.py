@@ -38,7 +38,8 @@ The runs (fixture -> what it returns):
   pod1 is SIGKILLed while its checkpoint-4 upload is held, pod2 (an empty disk, the same SFT_RUN_ID) restores
   checkpoint-2 from the store and finishes exactly like the reference run.
 - rerun_chain -> Rerun: a 2-step run whose gate refuses, then the same command again, a rerun after its adapter and
-  metrics were lost, and once more (the re-run tests of tests/train/test_rerun.py).
+  metrics were lost, and once more (the re-run tests of tests/train/test_rerun.py); then, on a copy of its directory,
+  another run (SFT_RESUME=never, SFT_LAUNCH_ID) SIGKILLed after its last checkpoint and retried.
 - ddp_run -> Run: `qwen3-sft run` with SFT_NPROC_PER_NODE=2 (the launcher, 2 gloo workers), 4 steps, a gate that
   refuses: exit 4. ddp_standalone_eval -> Run: `qwen3-sft eval` of its adapter in a single process.
 - ddp_preempted_run -> DDPPreempted: the launcher with 40 steps, SIGTERMed once checkpoint-2 is COMPLETED.
@@ -548,7 +549,8 @@ class Rerun:
 def _rerun_chain(ctx: Ctx) -> Rerun:
     """A 2-step run whose gate refuses (first), the same command again (again), a rerun without the gate after
     post-eval and the save were lost (lost_outputs), then once more (published). Each stage's CompletedProcess, and
-    the files the later stages must leave alone (*_files, first_adapter, first_metrics)."""
+    the files the later stages must leave alone (*_files, first_adapter, first_metrics). Then the A/B case in `ab/`:
+    run B's first pod SIGKILLed after its checkpoint-2 (b_killed: its exit code), and its retry (b_retry)."""
     out = ctx.tmp / "out"
     env = job_env(ctx.tmp, ctx.tiny_assets, ctx.environ, **RERUN, **GATE)
     no_gate = job_env(ctx.tmp, ctx.tiny_assets, ctx.environ, **RERUN)
@@ -568,6 +570,21 @@ def _rerun_chain(ctx: Ctx) -> Rerun:
     (out / "metrics.json").unlink()
     stage("lost_outputs", no_gate)
     stage("published", no_gate)
+    # The issue's A/B case, on a copy of the finished run ("rerun" is A): run B, another run id and learning rate with
+    # SFT_RESUME=never in one launch, is SIGKILLed once its last checkpoint is COMPLETED, then retried (same launch).
+    ab = ctx.tmp / "ab"
+    shutil.copytree(out, ab / "out")
+    b_env = job_env(ab, ctx.tiny_assets, ctx.environ, **{**RERUN, "SFT_RUN_ID": "run-b", "SFT_LEARNING_RATE": "1e-3",
+                                                          "SFT_RESUME": "never", "SFT_LAUNCH_ID": "launch-b"})
+    with ctx.slots.hold(ctx.priority):
+        proc = ctx.start(ab / "b_killed", b_env)
+        # B's own checkpoint: A's (with it, everything of A) is moved aside before B trains.
+        wait_until(lambda: list((ab / "out").glob("replaced-*")) and completed_steps(ab / "out") == [2], proc,
+                   "B's checkpoint-2")
+        proc.send_signal(signal.SIGKILL)
+        stages["b_killed"] = proc.wait(timeout=60)
+    stages["b_saved_before_the_kill"] = (ab / "out/run_stamp.json").is_file()
+    stage("b_retry", b_env)
     return Rerun(ctx.tmp, env, stages)
 
 

@@ -9,6 +9,7 @@ import socket
 import struct
 import sys
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -57,6 +58,7 @@ class FaultProxy:
 
     `hold(substring)`: requests whose path contains it wait until `release()`; `held` is set once one waits (a test
     can stop a process in the middle of an upload, chosen by what is being uploaded, not by timing).
+    `requests`: (method, path without the query) of every request received, in order (a test counts the writes).
     """
 
     def __init__(self, upstream_port: int, rate: float = 0.0, seed: int = 0):
@@ -66,6 +68,7 @@ class FaultProxy:
         self.random = random.Random(seed)
         self.lock = threading.Lock()
         self.counts = {"forwarded": 0, "reset": 0, "slowdown": 0, "client_gone": 0}
+        self.requests: list[tuple[str, str]] = []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -76,6 +79,8 @@ class FaultProxy:
 
             def _handle(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with proxy.lock:
+                    proxy.requests.append((self.command, urllib.parse.unquote(self.path.split("?", 1)[0])))
                 if proxy.hold_path and proxy.hold_path in self.path:
                     proxy.held.set()
                     proxy.released.wait()

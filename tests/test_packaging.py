@@ -528,6 +528,10 @@ def test_run_id_comes_from_the_job_name_label():
     c = container(pod_spec(job), "trainer")
     assert env_entry(c, "SFT_RUN_ID")["valueFrom"]["fieldRef"]["fieldPath"] == RUN_ID_LABEL
     assert "SFT_RUN_ID" not in configmap_data()
+    # The Job's uid: a retried pod of a SFT_RESUME=never run continues it (README, "Preemption and resume").
+    launch = env_entry(c, "SFT_LAUNCH_ID")["valueFrom"]["fieldRef"]["fieldPath"]
+    assert launch == "metadata.labels['batch.kubernetes.io/controller-uid']"
+    assert "SFT_LAUNCH_ID" not in configmap_data()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -115,6 +115,7 @@ class TrainConfig(_Section):
     nproc_per_node: int | None  # `run`'s processes on this node (job/train/launch.py); None = one per CUDA device
     exit_codes: Literal["standard", "kubeflow"]
     resume: Literal["auto", "never", "require"]
+    launch_id: str | None  # SFT_LAUNCH_ID: a Kubernetes Job's uid; its retries share it (SFT_RESUME=never)
 
     @classmethod
     def from_settings(cls, s: Settings, card: ModelSpec) -> Self:
@@ -126,7 +127,7 @@ class TrainConfig(_Section):
                    max_length=s.max_length or card.max_length, logging_steps=s.logging_steps,
                    dataloader_num_workers=s.dataloader_num_workers, group_by_length=s.group_by_length,
                    preempt_grace_s=s.preempt_grace_s, nproc_per_node=s.nproc_per_node, exit_codes=s.exit_codes,
-                   resume=s.resume)
+                   resume=s.resume, launch_id=s.launch_id)
 
 
 class LoraConfig(_Section):

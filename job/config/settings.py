@@ -101,6 +101,10 @@ class Settings(BaseSettings):
     preempt_grace_s: float = Field(25.0, gt=0, le=3600, examples=["25"])
     # what to do with COMPLETED checkpoints in SFT_OUTPUT_DIR / SFT_CHECKPOINT_URI (job/train/resume.py)
     resume: Literal["auto", "never", "require"] = Field("auto", examples=["auto", "never", "require"])
+    # one launch of the job, shared by its retries (k8s/job.yaml: the Job's uid): with SFT_RESUME=never, a retried pod
+    # continues the run its launch's first pod started instead of starting it again (job/train/rerun.py)
+    launch_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+                                  examples=["0b7c8f0e-3a52-4c1f-9d7e-2f1a6c9b4e11"])
     # LoRA
     lora_r: int | None = Field(None, ge=1, le=1024, examples=["16"])
     lora_alpha: float | None = Field(None, gt=0, examples=["32"])

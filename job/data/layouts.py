@@ -68,8 +68,12 @@ def whole_source(root: Path) -> SplitFiles | None:
 
 
 def data_files(root: Path) -> list[Path]:
+    """The files of root that may hold rows. Never data: save_to_disk's bookkeeping, and anything hidden (a name or
+    folder starting with "."): an s3:// mirror's .s3-manifest.json and a fetch's .part file, a Hub snapshot's
+    .gitattributes, a .cache/ folder."""
     return [p for p in root.rglob("*") if (p.suffix in (*JSONL_SUFFIXES, ".parquet", ".csv"))
-            and p.name not in _NOT_DATA and p.is_file()]
+            and p.name not in _NOT_DATA and not any(part.startswith(".") for part in p.relative_to(root).parts)
+            and p.is_file()]
 
 
 def single_split_source(uri: str, train_split: str, eval_split: str) -> bool:

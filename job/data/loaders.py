@@ -99,8 +99,9 @@ def _resolve_image_path(root: Path, rel: str, row_id: str, image_key: str) -> st
 
 
 def _resolved_images(ds, root: Path, image_key: str):
-    """Parquet and save_to_disk rows: image paths (strings, or `datasets.Image` values without bytes) resolved against
-    the dataset directory as JSONL paths are, so the same dataset loads from any working directory."""
+    """Parquet and save_to_disk rows: image paths (strings, or `datasets.Image` values and plain `{bytes, path}`
+    structs without bytes) resolved against the dataset directory and confined to it as JSONL paths are, so the same
+    dataset loads from any working directory."""
     import datasets
 
     if image_key not in ds.column_names or ROW_ID not in ds.column_names:
@@ -111,7 +112,8 @@ def _resolved_images(ds, root: Path, image_key: str):
         if not sum(chunk.field("bytes").null_count for chunk in chunks):  # every image embedded: no path to resolve
             return ds
         view = ds.cast_column(image_key, datasets.Image(decode=False)) if feature.decode else ds
-    elif isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+    elif ((isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"))
+          or (isinstance(feature, dict) and "path" in feature)):  # a string, or a plain struct {bytes, path}
         view = ds
     else:
         return ds  # a column of another type: the row checks name it

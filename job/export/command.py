@@ -117,13 +117,20 @@ def _merge_and_verify(cfg: JobConfig, verifier: Verifier, adapter: Path, staging
 
 
 def _stored_post_metrics(cfg: JobConfig, adapter: Path, out: Path, row_ids: list[str]) -> dict | None:
-    """The run's post-eval of this adapter, when it scored every verified row with the decoding used here."""
+    """The run's post-eval of this adapter, when it scored every verified row with the decoding and eval mode used
+    here. "Of this adapter": the run's stamp (written last by its save) names the sha256 of the adapter merged here."""
     meta, path = _read_json(out / "training_meta.json"), out / "eval" / "post_predictions.jsonl"
     if meta is None or not path.is_file() or adapter.resolve() != (out / "adapter").resolve():
         return None
+    stamp = outputs.Stamp.read(out / outputs.RUN_STAMP)
+    if stamp is None or stamp.adapter is None or stamp.adapter != outputs.adapter_sha256(adapter):
+        log.info("export: eval/post_predictions.jsonl is not the post-eval of this adapter (%s): not reused",
+                 "no run stamp" if stamp is None else "another adapter's")
+        return None
     then, now = meta.get("config") or {}, cfg.model_dump(mode="json")
     same = all((then.get(section) or {}).get(key) == now[section][key] for section, key in (
-        ("eval", "max_new_tokens"), ("eval", "do_sample"), ("data", "system_prompt"), ("data", "eval_split"),
+        ("eval", "max_new_tokens"), ("eval", "do_sample"), ("eval", "mode"), ("data", "system_prompt"),
+        ("data", "eval_split"),
         ("image", "min_pixels"), ("image", "max_pixels"), ("model", "id"))) and not cfg.eval.do_sample
     if not same:
         return None

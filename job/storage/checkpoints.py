@@ -102,14 +102,27 @@ class RemoteCheckpoints:
         log.warning("SFT_RESUME=never: moved %d objects of %s aside to %s", len(objects), self.run_uri, target)
         return str(target)
 
+    def read_run_file(self, name: str) -> str | None:
+        """The text of `{run_id}/name` (a file of the run beside its checkpoints); None when there is none."""
+        return s3io.get_text(self.s3, self.run_uri, self.run_uri.key(name))
+
+    def write_run_file(self, name: str, text: str) -> None:
+        s3io.put_text(self.s3, self.run_uri, self.run_uri.key(name), text)
+
     def final_step(self) -> int | None:
         """The global step of the complete final upload (None when there is none, or it predates the step field)."""
         marker = s3io.get_text(self.s3, self.run_uri.child("final"), self.run_uri.child("final").key(COMPLETED))
         return None if marker is None else json.loads(marker).get("step")
 
     def upload_final(self, root: Path, names: tuple[str, ...], step: int | None = None) -> str:
+        """Replace `final/` with exactly the top-level entries `names` of root (a folder with all its files, a file as
+        itself), each object written once per attempt, and COMPLETED last. Nothing else of root goes up: not the
+        checkpoints, best/, W&B's files or what SFT_RESUME=never moved aside."""
         target = self.run_uri.child("final")
-        s3io.delete_key(self.s3, target, target.key(COMPLETED))  # a re-upload is not complete until its own marker
+        # The marker first (a reader never sees a COMPLETED final/ being replaced), then what an earlier upload left
+        # (another set of names: the merged/ of an export, a file this run does not have).
+        s3io.delete_key(self.s3, target, target.key(COMPLETED))
+        s3io.delete_prefix(self.s3, target)
 
         def upload_all() -> dict[str, int]:
             sizes: dict[str, int] = {}
@@ -118,12 +131,7 @@ class RemoteCheckpoints:
                 if path.is_dir():
                     sizes.update(s3io.upload_dir(self.s3, path, target.child(name), concurrency=self.concurrency))
                 elif path.is_file():
-                    sizes.update(
-                        s3io.upload_dir(
-                            self.s3, root, target, skip=tuple(p.name for p in root.iterdir() if p.name != name),
-                            concurrency=self.concurrency,
-                        )
-                    )
+                    sizes.update(s3io.upload_file(self.s3, path, target, name, concurrency=self.concurrency))
             s3io.verify_sizes(self.s3, target, sizes)
             return sizes
 

@@ -11,6 +11,7 @@ errors (exit 2) naming the bucket and key; failures that outlived the retries ar
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from job.errors import S3_USER_CODES, TransientError, UserError, classify_foreign
+from job.errors import S3_USER_CODES, TransientError, UnsafeObjectKey, UserError, classify_foreign
 
 log = logging.getLogger(__name__)
 MANIFEST = ".s3-manifest.json"
@@ -167,23 +168,52 @@ def _transfer_config(concurrency: int):
     return TransferConfig(max_concurrency=concurrency, use_threads=True)
 
 
-def download_prefix(s3, uri: S3Uri, dest: Path, *, concurrency: int = DEFAULT_CONCURRENCY) -> list[Path]:
-    """Mirror uri into dest, skipping objects whose size and ETag match what was downloaded before.
+def _relative_key(uri: S3Uri, base: str, key: str) -> str:
+    """key below the prefix, as a relative path; UnsafeObjectKey when it would land outside the local copy."""
+    rel = key[len(base):]
+    parts = rel.split("/")
+    why = None
+    if "" in parts:
+        why = "is absolute below the prefix" if rel.startswith("/") else "has an empty path segment ('//')"
+    elif any(part in (".", "..") for part in parts):
+        why = "has a '.' or '..' path segment"
+    elif rel == MANIFEST:
+        why = f"is the mirror's own bookkeeping file ({MANIFEST})"
+    if why is not None:
+        raise UnsafeObjectKey(str(uri), key, why)
+    return rel
 
+
+def etags_digest(uri: S3Uri, etags: dict[str, str]) -> str:
+    """A digest of the ETags of a mirror ({relative key: ETag}, what download_prefix returns): the exact object
+    versions that were read."""
+    base = uri.prefix + "/" if uri.prefix else ""
+    return hashlib.sha256("".join(f"{base}{rel}={etags[rel]};" for rel in sorted(etags)).encode()).hexdigest()
+
+
+def download_prefix(s3, uri: S3Uri, dest: Path, *, concurrency: int = DEFAULT_CONCURRENCY) -> dict[str, str]:
+    """Make dest a copy of the prefix's current objects: fetch those whose size and ETag differ from what was fetched
+    before, and remove every other file under dest (objects that left the prefix, a fetch cut short), so the loaders
+    see exactly the prefix. Returns {relative key: ETag} of what dest now holds.
+
+    Every key is checked before anything is written: one that would land outside dest is UnsafeObjectKey (exit 2).
+    dest's bookkeeping (MANIFEST) is a dot file, which the data layouts never read (job/data/layouts.py).
     concurrency: parallel transfers per object (SFT_S3_CONCURRENCY, cfg.storage.s3_concurrency).
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    dest.mkdir(parents=True, exist_ok=True)
-    manifest_path = dest / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     objects = [o for o in list_objects(s3, uri) if not o["Key"].endswith("/")]
     if not objects:
         raise UserError(f"nothing found under {uri}; check SFT_* URI and that the prefix has objects")
     base = uri.prefix + "/" if uri.prefix else ""
+    wanted = {_relative_key(uri, base, o["Key"]): o for o in objects}
+    dest.mkdir(parents=True, exist_ok=True)
+    manifest_path = dest / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    removed = _remove_others(dest, set(wanted))
+    manifest = {rel: seen for rel, seen in manifest.items() if rel in wanted}
     todo = []
-    for obj in objects:
-        rel = obj["Key"][len(base):]
+    for rel, obj in wanted.items():
         target = dest / rel
         seen = manifest.get(rel)
         if target.is_file() and seen == [obj["Size"], obj["ETag"]] and target.stat().st_size == obj["Size"]:
@@ -202,28 +232,52 @@ def download_prefix(s3, uri: S3Uri, dest: Path, *, concurrency: int = DEFAULT_CO
     with ThreadPoolExecutor(max_workers=8) as pool:
         manifest.update(dict(pool.map(fetch, todo)))
     manifest_path.write_text(json.dumps(manifest, sort_keys=True))
-    log.info("s3: %s -> %s (%d fetched, %d cached)", uri, dest, len(todo), len(objects) - len(todo))
-    return [dest / o["Key"][len(base):] for o in objects]
+    log.info("s3: %s -> %s (%d fetched, %d cached, %d removed: no longer in the prefix)", uri, dest, len(todo),
+             len(wanted) - len(todo), len(removed))
+    return {rel: obj["ETag"] for rel, obj in sorted(wanted.items())}
+
+
+def _remove_others(dest: Path, wanted: set[str]) -> list[str]:
+    """Delete every file under dest that is neither a wanted relative key nor MANIFEST, then the emptied folders."""
+    removed = []
+    for path in sorted(dest.rglob("*"), reverse=True):  # children before their folder
+        rel = path.relative_to(dest).as_posix()
+        if path.is_symlink() or path.is_file():
+            if rel not in wanted and rel != MANIFEST:
+                path.unlink()
+                removed.append(rel)
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    return removed
+
+
+def upload_file(s3, path: Path, uri: S3Uri, name: str, *, concurrency: int = DEFAULT_CONCURRENCY) -> dict[str, int]:
+    """Upload one file as uri/name; returns {key: size}."""
+    key = uri.key(name)
+    with s3_errors(f"upload s3://{uri.bucket}/{key}"):
+        s3.upload_file(str(path), uri.bucket, key, Config=_transfer_config(concurrency))
+    return {key: path.stat().st_size}
 
 
 def upload_dir(s3, src: Path, uri: S3Uri, skip: tuple[str, ...] = (),
                *, concurrency: int = DEFAULT_CONCURRENCY) -> dict[str, int]:
-    """Upload every file under src; returns {key: size}. Each file goes up whole (multipart commits atomically).
+    """Upload every file under src but the top-level entries named in skip; returns {key: size}. Each file goes up
+    whole (multipart commits atomically).
 
     concurrency: parallel transfers per file (SFT_S3_CONCURRENCY, cfg.storage.s3_concurrency).
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    files = [p for p in sorted(src.rglob("*")) if p.is_file() and p.name not in skip]
+    files = [p for p in sorted(src.rglob("*")) if p.is_file() and p.relative_to(src).parts[0] not in skip]
 
-    def put(path: Path) -> tuple[str, int]:
-        key = uri.key(str(path.relative_to(src)))
-        with s3_errors(f"upload s3://{uri.bucket}/{key}"):
-            s3.upload_file(str(path), uri.bucket, key, Config=_transfer_config(concurrency))
-        return key, path.stat().st_size
+    def put(path: Path) -> dict[str, int]:
+        return upload_file(s3, path, uri, path.relative_to(src).as_posix(), concurrency=concurrency)
 
+    sizes: dict[str, int] = {}
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return dict(pool.map(put, files))
+        for one in pool.map(put, files):
+            sizes.update(one)
+    return sizes
 
 
 def verify_sizes(s3, uri: S3Uri, expected: dict[str, int]) -> None:

@@ -12,7 +12,6 @@ cache only) at SFT_DATASET_REVISION, and then read like a local directory, so it
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -74,11 +73,12 @@ def hub_model_id(model_id: str | None) -> str | None:
     return _hub_id(model_id, "hf://")
 
 
-def _mirror(cfg: JobConfig, uri: str, kind: str) -> Path:
+def _mirror(cfg: JobConfig, uri: str, kind: str) -> tuple[Path, str]:
+    """The local copy of the prefix (exactly its objects) and the digest of the ETags it holds."""
     parsed = s3io.S3Uri.parse(uri)
     dest = cache_dir(cfg) / kind / parsed.bucket / (parsed.prefix or "_root")
-    s3io.download_prefix(s3io.client(), parsed, dest, concurrency=cfg.storage.s3_concurrency)
-    return dest
+    etags = s3io.download_prefix(s3io.client(), parsed, dest, concurrency=cfg.storage.s3_concurrency)
+    return dest, s3io.etags_digest(parsed, etags)
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,7 @@ class Sources:
     dataset_path: str | None  # where the rows are read: the local mirror of an s3:// prefix or Hub dataset
     model_path: str
     dataset_commit: str | None = None  # a Hub dataset: the commit SFT_DATASET_REVISION (or main) resolved to
+    dataset_etags: str | None = None  # an s3:// dataset: the digest of the ETags of the objects mirrored and read
 
     def configured(self, cfg: JobConfig) -> JobConfig:
         """cfg as the user configured it: data.uri and model.id as set (the inverse of local)."""
@@ -197,23 +198,14 @@ def _config_root(cfg: JobConfig, hub: HubDataset, root: Path, commit: str, conte
 def localize(cfg: JobConfig) -> Sources:
     """Download the s3:// sources and Hub datasets into their caches; local paths and Hub models are read where
     they are (from_pretrained downloads a Hub model itself)."""
-    dataset, model, commit = cfg.data.uri, cfg.model.id, None
+    dataset, model, commit, etags = cfg.data.uri, cfg.model.id, None, None
     if dataset and dataset.startswith("s3://"):
-        dataset = str(_mirror(cfg, dataset, "datasets"))
+        mirrored, etags = _mirror(cfg, dataset, "datasets")
+        dataset = str(mirrored)
     elif (hub := hub_dataset(dataset)) is not None:
         root, commit = _hub_snapshot(cfg, hub)
         dataset = str(root)
         print(f"dataset: Hub {hub.repo_id} revision {cfg.data.revision or 'main'} = commit {commit}", flush=True)
     if model.startswith("s3://"):
-        model = str(_mirror(cfg, model, "models"))
-    return Sources(cfg.data.uri, cfg.model.id, dataset, model, commit)
-
-
-def s3_etags(uri: str | None) -> str | None:
-    """A digest of the ETags under an s3:// prefix: identifies the exact object versions that were read."""
-    if not uri or not uri.startswith("s3://"):
-        return None
-    objects = s3io.list_objects(s3io.client(), s3io.S3Uri.parse(uri))
-    return hashlib.sha256(
-        "".join(f"{o['Key']}={o['ETag']};" for o in sorted(objects, key=lambda o: o["Key"])).encode()
-    ).hexdigest()
+        model = str(_mirror(cfg, model, "models")[0])
+    return Sources(cfg.data.uri, cfg.model.id, dataset, model, commit, etags)

@@ -18,7 +18,7 @@ from job.eval import plots
 from job.eval.generate import evaluate_qwen3
 from job.storage.checkpoints import RemoteCheckpoints
 from job.storage.hub import build_model_card, gate_decision, push_adapter
-from job.train import distributed
+from job.train import distributed, resume
 from job.train.prepare import Prepared, RunPaths, Timer
 from job.utils import tracking
 
@@ -48,35 +48,53 @@ def _evaluate(phase: str, p: Prepared, model, run) -> dict | None:
     return distributed.main_process_result(_evaluate_here, phase, p, model, run)
 
 
+def owner(p: Prepared) -> outputs.Stamp:
+    """This run, as the stamps of its outputs name it: the run id and the digest of its resume fingerprint."""
+    fingerprint = resume.Fingerprint.of(p.cfg, p.run_id, p.preflight.get("data_fingerprint") or {}, p.sources)
+    return outputs.Stamp(p.run_id, fingerprint.digest())
+
+
 def _evaluate_here(phase: str, p: Prepared, model, run) -> dict:
+    # The stamp of what is about to be replaced goes first: a process killed mid-write leaves outputs nobody trusts.
+    stamp = p.paths.eval / outputs.PRE_STAMP if phase == "pre" else p.paths.root / outputs.RUN_STAMP
+    stamp.unlink(missing_ok=True)
     metrics = evaluate_qwen3(model, p.processor, p.eval_ds, p.eval_collator, p.cfg, p.label_set)
     outputs.write_predictions(p.paths.eval / f"{phase}_predictions.jsonl", metrics["predictions"])
     scalars = outputs.scalar_metrics(metrics)
     outputs.write_json(p.paths.eval / f"{phase}_metrics.json", scalars)
+    if phase == "pre":  # the post-eval's outputs are stamped with the adapter, by the save (RUN_STAMP)
+        owner(p).write(stamp)
     tracking.log_metrics(run, f"gen_eval/{phase}_", scalars)
     tracking.log_confusion_matrix(run, f"gen_eval/{phase}_confusion_matrix", scalars.get("confusion_matrix") or {})
     print(f"{phase}-eval: " + outputs.headline(scalars), flush=True)
     return scalars
 
 
-def _stored_pre_metrics(paths: RunPaths, checkpoint: str) -> dict | None:
-    """Pre-eval is not re-run on resume: its result travels inside every checkpoint."""
-    stored = Path(checkpoint) / "pre_metrics.json"
-    if not stored.is_file():
-        stored = paths.eval / "pre_metrics.json"
-    if stored.is_file():
+def _stored_pre_metrics(p: Prepared, checkpoint: str) -> dict | None:
+    """Pre-eval is not re-run on resume: its result travels inside every checkpoint, with the stamp of the run that
+    made it. Only this run's is trusted (a leftover of another run in eval/ is not): else None, and it runs again."""
+    mine = owner(p)
+    for folder in (Path(checkpoint), p.paths.eval):
+        stored = folder / "pre_metrics.json"
+        if not stored.is_file():
+            continue
+        conflicts = mine.conflicts(outputs.Stamp.read(folder / outputs.PRE_STAMP))
+        if conflicts:
+            log.warning("not reusing %s: it is not this run's pre-eval (%s)", stored, "; ".join(conflicts))
+            continue
         log.info("resume: reusing the stored pre-eval metrics (%s)", stored)
-        local = paths.eval / "pre_metrics.json"
-        if stored != local:  # a fresh pod: keep them in eval/, so later checkpoints and the final upload carry them
-            outputs.write_json(local, json.loads(stored.read_text()))
-        return json.loads(stored.read_text())
+        metrics = json.loads(stored.read_text())
+        if folder != p.paths.eval:  # a fresh pod: into eval/, so later checkpoints and the final upload carry them
+            outputs.write_json(p.paths.eval / "pre_metrics.json", metrics)
+            mine.write(p.paths.eval / outputs.PRE_STAMP)
+        return metrics
     return None
 
 
 # -- save --------------------------------------------------------------------------------------------------------
 def _save_outputs(p: Prepared, model, run, trained: Trained, metrics: dict, timer: Timer) -> dict:
     started = time.monotonic()
-
+    (p.paths.root / outputs.RUN_STAMP).unlink(missing_ok=True)  # rewritten last, once everything below is
     files = outputs.save_adapter(model, p.processor, p.paths.adapter)
     metrics["report"] = _pictures(p, metrics, trained, run)
     lineage = outputs.lineage(p.cfg, p.sources, model, dataset_fingerprint(p.preflight.get("data_fingerprint")))
@@ -90,6 +108,10 @@ def _save_outputs(p: Prepared, model, run, trained: Trained, metrics: dict, time
     meta["adapter_files"] = files
     meta["preflight"] = p.preflight
     outputs.write_json(p.paths.root / "training_meta.json", meta)
+    # Last: what a rerun (and an export) trusts of these outputs is what this stamp names.
+    stamp = owner(p)
+    outputs.Stamp(stamp.run_id, stamp.fingerprint, outputs.adapter_sha256(p.paths.adapter),
+                  trained.result.global_step).write(p.paths.root / outputs.RUN_STAMP)
     outputs.log_run_metadata(run, meta)
     return meta
 

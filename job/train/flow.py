@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Any
 
+from job import outputs
 from job.cards import ModelCards
 from job.collators.qwen3_collator import build_collators
 from job.config import JobConfig, build_cfg
@@ -48,7 +49,8 @@ def _train(p: Prepared, model, run, guard: PreemptionGuard, resume_from: str | N
     """The Trainer loop. Returns its result, or raises Preempted once the preemption checkpoint is uploaded."""
     report_to = ["wandb"] if run is not None else []
     saving = Checkpointing(p.paths.checkpoints, guard, remote=p.remote,
-                           extra_files=(p.paths.eval / "pre_metrics.json", p.paths.root / resume.FINGERPRINT_FILE,
+                           extra_files=(p.paths.eval / "pre_metrics.json", p.paths.eval / outputs.PRE_STAMP,
+                                        p.paths.root / resume.FINGERPRINT_FILE,
                                         p.paths.root / best.BEST_DIR))
     if distributed.is_main_process():
         best.restore(p.paths.root, resume_from)  # the best-so-far of the step this run continues, or none
@@ -99,7 +101,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         try:
             resume_from = plan.checkpoint
             started = time.monotonic()
-            pre = (_stored_pre_metrics(p.paths, resume_from) if resume_from else None) or _evaluate(
+            pre = (_stored_pre_metrics(p, resume_from) if resume_from else None) or _evaluate(
                 "pre", p, model, run)
             timer.track("pre_eval", started)
 

@@ -14,7 +14,7 @@ from job.model import _count_trainable_params, apply_liger, apply_lora, keep_tra
 from job.storage.checkpoints import RemoteCheckpoints
 from job.storage.completed import latest_completed_checkpoint
 from job.train import best, distributed, resume
-from job.train.finish import Trained, _earlier_push, _finish, _publish, _stored_pre_metrics
+from job.train.finish import Trained, _earlier_push, _finish, _publish, _stored_pre_metrics, owner
 from job.train.prepare import Prepared, RunPaths, Timer, _init_wandb
 from job.utils import tracking
 
@@ -60,12 +60,14 @@ def _resume_plan(p: Prepared) -> ResumePlan:
     mode = p.cfg.train.resume
     current = resume.Fingerprint.of(p.cfg, p.run_id, p.preflight.get("data_fingerprint") or {}, p.sources)
     checkpoint = None
+    if mode == "never" and _continues_launch(p):
+        log.info("SFT_RESUME=never: SFT_LAUNCH_ID=%s started this run in an earlier pod; continuing it",
+                 p.cfg.train.launch_id)
+        mode = "auto"
     if mode == "never":
         with distributed.local_main_first():
             if distributed.is_main_process():
-                resume.move_aside(p.paths.checkpoints)
-                if p.remote is not None:
-                    p.remote.move_aside()
+                _start_over(p)
     else:
         checkpoint = _resume_point(p.paths, p.remote)
     if checkpoint is None and mode == "require":
@@ -76,6 +78,33 @@ def _resume_plan(p: Prepared) -> ResumePlan:
     if distributed.is_main_process():
         outputs.write_json(p.paths.root / resume.FINGERPRINT_FILE, current.to_json())
     return ResumePlan(checkpoint, resume.Progress.read(Path(checkpoint)) if checkpoint else None)
+
+
+def _continues_launch(p: Prepared) -> bool:
+    """SFT_RESUME=never: whether this pod is a retry of the launch (SFT_LAUNCH_ID) whose first pod started the run:
+    the launch id recorded in SFT_OUTPUT_DIR, or beside the checkpoints in the store (a fresh pod's empty disk)."""
+    launch_id = p.cfg.train.launch_id
+    if launch_id is None:
+        return False
+    local = p.paths.root / resume.LAUNCH_FILE
+    recorded = [resume.recorded_launch(local.read_text() if local.is_file() else None)]
+    if p.remote is not None:
+        recorded.append(resume.recorded_launch(p.remote.read_run_file(resume.LAUNCH_FILE)))
+    return resume.continues_launch(launch_id, recorded)
+
+
+def _start_over(p: Prepared) -> None:
+    """SFT_RESUME=never, a new start: every output of the previous run moved aside (locally and in the store), then
+    the launch recorded, so that a retried pod of this launch continues this run instead of starting it again."""
+    resume.move_aside(p.paths.root)
+    p.paths.create()
+    if p.remote is not None:
+        p.remote.move_aside()
+    if p.cfg.train.launch_id is not None:
+        record = {"launch_id": p.cfg.train.launch_id, "run_id": p.run_id, "time": time.time()}
+        outputs.write_json(p.paths.root / resume.LAUNCH_FILE, record)
+        if p.remote is not None:
+            p.remote.write_run_file(resume.LAUNCH_FILE, json.dumps(record))
 
 
 def _training_loss(log_history: list[dict]) -> float | None:
@@ -90,10 +119,19 @@ def _training_loss(log_history: list[dict]) -> float | None:
 
 
 def _finished_metrics(p: Prepared, step: int) -> dict | None:
-    """The saved metrics of a run that got through post-eval and the save at this step; None if it did not."""
+    """The saved metrics of this run's post-eval and save at this step; None if they did not finish, or the outputs
+    in SFT_OUTPUT_DIR are not this run's: RUN_STAMP (written last by the save) must name this run id, fingerprint,
+    step and the adapter that is there now."""
     path = p.paths.root / "metrics.json"
     if not all(f.is_file() for f in (path, p.paths.root / "training_meta.json",
                                         *(p.paths.adapter / n for n in outputs.ADAPTER_FILES))):
+        return None
+    mine = owner(p)
+    expected = outputs.Stamp(mine.run_id, mine.fingerprint, outputs.adapter_sha256(p.paths.adapter), step)
+    conflicts = expected.conflicts(outputs.Stamp.read(p.paths.root / outputs.RUN_STAMP))
+    if conflicts:
+        log.warning("the outputs in %s are not this run's (%s): post-eval and the save are redone", p.paths.root,
+                    "; ".join(conflicts))
         return None
     metrics = json.loads(path.read_text())
     if (metrics.get("train") or {}).get("global_step") != step or (p.cfg.eval.post and not metrics.get("post")):
@@ -154,7 +192,7 @@ def _evaluate_finished_checkpoint(p: Prepared, checkpoint: str, step: int, timer
     try:
         state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
         result = TrainResult(step, _training_loss(state["log_history"]))
-        trained = Trained(result, params, _stored_pre_metrics(p.paths, checkpoint), checkpoint, kept,
+        trained = Trained(result, params, _stored_pre_metrics(p, checkpoint), checkpoint, kept,
                           state["log_history"])
         return _finish(p, model, run, timer, trained)
     finally:

@@ -128,6 +128,11 @@ class Fingerprint:
         return {"version": FINGERPRINT_VERSION, "run_id": self.run_id, "settings": self.settings, "data": self.data,
                 "dataset_uri": self.dataset_uri}
 
+    def digest(self) -> str:
+        """sha256 of what changes_since compares (not dataset_uri): what the outputs' stamps carry (job/outputs.py)."""
+        compared = {k: v for k, v in self.to_json().items() if k != "dataset_uri"}
+        return hashlib.sha256(json.dumps(compared, sort_keys=True).encode()).hexdigest()
+
     @classmethod
     def read(cls, checkpoint: Path) -> Fingerprint | None:
         path = checkpoint / FINGERPRINT_FILE
@@ -206,13 +211,42 @@ def check_resumable(checkpoint: Path, current: Fingerprint) -> None:
         raise ResumeDrift(checkpoint, changes)
 
 
-def move_aside(checkpoints: Path) -> Path | None:
-    """SFT_RESUME=never: rename the checkpoints directory (kept, not deleted); None when there was nothing."""
-    if not checkpoints.is_dir() or not any(checkpoints.iterdir()):
+REPLACED = "replaced-"  # SFT_RESUME=never: `replaced-<time>/` in SFT_OUTPUT_DIR holds the previous run's outputs
+# Written by this process before the resume decision: this run's, not the previous run's.
+KEPT_BY_NEVER = ("preflight_report.json",)
+LAUNCH_FILE = "resume_launch.json"  # SFT_RESUME=never: the launch (SFT_LAUNCH_ID) whose first pod started this run
+
+
+def move_aside(root: Path) -> Path | None:
+    """SFT_RESUME=never: move every output of the previous run in root (checkpoints, adapter, metrics, eval, best,
+    report, stamps, merged, W&B files, ...) into `root/replaced-<time>/`, kept, not deleted; None when there was
+    nothing. Left in place: this run's preflight report and the folders earlier starts moved aside."""
+    if not root.is_dir():
+        return None
+    old = [p for p in sorted(root.iterdir()) if p.name not in KEPT_BY_NEVER and not p.name.startswith(REPLACED)
+           and not (p.is_dir() and not any(p.rglob("*")))]
+    if not old:
         return None
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
-    target = checkpoints.with_name(f"{checkpoints.name}.replaced-{stamp}")
-    shutil.move(str(checkpoints), str(target))
-    checkpoints.mkdir()
-    log.warning("SFT_RESUME=never: moved the previous checkpoints aside to %s", target)
+    target = root / f"{REPLACED}{stamp}"
+    target.mkdir()
+    for path in old:
+        shutil.move(str(path), str(target / path.name))
+    log.warning("SFT_RESUME=never: moved the previous run's outputs aside to %s (%s)", target,
+                ", ".join(p.name for p in old))
     return target
+
+
+def continues_launch(launch_id: str | None, recorded: list[str | None]) -> bool:
+    """SFT_RESUME=never: whether this start is a retry of the launch that started the run (so it continues it, as
+    auto does) rather than a new start (which moves the old outputs aside). recorded: the launch ids LAUNCH_FILE
+    holds locally and in the store (None where there is none). Without SFT_LAUNCH_ID every start is a new one."""
+    return launch_id is not None and launch_id in recorded
+
+
+def recorded_launch(text: str | None) -> str | None:
+    """The launch id a LAUNCH_FILE's text records (None for no file or another form)."""
+    try:
+        return json.loads(text).get("launch_id") if text else None
+    except (ValueError, AttributeError):
+        return None

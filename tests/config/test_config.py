@@ -131,6 +131,8 @@ OVERLAY_CASES = [
     ({"SFT_NPROC_PER_NODE": "2"}, {("train", "nproc_per_node"): 2}),
     ({"SFT_EXIT_CODES": "kubeflow"}, {("train", "exit_codes"): "kubeflow"}),
     ({"SFT_RESUME": "never"}, {("train", "resume"): "never"}),
+    ({"SFT_LAUNCH_ID": "0b7c8f0e-3a52-4c1f-9d7e-2f1a6c9b4e11"},
+     {("train", "launch_id"): "0b7c8f0e-3a52-4c1f-9d7e-2f1a6c9b4e11"}),
     ({"SFT_GRADIENT_CHECKPOINTING": "0"}, {("model", "gradient_checkpointing"): False}),
     ({"SFT_DATASET_URI": "s3://bucket/sarcasm"}, {("data", "uri"): "s3://bucket/sarcasm"}),
     ({"SFT_DATASET_REVISION": "v2"}, {("data", "revision"): "v2"}),

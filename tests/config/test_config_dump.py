@@ -5,8 +5,8 @@ The two dicts below were printed by that code (job/config.py at 60250fd) for the
 OVERRIDES; key order included (W&B keeps it). Sections added since then are inserted where the config puts them
 (`export`, 0.2: SFT_EXPORT*, before `lineage`; `train.nproc_per_node` and `train.exit_codes`, 0.2, before
 `train.resume`; 0.3 appends `data.min_class_rows`, `data.max_class_ratio`, `eval.mode`, `eval.steps`,
-`eval.during_train_rows`, `eval.best_metric`, `card.task_name` and `card.task_description` to their sections); no
-existing key moves or changes.
+`eval.during_train_rows`, `eval.best_metric`, `card.task_name` and `card.task_description` to their sections, and
+`train.launch_id` (#31)); no existing key moves or changes.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ DEFAULT = {'model': {'id': 'Qwen/Qwen3-VL-8B-Instruct',
                'preempt_grace_s': 25.0,
                'nproc_per_node': None,
                'exit_codes': 'standard',
-               'resume': 'auto'},
+               'resume': 'auto',
+               'launch_id': None},
      'lora': {'r': 16,
               'alpha': 32,
               'dropout': 0.05,
@@ -157,7 +158,8 @@ WITH_OVERRIDES = {'model': {'id': 'org/model',
                'preempt_grace_s': 25.0,
                'nproc_per_node': None,
                'exit_codes': 'standard',
-               'resume': 'auto'},
+               'resume': 'auto',
+               'launch_id': None},
      'lora': {'r': 16,
               'alpha': 64.0,
               'dropout': 0.05,

@@ -181,7 +181,8 @@ def test_parquet_and_saved_paths_resolve_against_the_dataset_from_any_working_di
 
 
 def test_a_symlinked_images_folder_works_and_crafted_paths_do_not(tmp_path, tiny_assets, processor):
-    """The issue's `images/` symlink: followed; `../../etc/passwd` and absolute paths: refused, in JSONL and parquet."""
+    """The issue's `images/` symlink: followed; `../../etc/passwd` and absolute paths: refused, in JSONL and parquet
+    (string paths and plain {bytes, path} structs)."""
     store, root = tmp_path / "store", tmp_path / "data"
     rows = _rows(store, 4)
     root.mkdir()
@@ -196,6 +197,12 @@ def test_a_symlinked_images_folder_works_and_crafted_paths_do_not(tmp_path, tiny
             preflight.run_preflight(make_cfg(tiny_assets, root, tmp_path / "out"), processor)
         (root / "train.jsonl").unlink()
         _parquet_dataset(root, [*rows[:2], {**rows[2], "image": bad}])
+        with pytest.raises(DataError, match=f"train\\[2\\]: .*escapes the dataset directory .*{re.escape(why)}"):
+            preflight.run_preflight(make_cfg(tiny_assets, root, tmp_path / "out"), processor)
+        (root / "train.parquet").unlink()
+        # A plain struct column {bytes, path} (no datasets.Image feature): its path is confined the same way.
+        structs = [{**r, "image": {"bytes": None, "path": r["image"]}} for r in rows[:2]]
+        _parquet_dataset(root, [*structs, {**rows[2], "image": {"bytes": None, "path": bad}}])
         with pytest.raises(DataError, match=f"train\\[2\\]: .*escapes the dataset directory .*{re.escape(why)}"):
             preflight.run_preflight(make_cfg(tiny_assets, root, tmp_path / "out"), processor)
         (root / "train.parquet").unlink()
@@ -309,6 +316,27 @@ def s3_dataset(s3_endpoint, tmp_path) -> str:
 def _cli_env(tiny_assets, tmp_path: Path, **env: str) -> dict[str, str]:
     return {"SFT_MODEL_ID": str(tiny_assets[0]), "SFT_OUTPUT_DIR": str(tmp_path / "out"), "SFT_MAX_LENGTH": "512",
             "SFT_CACHE_DIR": str(tmp_path / "cache"), **TINY_PIXELS, **env}
+
+
+def test_a_train_only_s3_prefix_is_held_out_as_the_same_local_directory_is(s3_endpoint, tmp_path, tiny_assets,
+                                                                             processor):
+    """The mirror's bookkeeping (.s3-manifest.json) is not data: the prefix is one split, and the same rows are held
+    out as from the directory it was uploaded from."""
+    root = tmp_path / "upload"
+    write_split(root, "train", _rows(root, 12))
+    bucket = f"holdout-{abs(hash(str(tmp_path))) % 10**8}"
+    s3io.client().create_bucket(Bucket=bucket)
+    s3io.upload_dir(s3io.client(), root, s3io.S3Uri(bucket, "ds"))
+    sides = {}
+    for uri in (str(root), f"s3://{bucket}/ds"):
+        cfg = make_cfg(tiny_assets, uri, tmp_path / "out", SFT_CACHE_DIR=str(tmp_path / "cache"), SFT_EVAL_HOLDOUT="3")
+        local = localize(cfg).local(cfg)
+        assert holds_out(local), uri
+        report = preflight.run_preflight(local, processor).report
+        assert report["ok"], report["errors"]
+        sides[uri] = (report["holdout"]["train_row_ids"], report["holdout"]["eval_row_ids"])
+    train, held = sides[str(root)]
+    assert sides[f"s3://{bucket}/ds"] == (train, held) and len(held) == 3 and len(train) == 9
 
 
 @pytest.mark.slow  # loads the processor through the command's own path (about 8 s)

@@ -378,3 +378,27 @@ def test_a_merge_mismatch_is_a_bug_exit_1_naming_the_rows():
     eq = equivalence(same, _preds(["b", "a", "a"]), "float32", 0.3)
     error = command.MergeMismatch(mismatch_message(eq))
     assert cli.exit_code_for(error) == 1 and "validation.jsonl:1" in str(error) and "1 of 3" in str(error)
+
+
+def test_the_merge_cost_baseline_is_the_post_eval_of_this_adapter_in_this_eval_mode(tmp_path):
+    """eval/post_predictions.jsonl is reused as the trained model's scores only when the run's stamp names the
+    adapter being merged (its sha256) and it was made with this eval mode; otherwise export evaluates again."""
+    from job import outputs
+
+    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, {"SFT_OUTPUT_DIR": str(tmp_path)})
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"the adapter post-eval scored")
+    outputs.write_json(tmp_path / "training_meta.json", {"config": cfg.model_dump(mode="json")})
+    target = json.dumps({"label": "sarcastic"})
+    outputs.write_predictions(tmp_path / "eval" / "post_predictions.jsonl",
+                              [{"row_id": "validation.jsonl:1", "prediction": target, "target": target}])
+    stamp = outputs.Stamp("run-a", "f" * 64, outputs.adapter_sha256(adapter), 2)
+    rows = ["validation.jsonl:1"]
+    assert command._stored_post_metrics(cfg, adapter, tmp_path, rows) is None  # no stamp: not known to be its own
+    stamp.write(tmp_path / outputs.RUN_STAMP)
+    assert command._stored_post_metrics(cfg, adapter, tmp_path, rows)["accuracy"] == 1.0
+    other_mode = cfg.replace(eval={"mode": "generate"})
+    assert command._stored_post_metrics(other_mode, adapter, tmp_path, rows) is None
+    (adapter / "adapter_model.safetensors").write_bytes(b"another adapter, copied over it")
+    assert command._stored_post_metrics(cfg, adapter, tmp_path, rows) is None

@@ -5,18 +5,23 @@ The S3 server (s3_endpoint) and the job runs read here are shared: tests/runs.py
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import socket
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from helpers import job_env
 from runs import AWS_ENV, CHECKPOINT_BUCKET, REFERENCE, STEPS, s3_client
+from s3_proxy import FaultProxy
 
-from job.errors import GateRefused, TransientError, UserError
+from job.data.layouts import SplitFiles, find_split
+from job.errors import GateRefused, TransientError, UnsafeObjectKey, UserError
+from job.outputs import FINAL_ARTIFACTS
 from job.storage import s3 as s3io
 from job.storage.checkpoints import RemoteCheckpoints
 
@@ -29,7 +34,9 @@ def _free_port() -> int:
 
 @pytest.fixture()
 def bucket(s3_endpoint, request):
-    name = "b-" + request.node.name.lower().replace("_", "-")[:40]
+    # Parametrized tests share a name's first 40 characters: the digest of the whole name tells them apart.
+    digest = hashlib.sha256(request.node.name.encode()).hexdigest()[:8]
+    name = "b-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + "-" + digest
     s3io.client().create_bucket(Bucket=name)
     return name
 
@@ -42,6 +49,10 @@ def _fake_checkpoint(root: Path, step: int) -> Path:
     return ckpt
 
 
+def _tree(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
 def test_data_round_trip_with_etag_cache(bucket, tiny_assets, tmp_path):
     s3 = s3io.client()
     # The tiny dataset's layout (the two splits and images/ below them) with 3 of its 272 images: the round trip and
@@ -50,18 +61,73 @@ def test_data_round_trip_with_etag_cache(bucket, tiny_assets, tmp_path):
     shutil.copytree(tiny_assets[1], data_dir, ignore=lambda d, names: sorted(names)[3:] if d.endswith("images") else [])
     assert len(list((data_dir / "images").iterdir())) == 3
     sizes = s3io.upload_dir(s3, data_dir, s3io.S3Uri(bucket, "sarcasm"))
+    assert set(sizes) == {f"sarcasm/{rel}" for rel in _tree(data_dir)}
     dest = tmp_path / "cache"
-    files = s3io.download_prefix(s3, s3io.S3Uri(bucket, "sarcasm"), dest)
-    assert len(files) == len(sizes)
-    for path in data_dir.rglob("*"):
-        if path.is_file():
-            assert (dest / path.relative_to(data_dir)).read_bytes() == path.read_bytes()
+    etags = s3io.download_prefix(s3, s3io.S3Uri(bucket, "sarcasm"), dest)
+    assert set(etags) == _tree(data_dir)
+    assert _tree(dest) == _tree(data_dir) | {".s3-manifest.json"}  # the bookkeeping is a dot file (never data)
+    for rel in _tree(data_dir):
+        assert (dest / rel).read_bytes() == (data_dir / rel).read_bytes()
     stamp = (dest / "train.jsonl").stat().st_mtime_ns
     s3io.download_prefix(s3, s3io.S3Uri(bucket, "sarcasm"), dest)  # second pull: size+ETag match, nothing fetched
     assert (dest / "train.jsonl").stat().st_mtime_ns == stamp
     (dest / "train.jsonl").write_text("changed")  # a corrupted cache entry is re-fetched
     s3io.download_prefix(s3, s3io.S3Uri(bucket, "sarcasm"), dest)
     assert (dest / "train.jsonl").read_bytes() == (data_dir / "train.jsonl").read_bytes()
+
+
+def test_the_mirror_is_the_prefix_after_a_re_export(bucket, tmp_path):
+    """A dataset re-exported from 2 parquet shards to 1, its validation.jsonl deleted: the local copy holds exactly the
+    new objects (the loaders find 1 shard and no validation split), and the ETags returned are those of what is
+    there."""
+    s3, uri, dest = s3io.client(), s3io.S3Uri(bucket, "ds"), tmp_path / "cache"
+    first = {"data/train-00000-of-00002.parquet": b"shard 0", "data/train-00001-of-00002.parquet": b"shard 1",
+             "validation.jsonl": b"{}\n"}
+    for rel, body in first.items():
+        s3.put_object(Bucket=bucket, Key=f"ds/{rel}", Body=body)
+    assert set(s3io.download_prefix(s3, uri, dest)) == set(first)
+    (dest / "data/.train-00002-of-00002.parquet.part").write_bytes(b"cut short")  # a fetch killed half-way
+    s3io.delete_prefix(s3, uri)
+    s3.put_object(Bucket=bucket, Key="ds/data/train-00000-of-00001.parquet", Body=b"one shard")
+    etags = s3io.download_prefix(s3, uri, dest)
+    assert _tree(dest) == {"data/train-00000-of-00001.parquet", ".s3-manifest.json"}
+    assert find_split(dest, "train") == SplitFiles("parquet", (dest / "data/train-00000-of-00001.parquet",))
+    assert find_split(dest, "validation") is None
+    listed = {o["Key"]: o["ETag"] for o in s3io.list_objects(s3, uri)}
+    assert etags == {"data/train-00000-of-00001.parquet": listed["ds/data/train-00000-of-00001.parquet"]}
+    expected = hashlib.sha256(f"ds/data/train-00000-of-00001.parquet={etags['data/train-00000-of-00001.parquet']};"
+                              .encode()).hexdigest()
+    assert s3io.etags_digest(uri, etags) == expected
+    assert json.loads((dest / ".s3-manifest.json").read_text()) == {
+        "data/train-00000-of-00001.parquet": [len(b"one shard"), etags["data/train-00000-of-00001.parquet"]]}
+
+
+@pytest.mark.parametrize(("key", "why"), [
+    ("ds/../../escape.txt", "has a '.' or '..' path segment"),
+    ("ds/images/../../../escape.txt", "has a '.' or '..' path segment"),
+    ("ds//tmp/escape.txt", "is absolute below the prefix"),
+    ("ds/images//escape.txt", "has an empty path segment"),
+    ("ds/./escape.txt", "has a '.' or '..' path segment"),
+    ("ds/.s3-manifest.json", "is the mirror's own bookkeeping file"),
+], ids=["dotdot", "deep-dotdot", "absolute", "empty-segment", "dot", "manifest"])
+def test_a_key_that_would_land_outside_the_mirror_is_refused_before_anything_is_written(bucket, tmp_path, key, why):
+    s3, uri = s3io.client(), s3io.S3Uri(bucket, "ds")
+    s3.put_object(Bucket=bucket, Key="ds/train.jsonl", Body=b"{}\n")
+    s3.put_object(Bucket=bucket, Key=key, Body=b"overwritten")
+    assert key in {o["Key"] for o in s3io.list_objects(s3, uri)}  # the store kept the key as written
+    cache = tmp_path / "cache"
+    with pytest.raises(UnsafeObjectKey, match=re.escape(f"object key {key!r} {why}")) as caught:
+        s3io.download_prefix(s3, uri, cache / "datasets" / bucket / "ds")
+    assert caught.value.key == key and caught.value.exit_code == 2
+    assert not cache.exists() and not (Path("/tmp") / "escape.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # Checkpoint restore mirrors the same way: the same refusal, nothing written.
+    checkpoint = f"ckpts/run-k/checkpoint-2/{key.removeprefix('ds/')}"
+    for rel, body in (("COMPLETED", b"{}"), ("adapter_model.safetensors", b"w"), (None, b"overwritten")):
+        s3.put_object(Bucket=bucket, Key=f"ckpts/run-k/checkpoint-2/{rel}" if rel else checkpoint, Body=body)
+    with pytest.raises(UnsafeObjectKey, match=re.escape(repr(checkpoint))):
+        RemoteCheckpoints(f"s3://{bucket}/ckpts", "run-k", keep=2).restore_latest(tmp_path / "checkpoints")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_marker_written_last_and_incomplete_never_chosen(bucket, tmp_path):
@@ -93,6 +159,45 @@ def test_retention_keeps_newest_complete(bucket, tmp_path):
     remote.keep = 1
     remote.apply_retention()
     assert remote._steps() == ([8], [])
+
+
+# What `final/` holds (README, "Storage and publishing"): the final artifacts, nothing else of SFT_OUTPUT_DIR.
+FINAL_FILES = {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/README.md",
+               "adapter/report/confusion.png", "training_meta.json", "metrics.json", "run_stamp.json",
+               "eval/pre_metrics.json", "eval/pre_predictions.jsonl", "eval/pre_stamp.json", "eval/post_metrics.json",
+               "eval/post_predictions.jsonl", "preflight_report.json", "report/confusion.png"}
+NOT_FINAL = {"checkpoints/checkpoint-2/optimizer.pt", "checkpoints/checkpoint-2/COMPLETED",
+             "checkpoints.replaced-20261201-000000-000000/checkpoint-2/adapter_model.safetensors",
+             "replaced-20261201-000000-000000/adapter/adapter_model.safetensors",
+             "best/adapter/adapter_model.safetensors", "best/best.json", "wandb/offline-run-1/files/config.yaml",
+             "wandb/debug.log", ".upload-staging/x/COMPLETED", "resume_fingerprint.json", "resume_launch.json"}
+
+
+def test_the_final_upload_is_the_final_artifacts_each_written_once(bucket, tmp_path, monkeypatch):
+    """Every top-level name of a real output dir next to the final artifacts (the issue found checkpoints/, best/,
+    wandb/ and merged/ in final/, 13 keys in 33 PUTs): final/ is exactly the artifacts, one PUT each, COMPLETED last;
+    an export's upload adds merged/; a stale object of an earlier upload does not survive."""
+    root = tmp_path / "out"
+    for rel in FINAL_FILES | NOT_FINAL | {"merged/model.safetensors", "merged/config.json"}:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(rel.encode())
+    s3io.client().put_object(Bucket=bucket, Key="runs/run-f/final/stale.json", Body=b"from an earlier upload")
+    proxy = FaultProxy(int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        remote = RemoteCheckpoints(f"s3://{bucket}/runs", "run-f", keep=2)
+        for names, merged in ((FINAL_ARTIFACTS, set()), ((*FINAL_ARTIFACTS, "merged"),
+                                                          {"merged/model.safetensors", "merged/config.json"})):
+            proxy.requests.clear()
+            remote.upload_final(root, names, step=2)
+            expected = {f"runs/run-f/final/{rel}" for rel in FINAL_FILES | merged | {"COMPLETED"}}
+            keys = {o["Key"] for o in s3io.list_objects(remote.s3, s3io.S3Uri(bucket, "runs/run-f/final"))}
+            assert keys == expected
+            puts = Counter(path.removeprefix(f"/{bucket}/") for method, path in proxy.requests if method == "PUT")
+            assert puts == Counter(expected)  # each object once, nothing else written anywhere
+            assert [path for method, path in proxy.requests if method == "PUT"][-1].endswith("/final/COMPLETED")
+    finally:
+        proxy.close()
 
 
 def test_bucket_errors_are_user_errors_and_dead_endpoint_is_transient(s3_endpoint, monkeypatch):
@@ -136,6 +241,16 @@ def test_failed_preflight_writes_nothing_to_storage_or_hub(bucket, s3_endpoint, 
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["preflight_report.json"]
 
 
+def _final_keys(out: Path, final: str) -> set[str]:
+    """final/'s keys for a finished run's output dir (README, "Outputs"): the files under the final artifacts' names,
+    and COMPLETED; no checkpoint, W&B or staging file."""
+    names = ("adapter", "eval", "report", "metrics.json", "training_meta.json", "preflight_report.json",
+             "run_stamp.json")
+    files = {p.relative_to(out).as_posix() for name in names for p in [out / name, *(out / name).rglob("*")]
+             if p.is_file()}
+    return {f"{final}/{rel}" for rel in files} | {f"{final}/COMPLETED"}
+
+
 @pytest.mark.slow
 def test_sigkill_then_same_run_id_resumes_from_s3(s3_resume_run, s3_endpoint):
     """Data from S3, checkpoints to S3; SIGKILL during an upload; a fresh pod (empty disk) resumes from the store.
@@ -148,8 +263,9 @@ def test_sigkill_then_same_run_id_resumes_from_s3(s3_resume_run, s3_endpoint):
     assert "reusing the stored pre-eval metrics" in log
     final = f"runs/{run.run_id}/final"
     keys = {o["Key"] for o in s3io.list_objects(s3_client(s3_endpoint), s3io.S3Uri(bucket, final))}
+    assert keys == _final_keys(done.out, final)
     for rel in ("adapter/adapter_model.safetensors", "adapter/README.md", "training_meta.json", "metrics.json",
-                "eval/post_predictions.jsonl", "COMPLETED"):
+                "eval/post_predictions.jsonl", "eval/pre_metrics.json", "eval/pre_stamp.json", "run_stamp.json"):
         assert f"{final}/{rel}" in keys, rel
     assert meta["dataset"]["uri"] == f"s3://{bucket}/data" and len(meta["dataset"]["version"]) == 64
 
@@ -167,7 +283,8 @@ def test_gate_refuses_push_exit_4(pre_eval_off_run):
     final = f"runs/{REFERENCE['SFT_RUN_ID']}/final"
     keys = {o["Key"] for o in s3io.list_objects(s3_client(run.env["AWS_ENDPOINT_URL"]),
                                                  s3io.S3Uri(CHECKPOINT_BUCKET, final))}
-    assert f"{final}/adapter/adapter_model.safetensors" in keys  # artifacts kept in storage
+    assert keys == _final_keys(run.out, final)  # artifacts kept in storage, and nothing else
+    assert f"{final}/adapter/adapter_model.safetensors" in keys
 
 
 def test_model_card_metadata_parses(tiny_assets, tmp_path):

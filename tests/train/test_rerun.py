@@ -19,8 +19,12 @@ from job.cards import ModelCards
 from job.cli import exit_code_for
 from job.config import build_cfg
 from job.errors import ExitCode
+from job.storage import s3 as s3io
+from job.storage.checkpoints import RemoteCheckpoints
 from job.train import resume
+from job.train.finish import _stored_pre_metrics
 from job.train.flow import Timer, _prepare, _resume_plan
+from job.train.rerun import _finished_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +70,32 @@ def test_finished_and_published_run_says_so_and_exits_0(rerun_chain):
     log = _log(stages["published"])
     assert stages["published"].returncode == ExitCode.OK, log[-3000:]
     assert "nothing to do: run rerun finished at step 2" in log and "post-eval:" not in log
+
+
+def test_another_run_in_a_finished_runs_directory_ends_with_its_own_adapter_and_metadata(rerun_chain):
+    """The issue's A/B case: run A finished in the directory; run B (another run id and learning rate,
+    SFT_RESUME=never) is SIGKILLed after its last checkpoint; B's retry (the same launch) continues B, and ends with
+    B's adapter (its checkpoint's weights) and B's training_meta.json; A's outputs are kept aside, untouched."""
+    from safetensors.torch import load_file
+
+    stages, out = rerun_chain.stages, rerun_chain.tmp / "ab/out"
+    assert stages["b_killed"] != 0
+    retry = stages["b_retry"]
+    log = _log(retry)
+    assert retry.returncode == ExitCode.OK, log[-3000:]
+    assert "SFT_RESUME=never: SFT_LAUNCH_ID=launch-b started this run in an earlier pod; continuing it" in log
+    assert "training already finished: checkpoint-2 is at step 2 of 2" in log and "step 3/" not in log
+    if not stages["b_saved_before_the_kill"]:  # killed before its save (the usual case): the retry redoes it
+        assert "post-eval or the save did not finish" in log
+    meta = json.loads((out / "training_meta.json").read_text())
+    assert meta["run_id"] == "run-b" and meta["config"]["train"]["learning_rate"] == 1e-3
+    assert json.loads((out / "run_stamp.json").read_text())["run_id"] == "run-b"
+    adapter = load_file(str(out / "adapter/adapter_model.safetensors"))
+    trained = load_file(str(out / "checkpoints/checkpoint-2/adapter_model.safetensors"))
+    assert adapter.keys() == trained.keys() and all(adapter[k].equal(trained[k]) for k in adapter)
+    (aside,) = out.glob("replaced-*")
+    assert (aside / "adapter/adapter_model.safetensors").read_bytes() == stages["first_adapter"]
+    assert (out / "adapter/adapter_model.safetensors").read_bytes() != stages["first_adapter"]
 
 
 # -- drift --------------------------------------------------------------------------------------------------------
@@ -124,15 +154,94 @@ def test_lora_rank_change_exits_2_before_any_model_loads(rerun_chain, run_forked
     assert "SFT_LORA_R: 16 -> 4" in proc.stderr and "Traceback" not in log and " loaded: attn=" not in log
 
 
-def test_resume_never_moves_old_checkpoints_aside(rerun_chain, tmp_path):
-    tmp, env, stages = rerun_chain.tmp, rerun_chain.env, rerun_chain.stages
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# What SFT_RESUME=never moves aside (README, "Preemption and resume"): every output of the previous run; the run's
+# own preflight report (written before the decision) stays. The rerun chain's directory holds these.
+PREVIOUS_RUN = {"adapter", "checkpoints", "eval", "metrics.json", "training_meta.json", "resume_fingerprint.json",
+                "run_stamp.json", "report"}
+
+
+def test_resume_never_moves_every_output_of_the_old_run_aside(rerun_chain, tmp_path):
+    tmp, env = rerun_chain.tmp, rerun_chain.env
     shutil.copytree(tmp / "out", tmp_path / "out")
+    before = _tree(tmp_path / "out")
+    assert {name.split("/")[0] for name in before} == PREVIOUS_RUN | {"preflight_report.json"}
     plan = _plan({**env, "SFT_OUTPUT_DIR": str(tmp_path / "out"), "SFT_RESUME": "never", "SFT_LORA_R": "4"})
     assert plan.checkpoint is None
-    (aside,) = (tmp_path / "out").glob("checkpoints.replaced-*")
-    moved = {str(p.relative_to(aside)): p.read_bytes() for p in sorted(aside.rglob("*")) if p.is_file()}
-    assert moved == {k.removeprefix("checkpoints/"): v for k, v in stages["first_files"].items()}
-    assert not any((tmp_path / "out/checkpoints").iterdir())
+    (aside,) = (tmp_path / "out").glob("replaced-*")
+    assert _tree(aside) == {k: v for k, v in before.items() if k.split("/")[0] in PREVIOUS_RUN}
+    left = {p.name for p in (tmp_path / "out").iterdir()}
+    assert left == {aside.name, "preflight_report.json", "resume_fingerprint.json", "checkpoints", "eval"}
+    assert not any((tmp_path / "out/checkpoints").iterdir()) and not any((tmp_path / "out/eval").iterdir())
+
+
+def test_a_never_run_retried_within_its_launch_continues_and_a_new_launch_starts_over(rerun_chain, s3_endpoint,
+                                                                                     tmp_path):
+    """SFT_LAUNCH_ID (a Kubernetes Job's uid, shared by its retried pods): the first pod of a launch moves the old run
+    aside (locally and in the store) and records the launch; its retries continue what it started, on the same disk
+    or on a fresh one (the record beside the checkpoints in the store); another launch starts over again."""
+    tmp, env = rerun_chain.tmp, rerun_chain.env
+    s3 = s3io.client()
+    s3.create_bucket(Bucket="never-launch")
+    out, fresh = tmp_path / "out", tmp_path / "fresh-pod"
+    shutil.copytree(tmp / "out", out)
+    never = {**env, "SFT_RESUME": "never", "SFT_CHECKPOINT_URI": "s3://never-launch/runs"}
+    remote = RemoteCheckpoints("s3://never-launch/runs", "rerun", keep=2)
+    remote.upload(out / "checkpoints/checkpoint-2", 2)  # the old run's checkpoint in the store
+
+    def store() -> set[str]:
+        return {o["Key"] for o in s3io.list_objects(s3, s3io.S3Uri("never-launch", "runs"))}
+
+    old_keys = store()
+    first = _plan({**never, "SFT_OUTPUT_DIR": str(out), "SFT_LAUNCH_ID": "launch-1"})
+    assert first.checkpoint is None
+    (aside,) = out.glob("replaced-*")
+    (stored_aside,) = {k.split("/")[1] for k in store() if ".replaced-" in k}
+    assert store() == {"runs/rerun/resume_launch.json"} | {k.replace("runs/rerun/", f"runs/{stored_aside}/")
+                                                           for k in old_keys}
+    assert json.loads((out / "resume_launch.json").read_text())["launch_id"] == "launch-1"
+    # The first pod trains and checkpoints (the same settings: the old run's checkpoint stands in for it), is killed.
+    shutil.move(aside / "checkpoints/checkpoint-2", out / "checkpoints/checkpoint-2")
+    remote.upload(out / "checkpoints/checkpoint-2", 2)
+    first_pod_keys = old_keys
+    retried = _plan({**never, "SFT_OUTPUT_DIR": str(out), "SFT_LAUNCH_ID": "launch-1"})
+    assert Path(retried.checkpoint or "") == out / "checkpoints/checkpoint-2" and retried.progress.finished
+    assert list(out.glob("replaced-*")) == [aside]
+    on_a_fresh_pod = _plan({**never, "SFT_OUTPUT_DIR": str(fresh), "SFT_LAUNCH_ID": "launch-1"})
+    assert Path(on_a_fresh_pod.checkpoint or "") == fresh / "checkpoints/checkpoint-2"
+    assert store() == {"runs/rerun/resume_launch.json", *first_pod_keys} | {
+        k.replace("runs/rerun/", f"runs/{stored_aside}/") for k in old_keys}  # nothing moved aside by the retries
+    new_launch = _plan({**never, "SFT_OUTPUT_DIR": str(out), "SFT_LAUNCH_ID": "launch-2"})
+    assert new_launch.checkpoint is None and len(list(out.glob("replaced-*"))) == 2
+    assert store() == {"runs/rerun/resume_launch.json"} | {k for k in store() if ".replaced-" in k}
+    assert len({k.split("/")[1] for k in store() if ".replaced-" in k}) == 2
+
+
+def test_outputs_of_another_run_are_not_trusted(rerun_chain, tmp_path, caplog):
+    """The issue's A/B case: run B (another run id and learning rate) at its last step in a directory holding run A's
+    finished outputs: A's adapter, metrics and pre-eval are not B's (post-eval and the save are redone, the pre-eval
+    is not reused); A itself trusts them, until its adapter is not the one its stamp names."""
+    tmp, env, stages = rerun_chain.tmp, rerun_chain.env, rerun_chain.stages
+    out = tmp_path / "out"
+    shutil.copytree(tmp / "out", out)
+    checkpoint = str(out / "checkpoints/checkpoint-2")
+    cfg_b = build_cfg(ModelCards().qwen3_vl_8b_instruct, {**env, "SFT_OUTPUT_DIR": str(out), "SFT_RUN_ID": "run-b",
+                                                          "SFT_LEARNING_RATE": "1e-3"})
+    b = _prepare(cfg_b, Timer())
+    with caplog.at_level("WARNING", logger="job.train"):
+        assert _finished_metrics(b, 2) is None
+        assert _stored_pre_metrics(b, checkpoint) is None
+    warned = caplog.text
+    assert "are not this run's (run_id: rerun -> run-b; fingerprint: " in warned
+    assert "pre_metrics.json: it is not this run's pre-eval (run_id: rerun -> run-b" in warned
+    a = _prepare(build_cfg(ModelCards().qwen3_vl_8b_instruct, {**env, "SFT_OUTPUT_DIR": str(out)}), Timer())
+    assert _finished_metrics(a, 2) == json.loads((tmp / "out/metrics.json").read_text())
+    assert _stored_pre_metrics(a, checkpoint) == stages["first_metrics"]["pre"]
+    (out / "adapter/adapter_model.safetensors").write_bytes(stages["first_adapter"][:-1] + b"x")
+    assert _finished_metrics(a, 2) is None
 
 
 def test_resume_require_without_a_checkpoint_is_a_user_error(rerun_chain, tmp_path):
