@@ -204,7 +204,10 @@ def _classify_hub(exc: BaseException) -> JobError | None:
         status = _http_status(exc)
         if status in (400, 422):  # the Hub names what it rejected (a file, a metadata field) in its message
             said = " ".join((exc.server_message or _first_line(exc)).split())[:500]
-            return UserError(f"Hub: HTTP {status}{where}: the Hub rejected the request: {said}")
+            # upload_folder has the Hub validate a README.md's metadata before the commit (/api/validate-yaml)
+            card = str(url or "").endswith("/validate-yaml")
+            what = "README.md's metadata (the model card)" if card else "the request"
+            return UserError(f"Hub: HTTP {status}{where}: the Hub rejected {what}: {said}")
         if status in (401, 403, 404):
             return UserError(f"Hub: HTTP {status}{where}: check the repo id and that HF_TOKEN may read it (and write "
                              "it, for a push)")
