@@ -194,7 +194,9 @@ def _classify_hub(exc: BaseException) -> JobError | None:
         return UserError(f"Hub: repository not found or no access{where}: check the repo id and HF_TOKEN")
     if isinstance(exc, RevisionNotFoundError):
         return UserError(f"Hub: revision not found{where}: check SFT_MODEL_REVISION / SFT_DATASET_REVISION")
-    if isinstance(exc, (EntryNotFoundError, HFValidationError, OfflineModeIsEnabled)):
+    if isinstance(exc, OfflineModeIsEnabled):
+        return UserError(f"Hub: HF_HUB_OFFLINE=1 forbids this request: {_first_line(exc)}")
+    if isinstance(exc, (EntryNotFoundError, HFValidationError)):
         return UserError(f"Hub: {_first_line(exc)}")
     if isinstance(exc, LocalEntryNotFoundError):
         if hub_offline():

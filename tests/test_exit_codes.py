@@ -552,3 +552,27 @@ def test_subprocess_hub_endpoint_401_is_exit_2_before_the_processor(hub_endpoint
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "SFT_MODEL_ID='org/private'" in proc.stderr and TRACEBACK not in proc.stderr
     assert PROCESSOR_LOADED not in proc.stderr and WEIGHTS_LOADED not in proc.stderr
+
+
+# -- out of memory (issue 33) -----------------------------------------------------------------------------------------
+def test_an_out_of_memory_error_is_exit_2_everywhere_and_a_late_one_says_why_it_came_late():
+    """A training step's OOM is OutOfMemory (the run above); one after the first steps is exit 2 as well, with the
+    fragmentation advice; torch's OutOfMemoryError anywhere else (eval, export) is exit 2 naming the eval settings."""
+    import torch
+
+    from job.errors import OutOfMemory
+
+    late = OutOfMemory(40, 2, 1900, {"SFT_PER_DEVICE_BATCH_SIZE": "2", "SFT_MAX_LENGTH": "2048"})
+    assert cli.exit_code_for(late) == 2
+    assert str(late).startswith("out of GPU memory at training step 40 on a batch of 2 row(s) whose longest sequence "
+                                "is 1900 tokens (visual tokens included)")
+    assert "SFT_PER_DEVICE_BATCH_SIZE=2, SFT_MAX_LENGTH=2048" in str(late)
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in str(late)
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        except torch.OutOfMemoryError as exc:
+            raise RuntimeError("evaluate_qwen3 failed: CUDA out of memory") from exc
+    except RuntimeError as wrapped:
+        assert cli.exit_code_for(wrapped) == 2
+        assert "SFT_EVAL_BATCH_SIZE" in str(find_job_error(wrapped))
