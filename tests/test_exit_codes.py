@@ -336,8 +336,9 @@ MISTAKES += [
             not_in_message=("DataLoader worker", "Original Traceback")),
     Mistake("sigterm_during_the_hub_push", "run",
             {**TRAIN_STEP, "SFT_HUB_REPO_ID": "me/adapter", "HF_TOKEN": "hf_write", "SFT_EVAL_POST": "true",
-             "SFT_EVAL_MAX_NEW_TOKENS": "4", "SFT_EVAL_BATCH_SIZE": "4", "SFT_PUSH_REQUIRE_IMPROVEMENT": "false",
-             "SFT_PREEMPT_GRACE_S": "3600"}, 143, ("preempted by SIGTERM",),
+             "SFT_EVAL_MODE": "generate", "SFT_EVAL_SUBSET": "2", "SFT_EVAL_MAX_NEW_TOKENS": "2",
+             "SFT_EVAL_BATCH_SIZE": "2", "SFT_PUSH_REQUIRE_IMPROVEMENT": "false", "SFT_PREEMPT_GRACE_S": "3600"},
+            143, ("preempted by SIGTERM",),
             around=_sigterm_during_the_push, after_weights=True),
 ]
 
