@@ -1,9 +1,8 @@
 """The run's setup, up to a trainable model: config checks, s3:// mirrors, processor, preflight, storage and Hub
 access, one real batch. Everything here fails fast (exit 2) on bad config, data or credentials.
 
-Preflight runs before anything is written to the checkpoint store, so a run that fails on its data leaves nothing
-behind but preflight_report.json. The push's access to the Hub (read-only requests: the token, the repo) is checked
-first, before any download: a token that cannot push must not cost the downloads and the preflight either.
+Preflight runs before anything is written to the checkpoint store or the Hub is asked for access, so a run that
+fails on its data leaves nothing behind but preflight_report.json.
 """
 
 from __future__ import annotations
@@ -192,7 +191,6 @@ def _prepare(cfg: JobConfig, timer: Timer) -> Prepared:
     _seed_everything(cfg.train.seed)
     early.check_inputs(cfg, "run")  # paths and the output dir, before any download
     _hub_access(cfg)
-    _check_publish_access(cfg)  # the push's token and repo, before any download
     with distributed.local_main_first():  # one download per node into the shared cache
         sources = localize(cfg)
         cfg = sources.local(cfg)
@@ -202,6 +200,7 @@ def _prepare(cfg: JobConfig, timer: Timer) -> Prepared:
     run_id = _resolve_run_id(cfg, sources, preflight)
     log.info("data: %d train rows, %d eval rows from %s", len(train_ds), len(eval_ds), cfg.data.uri)
     remote = _remote_checkpoints(cfg, run_id)
+    _check_publish_access(cfg)
     paths = RunPaths(Path(cfg.train.output_dir)).create()
     collator, eval_collator = build_collators(cfg, processor)
     _check_supervised_tokens(collator, train_ds, cfg.train.per_device_batch_size)
