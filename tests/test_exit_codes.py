@@ -322,6 +322,31 @@ def _sigterm_during_the_push(tmp: Path, data: Path, monkeypatch) -> Iterator[Non
         assert server.repos["me/adapter"].commits  # created; the commit was held, never answered
 
 
+@contextlib.contextmanager
+def _sigterm_when_the_weights_load(tmp: Path, data: Path, monkeypatch) -> Iterator[None]:
+    """SIGTERM as `eval` starts loading the weights. Without a guard over the command, this process's own handler
+    (set here first) turns it into an error that is no 143, instead of letting the default action end the session."""
+
+    class Signal(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if WEIGHTS_LOADED in record.getMessage():
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def unguarded(signum, frame):
+        raise RuntimeError("SIGTERM reached no preemption guard")
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, unguarded)
+    handler = Signal()
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        for sig, previous in handlers.items():
+            signal.signal(sig, previous)
+
+
 MISTAKES += [
     Mistake("out_of_memory_at_step_1", "run", TRAIN_STEP, 2,
             ("out of GPU memory at training step 1 on a batch of 2 row(s)", "(visual tokens included)",
@@ -337,6 +362,8 @@ MISTAKES += [
              "SFT_EVAL_BATCH_SIZE": "2", "SFT_PUSH_REQUIRE_IMPROVEMENT": "false", "SFT_PREEMPT_GRACE_S": "3600"},
             143, ("preempted by SIGTERM",),
             around=_sigterm_during_the_push, after_weights=True),
+    Mistake("sigterm_during_eval", "eval", {"SFT_EVAL_ADAPTER": "none", "SFT_PREEMPT_GRACE_S": "3600"}, 143,
+            ("preempted by SIGTERM",), around=_sigterm_when_the_weights_load, after_weights=True),
 ]
 
 
