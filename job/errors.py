@@ -295,10 +295,11 @@ def dataloader_worker_error(exc: BaseException) -> JobError | None:
     chained traceback prints the cause first); the row and field are in the message."""
     if not isinstance(exc, RuntimeError) or not _WORKER_ERROR.match(str(exc)):
         return None
+    # The errors a worker's code raises (reading and collating rows), each built again from its one-line message.
+    rebuilt = {"DataError": DataError, "UserError": UserError, "TransientError": TransientError}
     for name, message in _WORKER_JOB_ERROR.findall(str(exc)):
-        found = globals().get(name)
-        if isinstance(found, type) and issubclass(found, (UserError, TransientError)) and found is not ConfigError:
-            return found(message)
+        if name in rebuilt:
+            return rebuilt[name](message)
     return None
 
 
