@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import enum
 import importlib
+import re
+import sys
 
 
 class ExitCode(enum.IntEnum):
@@ -109,6 +111,25 @@ class Preempted(JobError):
     exit_code = ExitCode.PREEMPTED
 
 
+class OutOfMemory(UserError):
+    """A training step ran out of accelerator memory: exit 2, as a configuration problem.
+
+    The first batch is the longest (job/train/sampler.py puts it first), so an OOM shows at step 1, and a retry on the
+    same GPU fails the same way; a later one is exit 2 too (README, Exit codes). `settings` are the memory levers and
+    their values ({"SFT_PER_DEVICE_BATCH_SIZE": "2", ...}); `longest` counts the visual tokens (the image pads are in
+    input_ids)."""
+
+    def __init__(self, step: int, rows: int, longest: int, settings: dict[str, str]):
+        self.step, self.rows, self.longest, self.settings = step, rows, longest, dict(settings)
+        levers = ", ".join(f"{name}={value}" for name, value in self.settings.items())
+        later = ("" if step <= 1 else "; the first and longest batch fitted, so memory grew during training: also set "
+                 "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True against fragmentation")
+        super().__init__(
+            f"out of GPU memory at training step {step} on a batch of {rows} row(s) whose longest sequence is "
+            f"{longest} tokens (visual tokens included): lower the memory it needs with {levers} (lower the batch "
+            f"size, the length or the pixel cap, or set SFT_GRADIENT_CHECKPOINTING=true){later}")
+
+
 class PeerFailed(JobError):
     """On a DDP rank > 0: rank 0 failed in a step only it runs (preflight, eval); exit with rank 0's code."""
 
@@ -183,7 +204,9 @@ def _classify_hub(exc: BaseException) -> JobError | None:
         return UserError(f"Hub: repository not found or no access{where}: check the repo id and HF_TOKEN")
     if isinstance(exc, RevisionNotFoundError):
         return UserError(f"Hub: revision not found{where}: check SFT_MODEL_REVISION / SFT_DATASET_REVISION")
-    if isinstance(exc, (EntryNotFoundError, HFValidationError, OfflineModeIsEnabled)):
+    if isinstance(exc, OfflineModeIsEnabled):
+        return UserError(f"Hub: HF_HUB_OFFLINE=1 forbids this request: {_first_line(exc)}")
+    if isinstance(exc, (EntryNotFoundError, HFValidationError)):
         return UserError(f"Hub: {_first_line(exc)}")
     if isinstance(exc, LocalEntryNotFoundError):
         if hub_offline():
@@ -191,12 +214,22 @@ def _classify_hub(exc: BaseException) -> JobError | None:
         return None  # the network error it wraps (its __cause__) decides
     if isinstance(exc, HfHubHTTPError):
         status = _http_status(exc)
-        if status in (400, 401, 403, 404):
-            return UserError(f"Hub: HTTP {status}{where}: check the repo id and HF_TOKEN")
-        if status is None or status == 429 or status >= 500:
+        if status in (400, 422):  # the Hub names what it rejected (a file, a metadata field) in its message
+            said = " ".join((exc.server_message or _first_line(exc)).split())[:500]
+            # upload_folder has the Hub validate a README.md's metadata before the commit (/api/validate-yaml)
+            card = str(url or "").endswith("/validate-yaml")
+            what = "README.md's metadata (the model card)" if card else "the request"
+            return UserError(f"Hub: HTTP {status}{where}: the Hub rejected {what}: {said}")
+        if status in (401, 403, 404):
+            return UserError(f"Hub: HTTP {status}{where}: check the repo id and that HF_TOKEN may read it (and write "
+                             "it, for a push)")
+        if status is None or status in _TRANSIENT_STATUSES or status >= 500:
             return TransientError(f"Hub: HTTP {status}{where} (after retries)")
         return UserError(f"Hub: HTTP {status}{where}: {_first_line(exc)}")
     return None
+
+
+_TRANSIENT_STATUSES = (408, 429)  # request timeout, throttled: the rest of 4xx is the request's own fault
 
 
 def hub_offline() -> bool:
@@ -227,7 +260,7 @@ def _classify_http(exc: BaseException) -> JobError | None:
     if isinstance(exc, tuple(http_error_types)):
         status = _http_status(exc)
         url = getattr(getattr(exc, "request", None), "url", None) or getattr(getattr(exc, "response", None), "url", "")
-        if status in (400, 401, 403, 404):
+        if status is not None and 400 <= status < 500 and status not in _TRANSIENT_STATUSES:
             return UserError(f"HTTP {status} from {url}: check the id and the credentials")
         return TransientError(f"HTTP {status} from {url} (after retries)")
     if isinstance(exc, tuple(transient_types)) and not isinstance(exc, (FileNotFoundError, PermissionError)):
@@ -251,13 +284,43 @@ def _classify_os(exc: BaseException) -> JobError | None:
     return None
 
 
+def _classify_out_of_memory(exc: BaseException) -> JobError | None:
+    """torch.OutOfMemoryError outside a training step (which raises OutOfMemory with the batch): eval, export."""
+    torch = sys.modules.get("torch")  # not imported: the error cannot be torch's
+    if torch is None or not isinstance(exc, torch.OutOfMemoryError):
+        return None
+    return UserError(f"out of GPU memory outside training ({_first_line(exc, 200)}): lower SFT_EVAL_BATCH_SIZE, "
+                     "SFT_MAX_LENGTH or SFT_IMAGE_MAX_PIXELS")
+
+
+_WORKER_ERROR = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+_WORKER_JOB_ERROR = re.compile(r"^job\.errors\.(\w+): (.+)$", re.MULTILINE)
+
+
+def dataloader_worker_error(exc: BaseException) -> JobError | None:
+    """The JobError raised in a DataLoader worker process. torch re-raises a worker's exception in the main process by
+    its type and formatted traceback only (torch/_utils.py ExceptionWrapper): the collator's `RuntimeError('Qwen3
+    collate failed')` arrives as a RuntimeError without a cause, its DataError only in the traceback's text, as
+    `job.errors.DataError: <message>`. That line gives the class and the one-line message back (the first one: a
+    chained traceback prints the cause first); the row and field are in the message."""
+    if not isinstance(exc, RuntimeError) or not _WORKER_ERROR.match(str(exc)):
+        return None
+    # The errors a worker's code raises (reading and collating rows), each built again from its one-line message.
+    rebuilt = {"DataError": DataError, "UserError": UserError, "TransientError": TransientError}
+    for name, message in _WORKER_JOB_ERROR.findall(str(exc)):
+        if name in rebuilt:
+            return rebuilt[name](message)
+    return None
+
+
 S3_USER_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                            "NoSuchBucket", "NoSuchKey", "404", "403", "400", "401", "ExpiredToken", "InvalidToken",
                            "InvalidBucketName", "AccountProblem", "NotFound", "Forbidden"})
 # HTTP 400 in S3 can still be transient (RequestTimeout: the socket was idle too long), as botocore's retries treat it.
 S3_TRANSIENT_CODES = frozenset({"RequestTimeout", "RequestTimeoutException", "SlowDown", "Throttling",
                                 "ThrottlingException", "RequestLimitExceeded", "InternalError", "ServiceUnavailable"})
-_CLASSIFIERS = (_classify_s3, _classify_hub, _classify_http, _classify_os)
+_CLASSIFIERS = (_classify_s3, _classify_hub, _classify_http, _classify_os, _classify_out_of_memory,
+                dataloader_worker_error)
 
 
 def classify_foreign(exc: BaseException) -> JobError | None:

@@ -9,21 +9,24 @@ Qwen3-VL, and asserts: the exit code; that the one-line message names the settin
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from helpers import PROCESSOR_LOADED, REPO, TINY_PIXELS, TRACEBACK, WEIGHTS_LOADED
-from loopback import HubErrorHandler, free_port, serve
+from loopback import Account, free_port, serve, serve_hub
 
 from job import cli
 from job.cards import ModelCards
@@ -54,11 +57,24 @@ class _SlowDownHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+# The loopback Hub's tokens (tests/loopback.py): `hf_write` may push to its user's namespace and to `org`, `hf_read`
+# is a read-only token; `readers` is an organisation where the user may only read.
+HUB_ACCOUNTS = {"hf_write": Account("me", orgs={"org": "write", "readers": "read"}),
+                "hf_read": Account("me", role="read", token_name="read-only")}
+
+
 @pytest.fixture(scope="module")
 def hub_endpoint():
-    url, server = serve(HubErrorHandler)
-    yield url
-    server.shutdown()
+    with serve_hub(accounts=HUB_ACCOUNTS, namespaces=("readers",)) as server:
+        yield server.url
+
+
+def _hub_on(monkeypatch, url: str) -> None:
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "ENDPOINT", url)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +108,9 @@ class Mistake:
     not_in_message: tuple[str, ...] = ()
     needs: str | None = None  # "moto", "moto_iam", "hub": a loopback server
     extra_env: dict[str, str] = field(default_factory=dict)
+    # what happens around the job (a fault where training would meet it): (tmp, data_dir, monkeypatch) -> context
+    around: Callable[[Path, Path, pytest.MonkeyPatch], contextlib.AbstractContextManager] | None = None
+    after_weights: bool = False  # the mistake can only show once training runs (the weights are loaded)
 
 
 def _wrong_columns(tmp: Path, model: Path, data: Path) -> None:
@@ -207,6 +226,144 @@ MISTAKES = [
             early=True, needs="hub"),
     Mistake("hub_model_503", "run", {"SFT_MODEL_ID": "org/down"}, 3, ("SFT_MODEL_ID='org/down'", "503"), early=True,
             needs="hub"),
+    # issue 33: the push's access, checked after preflight, before the weights (job/storage/hub.py check_push_access;
+    # every status and role of the check: tests/storage/test_hub_push.py)
+    Mistake("hub_push_read_only_token", "run", {"SFT_HUB_REPO_ID": "me/adapter", "HF_TOKEN": "hf_read"}, 2,
+            ("SFT_HUB_REPO_ID=me/adapter", "read-only token"), needs="hub"),
+    Mistake("hub_push_repo_503", "run", {"SFT_HUB_REPO_ID": "org/down", "HF_TOKEN": "hf_write"}, 3,
+            ("SFT_HUB_REPO_ID=org/down", "503"), needs="hub"),
+    Mistake("export_push_read_only_token", "run",
+            {"SFT_EXPORT": "true", "SFT_EXPORT_REPO_ID": "me/merged", "HF_TOKEN": "hf_read"}, 2,
+            ("SFT_EXPORT_REPO_ID=me/merged", "read-only token"), needs="hub"),
+    # issue 33: a gate on a metric the chosen SFT_EVAL_MODE does not measure, at config time
+    Mistake("gate_exact_match_in_score_mode", "run",
+            {"SFT_EVAL_MODE": "score", "SFT_PUSH_MIN_METRIC": "exact_match:0.8"}, 2,
+            ("SFT_PUSH_MIN_METRIC=exact_match:0.8", "SFT_EVAL_MODE=score"), early=True),
+    Mistake("gate_json_parse_rate_in_score_mode", "run",
+            {"SFT_EVAL_MODE": "score", "SFT_PUSH_MIN_METRIC": "json_parse_rate:0.9"}, 2,
+            ("SFT_PUSH_MIN_METRIC=json_parse_rate:0.9", "SFT_EVAL_MODE=score"), early=True),
+    Mistake("gate_roc_auc_in_generate_mode", "export",
+            {"SFT_EVAL_MODE": "generate", "SFT_PUSH_MIN_METRIC": "roc_auc:0.8"}, 2,
+            ("SFT_PUSH_MIN_METRIC=roc_auc:0.8", "SFT_EVAL_MODE=generate"), early=True),
+    Mistake("best_metric_in_generate_mode", "run",
+            {"SFT_EVAL_STEPS": "2", "SFT_EVAL_MODE": "generate", "SFT_BEST_METRIC": "roc_auc"}, 2,
+            ("SFT_BEST_METRIC=roc_auc", "SFT_EVAL_MODE=generate"), early=True),
+]
+
+
+# -- mistakes that only show once training runs (issue 33) -----------------------------------------------------------
+# One optimizer step of 2 rows, no eval: the job reaches its first training step in-process in a few seconds.
+TRAIN_STEP = {"SFT_MAX_STEPS": "1", "SFT_EVAL_PRE": "false", "SFT_EVAL_POST": "false", "SFT_PER_DEVICE_BATCH_SIZE": "2",
+              "SFT_GRAD_ACCUM": "1", "SFT_GRADIENT_CHECKPOINTING": "false", "SFT_DATALOADER_NUM_WORKERS": "0",
+              "SFT_LORA_DROPOUT": "0"}
+
+
+@contextlib.contextmanager
+def _oom_in_the_training_forward(tmp: Path, data: Path, monkeypatch) -> Iterator[None]:
+    """torch's own OutOfMemoryError from the model's forward in a training step, as a GPU too small for the batch
+    raises it (the pre-eval is off: the first forward in training mode is step 1's)."""
+    import torch
+
+    def out_of_memory(module, _args):
+        if type(module).__name__ == "Qwen3VLForConditionalGeneration" and module.training:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (raised by the test)")
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(out_of_memory)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _train_images_gone_after_preflight(tmp: Path, data: Path, monkeypatch) -> Iterator[None]:
+    """Every training image vanishes once preflight has read it (a volume changed under the job), when the weights
+    start loading: each row passed preflight, and the collator meets its missing image at collate time, in one of the
+    two dataloader workers."""
+    copy = tmp / "vanishing"
+    shutil.copytree(data, copy)
+    rows = [json.loads(line) for line in (copy / "train.jsonl").read_text().splitlines() if line.strip()]
+    monkeypatch.setenv("SFT_DATASET_URI", str(copy))
+
+    class RemoveImages(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if WEIGHTS_LOADED in record.getMessage():
+                for row in rows:
+                    (copy / row["image"]).unlink(missing_ok=True)
+
+    handler = RemoveImages()
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
+@contextlib.contextmanager
+def _sigterm_during_the_push(tmp: Path, data: Path, monkeypatch) -> Iterator[None]:
+    """SIGTERM while the loopback Hub holds the adapter's commit. The job's guard sets SIGTERM/SIGINT to SIG_IGN once
+    preempted (its process is on the way out) and its watchdog sleeps SFT_PREEMPT_GRACE_S: this process lives on, so
+    the handlers are restored afterwards and the budget (3600 s) outlives the session."""
+    released = threading.Event()
+
+    def signal_then_hold(repo_id: str, files: dict[str, bytes]) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        released.wait(30)  # failsafe: released as soon as the job has returned
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    with serve_hub(accounts=HUB_ACCOUNTS, on_commit=signal_then_hold) as server:
+        _hub_on(monkeypatch, server.url)
+        try:
+            yield
+        finally:
+            released.set()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        assert server.repos["me/adapter"].commits  # created; the commit was held, never answered
+
+
+@contextlib.contextmanager
+def _sigterm_when_the_weights_load(tmp: Path, data: Path, monkeypatch) -> Iterator[None]:
+    """SIGTERM as `eval` starts loading the weights. Without a guard over the command, this process's own handler
+    (set here first) turns it into an error that is no 143, instead of letting the default action end the session."""
+
+    class Signal(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if WEIGHTS_LOADED in record.getMessage():
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def unguarded(signum, frame):
+        raise RuntimeError("SIGTERM reached no preemption guard")
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, unguarded)
+    handler = Signal()
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        for sig, previous in handlers.items():
+            signal.signal(sig, previous)
+
+
+MISTAKES += [
+    Mistake("out_of_memory_at_step_1", "run", TRAIN_STEP, 2,
+            ("out of GPU memory at training step 1 on a batch of 2 row(s)", "(visual tokens included)",
+             "SFT_PER_DEVICE_BATCH_SIZE=2", "SFT_MAX_LENGTH=512", "SFT_IMAGE_MAX_PIXELS=16384",
+             "SFT_GRADIENT_CHECKPOINTING=false"), around=_oom_in_the_training_forward, after_weights=True,
+            not_in_message=("expandable_segments",)),
+    Mistake("row_error_in_a_dataloader_worker", "run", {**TRAIN_STEP, "SFT_DATALOADER_NUM_WORKERS": "2"}, 2,
+            ("train.jsonl:", "'image'"), around=_train_images_gone_after_preflight, after_weights=True,
+            not_in_message=("DataLoader worker", "Original Traceback")),
+    Mistake("sigterm_during_the_hub_push", "run",
+            {**TRAIN_STEP, "SFT_HUB_REPO_ID": "me/adapter", "HF_TOKEN": "hf_write", "SFT_EVAL_POST": "true",
+             "SFT_EVAL_MODE": "generate", "SFT_EVAL_SUBSET": "2", "SFT_EVAL_MAX_NEW_TOKENS": "2",
+             "SFT_EVAL_BATCH_SIZE": "2", "SFT_PUSH_REQUIRE_IMPROVEMENT": "false", "SFT_PREEMPT_GRACE_S": "3600"},
+            143, ("preempted by SIGTERM",),
+            around=_sigterm_during_the_push, after_weights=True),
+    Mistake("sigterm_during_eval", "eval", {"SFT_EVAL_ADAPTER": "none", "SFT_PREEMPT_GRACE_S": "3600"}, 143,
+            ("preempted by SIGTERM",), around=_sigterm_when_the_weights_load, after_weights=True),
 ]
 
 
@@ -249,11 +406,7 @@ def _loopback(case: Mistake, request, monkeypatch) -> None:
             ctx.__enter__()
             request.addfinalizer(lambda: ctx.__exit__(None, None, None))
     elif case.needs == "hub":
-        import huggingface_hub.constants as hub_constants
-
-        monkeypatch.setattr(hub_constants, "ENDPOINT", request.getfixturevalue("hub_endpoint"))
-        monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        _hub_on(monkeypatch, request.getfixturevalue("hub_endpoint"))
 
 
 def _params(cases: list[Mistake]) -> list:
@@ -270,7 +423,8 @@ def test_mistake_exits_with_its_code_and_one_message(case: Mistake, cli_env, tin
     _loopback(case, request, monkeypatch)
     caplog.set_level(logging.INFO)
     started = time.monotonic()
-    code = cli.main([case.command])
+    with case.around(tmp_path, tiny_assets[1], monkeypatch) if case.around else contextlib.nullcontext():
+        code = cli.main([case.command])
     seconds = time.monotonic() - started
     err = capsys.readouterr().err
     logged = "\n".join(caplog.messages)
@@ -282,15 +436,16 @@ def test_mistake_exits_with_its_code_and_one_message(case: Mistake, cli_env, tin
         assert wrong not in message, message
     if case.code in (2, 3, 4):
         assert TRACEBACK not in err, err[-3000:]
-    assert WEIGHTS_LOADED not in logged  # every mistake in the table is caught before the weights load
+    # every mistake in the table is caught before the weights load, but those that only training can show
+    assert (WEIGHTS_LOADED in logged) == case.after_weights, logged[-2000:]
     if case.early:
         assert PROCESSOR_LOADED not in logged, logged[-2000:]
         # Recorded, not asserted (timings on a shared machine are noise): the log lines above are the proof.
         request.node.user_properties.append(("seconds_to_fail", round(seconds, 2)))
 
 
-def test_the_audit_covers_at_least_25_mistakes():
-    assert len(MISTAKES) >= 25 and len({c.id for c in MISTAKES}) == len(MISTAKES)
+def test_the_audit_covers_at_least_40_mistakes():
+    assert len(MISTAKES) >= 40 and len({c.id for c in MISTAKES}) == len(MISTAKES)
 
 
 # -- classification with real clients ----------------------------------------------------------------------------
@@ -422,3 +577,27 @@ def test_subprocess_hub_endpoint_401_is_exit_2_before_the_processor(hub_endpoint
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "SFT_MODEL_ID='org/private'" in proc.stderr and TRACEBACK not in proc.stderr
     assert PROCESSOR_LOADED not in proc.stderr and WEIGHTS_LOADED not in proc.stderr
+
+
+# -- out of memory (issue 33) -----------------------------------------------------------------------------------------
+def test_an_out_of_memory_error_is_exit_2_everywhere_and_a_late_one_says_why_it_came_late():
+    """A training step's OOM is OutOfMemory (the run above); one after the first steps is exit 2 as well, with the
+    fragmentation advice; torch's OutOfMemoryError anywhere else (eval, export) is exit 2 naming the eval settings."""
+    import torch
+
+    from job.errors import OutOfMemory
+
+    late = OutOfMemory(40, 2, 1900, {"SFT_PER_DEVICE_BATCH_SIZE": "2", "SFT_MAX_LENGTH": "2048"})
+    assert cli.exit_code_for(late) == 2
+    assert str(late).startswith("out of GPU memory at training step 40 on a batch of 2 row(s) whose longest sequence "
+                                "is 1900 tokens (visual tokens included)")
+    assert "SFT_PER_DEVICE_BATCH_SIZE=2, SFT_MAX_LENGTH=2048" in str(late)
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in str(late)
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        except torch.OutOfMemoryError as exc:
+            raise RuntimeError("evaluate_qwen3 failed: CUDA out of memory") from exc
+    except RuntimeError as wrapped:
+        assert cli.exit_code_for(wrapped) == 2
+        assert "SFT_EVAL_BATCH_SIZE" in str(find_job_error(wrapped))

@@ -21,11 +21,21 @@ from job.errors import ConfigError
 from job.utils.redact import SECRET_ENV_VARS as SECRET_ENV_VARS  # its home is job.utils.redact
 
 ENV_PREFIX = "SFT_"
-# What SFT_PUSH_MIN_METRIC may gate on: post-eval metrics in [0, 1], higher is better. roc_auc is scoring mode's
-# (SFT_EVAL_MODE score or both, and a label set from the training split: checked before any weights load,
-# job/train/prepare.py check_gate_measurable); the others every eval has.
+# What SFT_PUSH_MIN_METRIC may gate on: post-eval metrics in [0, 1], higher is better.
 PUSH_GATE_METRICS = ("accuracy", "macro_f1", "json_parse_rate", "exact_match", "weighted_f1", "roc_auc")
-SCORED_GATE_METRICS = ("roc_auc",)
+# What the eval of each SFT_EVAL_MODE measures (job/eval/generate.py evaluate_qwen3): generation parses a JSON verdict
+# (json_parse_rate, exact_match); scoring has the label probabilities (roc_auc, log_loss, ece) and no verdict to parse;
+# both measures all. auto is both when the training split gives a label set, else generate: a scoring metric under
+# auto is checked once the label set is known, before any weights load (job/train/prepare.py check_gate_measurable).
+# The eval during training (SFT_EVAL_STEPS, SFT_BEST_METRIC) always scores.
+_LABEL_METRICS = ("accuracy", "macro_f1", "weighted_f1")
+_GENERATED = (*_LABEL_METRICS, "json_parse_rate", "exact_match")
+_SCORED = (*_LABEL_METRICS, "roc_auc", "log_loss", "ece")
+EVAL_MODE_METRICS = {"generate": _GENERATED, "score": _SCORED, "both": (*_GENERATED, *_SCORED[3:]),
+                     "auto": (*_GENERATED, *_SCORED[3:])}
+SCORED_GATE_METRICS = tuple(m for m in PUSH_GATE_METRICS if m not in _GENERATED)  # roc_auc: needs a label set
+_NOT_MEASURED = {"generate": "turns scoring off (no label probabilities)",
+                 "score": "generates no verdict (nothing to parse or match)"}
 # Standard variables that keep their own names. Their values are secrets: never logged, never stored.
 
 
@@ -260,14 +270,21 @@ def cross_field_problems(s: Settings, card: ModelSpec) -> list[str]:
     if unused:
         problems.append(f"{', '.join(env_name(f) for f in unused)} only apply with SFT_EVAL_STEPS (eval during "
                         "training): set SFT_EVAL_STEPS=N or unset them")
-    if s.eval_steps is not None and s.eval_mode == "generate":
-        problems.append("SFT_EVAL_STEPS scores the labels during training, and SFT_EVAL_MODE=generate turns scoring "
-                        "off: use SFT_EVAL_MODE=auto, score or both, or unset SFT_EVAL_STEPS")
+    # The eval during training scores (SFT_BEST_METRIC is one of _SCORED): the mode must measure what scoring does.
+    if s.eval_steps is not None and not set(_SCORED) <= set(EVAL_MODE_METRICS[s.eval_mode]):
+        best = f" and SFT_BEST_METRIC={s.best_metric}" if "best_metric" in s.model_fields_set else ""
+        problems.append(f"SFT_EVAL_STEPS{best} score{'' if best else 's'} the labels during training, and "
+                        f"SFT_EVAL_MODE={s.eval_mode} {_NOT_MEASURED[s.eval_mode]}: use SFT_EVAL_MODE=auto, score or "
+                        "both, or unset SFT_EVAL_STEPS")
     if s.push_min_metric and not s.eval_post:
         problems.append("SFT_PUSH_MIN_METRIC needs the post-eval: set SFT_EVAL_POST=true or unset the gate")
-    if s.push_min_metric and s.push_min_metric.partition(":")[0] in SCORED_GATE_METRICS and s.eval_mode == "generate":
-        problems.append(f"SFT_PUSH_MIN_METRIC={s.push_min_metric} gates on a scoring-mode metric, and "
-                        "SFT_EVAL_MODE=generate turns scoring off: use SFT_EVAL_MODE=auto, score or both")
+    gate = s.push_min_metric.partition(":")[0] if s.push_min_metric else None
+    if gate and gate not in EVAL_MODE_METRICS[s.eval_mode]:
+        modes = [m for m in ("auto", "both", "generate", "score") if gate in EVAL_MODE_METRICS[m]]
+        can = [m for m in PUSH_GATE_METRICS if m in EVAL_MODE_METRICS[s.eval_mode]]
+        problems.append(f"SFT_PUSH_MIN_METRIC={s.push_min_metric} gates on {gate}, and SFT_EVAL_MODE={s.eval_mode} "
+                        f"{_NOT_MEASURED[s.eval_mode]}, so the gate could only refuse after training: use "
+                        f"SFT_EVAL_MODE={' or '.join(modes)}, or gate on {', '.join(can)}")
     if s.export_repo_id and s.hub_repo_id and s.export_repo_id.lower() == s.hub_repo_id.lower():
         problems.append(
             f"SFT_EXPORT_REPO_ID and SFT_HUB_REPO_ID are both {s.hub_repo_id!r}: the merged model and the adapter "

@@ -25,6 +25,7 @@ from job.model import load_model
 from job.preflight.early import check_inputs, eval_adapter, load_processor_checked
 from job.preflight.run import run_preflight
 from job.storage.sources import localize
+from job.train.preemption import PreemptionGuard
 
 log = logging.getLogger("job.eval.command")
 PREFLIGHT_REPORT = "eval/standalone_preflight_report.json"
@@ -73,4 +74,6 @@ def _label_set(cfg: JobConfig) -> LabelSet | None:
 
 
 def main(env: dict | None = None) -> dict:
-    return run_eval(build_cfg(ModelCards().qwen3_vl_8b_instruct, env))
+    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
+    with PreemptionGuard(cfg.train.preempt_grace_s):  # SIGTERM/SIGINT: Preempted, exit 143 (README, Exit codes)
+        return run_eval(cfg)

@@ -48,6 +48,7 @@ from job.preflight.run import run_preflight
 from job.storage.checkpoints import RemoteCheckpoints
 from job.storage.hub import check_push_access, gate_decision, push_adapter
 from job.storage.sources import Sources, localize
+from job.train.preemption import PreemptionGuard
 
 log = logging.getLogger("job.export")
 PREFLIGHT_REPORT = "eval/export_preflight_report.json"
@@ -274,4 +275,6 @@ def _summary(report: dict, out: Path) -> None:
 
 
 def main(env: dict | None = None) -> dict:
-    return run_export(build_cfg(ModelCards().qwen3_vl_8b_instruct, env))
+    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
+    with PreemptionGuard(cfg.train.preempt_grace_s):  # SIGTERM/SIGINT: Preempted, exit 143 (README, Exit codes)
+        return run_export(cfg)

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from job.config import JobConfig
-from job.storage.hub import GATE_METRICS
+from job.storage.hub import GATE_METRICS, base_model_line
+from job.storage.sources import hub_model_id
 
 # Greedy predictions of the merged model must equal those of base + adapter (same dtype) on this share of rows.
 # fp32: merging is exact up to summation order, so every row. bf16: W + BA is rounded to bf16 once per weight,
@@ -120,10 +121,11 @@ def build_merged_card(cfg: JobConfig, report: dict, lineage: dict, pre: dict | N
                           dataset_name="sarcasm eval split", dataset_split=cfg.data.eval_split, metric_type=k,
                           metric_value=float(merged[k]))
                for k in GATE_METRICS if isinstance(merged.get(k), (int, float))]
+    on_hub = hub_model_id(lineage["base_model"])  # a local or s3:// base is no Hub base_model (base_model_line)
     data = ModelCardData(
-        base_model=lineage["base_model"], base_model_relation="merge", library_name="transformers",
+        base_model=on_hub, base_model_relation="merge" if on_hub else None, library_name="transformers",
         pipeline_tag="image-text-to-text", tags=[*cfg.card.tags, "merged-lora"], model_name=report["run_id"],
-        eval_results=results or None, base_model_revision=lineage.get("base_model_revision"),
+        eval_results=results or None, base_model_revision=lineage.get("base_model_revision") if on_hub else None,
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_card_body(cfg, report, lineage, pre or {})}")
 
@@ -164,7 +166,7 @@ Details in `export_report.json`.
 
 ## Lineage
 
-- base model: `{lineage['base_model']}` revision `{lineage.get('base_model_revision')}`
+{base_model_line(lineage['base_model'], lineage.get('base_model_revision'))}
 - dataset: `{lineage.get('dataset_uri')}`; code: git `{lineage.get('git_sha')}`, image `{lineage.get('image_digest')}`
 """
 

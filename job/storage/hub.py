@@ -9,7 +9,8 @@ import re
 from pathlib import Path
 
 from job.config import JobConfig
-from job.errors import TransientError, UserError
+from job.errors import UserError, classified
+from job.storage.sources import hub_model_id
 from job.utils.redact import redact
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,26 @@ def build_model_card(cfg: JobConfig, run_id: str, metrics: dict, lineage: dict):
                           metric_type=k, metric_value=float(post[k]))
                for k in (*GATE_METRICS, *CARD_SCORE_METRICS) if isinstance(post.get(k), (int, float))]
     data = ModelCardData(
-        base_model=lineage["base_model"], library_name="peft", pipeline_tag="image-text-to-text",
+        base_model=hub_model_id(lineage["base_model"]), library_name="peft", pipeline_tag="image-text-to-text",
         # `datasets:` keeps the bare repo id, which the Hub links ("owner/name@sha" would link nowhere); the commit
         # goes beside it (dataset_revision) and into each eval result's dataset.revision.
         datasets=[dataset] if lineage.get("dataset_is_hub") else None, dataset_revision=commit,
         tags=card_tags(cfg),
-        model_name=run_id, eval_results=results or None, base_model_revision=lineage.get("base_model_revision"),
+        model_name=run_id, eval_results=results or None,
+        base_model_revision=lineage.get("base_model_revision") if hub_model_id(lineage["base_model"]) else None,
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_card_body(cfg, run_id, metrics, lineage)}")
+
+
+def base_model_line(base_model: str, revision: str | None) -> str:
+    """The card's lineage line for the base model. The metadata's `base_model` takes Hub model ids only (the Hub
+    refuses a push whose card names a path there: HTTP 400); a local path or an s3:// base is said here instead."""
+    pinned = f" revision `{revision}`" if revision else ""
+    if hub_model_id(base_model):
+        return f"- base model: `{base_model}`{pinned}"
+    where = "an s3:// copy" if base_model.startswith("s3://") else "a local copy"
+    return (f"- base model: `{base_model}`{pinned}, {where} (SFT_MODEL_ID), not a Hub model id: the card's metadata "
+            "names no `base_model`")
 
 
 def card_tags(cfg: JobConfig) -> list[str]:
@@ -98,7 +111,7 @@ def _card_body(cfg: JobConfig, run_id: str, metrics: dict, lineage: dict) -> str
 {_best_step(metrics)}{_per_class_table(metrics)}{_pictures(metrics)}
 ## Lineage
 
-- base model: `{lineage['base_model']}`{f" revision `{revision}`" if revision else ""}
+{base_model_line(lineage['base_model'], revision)}
 - dataset: `{lineage.get('dataset_uri')}`{_version(lineage.get('dataset_version'))}
 - data fingerprint (sha256): `{lineage.get('fingerprint')}`
 {_eval_data_lines(lineage)}
@@ -234,38 +247,82 @@ def _eval_data_lines(lineage: dict) -> str:
     return "\n".join(lines)
 
 
-def _hub_errors(what: str, exc: Exception, setting: str = "SFT_HUB_REPO_ID") -> Exception:
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
+WRITE_ROLES = ("contributor", "write", "admin")  # Hub organisation roles that can create repos and push to them
 
-    if isinstance(exc, OfflineModeIsEnabled):
-        return UserError(f"Hub {what}: HF_HUB_OFFLINE=1 but {setting} asks for a push; unset one of them")
-    if isinstance(exc, RepositoryNotFoundError):
-        return UserError(f"Hub {what}: repository not found or no access; check {setting} and HF_TOKEN")
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    if isinstance(exc, HfHubHTTPError) and status in (401, 403, 404):
-        return UserError(f"Hub {what}: HTTP {status}; check HF_TOKEN has write access to {setting}")
-    return TransientError(f"Hub {what}: {type(exc).__name__}: {exc}")
+
+def write_access_problem(me: dict, repo_id: str) -> str | None:
+    """Why the token that whoami-v2 described (`me`) cannot push to repo_id, or None when it can: a read-only token,
+    a fine-grained one without `repo.write` on the repo or its namespace, or a namespace that is neither the user nor
+    an organisation where the user may write. What whoami does not say (an older Hub's answer) is not refused."""
+    namespace = repo_id.split("/", 1)[0]
+    token = (me.get("auth") or {}).get("accessToken") or {}
+    name = token.get("displayName") or "HF_TOKEN"
+    if token.get("role") == "read":
+        return f"HF_TOKEN ({name!r}) is a read-only token: the push needs a token with write access"
+    if token.get("role") == "fineGrained":
+        scoped = (token.get("fineGrained") or {}).get("scoped") or []
+        if not any("repo.write" in (grant.get("permissions") or [])
+                   and (grant.get("entity") or {}).get("name") in (namespace, repo_id) for grant in scoped):
+            return (f"HF_TOKEN ({name!r}) is a fine-grained token without the repo.write permission on {namespace!r} "
+                    f"or {repo_id!r}")
+    if me.get("type", "user") != "user" or namespace == me.get("name"):
+        return None
+    org = next((o for o in me.get("orgs") or [] if o.get("name") == namespace), None)
+    if org is None:
+        return f"HF_TOKEN's user {me.get('name')!r} is not a member of {namespace!r}, so it cannot create or push there"
+    if org.get("roleInOrg") not in WRITE_ROLES:
+        return (f"HF_TOKEN's user {me.get('name')!r} has the role {org.get('roleInOrg')!r} in {namespace!r}, which "
+                f"cannot push (one of {', '.join(WRITE_ROLES)} can)")
+    return None
 
 
 def check_push_access(repo_id: str, setting: str = "SFT_HUB_REPO_ID") -> str:
-    """whoami before training (or before an export loads a model): a bad token must not cost a GPU run. Returns the
-    user name. `setting` is the variable that named the repo (SFT_HUB_REPO_ID, SFT_EXPORT_REPO_ID)."""
+    """Before training (or before an export loads a model), that the push can succeed: a bad token or a repo it cannot
+    write must not cost a GPU run. whoami-v2 gives the token's role and the user's organisations (write_access_problem),
+    then the repo's metadata says whether it exists (it is created by the push otherwise). Returns the user name.
+    `setting` is the variable that named the repo (SFT_HUB_REPO_ID, SFT_EXPORT_REPO_ID)."""
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
 
+    context = f"{setting}={repo_id}"
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UserError(f"{setting}={repo_id} needs the Hub, but HF_HUB_OFFLINE=1")
+        raise UserError(f"{context} needs the Hub, but HF_HUB_OFFLINE=1")
     if not os.environ.get("HF_TOKEN"):
-        raise UserError(f"{setting}={repo_id} needs HF_TOKEN with write access")
+        raise UserError(f"{context} needs HF_TOKEN with write access")
+    api = HfApi()
     try:
-        return HfApi().whoami()["name"]
-    except Exception as exc:  # noqa: BLE001 - mapped to user/transient
-        raise _hub_errors("whoami", exc, setting) from None
+        me = api.whoami()
+    except Exception as exc:  # classified: 401/403 -> 2, timeouts and 5xx -> 3, else a bug
+        error = classified(exc, f"{context}: Hub whoami")
+        if error is None:
+            raise
+        raise error from exc
+    problem = write_access_problem(me, repo_id)
+    if problem:
+        raise UserError(f"{context}: {problem}; fix HF_TOKEN or name a repo it can write")
+    try:
+        api.repo_info(repo_id, repo_type="model")
+        log.info("Hub: %s exists; the push adds a commit", repo_id)
+    except RepositoryNotFoundError as exc:
+        # 404: no such repo, the push creates it. 401: the Hub hides a repo this token may not see (a private repo of
+        # another account), so the push could neither create nor write it.
+        if exc.response is not None and exc.response.status_code != 404:
+            raise UserError(f"{context}: the repo exists but HF_TOKEN may not read it (HTTP "
+                            f"{exc.response.status_code}); fix HF_TOKEN or name a repo it can write") from exc
+        log.info("Hub: %s does not exist yet; the push creates it", repo_id)
+    except Exception as exc:  # classified as above
+        error = classified(exc, f"{context}: Hub repo info")
+        if error is None:
+            raise
+        raise error from exc
+    return str(me.get("name"))
 
 
 def push_adapter(adapter_dir: Path, repo_id: str, private: bool, run_id: str, *, setting: str = "SFT_HUB_REPO_ID",
                  what: str = "run") -> str:
     """create_repo(exist_ok) + one upload_folder commit of a directory (the adapter, or the merged model with
-    setting="SFT_EXPORT_REPO_ID", what="export"); returns the commit URL."""
+    setting="SFT_EXPORT_REPO_ID", what="export"); returns the commit URL. Errors keep their class: a status the Hub
+    refused (400, 401, 403, 404, 422) is exit 2, 5xx and network failures 3, a signal (Preempted) 143, else a bug."""
     from huggingface_hub import HfApi
 
     api = HfApi()
@@ -273,6 +330,9 @@ def push_adapter(adapter_dir: Path, repo_id: str, private: bool, run_id: str, *,
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         info = api.upload_folder(folder_path=str(adapter_dir), repo_id=repo_id, repo_type="model",
                                  commit_message=f"qwen3-sft {what} {run_id}")
-    except Exception as exc:  # noqa: BLE001 - mapped to user/transient
-        raise _hub_errors(f"push to {repo_id}", exc, setting) from None
+    except Exception as exc:  # classified, or re-raised as it is (a Preempted keeps its 143)
+        error = classified(exc, f"Hub push to {repo_id} ({setting})")
+        if error is None:
+            raise
+        raise error from exc
     return str(getattr(info, "commit_url", info))

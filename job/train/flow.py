@@ -123,7 +123,8 @@ def main(env: dict[str, str] | None = None) -> dict[str, Any]:
         # SFT_EXPORT=true: once the gate passed (a refusal raised above). The training model is out of scope by now,
         # so the export's bf16 model does not share the GPU with it; DDP: rank 0 exports, the others are done.
         if cfg.export.enabled and distributed.is_main_process():
-            meta["export"] = run_export(cfg, after_run=True)["publish"]
+            with PreemptionGuard(cfg.train.preempt_grace_s):  # a signal during the export is 143, as during the run
+                meta["export"] = run_export(cfg, after_run=True)["publish"]
         return meta
     except JobError:
         raise

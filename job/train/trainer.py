@@ -13,6 +13,7 @@ from transformers import TrainerCallback
 
 from job.config import JobConfig
 from job.data.loaders import LENGTH_COLUMN
+from job.errors import OutOfMemory
 from job.model import has_cuda, keep_trainable_params_fp32
 from job.storage.checkpoints import RemoteCheckpoints
 from job.train.callbacks import CompletedMarkerCallback, LogCallback, RankStateCallback, RemoteCheckpointCallback
@@ -80,6 +81,7 @@ class Qwen3SFTTrainerMixin(_TrainerBase):
 
     group_by_length = True
     last_save_s = 0.0
+    memory_settings: tuple[tuple[str, str], ...] = ()  # what OutOfMemory names (memory_settings(cfg))
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -100,10 +102,29 @@ class Qwen3SFTTrainerMixin(_TrainerBase):
             self._length_sampler.set_epoch(kwargs["epoch"])
         return super()._run_epoch(*args, **kwargs)
 
+    def training_step(self, model, inputs, *args, **kwargs):
+        """One micro-batch; torch's OutOfMemoryError becomes OutOfMemory (exit 2) naming the step and the batch."""
+        import torch
+
+        try:
+            return super().training_step(model, inputs, *args, **kwargs)
+        except torch.OutOfMemoryError as exc:
+            mask = inputs.get("attention_mask")
+            longest = int(mask.sum(dim=-1).max()) if mask is not None else int(inputs["input_ids"].shape[-1])
+            raise OutOfMemory(self.state.global_step + 1, int(inputs["input_ids"].shape[0]), longest,
+                              dict(self.memory_settings)) from exc
+
     def _save_checkpoint(self, model, trial):
         started = time.monotonic()
         super()._save_checkpoint(model, trial)
         self.last_save_s = time.monotonic() - started
+
+
+def memory_settings(cfg: JobConfig) -> tuple[tuple[str, str], ...]:
+    """The settings that lower a training step's memory, with their values, in the order an OOM message names them."""
+    return (("SFT_PER_DEVICE_BATCH_SIZE", str(cfg.train.per_device_batch_size)),
+            ("SFT_MAX_LENGTH", str(cfg.train.max_length)), ("SFT_IMAGE_MAX_PIXELS", str(cfg.image.max_pixels)),
+            ("SFT_GRADIENT_CHECKPOINTING", str(cfg.model.gradient_checkpointing).lower()))
 
 
 @dataclass(frozen=True)
@@ -158,6 +179,7 @@ def build_trainer(cfg: JobConfig, model, data: TrainingData, saving: Checkpointi
     # the same numbers again as a dict.
     trainer.remove_callback(PrinterCallback)
     trainer.group_by_length = cfg.train.group_by_length
+    trainer.memory_settings = memory_settings(cfg)
     preemption = PreemptionCallback(saving.guard,
                                     lambda: trainer.last_save_s + (uploader.last_upload_s if uploader else 0.0))
     trainer.add_callback(preemption)
