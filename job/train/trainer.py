@@ -16,7 +16,7 @@ from job.data.loaders import LENGTH_COLUMN
 from job.model import has_cuda, keep_trainable_params_fp32
 from job.storage.checkpoints import RemoteCheckpoints
 from job.train.callbacks import CompletedMarkerCallback, LogCallback, RankStateCallback, RemoteCheckpointCallback
-from job.train.preemption import PreemptionCallback, PreemptionGuard
+from job.train.preemption import PreemptionCallback, PreemptionGuard, leave_signals_to_the_rank
 from job.train.sampler import LengthGroupedSampler
 
 log = logging.getLogger("job.train")
@@ -99,6 +99,12 @@ class Qwen3SFTTrainerMixin(_TrainerBase):
         if getattr(self, "_length_sampler", None) is not None and "epoch" in kwargs:
             self._length_sampler.set_epoch(kwargs["epoch"])
         return super()._run_epoch(*args, **kwargs)
+
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        if loader.num_workers > 0:  # a preemption signal reaches the workers too: the rank handles it, not they
+            loader.worker_init_fn = functools.partial(leave_signals_to_the_rank, init_fn=loader.worker_init_fn)
+        return loader
 
     def _save_checkpoint(self, model, trial):
         started = time.monotonic()
