@@ -102,8 +102,12 @@ class Qwen3SFTTrainerMixin(_TrainerBase):
 
     def get_train_dataloader(self):
         loader = super().get_train_dataloader()
-        if loader.num_workers > 0:  # a preemption signal reaches the workers too: the rank handles it, not they
-            loader.worker_init_fn = functools.partial(leave_signals_to_the_rank, init_fn=loader.worker_init_fn)
+        # accelerate's prepared loader wraps the torch DataLoader that starts the workers (base_dataloader); a loader
+        # rebuilt to skip the batches of a resume takes its worker_init_fn from there.
+        torch_loader = getattr(loader, "base_dataloader", loader)
+        if torch_loader.num_workers > 0:  # a preemption signal reaches the workers too: the rank handles it
+            torch_loader.worker_init_fn = functools.partial(leave_signals_to_the_rank,
+                                                            init_fn=torch_loader.worker_init_fn)
         return loader
 
     def _save_checkpoint(self, model, trial):
