@@ -132,15 +132,45 @@ while not os.path.exists(done + "1"):  # rank 0 stays until rank 1 has timed out
 """
 
 
-def test_a_collective_that_times_out_is_exit_3_naming_the_collective_and_the_ranks(zygote, tmp_path):
+def two_ranks(zygote, tmp_path, code: str, *args: str) -> list[list[str]]:
+    """`code` in two forked processes of one gloo group on loopback (ranks 0 and 1 of one node); their stdout lines."""
     env = {**zygote_env(dict(os.environ)), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "WORLD_SIZE": "2"}
-    procs = [zygote.fork(["-c", STUCK, str(tmp_path / "done")], {**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+    procs = [zygote.fork(["-c", code, *args], {**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                          tmp_path / f"out{r}.txt", tmp_path / f"err{r}.txt") for r in (0, 1)]
-    assert [p.wait(timeout=DEADLINE_S) for p in procs] == [0, 0]
-    out = [(tmp_path / f"out{r}.txt").read_text().splitlines() for r in (0, 1)]
+    assert [p.wait(timeout=DEADLINE_S) for p in procs] == [0, 0], [(tmp_path / f"err{r}.txt").read_text()[-2000:]
+                                                                   for r in (0, 1)]
+    return [(tmp_path / f"out{r}.txt").read_text().splitlines() for r in (0, 1)]
+
+
+def test_a_collective_that_times_out_is_exit_3_naming_the_collective_and_the_ranks(zygote, tmp_path):
+    out = two_ranks(zygote, tmp_path, STUCK, str(tmp_path / "done"))
     assert out[0][0] == out[1][0] == str(int(ExitCode.TRANSIENT)), out
     assert re.fullmatch(r"rank 0: the vote of every rank timed out \(.*Timed out waiting 2000ms.*\), waiting for all "
                         r"2 ranks", out[0][1]), out[0]
     assert re.fullmatch(r"rank 1: the broadcast of rank 0's result timed out \(.*Timed out waiting 4000ms.*\), "
                         r"waiting for rank 0", out[1][1]), out[1]
+
+
+LOCAL_FIRST = """
+from job import cli
+from job.errors import DataError
+from job.train import distributed
+distributed.init_process_group()
+ran = []
+try:
+    with distributed.local_main_first():
+        ran.append(distributed.rank())
+        if distributed.rank() == 0:
+            raise DataError("train.jsonl:3: field 'image' is missing")
+except BaseException as exc:
+    print(cli.exit_code_for(exc), ran, exc, sep="\\n", flush=True)
+"""
+
+
+def test_a_failure_of_local_rank_0_first_is_its_exit_code_on_every_rank_which_skips_the_block(zygote, tmp_path):
+    out = two_ranks(zygote, tmp_path, LOCAL_FIRST)
+    assert out[0] == ["2", "[0]", "train.jsonl:3: field 'image' is missing"]
+    # rank 1 never ran the block (the download its local rank 0 failed) and exits with rank 0's code
+    assert out[1] == ["2", "[]", "rank 0 failed: train.jsonl:3: field 'image' is missing (full message in rank 0's "
+                      "log)"]
