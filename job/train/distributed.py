@@ -88,7 +88,11 @@ def is_collective_failure(exc: BaseException) -> bool:
 
 @contextlib.contextmanager
 def collective(name: str, waited_for: str) -> Iterator[None]:
-    """Run one of the job's collectives; a timeout or a vanished peer becomes CollectiveFailed (exit 3)."""
+    """Run one of the job's collectives; a timeout or a vanished peer becomes CollectiveFailed (exit 3). Without
+    torchrun there is no collective, and nothing is reinterpreted."""
+    if not is_distributed():
+        yield
+        return
     try:
         yield
     except Exception as exc:

@@ -59,7 +59,10 @@ def _train(p: Prepared, model, run, guard: PreemptionGuard, resume_from: str | N
         _during_train_eval(p, run, guard, resume_from))
     guard.in_training = True
     try:
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        # The Trainer's own collectives (DDP's gradient all-reduce) time out like the job's: exit 3, not a bug.
+        with distributed.collective("the training step (DDP's gradient all-reduce)",
+                                    f"all {distributed.world_size()} ranks"):
+            result = trainer.train(resume_from_checkpoint=resume_from)
     finally:
         guard.in_training = False
     if uploader is not None:
