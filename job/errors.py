@@ -130,6 +130,16 @@ class OutOfMemory(UserError):
             f"size, the length or the pixel cap, or set SFT_GRADIENT_CHECKPOINTING=true){later}")
 
 
+class CollectiveFailed(TransientError):
+    """A collective (broadcast, all-reduce, barrier) across the ranks timed out or lost a peer: exit 3, naming the
+    collective, this rank and the ranks it waited for. A retry of the pods can pass; a rank that failed first has
+    its own message in its node's log."""
+
+    def __init__(self, collective: str, rank: int, waited_for: str, problem: str):
+        self.collective, self.rank, self.waited_for = collective, rank, waited_for
+        super().__init__(f"rank {rank}: {collective} {problem} waiting for {waited_for}")
+
+
 class PeerFailed(JobError):
     """On a DDP rank > 0: rank 0 failed in a step only it runs (preflight, eval); exit with rank 0's code."""
 

@@ -42,8 +42,14 @@ The runs (fixture -> what it returns):
   another run (SFT_RESUME=never, SFT_LAUNCH_ID) SIGKILLed after its last checkpoint and retried.
 - ddp_run -> Run: `qwen3-sft run` with SFT_NPROC_PER_NODE=2 (the launcher, 2 gloo workers), 4 steps, a gate that
   refuses: exit 4. ddp_standalone_eval -> Run: `qwen3-sft eval` of its adapter in a single process.
-- ddp_preempted_run -> DDPPreempted: the launcher with 40 steps, SIGTERMed once checkpoint-2 is COMPLETED.
+- ddp_preempted_run -> DDPPreempted: the launcher with 40 steps and 2 dataloader workers per rank, SIGTERMed once
+  checkpoint-2 is COMPLETED.
 - ddp_bad_row_run -> Run: the launcher on data_with_one_bad_row with SFT_BAD_ROWS=fail: exit 2 in preflight.
+- two_node_run -> Nodes: two `qwen3-sft run` launchers on loopback as a PyTorchJob starts them (PET_NNODES=2,
+  PET_NODE_RANK, MASTER_ADDR/MASTER_PORT, one gloo worker each, separate empty output dirs, one moto store), TWO_NODES
+  (SFT_EVAL_STEPS = SFT_SAVE_STEPS = 2), uninterrupted. two_node_chain -> {stage: Nodes}: the same, both nodes killed
+  while checkpoint-4 uploads (killed), two fresh nodes SIGTERMed on node 1 only (sigterm_one), two fresh nodes to the
+  end (final). two_node_user_error -> Nodes: node 1's SFT_OUTPUT_DIR is a file (exit 2 before any weights load).
 - colour_run -> Run: an imbalanced 5-class colour task (COLOUR_TRAIN, COLOUR_EVAL) with SFT_EVAL_STEPS=2 over
   COLOUR_STEPS steps: eval during training and the best step's adapter. colour_resumed -> Chain: the same run
   SIGTERMed in its first eval step or the one after, then resumed to the end.
@@ -70,7 +76,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -683,18 +689,141 @@ class DDPPreempted:
 
 
 def _ddp_preempted_run(ctx: Ctx) -> DDPPreempted:
-    """The launcher with 40 steps, SIGTERMed (as Kubernetes does: the container's main process only) once
-    checkpoint-2 is COMPLETED."""
+    """The launcher with 40 steps and 2 dataloader workers per rank, SIGTERMed (as Kubernetes does: the container's
+    main process only; torch elastic's agent forwards it to each worker's process group, dataloader workers
+    included) once checkpoint-2 is COMPLETED."""
     done = ctx.tmp / "out/checkpoints/checkpoint-2/COMPLETED"
     with ctx.slots.hold(ctx.priority, 2):
-        env = job_env(ctx.tmp, ctx.tiny_assets, ctx.environ,
-                      **{**DDP, **NO_WANDB, "SFT_MAX_STEPS": "40", "SFT_EVAL_PRE": "false"})
+        env = job_env(ctx.tmp, ctx.tiny_assets, ctx.environ, **{
+            **DDP, **NO_WANDB, "SFT_MAX_STEPS": "40", "SFT_EVAL_PRE": "false", "SFT_DATALOADER_NUM_WORKERS": "2"})
         proc = ctx.start(ctx.tmp, env)
         wait_until(done.exists, proc, "checkpoint-2/COMPLETED")
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         returncode = proc.wait(timeout=120)
     return DDPPreempted(ctx.tmp, returncode, time.monotonic() - sent)
+
+
+# -- two nodes on loopback, as k8s/multinode/pytorchjob.yaml runs them (#32) ------------------------------------------
+TWO_NODE_STEPS = 6
+TWO_NODES = dict(SFT_MAX_STEPS=str(TWO_NODE_STEPS), SFT_SAVE_STEPS="2", SFT_EVAL_STEPS="2",
+                 SFT_EVAL_DURING_TRAIN_ROWS="4", SFT_EVAL_PRE="false", SFT_SAVE_TOTAL_LIMIT="10",
+                 SFT_PREEMPT_GRACE_S="60", SFT_RUN_ID="two-nodes", OMP_NUM_THREADS="1", **NO_WANDB)
+
+
+@dataclass
+class Nodes:
+    """One launch of two nodes: node k's folder is tmp/node<k> (log.txt, out/); codes[k] its launcher's exit code."""
+
+    tmp: Path
+    codes: list[int]
+    bucket: str | None = None
+
+    def out(self, node: int) -> Path:
+        return self.tmp / f"node{node}" / "out"
+
+    def log(self, node: int) -> str:
+        return (self.tmp / f"node{node}" / "log.txt").read_text(errors="replace")
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (/proc), parents first: a node's launcher, its workers (their own
+    sessions, which the launcher's agent starts) and their dataloader workers."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited while listed
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop(0))
+        todo.extend(children.get(tree[-1], []))
+    return tree
+
+
+def signal_node(proc: Forked, sig: int) -> None:
+    """Signal every process of a node, as the kubelet's SIGTERM (through an init that signals the group) or the
+    node's end (SIGKILL) reaches them all."""
+    for pid in process_tree(proc.pid):
+        if pid == proc.pid:
+            proc.send_signal(sig)
+            continue
+        with suppress(ProcessLookupError):  # exited in the meantime
+            os.kill(pid, sig)
+
+
+def start_nodes(ctx: Ctx, tmp: Path, endpoint: str | None, bucket: str | None,
+                per_node: tuple[dict[str, str], dict[str, str]] = ({}, {})) -> list[Forked]:
+    """Two launchers, each with its own empty output dir, meeting at 127.0.0.1 (a fresh port per launch)."""
+    port, procs = free_port(), []
+    for node in (0, 1):
+        folder = tmp / f"node{node}"
+        store = dict(SFT_CHECKPOINT_URI=f"s3://{bucket}/runs", AWS_ENDPOINT_URL=endpoint, **AWS_ENV) if bucket else {}
+        env = job_env(folder, ctx.tiny_assets, ctx.environ, **TWO_NODES, **store, PET_NNODES="2",
+                      PET_NODE_RANK=str(node), PET_NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      WORLD_SIZE="2", RANK=str(node), **per_node[node])
+        procs.append(ctx.zygote.fork(["-m", "job", "run"], env, *(_log_file(folder),) * 2))
+    return procs
+
+
+def _log_file(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "log.txt").touch()
+    return folder / "log.txt"
+
+
+def _two_node_run(ctx: Ctx) -> Nodes:
+    """TWO_NODES uninterrupted: the reference of two_node_chain."""
+    bucket = "two-node-run"
+    s3_client(ctx.s3).create_bucket(Bucket=bucket)
+    with ctx.slots.hold(ctx.priority, 2):
+        procs = start_nodes(ctx, ctx.tmp, ctx.s3, bucket)
+        return Nodes(ctx.tmp, [proc.wait(timeout=DEADLINE_S) for proc in procs], bucket)
+
+
+def _two_node_chain(ctx: Ctx) -> dict[str, Nodes]:
+    """TWO_NODES three times on the same store, each time on two new nodes with empty output dirs:
+    - killed: both nodes SIGKILLed (every process) while the upload of checkpoint-4 is held by a proxy, so the store
+      has checkpoint-2 COMPLETED: the resume step is an eval step (SFT_EVAL_STEPS = SFT_SAVE_STEPS);
+    - sigterm_one: resumed from checkpoint-2; SIGTERM to node 1's processes only, in the step after the first step
+      line of node 0 (rank 0's log);
+    - final: resumed to the end."""
+    bucket = "two-node-chain"
+    s3_client(ctx.s3).create_bucket(Bucket=bucket)
+    stages: dict[str, Nodes] = {}
+    proxy = FaultProxy(int(ctx.s3.rsplit(":", 1)[1]))
+    try:
+        proxy.hold("/checkpoint-4/")
+        with ctx.slots.hold(ctx.priority, 2):
+            procs = start_nodes(ctx, ctx.tmp / "killed", proxy.url, bucket)
+            wait_until(proxy.held.is_set, procs[0], "the upload of checkpoint-4")
+            for proc in procs:
+                signal_node(proc, signal.SIGKILL)
+            stages["killed"] = Nodes(ctx.tmp / "killed", [proc.wait(timeout=60) for proc in procs], bucket)
+        proxy.release()
+    finally:
+        proxy.close()
+    with ctx.slots.hold(ctx.priority, 2):
+        tmp = ctx.tmp / "sigterm_one"
+        procs = start_nodes(ctx, tmp, ctx.s3, bucket)
+        wait_until(log_has(tmp / "node0/log.txt", rf"step \d+/{TWO_NODE_STEPS} "), procs[0], "node 0's first step")
+        signal_node(procs[1], signal.SIGTERM)
+        stages["sigterm_one"] = Nodes(tmp, [proc.wait(timeout=120) for proc in procs], bucket)
+    with ctx.slots.hold(ctx.priority, 2):
+        procs = start_nodes(ctx, ctx.tmp / "final", ctx.s3, bucket)
+        stages["final"] = Nodes(ctx.tmp / "final", [proc.wait(timeout=DEADLINE_S) for proc in procs], bucket)
+    return stages
+
+
+def _two_node_user_error(ctx: Ctx) -> Nodes:
+    """Node 1's SFT_OUTPUT_DIR is a file: a user error only node 1 finds, before any download or weights."""
+    not_a_dir = ctx.tmp / "node1-output-is-a-file"
+    not_a_dir.write_text("")
+    with ctx.slots.hold(ctx.priority, 2):
+        procs = start_nodes(ctx, ctx.tmp, None, None, ({}, {"SFT_OUTPUT_DIR": str(not_a_dir)}))
+        return Nodes(ctx.tmp, [proc.wait(timeout=DEADLINE_S) for proc in procs])
 
 
 BENCHMARKS = {
@@ -739,6 +868,9 @@ KINDS: dict[str, Kind] = {
     "ddp_bad_row_run": Kind(_ddp_bad_row_run, 7, ("data_with_one_bad_row",)),
     "adapter_reload": Kind(_adapter_reload, 8, ("reference_run",)),
     "benchmark_outputs": Kind(_benchmark_outputs, 9),
+    "two_node_chain": Kind(_two_node_chain, 2, s3=True),
+    "two_node_run": Kind(_two_node_run, 5, s3=True),
+    "two_node_user_error": Kind(_two_node_user_error, 7),
     "colour_run": Kind(_colour_run, 4, ("colour_data",)),
     "colour_resumed": Kind(_colour_resumed, 3, ("colour_data",)),
     "data_with_one_bad_row": Kind(_data_with_one_bad_row, -1),
@@ -771,7 +903,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -780,7 +912,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """moto's S3 server over real HTTP on 127.0.0.1, in its own process; AWS_ENV and AWS_ENDPOINT_URL in os.environ."""
-    port, log = _free_port(), tmp_path_factory.mktemp("moto") / "log.txt"
+    port, log = free_port(), tmp_path_factory.mktemp("moto") / "log.txt"
     with open(log, "w") as f:
         server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                   stdout=f, stderr=subprocess.STDOUT)
@@ -935,6 +1067,21 @@ def ddp_preempted_run(request) -> DDPPreempted:
 @pytest.fixture(scope="session")
 def ddp_bad_row_run(request) -> Run:
     return _result(request, "ddp_bad_row_run")
+
+
+@pytest.fixture(scope="session")
+def two_node_run(request) -> Nodes:
+    return _result(request, "two_node_run")
+
+
+@pytest.fixture(scope="session")
+def two_node_chain(request) -> dict[str, Nodes]:
+    return _result(request, "two_node_chain")
+
+
+@pytest.fixture(scope="session")
+def two_node_user_error(request) -> Nodes:
+    return _result(request, "two_node_user_error")
 
 
 @pytest.fixture(scope="session")

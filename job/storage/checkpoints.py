@@ -75,7 +75,10 @@ class RemoteCheckpoints:
             log.warning("ignoring %s/checkpoint-%d: no COMPLETED marker (interrupted upload)", self.run_uri, step)
         if not complete:
             return None
-        step = complete[-1]
+        return self.restore(local_dir, complete[-1])
+
+    def restore(self, local_dir: Path, step: int) -> Path:
+        """Download checkpoint-`step` (COMPLETED in the store) into local_dir, unless it is there and COMPLETED."""
         dest = local_dir / f"checkpoint-{step}"
         if (dest / COMPLETED).is_file():
             return dest

@@ -76,9 +76,10 @@ class BestState:
         return cls(**json.loads(path.read_text())) if path.is_file() else None
 
 
-def restore(root: Path, checkpoint: str | None) -> None:
+def restore(root: Path, checkpoint: str | None) -> BestState | None:
     """Make `root/best` the best-so-far of the checkpoint being continued (none for a fresh start): a leftover of a
-    later step, of an interrupted process, must not stand in for it."""
+    later step, of an interrupted process, must not stand in for it. Returns what it holds (on global rank 0: the
+    other ranks get it broadcast, they never read their own disk)."""
     best = root / BEST_DIR
     shutil.rmtree(best, ignore_errors=True)
     stored = Path(checkpoint) / BEST_DIR if checkpoint else None
@@ -86,6 +87,7 @@ def restore(root: Path, checkpoint: str | None) -> None:
         shutil.copytree(stored, best)
         log.info("resume: the best step so far is %s (from %s)", (BestState.read(best) or BestState("", 0, 0)).step,
                  Path(checkpoint or "").name)
+    return BestState.read(best)
 
 
 def best_adapter(directory: Path) -> Path | None:
@@ -126,7 +128,8 @@ def during_train_subset(cfg: JobConfig, eval_ds):
 
 @dataclass(frozen=True)
 class DuringTrainEval:
-    """What the callback scores with: the fixed eval subset, its collator, the label set and the run's root."""
+    """What the callback scores with: the fixed eval subset, its collator, the label set and the run's root, and the
+    best-so-far of the checkpoint being continued (rank 0's, broadcast: the same history on every rank)."""
 
     cfg: JobConfig
     eval_ds: Any
@@ -134,16 +137,21 @@ class DuringTrainEval:
     label_set: LabelSet
     root: Path
     run: Any = None
+    restored: BestState | None = None
 
 
 class BestCheckpointCallback(TrainerCallback):
-    """Scores the eval subset every SFT_EVAL_STEPS steps (rank 0; the other ranks wait) and keeps the best step."""
+    """Scores the eval subset every SFT_EVAL_STEPS steps (rank 0; the other ranks wait) and keeps the best step.
+
+    Whether a step evaluates depends only on the step and on the history every rank got from rank 0 (at the start,
+    and after each eval): every rank enters the eval's collective at the same step, whatever its node's disk holds.
+    """
 
     def __init__(self, setup: DuringTrainEval, guard: PreemptionGuard):
         self.setup, self.guard = setup, guard
         ev = setup.cfg.eval
         self.every = int(ev.steps or 0)
-        self.state = BestState.read(setup.root / BEST_DIR) or BestState(ev.best_metric, self.every, len(setup.eval_ds))
+        self.state = setup.restored or BestState(ev.best_metric, self.every, len(setup.eval_ds))
         self._first_step = True
 
     def _due(self, step: int, max_steps: int) -> bool:

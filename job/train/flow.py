@@ -11,6 +11,7 @@ run that already finished in job/train/rerun.py.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from typing import Any
 
@@ -25,7 +26,7 @@ from job.train import best, distributed, resume
 from job.train.finish import FINAL_ARTIFACTS, Trained, _evaluate, _finish, _publish, _stored_pre_metrics
 from job.train.preemption import PreemptionGuard
 from job.train.prepare import Prepared, RunPaths, Timer, _init_wandb, _prepare
-from job.train.rerun import _complete_finished_run, _resume_plan
+from job.train.rerun import _complete_finished_run, _resume_plan, agreed_resume_plan
 from job.train.trainer import Checkpointing, TrainingData, build_trainer
 from job.utils import tracking
 
@@ -36,13 +37,16 @@ __all__ = ["FINAL_ARTIFACTS", "Prepared", "RunPaths", "Timer", "_build_collators
            "_resume_plan", "main", "run_job"]
 
 
-def _during_train_eval(p: Prepared, run, guard: PreemptionGuard) -> best.BestCheckpointCallback | None:
-    """SFT_EVAL_STEPS' callback on SFT_EVAL_DURING_TRAIN_ROWS eval rows (None without SFT_EVAL_STEPS)."""
+def _during_train_eval(p: Prepared, run, guard: PreemptionGuard, resume_from: str | None
+                       ) -> best.BestCheckpointCallback | None:
+    """SFT_EVAL_STEPS' callback on SFT_EVAL_DURING_TRAIN_ROWS eval rows (None without SFT_EVAL_STEPS), with the
+    best-so-far of the checkpoint continued: restored by rank 0 and broadcast, before the first step."""
     if p.cfg.eval.steps is None or p.label_set is None:  # no label set with SFT_EVAL_STEPS is refused in _prepare
         return None
+    restored = distributed.main_process_result(best.restore, p.paths.root, resume_from)
     rows = best.during_train_subset(p.cfg, p.eval_ds)
     return best.BestCheckpointCallback(
-        best.DuringTrainEval(p.cfg, rows, p.eval_collator, p.label_set, p.paths.root, run), guard)
+        best.DuringTrainEval(p.cfg, rows, p.eval_collator, p.label_set, p.paths.root, run, restored), guard)
 
 
 def _train(p: Prepared, model, run, guard: PreemptionGuard, resume_from: str | None):
@@ -52,21 +56,25 @@ def _train(p: Prepared, model, run, guard: PreemptionGuard, resume_from: str | N
                            extra_files=(p.paths.eval / "pre_metrics.json", p.paths.eval / outputs.PRE_STAMP,
                                         p.paths.root / resume.FINGERPRINT_FILE,
                                         p.paths.root / best.BEST_DIR))
-    if distributed.is_main_process():
-        best.restore(p.paths.root, resume_from)  # the best-so-far of the step this run continues, or none
     trainer, uploader, preemption = build_trainer(
         p.cfg, model, TrainingData(p.processor, p.collator, p.train_ds), saving, p.run_id, report_to,
-        _during_train_eval(p, run, guard))
+        _during_train_eval(p, run, guard, resume_from))
     guard.in_training = True
     try:
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        # The Trainer's own collectives (DDP's gradient all-reduce) time out like the job's: exit 3, not a bug.
+        with distributed.collective("the training step (DDP's gradient all-reduce)",
+                                    f"all {distributed.world_size()} ranks"):
+            result = trainer.train(resume_from_checkpoint=resume_from)
     finally:
         guard.in_training = False
     if uploader is not None:
         uploader.drain()
-    if guard.requested:
+    # Agreed: a signal that reached one rank after the last step's vote stops every rank here, not that one alone.
+    if distributed.any_rank(guard.requested, trainer.args.device, "the preemption vote after training"):
+        if guard.signal is None:  # another rank (on another node) was signalled: this one exits 143 with it
+            guard.signal = signal.SIGTERM
         # Ranks > 0 wait for rank 0's save and upload: torchrun tears down every rank once one exits.
-        distributed.barrier()
+        distributed.barrier("the wait for rank 0's preemption save and upload")
         if run is not None:
             run.mark_preempting()  # W&B shows the run as preempted, not crashed; it resumes under the same id
         saved = (
@@ -89,7 +97,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     timer = Timer()
     with PreemptionGuard(cfg.train.preempt_grace_s) as guard:
         p = _prepare(cfg, timer)
-        plan = _resume_plan(p)  # drift is refused here, before any model loads
+        plan = agreed_resume_plan(p)  # drift is refused here, before any model loads; rank 0 decides for all
         if plan.checkpoint is not None and plan.progress is not None and plan.progress.finished:
             return _complete_finished_run(p, plan.checkpoint, plan.progress, timer)
         started = time.monotonic()
@@ -101,8 +109,9 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         try:
             resume_from = plan.checkpoint
             started = time.monotonic()
-            pre = (_stored_pre_metrics(p, resume_from) if resume_from else None) or _evaluate(
-                "pre", p, model, run)
+            # Rank 0's stored metrics decide whether the pre-eval (a collective) runs: the same answer on every rank.
+            stored = distributed.main_process_result(_stored_pre_metrics, p, resume_from) if resume_from else None
+            pre = stored or _evaluate("pre", p, model, run)
             timer.track("pre_eval", started)
 
             started = time.monotonic()

@@ -142,8 +142,7 @@ def _remote_checkpoints(cfg: JobConfig, run_id: str) -> RemoteCheckpoints | None
         return None
 
     remote = RemoteCheckpoints(uri, run_id, keep=cfg.train.save_total_limit, concurrency=cfg.storage.s3_concurrency)
-    if distributed.is_main_process():
-        s3io.probe_write(remote.s3, remote.run_uri)
+    distributed.main_process_result(s3io.probe_write, remote.s3, remote.run_uri)
     return remote
 
 
@@ -189,7 +188,7 @@ def _prepare(cfg: JobConfig, timer: Timer) -> Prepared:
     started = time.monotonic()
     distributed.init_process_group()
     _seed_everything(cfg.train.seed)
-    early.check_inputs(cfg, "run")  # paths and the output dir, before any download
+    distributed.every_rank_ok(early.check_inputs, cfg, "run")  # paths and each node's output dir, before downloads
     _hub_access(cfg)
     with distributed.local_main_first():  # one download per node into the shared cache
         sources = localize(cfg)
@@ -197,10 +196,10 @@ def _prepare(cfg: JobConfig, timer: Timer) -> Prepared:
         early.check_lora_targets(cfg, sources.model_id)  # config.json on the meta device, no weights
         processor = early.load_processor_checked(cfg, sources.model_id)
     train_ds, eval_ds, preflight = _checked_datasets(cfg, processor)
-    run_id = _resolve_run_id(cfg, sources, preflight)
+    run_id = distributed.main_process_result(_resolve_run_id, cfg, sources, preflight)  # rank 0's disk decides
     log.info("data: %d train rows, %d eval rows from %s", len(train_ds), len(eval_ds), cfg.data.uri)
     remote = _remote_checkpoints(cfg, run_id)
-    _check_publish_access(cfg)
+    distributed.main_process_result(_check_publish_access, cfg)
     paths = RunPaths(Path(cfg.train.output_dir)).create()
     collator, eval_collator = build_collators(cfg, processor)
     _check_supervised_tokens(collator, train_ds, cfg.train.per_device_batch_size)

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 from job import outputs
 from job.model import _count_trainable_params, apply_liger, apply_lora, keep_trainable_params_fp32, load_model
 from job.storage.checkpoints import RemoteCheckpoints
-from job.storage.completed import latest_completed_checkpoint
+from job.storage.completed import COMPLETED, checkpoint_step, latest_completed_checkpoint
 from job.train import best, distributed, resume
 from job.train.finish import Trained, _earlier_push, _finish, _publish, _stored_pre_metrics, owner
 from job.train.prepare import Prepared, RunPaths, Timer, _init_wandb
@@ -45,9 +45,8 @@ def _resume_checkpoint(paths: RunPaths) -> str | None:
 
 def _resume_point(paths: RunPaths, remote: RemoteCheckpoints | None) -> str | None:
     """The newest COMPLETED checkpoint, local or remote (a fresh pod has only the remote one)."""
-    with distributed.local_main_first():
-        if remote is not None:
-            remote.restore_latest(paths.checkpoints)
+    if remote is not None:
+        remote.restore_latest(paths.checkpoints)
     return _resume_checkpoint(paths)
 
 
@@ -55,7 +54,7 @@ def _resume_plan(p: Prepared) -> ResumePlan:
     """SFT_RESUME and the newest COMPLETED checkpoint (local, else restored from storage), checked for drift.
 
     Runs before any model loads, so a refused resume costs no GPU time. The run's fingerprint is written to
-    SFT_OUTPUT_DIR and copied into every checkpoint it saves (and uploads).
+    SFT_OUTPUT_DIR and copied into every checkpoint it saves (and uploads). On global rank 0 only: `agreed_resume_plan`.
     """
     mode = p.cfg.train.resume
     current = resume.Fingerprint.of(p.cfg, p.run_id, p.preflight.get("data_fingerprint") or {}, p.sources)
@@ -65,9 +64,7 @@ def _resume_plan(p: Prepared) -> ResumePlan:
                  p.cfg.train.launch_id)
         mode = "auto"
     if mode == "never":
-        with distributed.local_main_first():
-            if distributed.is_main_process():
-                _start_over(p)
+        _start_over(p)
     else:
         checkpoint = _resume_point(p.paths, p.remote)
     if checkpoint is None and mode == "require":
@@ -75,8 +72,7 @@ def _resume_plan(p: Prepared) -> ResumePlan:
         raise resume.NothingToResume(where)
     if checkpoint is not None:
         resume.check_resumable(Path(checkpoint), current)
-    if distributed.is_main_process():
-        outputs.write_json(p.paths.root / resume.FINGERPRINT_FILE, current.to_json())
+    outputs.write_json(p.paths.root / resume.FINGERPRINT_FILE, current.to_json())
     return ResumePlan(checkpoint, resume.Progress.read(Path(checkpoint)) if checkpoint else None)
 
 
@@ -105,6 +101,23 @@ def _start_over(p: Prepared) -> None:
         outputs.write_json(p.paths.root / resume.LAUNCH_FILE, record)
         if p.remote is not None:
             p.remote.write_run_file(resume.LAUNCH_FILE, json.dumps(record))
+
+
+def agreed_resume_plan(p: Prepared) -> ResumePlan:
+    """`_resume_plan`, decided once by global rank 0 (from the store and its own disk: the resume point, drift,
+    whether training finished) and broadcast. Every node then has that checkpoint on its own disk before any
+    collective needs it: a node whose disk lacks it (a new pod) restores it from the store; the path each rank
+    loads is its own node's (the output directories of the nodes may differ)."""
+    plan = distributed.main_process_result(_resume_plan, p)
+    if plan.checkpoint is None or not distributed.is_distributed():
+        return plan
+    local = p.paths.checkpoints / Path(plan.checkpoint).name
+    with distributed.local_main_first():  # one download per node; the node's other ranks then find it
+        if not (local / COMPLETED).is_file():
+            if p.remote is None:
+                raise resume.CheckpointNotOnThisNode(local, distributed.rank())
+            p.remote.restore(p.paths.checkpoints, checkpoint_step(local))
+    return ResumePlan(str(local), plan.progress)
 
 
 def _training_loss(log_history: list[dict]) -> float | None:
@@ -139,6 +152,15 @@ def _finished_metrics(p: Prepared, step: int) -> dict | None:
     return metrics
 
 
+def _finished_outputs(p: Prepared, step: int) -> tuple[dict, dict, bool] | None:
+    """On rank 0: (metrics, training_meta, published) of a run that got through post-eval and the save; None if not."""
+    metrics = _finished_metrics(p, step)
+    if metrics is None:
+        return None
+    meta = json.loads((p.paths.root / "training_meta.json").read_text())
+    return metrics, meta, _already_published(p, metrics, step)
+
+
 def _already_published(p: Prepared, metrics: dict, step: int) -> bool:
     gate = metrics.get("gate") or {}
     if not gate.get("passed"):
@@ -158,12 +180,13 @@ def _complete_finished_run(p: Prepared, checkpoint: str, progress: resume.Progre
     step = progress.step
     log.info("training already finished: %s is at step %d of %d; no step is trained again", Path(checkpoint).name,
              step, progress.max_steps)
-    metrics = _finished_metrics(p, step)
-    if metrics is None:
+    # Rank 0's files and the store decide for every rank: the other nodes' disks hold none of the outputs.
+    finished = distributed.main_process_result(_finished_outputs, p, step)
+    if finished is None:
         log.info("post-eval or the save did not finish: running them on the checkpoint's adapter")
         return _evaluate_finished_checkpoint(p, checkpoint, step, timer)
-    meta = json.loads((p.paths.root / "training_meta.json").read_text())
-    if _already_published(p, metrics, step):
+    metrics, meta, published = finished
+    if published:
         log.info("nothing to do: run %s finished at step %d; its artifacts are in %s and were published (%s)",
                  p.run_id, step, p.paths.root, metrics["gate"].get("pushed_to") or metrics["gate"]["reason"])
         return meta
@@ -182,7 +205,8 @@ def _evaluate_finished_checkpoint(p: Prepared, checkpoint: str, step: int, timer
     keep_trainable_params_fp32(model)  # as the Trainer left it: fp32 LoRA weights
     set_peft_model_state_dict(model, load_file(str(Path(checkpoint) / "adapter_model.safetensors")))
     kept = None
-    if p.cfg.eval.steps is not None:  # the adapter kept is the best step's, stored in the checkpoint
+    # The adapter kept is the best step's, stored in the checkpoint: rank 0 evaluates, saves and pushes it.
+    if p.cfg.eval.steps is not None and distributed.is_main_process():
         best.restore(p.paths.root, checkpoint)
         best_state = best.load_best_adapter(model, p.paths.root)
         kept = None if best_state is None else {**best_state.to_json(), "final_step": step}
@@ -192,7 +216,8 @@ def _evaluate_finished_checkpoint(p: Prepared, checkpoint: str, step: int, timer
     try:
         state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
         result = TrainResult(step, _training_loss(state["log_history"]))
-        trained = Trained(result, params, _stored_pre_metrics(p, checkpoint), checkpoint, kept,
+        pre = distributed.main_process_result(_stored_pre_metrics, p, checkpoint)  # rank 0 writes eval/
+        trained = Trained(result, params, pre, checkpoint, kept,
                           state["log_history"])
         return _finish(p, model, run, timer, trained)
     finally:

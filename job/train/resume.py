@@ -107,6 +107,16 @@ class NothingToResume(UserError):
                          "check SFT_OUTPUT_DIR / SFT_RUN_ID / SFT_CHECKPOINT_URI, or set SFT_RESUME=auto")
 
 
+class CheckpointNotOnThisNode(UserError):
+    """Rank 0 resumes a checkpoint that this node's disk lacks, and there is no SFT_CHECKPOINT_URI to restore it
+    from: exit 2 (every node of a multi-node run needs the store to resume)."""
+
+    def __init__(self, checkpoint: Path, rank: int):
+        self.checkpoint, self.rank = checkpoint, rank
+        super().__init__(f"rank 0 resumes {checkpoint.name}, which rank {rank}'s node does not have at {checkpoint} "
+                         "and cannot restore: set SFT_CHECKPOINT_URI (every node restores the checkpoint from it)")
+
+
 @dataclass(frozen=True)
 class Fingerprint:
     run_id: str

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from job import cli
-from job.train import launch
+from job.errors import ConfigError
+from job.train import distributed, launch
 from job.train.callbacks import add_missing_files
 from job.train.launch import LaunchPlan, RankFailure
 
@@ -54,6 +55,10 @@ def failure(rank: int, code: int, time: float, message: str = "") -> RankFailure
     ([failure(0, 4, 7.0), failure(1, 1, 7.3)], False, 4),  # a bystander's broken collective does not win
     # rank 1 relayed rank 0's preflight failure before rank 0 had written its own record
     ([failure(1, 2, 4.9, "rank 0 failed: preflight failed"), failure(0, 2, 5.0, "preflight failed")], False, 2),
+    # rank 0 relayed node 1's user error (every_rank_ok) before rank 1 had written its own record
+    ([failure(0, 2, 4.9, "rank 1 failed: invalid configuration"), failure(1, 2, 5.0, "invalid")], False, 2),
+    # a worker code that is not in the contract (a library's sys.exit(5)) is reported as it is
+    ([failure(0, 5, 2.0), failure(1, 143, 2.5)], False, 5),
     # no records (whole-second times): a signal death on the same second is taken for a terminated bystander
     ([failure(0, 143, 9.0), failure(1, 1, 9.0)], False, 1),
     ([failure(0, 137, 8.0), failure(1, 143, 9.0)], False, 137),  # OOM-killed first
@@ -66,6 +71,27 @@ def test_launcher_exit_code_is_the_first_failure(failures, signalled, expected):
 def test_a_relayed_failure_never_hides_rank_0s_own_message():
     relay, own = failure(1, 2, 4.9, "rank 0 failed: bad row"), failure(0, 2, 5.0, "bad row")
     assert launch.first_failure([relay, own]) == own
+    relay, own = failure(0, 2, 4.9, "rank 1 failed: bad dir"), failure(1, 2, 5.0, "bad dir")
+    assert launch.first_failure([relay, own]) == own
+
+
+# -- what a failing rank tells the others --------------------------------------------------------------------------
+def test_a_failure_with_an_empty_message_is_relayed_by_its_class_name():
+    code, line = distributed.failure_record(AssertionError())  # a bare `assert`
+    assert (code, line) == (1, "AssertionError")
+    relay = distributed.relayed(0, code, line)
+    assert relay.exit_code == 1  # README, Exit codes: a bug
+    assert str(relay) == "rank 0 failed: AssertionError (full message in rank 0's log)"
+
+
+def test_a_multi_line_message_is_relayed_on_one_line_with_its_code():
+    code, line = distributed.failure_record(ConfigError(["SFT_A: bad", "SFT_B: worse"]))
+    assert (code, line) == (2, "invalid configuration: - SFT_A: bad - SFT_B: worse")
+    assert distributed.relayed(1, code, line).exit_code == 2
+
+
+def test_a_relayed_code_the_contract_does_not_know_is_an_internal_error():
+    assert distributed.relayed(1, 77, "sys.exit(77) in a library").exit_code == 1
 
 
 def test_failures_from_child_failed_error():
@@ -105,6 +131,21 @@ def test_a_worker_record_is_what_torch_elastic_and_the_launcher_read(tmp_path, m
 def test_kubeflow_style_moves_exactly_the_retryable_codes_above_127(code, pytorchjob_code):
     assert launch.reported_code(code, "standard") == code
     assert launch.reported_code(code, "kubeflow") == pytorchjob_code
+
+
+@pytest.mark.parametrize(("code", "kubeflow", "described"), [
+    (5, 133, "rank 1 of 2 exited 5 without a message; its output is above"),
+    (42, 170, "rank 1 of 2 exited 42 without a message; its output is above"),
+    (127, 255, "rank 1 of 2 exited 127 without a message; its output is above"),
+    (134, 134, "rank 1 of 2 was killed by SIGABRT (exit 134)"),
+    (200, 200, "rank 1 of 2 exited 200 without a message; its output is above"),
+])
+def test_any_worker_code_is_reported_without_raising(code, kubeflow, described):
+    # Codes outside the contract: below 128 they come from no rank of the job (a library's sys.exit), taken for an
+    # internal error (retryable: 128 + code under `kubeflow`); 128 and above are signal deaths, retried as they are.
+    assert launch.reported_code(code, "standard") == code
+    assert launch.reported_code(code, "kubeflow") == kubeflow
+    assert launch.describe(failure(1, code, 1.0), LaunchPlan(2)) == (described, "")
 
 
 def test_worker_grace_fits_the_launcher_and_the_agent():
