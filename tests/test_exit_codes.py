@@ -426,6 +426,10 @@ def test_mistake_exits_with_its_code_and_one_message(case: Mistake, cli_env, tin
     with case.around(tmp_path, tiny_assets[1], monkeypatch) if case.around else contextlib.nullcontext():
         code = cli.main([case.command])
     seconds = time.monotonic() - started
+    # What this process's exit would do for a job process: a failed step's DataLoader workers (which ignore SIGTERM)
+    # are ended; alive, they would keep the session's zygote from closing (they inherited its pipe).
+    if "job.train.preemption" in sys.modules:  # the command got as far as training
+        sys.modules["job.train.preemption"].end_dataloader_workers()
     err = capsys.readouterr().err
     logged = "\n".join(caplog.messages)
     assert code == case.code, err[-3000:]

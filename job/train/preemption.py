@@ -16,6 +16,8 @@ raises `Preempted` right away, and a rerun with the same SFT_RUN_ID starts again
 
 from __future__ import annotations
 
+import atexit
+import functools
 import logging
 import os
 import signal
@@ -116,13 +118,43 @@ def leave_signals_to_the_rank(worker_id: int, init_fn: Callable[[int], Any] | No
     own worker handler dies of a SIGTERM that its parent did not send, and the rank's DataLoader then raises
     "DataLoader worker (pid N) is killed by signal: Terminated" in the middle of the step, before the preemption
     callback can save (measured: exit 1, no checkpoint, with SFT_DATALOADER_NUM_WORKERS=2 under the launcher).
-    Ignoring it keeps the workers serving batches until the step boundary; they end as they always do, when the
-    rank shuts its DataLoader down or exits (their watchdog checks the parent).
+    Ignoring it keeps the workers serving batches until the step boundary; they end when the rank shuts its
+    DataLoader down, when the rank dies (their watchdog checks the parent), or at the rank's exit
+    (`end_dataloader_workers`).
     """
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     if init_fn is not None:
         init_fn(worker_id)
+
+
+def leave_worker_signals_to_the_rank(loader) -> None:
+    """Give a torch DataLoader's workers `leave_signals_to_the_rank`, and end them at this process's exit."""
+    if loader.num_workers == 0:
+        return
+    loader.worker_init_fn = functools.partial(leave_signals_to_the_rank, init_fn=loader.worker_init_fn)
+    atexit.unregister(end_dataloader_workers)  # once, and after multiprocessing's own exit handler: atexit is LIFO
+    atexit.register(end_dataloader_workers)
+
+
+def end_dataloader_workers() -> None:
+    """At exit, SIGKILL the process's daemonic children (its DataLoader workers: nothing else of the job's is one).
+
+    multiprocessing ends daemonic children at exit with SIGTERM and then joins them without a timeout. The workers
+    ignore SIGTERM (leave_signals_to_the_rank), so a rank that exits while they are alive would wait forever: a
+    failure in the middle of a step keeps the loader's iterator alive in the traceback (measured: a row error in a
+    worker, exit 2 reported, the process never ended). They hold nothing to save. torch's SIGCHLD handler would take
+    their deaths for a failed worker and raise in this handler (leaving the others alive): it goes first."""
+    import multiprocessing
+
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if not children:
+        return
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=10)
 
 
 class PreemptionCallback(TrainerCallback):

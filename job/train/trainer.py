@@ -17,7 +17,7 @@ from job.errors import OutOfMemory
 from job.model import has_cuda, keep_trainable_params_fp32
 from job.storage.checkpoints import RemoteCheckpoints
 from job.train.callbacks import CompletedMarkerCallback, LogCallback, RankStateCallback, RemoteCheckpointCallback
-from job.train.preemption import PreemptionCallback, PreemptionGuard, leave_signals_to_the_rank
+from job.train.preemption import PreemptionCallback, PreemptionGuard, leave_worker_signals_to_the_rank
 from job.train.sampler import LengthGroupedSampler
 
 log = logging.getLogger("job.train")
@@ -118,10 +118,8 @@ class Qwen3SFTTrainerMixin(_TrainerBase):
         loader = super().get_train_dataloader()
         # accelerate's prepared loader wraps the torch DataLoader that starts the workers (base_dataloader); a loader
         # rebuilt to skip the batches of a resume takes its worker_init_fn from there.
-        torch_loader = getattr(loader, "base_dataloader", loader)
-        if torch_loader.num_workers > 0:  # a preemption signal reaches the workers too: the rank handles it
-            torch_loader.worker_init_fn = functools.partial(leave_signals_to_the_rank,
-                                                            init_fn=torch_loader.worker_init_fn)
+        # A preemption signal reaches the workers too: the rank handles it.
+        leave_worker_signals_to_the_rank(getattr(loader, "base_dataloader", loader))
         return loader
 
     def _save_checkpoint(self, model, trial):

@@ -72,6 +72,22 @@ def test_watchdog_exits_143_when_the_budget_runs_out(run_forked):
     assert "SFT_PREEMPT_GRACE_S=0.5 s elapsed" in proc.stderr
 
 
+@pytest.mark.slow
+def test_a_rank_that_fails_with_its_dataloader_workers_alive_still_exits(run_forked):
+    # The workers ignore SIGTERM (a preemption is the rank's to handle), and multiprocessing ends daemonic children
+    # at exit with SIGTERM and an unbounded join: a rank failing mid-step (its loader's iterator kept alive, here by
+    # a global) hung at exit after reporting exit 2 (measured: the in-process row error of test_exit_codes held the
+    # suite's zygote open). The job's loaders end them at exit instead (end_dataloader_workers).
+    code = ("import sys, torch\nfrom job.train.preemption import leave_worker_signals_to_the_rank\n"
+            "loader = torch.utils.data.DataLoader(list(range(64)), batch_size=2, num_workers=2)\n"
+            "leave_worker_signals_to_the_rank(loader)\n"
+            "batches = iter(loader)\nprint(next(batches).tolist(), flush=True)\n"
+            "sys.exit(2)\n")
+    proc = run_forked(["-c", code], dict(os.environ), timeout=120)
+    assert (proc.returncode, proc.stdout) == (2, "[0, 1]\n"), proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+
+
 # -- real runs (the shared reference run and interrupted chain: tests/runs.py) ----------------------------------
 def _losses(out: Path) -> dict[int, float]:
     state = json.loads((out / f"checkpoints/checkpoint-{STEPS}/trainer_state.json").read_text())
