@@ -27,7 +27,6 @@ from job.config.settings import (
     KNOWN_ENV_VARS,
     PUSH_GATE_METRICS,
     SCORED_GATE_METRICS,
-    SECRET_ENV_VARS,
     Settings,
     cross_field_problems,
     effective_save_steps,
@@ -36,7 +35,7 @@ from job.config.settings import (
 )
 
 __all__ = [
-    "ENV_PREFIX", "KNOWN_ENV_VARS", "PUSH_GATE_METRICS", "SCORED_GATE_METRICS", "SECRET_ENV_VARS", "CardConfig",
+    "ENV_PREFIX", "KNOWN_ENV_VARS", "PUSH_GATE_METRICS", "SCORED_GATE_METRICS", "CardConfig",
     "DataConfig", "EvalConfig", "ExportConfig", "HubConfig", "ImageConfig", "JobConfig", "LineageConfig", "LoraConfig",
     "ModelConfig", "Settings", "StorageConfig", "TrainConfig", "WandbConfig", "build_cfg", "cross_field_problems",
     "effective_save_steps", "env_name", "load_settings",

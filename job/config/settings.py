@@ -18,7 +18,6 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from job.cards import ModelSpec
 from job.errors import ConfigError
-from job.utils.redact import SECRET_ENV_VARS as SECRET_ENV_VARS  # its home is job.utils.redact
 
 ENV_PREFIX = "SFT_"
 # What SFT_PUSH_MIN_METRIC may gate on: post-eval metrics in [0, 1], higher is better.

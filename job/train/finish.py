@@ -24,7 +24,6 @@ from job.utils import tracking
 
 log = logging.getLogger("job.train")
 
-FINAL_ARTIFACTS = outputs.FINAL_ARTIFACTS
 REPORT_DIR = "report"  # the pictures, in the run's root and in the adapter folder
 
 
@@ -157,9 +156,9 @@ def _publish(cfg: JobConfig, paths: RunPaths, run_id: str, remote: RemoteCheckpo
             paths.adapter, hub.repo_id, hub.private, run_id
         )
         outputs.write_json(paths.root / "metrics.json", metrics)
-    log.info("outputs: %s (%s)", paths.root, ", ".join(FINAL_ARTIFACTS))
+    log.info("outputs: %s (%s)", paths.root, ", ".join(outputs.FINAL_ARTIFACTS))
     if remote is not None:
-        log.info("final artifacts uploaded to %s", remote.upload_final(paths.root, FINAL_ARTIFACTS, step))
+        log.info("final artifacts uploaded to %s", remote.upload_final(paths.root, outputs.FINAL_ARTIFACTS, step))
     if not passed:
         raise GateRefused(f"quality gate refused the push: {reason}; artifacts kept in {paths.root}")
 

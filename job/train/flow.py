@@ -17,24 +17,19 @@ from typing import Any
 
 from job import outputs
 from job.cards import ModelCards
-from job.collators.qwen3_collator import build_collators
 from job.config import JobConfig, build_cfg
 from job.errors import JobError
 from job.export.command import run_export
 from job.model import _count_trainable_params, apply_liger, apply_lora, load_model
 from job.train import best, distributed, resume
-from job.train.finish import FINAL_ARTIFACTS, Trained, _evaluate, _finish, _publish, _stored_pre_metrics
+from job.train.finish import Trained, _evaluate, _finish, _stored_pre_metrics
 from job.train.preemption import PreemptionGuard
-from job.train.prepare import Prepared, RunPaths, Timer, _init_wandb, _prepare
-from job.train.rerun import _complete_finished_run, _resume_plan, agreed_resume_plan
+from job.train.prepare import Prepared, Timer, _init_wandb, _prepare
+from job.train.rerun import _complete_finished_run, agreed_resume_plan
 from job.train.trainer import Checkpointing, TrainingData, build_trainer
 from job.utils import tracking
 
 log = logging.getLogger("job.train")
-_build_collators = build_collators  # the old name, for code that imported it from here (one release)
-# Names code imported from this module before its steps moved beside it (job.train.qwen3_vl_8b_sft is this module).
-__all__ = ["FINAL_ARTIFACTS", "Prepared", "RunPaths", "Timer", "_build_collators", "_prepare", "_publish",
-           "_resume_plan", "main", "run_job"]
 
 
 def _during_train_eval(p: Prepared, run, guard: PreemptionGuard, resume_from: str | None

@@ -19,7 +19,6 @@ from job.cards import ModelCards
 from job.config import (
     ENV_PREFIX,
     KNOWN_ENV_VARS,
-    SECRET_ENV_VARS,
     JobConfig,
     Settings,
     build_cfg,
@@ -29,6 +28,7 @@ from job.config import (
 )
 from job.errors import ConfigError, ExitCode
 from job.prompts import Queries
+from job.utils.redact import SECRET_ENV_VARS
 
 CARD = ModelCards().qwen3_vl_8b_instruct
 

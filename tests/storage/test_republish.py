@@ -13,7 +13,8 @@ import pytest
 from job.cards import ModelCards
 from job.config import build_cfg
 from job.errors import UserError
-from job.train.flow import RunPaths, _publish
+from job.train.finish import _publish
+from job.train.prepare import RunPaths
 
 METRICS = {"pre": {"macro_f1": 0.1}, "post": {"macro_f1": 0.5}, "train": {"global_step": 2}}
 COMMIT = "https://huggingface.co/org/repo/commit/0123abcd"

@@ -456,7 +456,8 @@ def test_refused_gate_never_reaches_the_hub(tmp_path, monkeypatch):
     """_publish with a repo set and a failing gate raises GateRefused without calling the Hub at all."""
     from job.cards import ModelCards
     from job.config import build_cfg
-    from job.train.flow import RunPaths, _publish
+    from job.train.finish import _publish
+    from job.train.prepare import RunPaths
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # any Hub call would now fail loudly with a different error
     cfg = build_cfg(

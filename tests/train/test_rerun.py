@@ -23,8 +23,8 @@ from job.storage import s3 as s3io
 from job.storage.checkpoints import RemoteCheckpoints
 from job.train import resume
 from job.train.finish import _stored_pre_metrics
-from job.train.flow import Timer, _prepare, _resume_plan
-from job.train.rerun import _finished_metrics
+from job.train.prepare import Timer, _prepare
+from job.train.rerun import _finished_metrics, _resume_plan
 
 pytestmark = pytest.mark.slow
 
