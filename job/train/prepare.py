@@ -182,7 +182,7 @@ def _checked_datasets(cfg: JobConfig, processor) -> tuple[Any, Any, dict]:
     return (*apply_plan(cfg, shared["plan"]), shared["summary"])
 
 
-def _prepare(cfg: JobConfig, timer: Timer) -> Prepared:
+def prepare_run(cfg: JobConfig, timer: Timer) -> Prepared:
     """Everything up to a trainable model, in the order of the module docstring."""
 
     started = time.monotonic()
@@ -241,7 +241,7 @@ def check_gate_measurable(cfg: JobConfig, label_set: LabelSet | None, eval_ds) -
                         "undefined: add rows of another label to the eval split, or gate on accuracy")
 
 
-def _init_wandb(p: Prepared):
+def start_tracking(p: Prepared):
     """The W&B run (rank 0 only; None elsewhere or when disabled), its config as training_meta.json stores it."""
     if not distributed.is_main_process():
         return None

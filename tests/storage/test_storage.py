@@ -453,10 +453,10 @@ def test_a_gate_on_roc_auc_is_checked_before_any_weights():
 
 
 def test_refused_gate_never_reaches_the_hub(tmp_path, monkeypatch):
-    """_publish with a repo set and a failing gate raises GateRefused without calling the Hub at all."""
+    """publish with a repo set and a failing gate raises GateRefused without calling the Hub at all."""
     from job.cards import ModelCards
     from job.config import build_cfg
-    from job.train.finish import _publish
+    from job.train.finish import publish
     from job.train.prepare import RunPaths
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # any Hub call would now fail loudly with a different error
@@ -466,7 +466,7 @@ def test_refused_gate_never_reaches_the_hub(tmp_path, monkeypatch):
     paths = RunPaths(tmp_path).create()
     metrics = {"pre": {"accuracy": 0.1}, "post": {"accuracy": 0.5}}
     with pytest.raises(GateRefused, match="below SFT_PUSH_MIN_METRIC"):
-        _publish(cfg, paths, "run-x", None, metrics)
+        publish(cfg, paths, "run-x", None, metrics)
     assert json.loads((tmp_path / "metrics.json").read_text())["gate"]["pushed_to"] is None
 
 

@@ -1,8 +1,8 @@
 """Re-runs are safe: a finished run trains nothing and redoes only what did not finish; drift is refused (exit 2).
 
 One real 2-step run (tiny Qwen3-VL, CPU) is shared by every test here: the reruns run as job processes on its
-output directory (`rerun_chain` in tests/runs.py); the drift cases go through the flow's own `_prepare` +
-`_resume_plan` in-process (no model loads there), and one of them also as a job process, for the exit code and the
+output directory (`rerun_chain` in tests/runs.py); the drift cases go through the flow's own `prepare_run` +
+`resume_plan` in-process (no model loads there), and one of them also as a job process, for the exit code and the
 message a user sees.
 """
 
@@ -22,9 +22,9 @@ from job.errors import ExitCode
 from job.storage import s3 as s3io
 from job.storage.checkpoints import RemoteCheckpoints
 from job.train import resume
-from job.train.finish import _stored_pre_metrics
-from job.train.prepare import Timer, _prepare
-from job.train.rerun import _finished_metrics, _resume_plan
+from job.train.finish import stored_pre_metrics
+from job.train.prepare import Timer, prepare_run
+from job.train.rerun import _finished_metrics, resume_plan
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +102,7 @@ def test_another_run_in_a_finished_runs_directory_ends_with_its_own_adapter_and_
 def _plan(env: dict[str, str]):
     """The flow up to the resume decision, in-process: config, data, preflight, checkpoint and drift check."""
     cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
-    return _resume_plan(_prepare(cfg, Timer()))
+    return resume_plan(prepare_run(cfg, Timer()))
 
 
 @pytest.mark.parametrize(("override", "expected"), [
@@ -230,16 +230,16 @@ def test_outputs_of_another_run_are_not_trusted(rerun_chain, tmp_path, caplog):
     checkpoint = str(out / "checkpoints/checkpoint-2")
     cfg_b = build_cfg(ModelCards().qwen3_vl_8b_instruct, {**env, "SFT_OUTPUT_DIR": str(out), "SFT_RUN_ID": "run-b",
                                                           "SFT_LEARNING_RATE": "1e-3"})
-    b = _prepare(cfg_b, Timer())
+    b = prepare_run(cfg_b, Timer())
     with caplog.at_level("WARNING", logger="job.train"):
         assert _finished_metrics(b, 2) is None
-        assert _stored_pre_metrics(b, checkpoint) is None
+        assert stored_pre_metrics(b, checkpoint) is None
     warned = caplog.text
     assert "are not this run's (run_id: rerun -> run-b; fingerprint: " in warned
     assert "pre_metrics.json: it is not this run's pre-eval (run_id: rerun -> run-b" in warned
-    a = _prepare(build_cfg(ModelCards().qwen3_vl_8b_instruct, {**env, "SFT_OUTPUT_DIR": str(out)}), Timer())
+    a = prepare_run(build_cfg(ModelCards().qwen3_vl_8b_instruct, {**env, "SFT_OUTPUT_DIR": str(out)}), Timer())
     assert _finished_metrics(a, 2) == json.loads((tmp / "out/metrics.json").read_text())
-    assert _stored_pre_metrics(a, checkpoint) == stages["first_metrics"]["pre"]
+    assert stored_pre_metrics(a, checkpoint) == stages["first_metrics"]["pre"]
     (out / "adapter/adapter_model.safetensors").write_bytes(stages["first_adapter"][:-1] + b"x")
     assert _finished_metrics(a, 2) is None
 
