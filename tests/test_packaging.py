@@ -322,7 +322,7 @@ def pytorchjob_action(exit_code: int) -> str:
 def test_pytorchjob_retries_exactly_what_the_job_retries(code):
     """With SFT_EXIT_CODES=kubeflow (the manifest's), each code gets the PyTorchJob action the Job's podFailurePolicy
     gives it: FailJob for the non-retryable codes, a retry for the others (and for an OOM kill, 137)."""
-    from job.train.launch import reported_code
+    from job.errors import reported_code
 
     style = env_entry(container(load_yaml(MULTINODE)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"],
                                 "pytorch"), "SFT_EXIT_CODES")["value"]

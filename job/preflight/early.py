@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Literal
 
 from job.config import JobConfig
-from job.errors import ConfigError, classified, hub_offline
+from job.errors import ConfigError, classified
 from job.model import load_processor, lora_target_regex
 from job.storage.s3 import S3Uri
 from job.storage.sources import hub_dataset_id, hub_model_id
+from job.utils.library_errors import hub_offline
 
 log = logging.getLogger("job.checks")
 

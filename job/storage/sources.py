@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from job.config import JobConfig
-from job.errors import UserError, classified, hub_offline
+from job.errors import UserError, classified
 from job.storage import s3 as s3io
+from job.utils.library_errors import hub_offline
 
 log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from job import outputs
+from job.errors import CheckpointNotOnThisNode, NothingToResume
 from job.model import _count_trainable_params, apply_liger, apply_lora, keep_trainable_params_fp32, load_model
 from job.storage.checkpoints import RemoteCheckpoints
 from job.storage.completed import COMPLETED, checkpoint_step, latest_completed_checkpoint
@@ -69,7 +70,7 @@ def resume_plan(p: Prepared) -> ResumePlan:
         checkpoint = _resume_point(p.paths, p.remote)
     if checkpoint is None and mode == "require":
         where = [str(p.paths.checkpoints)] + ([str(p.remote.run_uri)] if p.remote is not None else [])
-        raise resume.NothingToResume(where)
+        raise NothingToResume(where)
     if checkpoint is not None:
         resume.check_resumable(Path(checkpoint), current)
     outputs.write_json(p.paths.root / resume.FINGERPRINT_FILE, current.to_json())
@@ -115,7 +116,7 @@ def agreed_resume_plan(p: Prepared) -> ResumePlan:
     with distributed.local_main_first():  # one download per node; the node's other ranks then find it
         if not (local / COMPLETED).is_file():
             if p.remote is None:
-                raise resume.CheckpointNotOnThisNode(local, distributed.rank())
+                raise CheckpointNotOnThisNode(local, distributed.rank())
             p.remote.restore(p.paths.checkpoints, checkpoint_step(local))
     return ResumePlan(str(local), plan.progress)
 

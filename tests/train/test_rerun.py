@@ -15,13 +15,12 @@ from pathlib import Path
 import pytest
 from runs import checkpoint_files as _checkpoint_files
 
+from job import errors
 from job.cards import ModelCards
-from job.cli import exit_code_for
 from job.config import build_cfg
-from job.errors import ExitCode
+from job.errors import ExitCode, exit_code_for
 from job.storage import s3 as s3io
 from job.storage.checkpoints import RemoteCheckpoints
-from job.train import resume
 from job.train.finish import stored_pre_metrics
 from job.train.prepare import Timer, prepare_run
 from job.train.rerun import _finished_metrics, resume_plan
@@ -113,7 +112,7 @@ def _plan(env: dict[str, str]):
 ], ids=["learning-rate", "run-id", "lora-r", "two-settings"])
 def test_changed_settings_are_refused_with_old_and_new(rerun_chain, tiny_assets, override, expected):
     env = rerun_chain.env
-    with pytest.raises(resume.ResumeDrift) as caught:
+    with pytest.raises(errors.ResumeDrift) as caught:
         _plan({**env, **override})
     assert expected in caught.value.changes
     assert len(caught.value.changes) == len(override)  # nothing else is reported as changed
@@ -125,7 +124,7 @@ def test_other_data_is_refused_and_the_images_count(rerun_chain, tiny_assets, tm
     env = rerun_chain.env
     data = tmp_path / "data"
     shutil.copytree(tiny_assets[1], data)
-    with pytest.raises(resume.ResumeDrift) as caught:  # the same rows at another path: still the same data
+    with pytest.raises(errors.ResumeDrift) as caught:  # the same rows at another path: still the same data
         _plan({**env, "SFT_DATASET_URI": str(data), "SFT_LEARNING_RATE": "1e-3"})
     assert caught.value.changes == ["SFT_LEARNING_RATE: 0.005 -> 0.001"]
 
@@ -133,7 +132,7 @@ def test_other_data_is_refused_and_the_images_count(rerun_chain, tiny_assets, tm
 
     for image in sorted((data / "images").glob("train-*.png")):  # same names, same row text, mirrored pixels
         Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image)
-    with pytest.raises(resume.ResumeDrift) as caught:
+    with pytest.raises(errors.ResumeDrift) as caught:
         _plan({**env, "SFT_DATASET_URI": str(data)})
     (change,) = caught.value.changes
     assert change.startswith(f"data (train split rows and images) (SFT_DATASET_URI {tiny_assets[1]} -> {data})")
@@ -246,7 +245,7 @@ def test_outputs_of_another_run_are_not_trusted(rerun_chain, tmp_path, caplog):
 
 def test_resume_require_without_a_checkpoint_is_a_user_error(rerun_chain, tmp_path):
     env = rerun_chain.env
-    with pytest.raises(resume.NothingToResume, match="SFT_RESUME=require"):
+    with pytest.raises(errors.NothingToResume, match="SFT_RESUME=require"):
         _plan({**env, "SFT_OUTPUT_DIR": str(tmp_path / "empty"), "SFT_RESUME": "require"})
     plan = _plan({**env, "SFT_RESUME": "require"})  # with one, it resumes as auto does
     assert Path(plan.checkpoint).name == "checkpoint-2"
