@@ -25,8 +25,6 @@ from job.config.schema import (
 from job.config.settings import (
     ENV_PREFIX,
     KNOWN_ENV_VARS,
-    PUSH_GATE_METRICS,
-    SCORED_GATE_METRICS,
     Settings,
     cross_field_problems,
     effective_save_steps,
@@ -35,7 +33,7 @@ from job.config.settings import (
 )
 
 __all__ = [
-    "ENV_PREFIX", "KNOWN_ENV_VARS", "PUSH_GATE_METRICS", "SCORED_GATE_METRICS", "CardConfig",
+    "ENV_PREFIX", "KNOWN_ENV_VARS", "CardConfig",
     "DataConfig", "EvalConfig", "ExportConfig", "HubConfig", "ImageConfig", "JobConfig", "LineageConfig", "LoraConfig",
     "ModelConfig", "Settings", "StorageConfig", "TrainConfig", "WandbConfig", "build_cfg", "cross_field_problems",
     "effective_save_steps", "env_name", "load_settings",

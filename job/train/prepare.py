@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator, build_collators
-from job.config import SCORED_GATE_METRICS, JobConfig
+from job.config import JobConfig
 from job.errors import DataError
 from job.eval.generate import gold_label
 from job.eval.score import LabelSet, resolve_mode
+from job.metric_table import SCORED_GATE_METRICS
 from job.preflight import early
 from job.preflight.run import apply_plan, run_preflight
 from job.storage import s3 as s3io
