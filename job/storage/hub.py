@@ -11,7 +11,7 @@ from pathlib import Path
 from job.config import JobConfig
 from job.errors import UserError, classified
 from job.metric_table import CARD_WHEN_MEASURED, CORE_METRICS, PRIMARY
-from job.storage.sources import hub_model_id
+from job.storage.sources import hub_model_id, source_kind
 from job.utils.redact import redact
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,10 @@ def base_model_line(base_model: str, revision: str | None) -> str:
     """The card's lineage line for the base model. The metadata's `base_model` takes Hub model ids only (the Hub
     refuses a push whose card names a path there: HTTP 400); a local path or an s3:// base is said here instead."""
     pinned = f" revision `{revision}`" if revision else ""
-    if hub_model_id(base_model):
+    kind = source_kind(base_model, "model")
+    if kind == "hub":
         return f"- base model: `{base_model}`{pinned}"
-    where = "an s3:// copy" if base_model.startswith("s3://") else "a local copy"
+    where = "an s3:// copy" if kind == "s3" else "a local copy"
     return (f"- base model: `{base_model}`{pinned}, {where} (SFT_MODEL_ID), not a Hub model id: the card's metadata "
             "names no `base_model`")
 

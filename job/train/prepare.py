@@ -25,7 +25,7 @@ from job.preflight.run import apply_plan, run_preflight
 from job.storage import s3 as s3io
 from job.storage.checkpoints import RemoteCheckpoints
 from job.storage.hub import check_push_access, parse_min_metric
-from job.storage.sources import Sources, localize
+from job.storage.sources import Sources, localize, source_kind
 from job.train import distributed, resume
 from job.utils import tracking
 from job.utils.redact import redact
@@ -105,7 +105,7 @@ def _resolve_run_id(cfg: JobConfig, sources: Sources, preflight: dict) -> str:
 
 
 def _uses_hub(cfg: JobConfig) -> bool:
-    return not Path(cfg.model.id).exists() or not Path(cfg.data.uri or ".").exists()
+    return "hub" in (source_kind(cfg.model.id, "model"), source_kind(cfg.data.uri or ".", "dataset"))
 
 
 def _hub_access(cfg: JobConfig) -> None:
