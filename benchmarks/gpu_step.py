@@ -348,7 +348,7 @@ def _run(args, work: Path, cuda: bool) -> int:
     from benchmarks.collator import SeedTwoPassCollator
     from job.cards import ModelCards
     from job.collators.qwen3_collator import build_collators
-    from job.config import build_cfg
+    from job.config.schema import build_cfg
     from job.model import (
         apply_liger,
         apply_lora,

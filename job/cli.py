@@ -10,7 +10,7 @@ import sys
 import traceback
 
 from job.cards import ModelCards
-from job.config import build_cfg
+from job.config.schema import build_cfg
 from job.errors import INTERRUPTED, ExitCode, exit_code_for, find_job_error, reported_code
 from job.train import launch
 from job.train.launch import is_worker, launched_here, write_error_record

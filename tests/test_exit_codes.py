@@ -30,7 +30,7 @@ from loopback import Account, free_port, serve, serve_hub
 
 from job import cli, errors
 from job.cards import ModelCards
-from job.config import build_cfg
+from job.config.schema import build_cfg
 from job.errors import DataError, ExitCode, find_job_error
 from job.storage import s3 as s3io
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from job.config import JobConfig
+from job.config.schema import JobConfig
 from job.data.holdout import ROW_ID, holdout_sides
 from job.data.layouts import JSONL_SUFFIXES, SplitFiles, expected_layouts, find_split, single_split_source, whole_source
 from job.errors import DataError, TransientError, hub_offline

@@ -30,7 +30,7 @@ from typing import Any
 from job import outputs
 from job.cards import ModelCards
 from job.collators.qwen3_collator import build_collators
-from job.config import JobConfig, build_cfg
+from job.config.schema import JobConfig, build_cfg
 from job.errors import GateRefused, MergeMismatch
 from job.eval.generate import compute_metrics, evaluate_qwen3, next_token_logits
 from job.export import merge

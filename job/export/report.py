@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from job.config import JobConfig
+from job.config.schema import JobConfig
 from job.metric_table import CORE_METRICS
 from job.storage.hub import base_model_line
 from job.storage.sources import hub_model_id

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from job.config import JobConfig
+from job.config.schema import JobConfig
 from job.errors import ConfigError, classified
 from job.model import load_processor, lora_target_regex
 from job.storage.s3 import S3Uri

@@ -8,7 +8,7 @@ import os
 import re
 from pathlib import Path
 
-from job.config import JobConfig
+from job.config.schema import JobConfig
 from job.errors import UserError, classified
 from job.metric_table import CARD_WHEN_MEASURED, CORE_METRICS, PRIMARY
 from job.storage.sources import hub_model_id, source_kind

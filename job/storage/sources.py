@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from job.config import JobConfig
+from job.config.schema import JobConfig
 from job.errors import UserError, classified
 from job.storage import s3 as s3io
 from job.utils.library_errors import hub_offline

@@ -25,7 +25,7 @@ import torch
 from transformers import TrainerCallback
 
 from job import outputs
-from job.config import JobConfig
+from job.config.schema import JobConfig
 from job.eval.generate import compute_metrics, gold_label, score_labels
 from job.eval.metrics import probability_metrics, stratified_rows
 from job.eval.score import LabelSet, argmax_labels

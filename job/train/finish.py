@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from job import outputs
-from job.config import JobConfig
+from job.config.schema import JobConfig
 from job.data.loaders import dataset_fingerprint
 from job.errors import GateRefused
 from job.eval import plots

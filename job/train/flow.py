@@ -17,7 +17,7 @@ from typing import Any
 
 from job import outputs
 from job.cards import ModelCards
-from job.config import JobConfig, build_cfg
+from job.config.schema import JobConfig, build_cfg
 from job.errors import JobError
 from job.export.command import run_export
 from job.model import _count_trainable_params, apply_liger, apply_lora, load_model

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator, build_collators
-from job.config import JobConfig
+from job.config.schema import JobConfig
 from job.errors import DataError
 from job.eval.generate import gold_label
 from job.eval.score import LabelSet, resolve_mode

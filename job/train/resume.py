@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from job.config import JobConfig
+from job.config.schema import JobConfig
 from job.errors import ResumeDrift
 from job.storage.completed import latest_completed_checkpoint
 from job.storage.sources import Sources

@@ -9,7 +9,7 @@ import torch
 
 from job.cards import ModelCards
 from job.collators.qwen3_collator import Qwen3VisionSFTCollator
-from job.config import build_cfg
+from job.config.schema import build_cfg
 from job.data.loaders import load_local_split
 from job.data.rows import parse_verdict
 from job.errors import DataError

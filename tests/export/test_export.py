@@ -20,7 +20,7 @@ from loopback import HubErrorHandler, serve
 
 from job import cli, errors
 from job.cards import ModelCards
-from job.config import build_cfg
+from job.config.schema import build_cfg
 from job.errors import ConfigError, GateRefused, TransientError, UserError
 from job.export import command, merge
 from job.export.report import (

@@ -17,7 +17,7 @@ from loopback import Account, free_port, serve_hub
 
 from job import errors
 from job.cards import ModelCards
-from job.config import build_cfg
+from job.config.schema import build_cfg
 from job.errors import Preempted, UserError, find_job_error
 from job.storage import hub
 from job.train.preemption import PreemptionGuard

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from job.cards import ModelCards
-from job.config import build_cfg
+from job.config.schema import build_cfg
 from job.errors import UserError
 from job.train.finish import publish
 from job.train.prepare import RunPaths

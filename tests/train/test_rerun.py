@@ -17,7 +17,7 @@ from runs import checkpoint_files as _checkpoint_files
 
 from job import errors
 from job.cards import ModelCards
-from job.config import build_cfg
+from job.config.schema import build_cfg
 from job.errors import ExitCode, exit_code_for
 from job.storage import s3 as s3io
 from job.storage.checkpoints import RemoteCheckpoints
