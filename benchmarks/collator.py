@@ -51,7 +51,7 @@ def make_rows(n: int, seed: int = 0, max_side: int = 1600) -> list[dict]:
 def load_processor_capped(model_dir: Path, max_pixels: int):
     """The job's own `load_processor` (min/max pixels passed as it passes them), for the tiny assets' processor."""
     from job.cards import ModelCards
-    from job.config import build_cfg
+    from job.config.schema import build_cfg
     from job.model import load_processor
 
     cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, {

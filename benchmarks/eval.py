@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from job.cards import ModelCards
     from job.collators.qwen3_collator import build_collators
-    from job.config import build_cfg
+    from job.config.schema import build_cfg
     from job.data.loaders import load_local_split
     from job.eval.generate import evaluate_qwen3
     from job.eval.score import LabelSet

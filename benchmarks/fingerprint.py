@@ -63,7 +63,7 @@ def main() -> int:
     rows, repeat = (200, 1) if args.quick else (args.rows, args.repeat)
 
     from job.cards import ModelCards
-    from job.config import build_cfg
+    from job.config.schema import build_cfg
     from job.data import checks
     from job.model import load_processor
     from job.preflight.run import run_preflight

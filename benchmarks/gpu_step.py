@@ -65,14 +65,14 @@ def build_random_8b(model_dir: Path) -> None:
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    from job.demo.tiny import _load_json, build_tiny_processor
+    from job.demo.tiny import build_tiny_processor, load_asset_json
 
     marker = model_dir / ".complete"
     if marker.exists():
         print(f"random 8B model: reusing {model_dir}")
         return
     started = time.monotonic()
-    full = _load_json("config-8b-instruct.json")
+    full = load_asset_json("config-8b-instruct.json")
     top = {k: v for k, v in full.items() if k not in ("text_config", "vision_config", "architectures")}
     config = Qwen3VLConfig(text_config=full["text_config"], vision_config=full["vision_config"], **top)
     torch.manual_seed(0)
@@ -348,7 +348,7 @@ def _run(args, work: Path, cuda: bool) -> int:
     from benchmarks.collator import SeedTwoPassCollator
     from job.cards import ModelCards
     from job.collators.qwen3_collator import build_collators
-    from job.config import build_cfg
+    from job.config.schema import build_cfg
     from job.model import (
         apply_liger,
         apply_lora,

@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ModelCards": "job.cards",
     "Queries": "job.prompts",
-    "build_cfg": "job.config",
+    "build_cfg": "job.config.schema",
     "Qwen3VisionSFTCollator": "job.collators.qwen3_collator",
     "build_collators": "job.collators.qwen3_collator",
     "load_train_dataset": "job.data.loaders",
@@ -40,7 +40,7 @@ __all__ = [  # the keys of _EXPORTS, written out for linters and type checkers (
 if TYPE_CHECKING:
     from job.cards import ModelCards
     from job.collators.qwen3_collator import Qwen3VisionSFTCollator, build_collators
-    from job.config import build_cfg
+    from job.config.schema import build_cfg
     from job.data.loaders import _load_eval_dataset, _select_subset, load_local_split, load_train_dataset
     from job.eval.generate import evaluate_qwen3
     from job.model import _count_trainable_params

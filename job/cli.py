@@ -10,10 +10,10 @@ import sys
 import traceback
 
 from job.cards import ModelCards
-from job.config import build_cfg
-from job.errors import ExitCode, find_job_error
+from job.config.schema import build_cfg
+from job.errors import INTERRUPTED, ExitCode, exit_code_for, find_job_error, reported_code
 from job.train import launch
-from job.train.launch import is_worker, launched_here, reported_code, write_error_record
+from job.train.launch import is_worker, launched_here, write_error_record
 from job.utils.redact import redact, scrub, setup_logging
 
 log = logging.getLogger("job")
@@ -102,11 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def exit_code_for(exc: BaseException) -> int:
-    job_error = find_job_error(exc)
-    return int(job_error.exit_code) if job_error is not None else int(ExitCode.INTERNAL)
-
-
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
@@ -116,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         code = int(args.fn(args))
     except KeyboardInterrupt:
         print("qwen3-sft: interrupted before a checkpoint could be saved", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
         code = _report(exc)
     # A worker hands the launcher its real code; the process the orchestrator watches may translate it.

@@ -4,14 +4,22 @@ Modelled on llm-foundry's exceptions: a *user* error is something the person lau
 fix (config, data, credentials) and must never print a traceback; a *transient* error survived the
 library-level retries (botocore, huggingface_hub) and may succeed if Kubernetes retries the pod;
 anything else is an internal error (a bug) and keeps its traceback.
+
+Every error class of the job is here, each carrying its data (`ConfigError.problems`, `DataError.row`, ...), and so is
+every mapping to an exit code: the class's `exit_code`, `exit_code_for` (an exception, its cause chain searched),
+`INTERRUPTED` (Ctrl-C), `retryable` and `reported_code` (SFT_EXIT_CODES=kubeflow). Which library exception is which
+error is read in job/utils/library_errors.py. Context is added to an exception with `add_note`, never by wrapping it;
+the only wrappers are the seed's three RuntimeErrors (`Qwen3 collate failed`, `evaluate_qwen3 failed`, `Qwen3-VL SFT
+failed`), which `find_job_error` sees through.
 """
 
 from __future__ import annotations
 
 import enum
-import importlib
 import re
-import sys
+from pathlib import Path
+
+from job.utils import library_errors
 
 
 class ExitCode(enum.IntEnum):
@@ -28,14 +36,34 @@ class ExitCode(enum.IntEnum):
         return self in (ExitCode.INTERNAL, ExitCode.TRANSIENT, ExitCode.PREEMPTED)
 
 
-EXIT_CODE_MEANING = {
-    ExitCode.OK: "success: adapter saved (and pushed when requested)",
-    ExitCode.INTERNAL: "internal error (a bug or an unexpected library failure); traceback printed",
-    ExitCode.USER: "user error: config, data, preflight, credentials or permissions; fix the input",
-    ExitCode.TRANSIENT: "transient external error (network, throttling) that survived the retries",
-    ExitCode.GATE_REFUSED: "quality gate refused the push; artifacts are kept in storage",
-    ExitCode.PREEMPTED: "preempted (SIGTERM/SIGINT) after saving a COMPLETED checkpoint; rerun resumes",
-}
+# Ctrl-C (KeyboardInterrupt) before a checkpoint could be saved: 128 + SIGINT, as a shell reports it. An interactive
+# stop, outside the contract's codes (a pod is stopped by SIGTERM: Preempted, 143).
+INTERRUPTED = 130
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit code an exception ends the job with: its JobError's (find_job_error), else 1 (a bug)."""
+    job_error = find_job_error(exc)
+    return int(job_error.exit_code) if job_error is not None else int(ExitCode.INTERNAL)
+
+
+def retryable(code: int) -> bool:
+    """Whether a Kubernetes Job should retry this exit code: the contract's own codes as ExitCode says; any other
+    code below 128 comes from no rank of this job (an interpreter that died on its own, a library's sys.exit) and is
+    taken for an internal error, retryable; 128 and above are signal deaths (OOM kill, SIGTERM)."""
+    known = {int(c): c for c in ExitCode}
+    if code in known:
+        return known[code].retryable
+    return code > 0
+
+
+def reported_code(code: int, style: str) -> int:
+    """The code as it leaves the process. `kubeflow` (SFT_EXIT_CODES): a PyTorchJob with `restartPolicy: ExitCode`
+    retries only 128-255 and takes 1-127 as permanent, so the retryable codes below 128 (1 internal, 3 transient)
+    become 128 + code (129, 131); 2 and 4 stay permanent, 143 stays retryable."""
+    if style == "kubeflow" and 0 < code < 128 and retryable(code):
+        return 128 + code
+    return code
 
 
 class JobError(Exception):
@@ -141,205 +169,66 @@ class CollectiveFailed(TransientError):
 
 
 class PeerFailed(JobError):
-    """On a DDP rank > 0: rank 0 failed in a step only it runs (preflight, eval); exit with rank 0's code."""
+    """On a DDP rank: another rank failed in a step every rank waits on (preflight, eval, a check); exit with that
+    rank's code (1 for a code the contract does not know), naming it. The one wording of a relayed failure:
+    `relays(message)` tells it from a rank's own failure (the launcher never takes a relay for the cause)."""
 
-    def __init__(self, exit_code: ExitCode, message: str):
-        super().__init__(message)
-        self.exit_code = exit_code
+    _PREFIX = re.compile(r"rank \d+ failed: ")
 
+    def __init__(self, source_rank: int, code: int, line: str):
+        self.source_rank, self.line = source_rank, line
+        self.exit_code = ExitCode(code) if code in {int(c) for c in ExitCode} else ExitCode.INTERNAL
+        super().__init__(f"rank {source_rank} failed: {line} (full message in rank {source_rank}'s log)")
 
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:limit]
-
-
-def _http_status(exc: BaseException) -> int | None:
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    return status if isinstance(status, int) else None
-
-
-def _classify_s3(exc: BaseException) -> JobError | None:
-    try:
-        from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
-        from botocore.exceptions import (
-            ClientError,
-            ConnectionError as BotoConnectionError,
-            HTTPClientError,
-            NoCredentialsError,
-            NoRegionError,
-            PartialCredentialsError,
-        )
-    except ImportError:  # boto3 is a dependency; only a broken install lacks it
-        return None
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        code, status = str(error.get("Code", "")), exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code not in S3_TRANSIENT_CODES and (code in S3_USER_CODES or status in (400, 401, 403, 404)):
-            return UserError(f"S3 {exc.operation_name}: {code} {error.get('Message', '')}".strip()
-                             + "; check the bucket, key and AWS credentials")
-        return TransientError(f"S3 {exc.operation_name}: {code} {error.get('Message', '')} (after retries)".strip())
-    if isinstance(exc, (NoCredentialsError, PartialCredentialsError, NoRegionError)):
-        return UserError(f"S3: {_first_line(exc)} (set AWS credentials or a role, and a region)")
-    if isinstance(exc, (S3UploadFailedError, S3TransferFailedError)):
-        # boto3's transfer manager wraps the ClientError in text only ("Failed to upload f to bucket/key: An error
-        # occurred (SlowDown) ..."): a refused credential or bucket is still a user error.
-        text = _first_line(exc, 500)
-        if any(f"({code})" in text for code in S3_USER_CODES):
-            return UserError(f"S3 transfer: {text}; check the bucket, key and AWS credentials")
-        return TransientError(f"S3 transfer failed after retries: {text}")
-    if isinstance(exc, (BotoConnectionError, HTTPClientError)):  # incl. connect/read timeouts, resets
-        return TransientError(f"S3: {type(exc).__name__}: {_first_line(exc)} (after retries)")
-    return None
+    @classmethod
+    def relays(cls, message: str) -> bool:
+        return cls._PREFIX.match(message) is not None
 
 
-def _classify_hub(exc: BaseException) -> JobError | None:
-    try:
-        from huggingface_hub.errors import (
-            EntryNotFoundError,
-            GatedRepoError,
-            HfHubHTTPError,
-            HFValidationError,
-            LocalEntryNotFoundError,
-            OfflineModeIsEnabled,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
-    except ImportError:
-        return None
-    url = getattr(getattr(exc, "response", None), "url", None)
-    where = f" ({url})" if url else ""
-    if isinstance(exc, GatedRepoError):
-        return UserError(f"Hub: gated repository{where}: accept its terms on the Hub and set HF_TOKEN")
-    if isinstance(exc, RepositoryNotFoundError):
-        return UserError(f"Hub: repository not found or no access{where}: check the repo id and HF_TOKEN")
-    if isinstance(exc, RevisionNotFoundError):
-        return UserError(f"Hub: revision not found{where}: check SFT_MODEL_REVISION / SFT_DATASET_REVISION")
-    if isinstance(exc, OfflineModeIsEnabled):
-        return UserError(f"Hub: HF_HUB_OFFLINE=1 forbids this request: {_first_line(exc)}")
-    if isinstance(exc, (EntryNotFoundError, HFValidationError)):
-        return UserError(f"Hub: {_first_line(exc)}")
-    if isinstance(exc, LocalEntryNotFoundError):
-        if hub_offline():
-            return UserError(f"Hub: HF_HUB_OFFLINE=1 and the files are not in the local cache: {_first_line(exc)}")
-        return None  # the network error it wraps (its __cause__) decides
-    if isinstance(exc, HfHubHTTPError):
-        status = _http_status(exc)
-        if status in (400, 422):  # the Hub names what it rejected (a file, a metadata field) in its message
-            said = " ".join((exc.server_message or _first_line(exc)).split())[:500]
-            # upload_folder has the Hub validate a README.md's metadata before the commit (/api/validate-yaml)
-            card = str(url or "").endswith("/validate-yaml")
-            what = "README.md's metadata (the model card)" if card else "the request"
-            return UserError(f"Hub: HTTP {status}{where}: the Hub rejected {what}: {said}")
-        if status in (401, 403, 404):
-            return UserError(f"Hub: HTTP {status}{where}: check the repo id and that HF_TOKEN may read it (and write "
-                             "it, for a push)")
-        if status is None or status in _TRANSIENT_STATUSES or status >= 500:
-            return TransientError(f"Hub: HTTP {status}{where} (after retries)")
-        return UserError(f"Hub: HTTP {status}{where}: {_first_line(exc)}")
-    return None
+class ResumeDrift(UserError):
+    """The checkpoint to resume was trained with other settings, data or run id: exit 2, before any model loads."""
+
+    def __init__(self, checkpoint: Path, changes: list[str]):
+        self.checkpoint, self.changes = checkpoint, list(changes)
+        listed = "\n".join(f"  - {c}" for c in self.changes)
+        super().__init__(
+            f"refusing to resume {checkpoint}: it was trained with different settings ({len(self.changes)} changed):"
+            f"\n{listed}\nways out: restore the settings above to resume; or use a new SFT_OUTPUT_DIR (and "
+            "SFT_RUN_ID) for a new run; or set SFT_RESUME=never to start fresh here (the old checkpoints are moved "
+            "aside, not deleted)")
 
 
-_TRANSIENT_STATUSES = (408, 429)  # request timeout, throttled: the rest of 4xx is the request's own fault
+class NothingToResume(UserError):
+    """SFT_RESUME=require found no COMPLETED checkpoint: exit 2."""
+
+    def __init__(self, where: list[str]):
+        self.where = list(where)
+        super().__init__(f"SFT_RESUME=require but there is no COMPLETED checkpoint to resume in {' or '.join(where)}; "
+                         "check SFT_OUTPUT_DIR / SFT_RUN_ID / SFT_CHECKPOINT_URI, or set SFT_RESUME=auto")
 
 
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE as huggingface_hub reads it."""
-    import os
+class CheckpointNotOnThisNode(UserError):
+    """Rank 0 resumes a checkpoint that this node's disk lacks, and there is no SFT_CHECKPOINT_URI to restore it
+    from: exit 2 (every node of a multi-node run needs the store to resume)."""
 
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
-def _classify_http(exc: BaseException) -> JobError | None:
-    """requests (datasets, older hubs) and httpx (huggingface_hub >= 1.0): status codes, timeouts, refused connects."""
-    transient_types: list[type] = [TimeoutError, ConnectionError]
-    http_error_types: list[type] = []
-    try:
-        import requests
-
-        transient_types += [requests.ConnectionError, requests.Timeout]
-        http_error_types.append(requests.HTTPError)
-    except ImportError:
-        pass
-    for name in ("httpx", "httpx2"):  # huggingface_hub 2 uses httpx2, a fork of httpx with the same error classes
-        try:
-            client = importlib.import_module(name)
-        except ImportError:
-            continue
-        transient_types += [client.TransportError]
-        http_error_types.append(client.HTTPStatusError)
-    if isinstance(exc, tuple(http_error_types)):
-        status = _http_status(exc)
-        url = getattr(getattr(exc, "request", None), "url", None) or getattr(getattr(exc, "response", None), "url", "")
-        if status is not None and 400 <= status < 500 and status not in _TRANSIENT_STATUSES:
-            return UserError(f"HTTP {status} from {url}: check the id and the credentials")
-        return TransientError(f"HTTP {status} from {url} (after retries)")
-    if isinstance(exc, tuple(transient_types)) and not isinstance(exc, (FileNotFoundError, PermissionError)):
-        return TransientError(f"network: {type(exc).__name__}: {_first_line(exc)} (after retries)")
-    return None
+    def __init__(self, checkpoint: Path, rank: int):
+        self.checkpoint, self.rank = checkpoint, rank
+        super().__init__(f"rank 0 resumes {checkpoint.name}, which rank {rank}'s node does not have at {checkpoint} "
+                         "and cannot restore: set SFT_CHECKPOINT_URI (every node restores the checkpoint from it)")
 
 
-_USER_ERRNOS = {"EACCES", "EPERM", "EROFS", "ENOSPC", "EDQUOT", "ENOENT", "ENOTDIR", "EISDIR"}
-
-
-def _classify_os(exc: BaseException) -> JobError | None:
-    """Permissions, a read-only or full volume, a missing path: the person launching the job fixes these."""
-    import errno
-
-    if type(exc) is OSError or isinstance(exc, (PermissionError, FileNotFoundError, NotADirectoryError,
-                                                IsADirectoryError)):
-        name = errno.errorcode.get(exc.errno or -1)
-        if name in _USER_ERRNOS and exc.filename is not None:
-            return UserError(f"{exc.strerror}: {exc.filename!s}"
-                             + (f" -> {exc.filename2!s}" if exc.filename2 else ""))
-    return None
-
-
-def _classify_out_of_memory(exc: BaseException) -> JobError | None:
-    """torch.OutOfMemoryError outside a training step (which raises OutOfMemory with the batch): eval, export."""
-    torch = sys.modules.get("torch")  # not imported: the error cannot be torch's
-    if torch is None or not isinstance(exc, torch.OutOfMemoryError):
-        return None
-    return UserError(f"out of GPU memory outside training ({_first_line(exc, 200)}): lower SFT_EVAL_BATCH_SIZE, "
-                     "SFT_MAX_LENGTH or SFT_IMAGE_MAX_PIXELS")
-
-
-_WORKER_ERROR = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
-_WORKER_JOB_ERROR = re.compile(r"^job\.errors\.(\w+): (.+)$", re.MULTILINE)
-
-
-def dataloader_worker_error(exc: BaseException) -> JobError | None:
-    """The JobError raised in a DataLoader worker process. torch re-raises a worker's exception in the main process by
-    its type and formatted traceback only (torch/_utils.py ExceptionWrapper): the collator's `RuntimeError('Qwen3
-    collate failed')` arrives as a RuntimeError without a cause, its DataError only in the traceback's text, as
-    `job.errors.DataError: <message>`. That line gives the class and the one-line message back (the first one: a
-    chained traceback prints the cause first); the row and field are in the message."""
-    if not isinstance(exc, RuntimeError) or not _WORKER_ERROR.match(str(exc)):
-        return None
-    # The errors a worker's code raises (reading and collating rows), each built again from its one-line message.
-    rebuilt = {"DataError": DataError, "UserError": UserError, "TransientError": TransientError}
-    for name, message in _WORKER_JOB_ERROR.findall(str(exc)):
-        if name in rebuilt:
-            return rebuilt[name](message)
-    return None
-
-
-S3_USER_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                           "NoSuchBucket", "NoSuchKey", "404", "403", "400", "401", "ExpiredToken", "InvalidToken",
-                           "InvalidBucketName", "AccountProblem", "NotFound", "Forbidden"})
-# HTTP 400 in S3 can still be transient (RequestTimeout: the socket was idle too long), as botocore's retries treat it.
-S3_TRANSIENT_CODES = frozenset({"RequestTimeout", "RequestTimeoutException", "SlowDown", "Throttling",
-                                "ThrottlingException", "RequestLimitExceeded", "InternalError", "ServiceUnavailable"})
-_CLASSIFIERS = (_classify_s3, _classify_hub, _classify_http, _classify_os, _classify_out_of_memory,
-                dataloader_worker_error)
+class MergeMismatch(JobError):
+    """export: the merged model does not reproduce base + adapter: a bug (exit 1), never a user's mistake."""
 
 
 def classify_foreign(exc: BaseException) -> JobError | None:
-    """A library exception as the JobError it amounts to, or None when it is not one we can name (a bug: exit 1)."""
-    for classifier in _CLASSIFIERS:
-        found = classifier(exc)
-        if found is not None:
-            return found
-    return None
+    """A library exception as the JobError it amounts to (job/utils/library_errors.py reads the libraries'
+    exceptions), or None when it is not one we can name (a bug: exit 1)."""
+    found = library_errors.classify(exc)
+    if found is None:
+        return None
+    name, message = found
+    return {"UserError": UserError, "TransientError": TransientError, "DataError": DataError}[name](message)
 
 
 def _chain(exc: BaseException | None):

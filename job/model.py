@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from job.config import JobConfig
+from job.config.schema import JobConfig
 from job.errors import ConfigError
 
 log = logging.getLogger(__name__)

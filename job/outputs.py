@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from job.config import JobConfig
+from job.config.schema import JobConfig
 from job.errors import JobError
 from job.storage.sources import Sources, hub_dataset_id
 from job.utils.redact import redact

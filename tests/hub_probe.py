@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 from job.cards import ModelCards
-from job.cli import exit_code_for
-from job.config import build_cfg
+from job.config.schema import build_cfg
 from job.data.loaders import _load_eval_dataset, load_train_dataset
+from job.errors import exit_code_for
 from job.storage.sources import localize
 
 

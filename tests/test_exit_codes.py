@@ -28,9 +28,9 @@ import pytest
 from helpers import PROCESSOR_LOADED, REPO, TINY_PIXELS, TRACEBACK, WEIGHTS_LOADED
 from loopback import Account, free_port, serve, serve_hub
 
-from job import cli
+from job import cli, errors
 from job.cards import ModelCards
-from job.config import build_cfg
+from job.config.schema import build_cfg
 from job.errors import DataError, ExitCode, find_job_error
 from job.storage import s3 as s3io
 
@@ -467,7 +467,7 @@ def test_s3_upload_storm_is_transient_and_names_the_object(slowdown_endpoint, mo
         s3io.client().upload_file(str(tmp_path / "adapter" / "adapter_model.safetensors"), "ckpt-store", "run-1/m.json")
     assert type(raw.value).__name__ == "S3UploadFailedError"
     for exc, key in ((ours.value, "run-1/adapter/adapter_model.safetensors"), (raw.value, "run-1/m.json")):
-        assert cli.exit_code_for(exc) == ExitCode.TRANSIENT
+        assert errors.exit_code_for(exc) == ExitCode.TRANSIENT
         message = str(find_job_error(exc))
         assert "ckpt-store" in message and key in message and "\n" not in message, message
 
@@ -483,10 +483,11 @@ def test_collate_wrapping_keeps_the_code_of_its_cause():
         except RuntimeError as outer:
             return outer
 
-    assert cli.exit_code_for(wrapped(DataError("train.jsonl:3: bad"))) == ExitCode.USER
-    assert cli.exit_code_for(wrapped(FileNotFoundError(2, "No such file or directory", "/data/x.png"))) == ExitCode.USER
-    assert cli.exit_code_for(wrapped(ValueError("absolute aspect ratio must be smaller than 200"))) == ExitCode.INTERNAL
-    assert cli.exit_code_for(wrapped(KeyError("bug"))) == ExitCode.INTERNAL
+    code_for = errors.exit_code_for
+    assert code_for(wrapped(DataError("train.jsonl:3: bad"))) == ExitCode.USER
+    assert code_for(wrapped(FileNotFoundError(2, "No such file or directory", "/data/x.png"))) == ExitCode.USER
+    assert code_for(wrapped(ValueError("absolute aspect ratio must be smaller than 200"))) == ExitCode.INTERNAL
+    assert code_for(wrapped(KeyError("bug"))) == ExitCode.INTERNAL
 
 
 # -- save interval, report ---------------------------------------------------------------------------------------
@@ -592,7 +593,7 @@ def test_an_out_of_memory_error_is_exit_2_everywhere_and_a_late_one_says_why_it_
     from job.errors import OutOfMemory
 
     late = OutOfMemory(40, 2, 1900, {"SFT_PER_DEVICE_BATCH_SIZE": "2", "SFT_MAX_LENGTH": "2048"})
-    assert cli.exit_code_for(late) == 2
+    assert errors.exit_code_for(late) == 2
     assert str(late).startswith("out of GPU memory at training step 40 on a batch of 2 row(s) whose longest sequence "
                                 "is 1900 tokens (visual tokens included)")
     assert "SFT_PER_DEVICE_BATCH_SIZE=2, SFT_MAX_LENGTH=2048" in str(late)
@@ -603,5 +604,5 @@ def test_an_out_of_memory_error_is_exit_2_everywhere_and_a_late_one_says_why_it_
         except torch.OutOfMemoryError as exc:
             raise RuntimeError("evaluate_qwen3 failed: CUDA out of memory") from exc
     except RuntimeError as wrapped:
-        assert cli.exit_code_for(wrapped) == 2
+        assert errors.exit_code_for(wrapped) == 2
         assert "SFT_EVAL_BATCH_SIZE" in str(find_job_error(wrapped))

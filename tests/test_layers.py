@@ -13,25 +13,12 @@ from pathlib import Path
 
 from helpers import REPO
 
-# The old import paths of modules moved in 0.1.0 (README, Development): each is an alias of its new home until 0.2.
-MOVED = {
-    "job.early_checks": "job.preflight.early",
-    "job.evaluate": "job.eval.command",
-    "job.preflight_report": "job.preflight.report",
-    "job.report": "job.demo.report",
-    "job.tiny": "job.demo.tiny",
-    "job.train.artifacts": "job.outputs",
-    "job.train.model": "job.model",
-    "job.train.qwen3_vl_8b_sft": "job.train.flow",
-    "job.utils.eval_sarcasm": "job.eval.generate",
-}
-
-# From the bottom up: what every module may use; config; storage; data and collators; the model, the outputs, the
-# eval core and the training parts; the checks before training; the flows (the run's steps beside it, eval, export);
-# the entry points and the demo; last, the aliases at old paths. A prefix names a package and everything in it (the
-# longest prefix wins).
+# From the bottom up: what every module may use (errors, prompts, cards, the metric table, utils); config; storage;
+# data and collators; the model, the outputs, the eval core and the training parts; the checks before training; the
+# flows (the run's steps beside it, eval, export); the entry points and the demo. A prefix names a package and
+# everything in it (the longest prefix wins).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("job.errors", "job.prompts", "job.cards", "job.utils"),
+    ("job.errors", "job.prompts", "job.cards", "job.metric_table", "job.utils"),
     ("job.config",),
     ("job.storage",),
     ("job.data.rows", "job.collators", "job.data.checks", "job.data.holdout", "job.data.layouts", "job.data.loaders",
@@ -44,7 +31,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("job.train.flow", "job.train.prepare", "job.train.finish", "job.train.rerun", "job.eval.command", "job.eval",
      "job.export.command", "job.export"),
     ("job.cli", "job.__main__", "job.demo", "job"),
-    tuple(MOVED),
 )
 
 
@@ -143,22 +129,17 @@ def test_the_readme_lists_every_module():
     assert listed == present
 
 
-def test_each_old_path_is_its_new_module():
-    """`import job.tiny` (and every other moved path) gives the very module object of the new home, private names
-    included, so code written against 0.0.x keeps working and monkeypatching either name patches both."""
-    import importlib
-
-    for old, new in MOVED.items():
-        assert importlib.import_module(old) is importlib.import_module(new), old
-    from job.preflight import run_preflight, worker_count  # the old module job.preflight's names
-    from job.preflight.run import run_preflight as moved_run
-    from job.preflight.scan import worker_count as moved_count
-    assert (run_preflight, worker_count) == (moved_run, moved_count)
+def test_no_module_is_an_alias():
+    """Each module is its own code: none replaces itself in sys.modules with another (the aliases of the paths
+    before 0.1.0 are gone; the seed's names are importable from `job`, the public API)."""
+    swaps = [str(p.relative_to(REPO)) for p in (REPO / "job").rglob("*.py")
+             if "sys.modules[__name__]" in p.read_text()]
+    assert swaps == []
 
 
 # Where a function may import a job module: the CLI's commands (so `config` and `--help` skip torch), the lazy
-# public API and the aliases at old paths. Anywhere else a local import would only hide a cycle or a layer.
-LOCAL_IMPORTS_ALLOWED = {"job.cli", "job", "job.tiny", "job.report"}
+# public API. Anywhere else a local import would only hide a cycle or a layer.
+LOCAL_IMPORTS_ALLOWED = {"job.cli", "job"}
 
 
 def _local_job_imports() -> list[str]:

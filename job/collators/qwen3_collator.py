@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from job.config import JobConfig
+from job.config.schema import JobConfig
 from job.data.rows import RowProblem, load_image, query_problem, row_name, target_text
 from job.errors import DataError
 from job.prompts import Queries
@@ -149,9 +149,16 @@ class Qwen3VisionSFTCollator:
 
     @staticmethod
     def _check_supervised(labels: torch.Tensor, examples: list[dict]) -> None:
-        empty = [row_name(ex, i) for i, ex in enumerate(examples) if not (labels[i] != IGNORE_INDEX).any()]
+        counts = (labels != IGNORE_INDEX).sum(dim=1).tolist()
+        empty = [row_name(ex, i) for i, ex in enumerate(examples) if lacks_answer(counts[i])]
         if empty:
             raise DataError(f"{', '.join(empty)}: no supervised tokens after masking; the target answer is empty")
+
+
+def lacks_answer(supervised_tokens: int) -> bool:
+    """The supervised-token rule, for the collator (a batch's labels) and preflight (a row's ids, job/data/checks.py):
+    a row trains on at least one answer token besides the closing `<|im_end|>`, else it teaches nothing."""
+    return supervised_tokens <= 1
 
 
 def _last_occurrence(ids: list[int], pattern: list[int]) -> int:

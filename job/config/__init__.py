@@ -1,43 +1,5 @@
 """Job configuration: `SFT_*` environment variables (`settings`) and the typed config built from them (`schema`).
 
-`build_cfg(ModelCards().qwen3_vl_8b_instruct)` returns a frozen `JobConfig`, read as `cfg.train.max_length`.
-Every name importable from `job.config` before it became a package still is.
+`build_cfg(ModelCards().qwen3_vl_8b_instruct)` (job.config.schema) returns a frozen `JobConfig`, read as
+`cfg.train.max_length`.
 """
-
-from __future__ import annotations
-
-from job.config.schema import (
-    CardConfig,
-    DataConfig,
-    EvalConfig,
-    ExportConfig,
-    HubConfig,
-    ImageConfig,
-    JobConfig,
-    LineageConfig,
-    LoraConfig,
-    ModelConfig,
-    StorageConfig,
-    TrainConfig,
-    WandbConfig,
-    build_cfg,
-)
-from job.config.settings import (
-    ENV_PREFIX,
-    KNOWN_ENV_VARS,
-    PUSH_GATE_METRICS,
-    SCORED_GATE_METRICS,
-    SECRET_ENV_VARS,
-    Settings,
-    cross_field_problems,
-    effective_save_steps,
-    env_name,
-    load_settings,
-)
-
-__all__ = [
-    "ENV_PREFIX", "KNOWN_ENV_VARS", "PUSH_GATE_METRICS", "SCORED_GATE_METRICS", "SECRET_ENV_VARS", "CardConfig",
-    "DataConfig", "EvalConfig", "ExportConfig", "HubConfig", "ImageConfig", "JobConfig", "LineageConfig", "LoraConfig",
-    "ModelConfig", "Settings", "StorageConfig", "TrainConfig", "WandbConfig", "build_cfg", "cross_field_problems",
-    "effective_save_steps", "env_name", "load_settings",
-]

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from job.cards import ModelSpec
 from job.config.settings import Settings, effective_save_steps, load_settings
+from job.metric_table import BestMetric
 from job.prompts import Queries
 
 
@@ -168,7 +169,7 @@ class EvalConfig(_Section):
     mode: Literal["auto", "generate", "score", "both"]  # job/eval/score.py resolves auto
     steps: int | None  # eval during training every N steps (None: off)
     during_train_rows: int
-    best_metric: Literal["macro_f1", "accuracy", "weighted_f1", "roc_auc", "log_loss", "ece"]
+    best_metric: BestMetric
 
     @classmethod
     def from_settings(cls, s: Settings, card: ModelSpec) -> Self:

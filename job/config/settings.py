@@ -18,22 +18,12 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from job.cards import ModelSpec
 from job.errors import ConfigError
-from job.utils.redact import SECRET_ENV_VARS as SECRET_ENV_VARS  # its home is job.utils.redact
+from job.metric_table import BEST_METRICS, EVAL_MODE_METRICS, EVAL_MODES, GATE_METRICS, PRIMARY, BestMetric
 
 ENV_PREFIX = "SFT_"
-# What SFT_PUSH_MIN_METRIC may gate on: post-eval metrics in [0, 1], higher is better.
-PUSH_GATE_METRICS = ("accuracy", "macro_f1", "json_parse_rate", "exact_match", "weighted_f1", "roc_auc")
-# What the eval of each SFT_EVAL_MODE measures (job/eval/generate.py evaluate_qwen3): generation parses a JSON verdict
-# (json_parse_rate, exact_match); scoring has the label probabilities (roc_auc, log_loss, ece) and no verdict to parse;
-# both measures all. auto is both when the training split gives a label set, else generate: a scoring metric under
-# auto is checked once the label set is known, before any weights load (job/train/prepare.py check_gate_measurable).
-# The eval during training (SFT_EVAL_STEPS, SFT_BEST_METRIC) always scores.
-_LABEL_METRICS = ("accuracy", "macro_f1", "weighted_f1")
-_GENERATED = (*_LABEL_METRICS, "json_parse_rate", "exact_match")
-_SCORED = (*_LABEL_METRICS, "roc_auc", "log_loss", "ece")
-EVAL_MODE_METRICS = {"generate": _GENERATED, "score": _SCORED, "both": (*_GENERATED, *_SCORED[3:]),
-                     "auto": (*_GENERATED, *_SCORED[3:])}
-SCORED_GATE_METRICS = tuple(m for m in PUSH_GATE_METRICS if m not in _GENERATED)  # roc_auc: needs a label set
+# What each SFT_EVAL_MODE measures, what SFT_PUSH_MIN_METRIC may gate on and SFT_BEST_METRIC may pick: the metric
+# table (job/metric_table.py). A scoring metric under auto is checked once the label set is known, before any weights
+# load (job/train/prepare.py check_gate_measurable). The eval during training (SFT_EVAL_STEPS) always scores.
 _NOT_MEASURED = {"generate": "turns scoring off (no label probabilities)",
                  "score": "generates no verdict (nothing to parse or match)"}
 # Standard variables that keep their own names. Their values are secrets: never logged, never stored.
@@ -134,9 +124,7 @@ class Settings(BaseSettings):
     # every N optimizer steps, score SFT_EVAL_DURING_TRAIN_ROWS eval rows; the best step's adapter is the one kept
     eval_steps: int | None = Field(None, ge=1, examples=["50"])
     eval_during_train_rows: int = Field(128, ge=1, examples=["128"])
-    best_metric: Literal["macro_f1", "accuracy", "weighted_f1", "roc_auc", "log_loss", "ece"] = Field(
-        "macro_f1", examples=["macro_f1", "log_loss"]
-    )
+    best_metric: BestMetric = Field(PRIMARY, examples=["macro_f1", "log_loss"])
     # integrations
     wandb_enabled: bool = Field(True, examples=["true"])
     # storage and publishing
@@ -149,7 +137,7 @@ class Settings(BaseSettings):
     hub_private: bool = Field(True, examples=["true"])
     push_min_metric: str | None = Field(
         None,
-        pattern=rf"^({'|'.join(PUSH_GATE_METRICS)}):(0(\.\d+)?|1(\.0+)?)$",
+        pattern=rf"^({'|'.join(GATE_METRICS)}):(0(\.\d+)?|1(\.0+)?)$",
         examples=["macro_f1:0.70"],
     )
     push_require_improvement: bool = Field(True, examples=["true"])
@@ -270,8 +258,8 @@ def cross_field_problems(s: Settings, card: ModelSpec) -> list[str]:
     if unused:
         problems.append(f"{', '.join(env_name(f) for f in unused)} only apply with SFT_EVAL_STEPS (eval during "
                         "training): set SFT_EVAL_STEPS=N or unset them")
-    # The eval during training scores (SFT_BEST_METRIC is one of _SCORED): the mode must measure what scoring does.
-    if s.eval_steps is not None and not set(_SCORED) <= set(EVAL_MODE_METRICS[s.eval_mode]):
+    # The eval during training scores (SFT_BEST_METRIC is one of BEST_METRICS): the mode must measure them.
+    if s.eval_steps is not None and not set(BEST_METRICS) <= set(EVAL_MODE_METRICS[s.eval_mode]):
         best = f" and SFT_BEST_METRIC={s.best_metric}" if "best_metric" in s.model_fields_set else ""
         problems.append(f"SFT_EVAL_STEPS{best} score{'' if best else 's'} the labels during training, and "
                         f"SFT_EVAL_MODE={s.eval_mode} {_NOT_MEASURED[s.eval_mode]}: use SFT_EVAL_MODE=auto, score or "
@@ -280,8 +268,8 @@ def cross_field_problems(s: Settings, card: ModelSpec) -> list[str]:
         problems.append("SFT_PUSH_MIN_METRIC needs the post-eval: set SFT_EVAL_POST=true or unset the gate")
     gate = s.push_min_metric.partition(":")[0] if s.push_min_metric else None
     if gate and gate not in EVAL_MODE_METRICS[s.eval_mode]:
-        modes = [m for m in ("auto", "both", "generate", "score") if gate in EVAL_MODE_METRICS[m]]
-        can = [m for m in PUSH_GATE_METRICS if m in EVAL_MODE_METRICS[s.eval_mode]]
+        modes = [m for m in EVAL_MODES if gate in EVAL_MODE_METRICS[m]]
+        can = [m for m in GATE_METRICS if m in EVAL_MODE_METRICS[s.eval_mode]]
         problems.append(f"SFT_PUSH_MIN_METRIC={s.push_min_metric} gates on {gate}, and SFT_EVAL_MODE={s.eval_mode} "
                         f"{_NOT_MEASURED[s.eval_mode]}, so the gate could only refuse after training: use "
                         f"SFT_EVAL_MODE={' or '.join(modes)}, or gate on {', '.join(can)}")

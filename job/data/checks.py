@@ -22,7 +22,7 @@ from typing import Any
 
 from PIL import Image
 
-from job.collators.qwen3_collator import Qwen3VisionSFTCollator
+from job.collators.qwen3_collator import Qwen3VisionSFTCollator, lacks_answer
 from job.data.rows import (
     RowProblem,
     caption_problem,
@@ -195,7 +195,7 @@ class RowChecker:
         """Count what answer_only_labels keeps: from after the last assistant header through the first <|im_end|>."""
         span = self.collator.supervised_span(ids)
         result.supervised_tokens = end = span[1] - span[0] if span is not None else 0
-        if end <= 1:  # only <|im_end|> (or nothing) would be supervised
+        if lacks_answer(end):  # only <|im_end|> (or nothing) would be supervised
             result.error("no_supervised_tokens", self.collator.target_key,
                          "leaves no answer tokens to train on after masking", "give the row a non-empty verdict")
 

@@ -16,11 +16,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from job.config import JobConfig
+from job.config.schema import JobConfig
 from job.data.holdout import ROW_ID, holdout_sides
 from job.data.layouts import JSONL_SUFFIXES, SplitFiles, expected_layouts, find_split, single_split_source, whole_source
-from job.errors import DataError, TransientError, hub_offline
+from job.errors import DataError, TransientError
 from job.storage.sources import hub_dataset_id
+from job.utils.library_errors import hub_offline
 
 # Columns the job adds to a split: each row's name in messages (loading), and its text + visual token count
 # (preflight, for length-grouped sampling).

@@ -25,6 +25,7 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _JSONL_ROW = re.compile(r"^[^\[]+\.jsonl?:\d+$")  # row ids of JSONL rows ("train.jsonl:17"); others are "train[17]"
 REENCODE_FIX = "re-export the image as PNG or JPEG (e.g. with PIL: Image.open(p).convert('RGB').save(p2))"
 _RESAVE = "re-save it as PNG or JPEG"
+_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,29 @@ def label_or_problem(verdict: dict, field: str, label_field: str) -> str | RowPr
                           f'add "{label_field}" to every verdict, or set SFT_LABEL_FIELD to the key that holds the '
                           "label")
     return label if isinstance(label, str) else str(label)
+
+
+def parse_verdict(value: Any, *, lenient: bool = False) -> dict | None:
+    """The one verdict parser: the verdict as a dict, or None when there is none.
+
+    Strict (a row's `target_json`, a JSON object or its text, whole: the rule `verdict_or_problem` says what is
+    wrong with it) or lenient, for text a model generated: the first JSON object in it (models sometimes wrap it in
+    prose or a code fence); the eval reads the gold targets leniently too, as it always has.
+    """
+    if not lenient:
+        found = verdict_or_problem(value, "target")
+        return None if isinstance(found, RowProblem) else found
+    if isinstance(value, dict) or value is None:
+        return value
+    text = str(value).strip()
+    for candidate in (text, *(m.group(0) for m in _OBJECT.finditer(text))):
+        try:
+            parsed = json.loads(candidate)
+        except (json.JSONDecodeError, TypeError):
+            continue
+        if isinstance(parsed, dict):
+            return parsed
+    return None
 
 
 def parse_target(value: Any, row: str, field: str) -> dict:

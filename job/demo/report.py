@@ -10,9 +10,10 @@ import json
 import sys
 from pathlib import Path
 
-KEYS = ("accuracy", "macro_f1", "json_parse_rate", "exact_match", "n")
-# Shown when a column has them: the per-class summary and scoring mode's (job/eval/metrics.py).
-OPTIONAL_KEYS = ("weighted_f1", "roc_auc", "log_loss", "ece", "score_accuracy", "score_agreement")
+from job.metric_table import CORE_METRICS, REPORTED_WHEN_MEASURED
+
+KEYS = (*CORE_METRICS, "n")
+OPTIONAL_KEYS = REPORTED_WHEN_MEASURED  # shown when a column has them
 USAGE = "usage: python -m job.demo.report METRICS_FILE  (metrics.json or eval/{pre,post,standalone}_metrics.json)"
 
 

@@ -41,7 +41,7 @@ QUERIES = [
 ]
 
 
-def _load_json(name: str) -> dict:
+def load_asset_json(name: str) -> dict:
     return json.loads((ASSETS / name).read_text())
 
 
@@ -61,7 +61,7 @@ def build_tiny_tokenizer():
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    special = _load_json("special_tokens.json")
+    special = load_asset_json("special_tokens.json")
     ranks = _qwen_ranks()
 
     class _Converter(TikTokenConverter):
@@ -91,7 +91,7 @@ def build_tiny_processor():
 
     settings = {
         k: v
-        for k, v in _load_json("preprocessor_config.json").items()
+        for k, v in load_asset_json("preprocessor_config.json").items()
         if not k.endswith("_type") and k != "processor_class"
     }
     return Qwen3VLProcessor(
@@ -105,7 +105,7 @@ def build_tiny_processor():
 def tiny_model_config():
     from transformers import Qwen3VLConfig
 
-    full = _load_json("config-8b-instruct.json")
+    full = load_asset_json("config-8b-instruct.json")
     text = {**full["text_config"], **TINY_TEXT}
     vision = {**full["vision_config"], **TINY_VISION}
     top = {k: v for k, v in full.items() if k not in ("text_config", "vision_config", "architectures")}

@@ -16,7 +16,7 @@ from pathlib import Path
 from job import outputs
 from job.cards import ModelCards
 from job.collators.qwen3_collator import build_collators
-from job.config import JobConfig, build_cfg
+from job.config.schema import JobConfig, build_cfg
 from job.data.loaders import load_train_dataset
 from job.errors import DataError
 from job.eval.generate import evaluate_qwen3

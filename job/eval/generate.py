@@ -3,42 +3,20 @@ probability (job/eval/score.py); the verdicts' classification metrics (job/eval/
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Any
 
 import torch
 
-from job.config import EvalConfig, JobConfig
+from job.config.schema import EvalConfig, JobConfig
+from job.data.rows import parse_verdict
 from job.errors import DataError
 from job.eval.metrics import INVALID, macro_f1, per_class_report, probability_metrics
 from job.eval.score import LabelSet, answer_log_probs, argmax_labels, label_probabilities, resolve_mode
 
-_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
-
-
-def parse_verdict(text: str) -> dict | None:
-    """The first JSON object in the model's text (models sometimes wrap it in prose or a code fence)."""
-    text = text.strip()
-    for candidate in (text, *(m.group(0) for m in _OBJECT.finditer(text))):
-        try:
-            parsed = json.loads(candidate)
-        except (json.JSONDecodeError, TypeError):
-            continue
-        if isinstance(parsed, dict):
-            return parsed
-    return None
-
-
-def _as_dict(target: Any) -> dict | None:
-    if isinstance(target, dict):
-        return target
-    return parse_verdict(str(target)) if target is not None else None
-
 
 def gold_label(target: Any, label_field: str) -> str:
     """A row's gold label as every metric compares it: the target parsed as JSON, its label field as text."""
-    return str((_as_dict(target) or {}).get(label_field, INVALID))
+    return str((parse_verdict(target, lenient=True) or {}).get(label_field, INVALID))
 
 
 def compute_metrics(predictions: list[str], targets: list[Any], label_field: str) -> dict[str, Any]:
@@ -46,7 +24,7 @@ def compute_metrics(predictions: list[str], targets: list[Any], label_field: str
     rows, golds, preds = [], [], []
     parsed_count = exact = 0
     for prediction, target in zip(predictions, targets, strict=True):
-        pred_obj, gold_obj = parse_verdict(prediction), _as_dict(target)
+        pred_obj, gold_obj = parse_verdict(prediction, lenient=True), parse_verdict(target, lenient=True)
         gold = gold_label(gold_obj, label_field)
         pred = str(pred_obj.get(label_field, INVALID)) if pred_obj is not None else INVALID
         parsed_count += pred_obj is not None

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from job.metric_table import BEST_METRICS, BY_NAME
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -28,10 +30,8 @@ FONT = 10
 # Agg's PNGs carry no date; without the Software chunk (the matplotlib version) the bytes depend on the picture alone.
 METADATA = {"Software": None}
 LABEL_CHARS = 18  # longer label names are cut with an ellipsis
-# The evals during training (job/train/best.py's TRACKED): the ones in [0, 1] share an axis, log-loss has its own.
-UNIT_METRICS = ("macro_f1", "accuracy", "weighted_f1", "roc_auc", "ece")
-METRIC_NAMES = {"macro_f1": "macro-F1", "accuracy": "accuracy", "weighted_f1": "weighted F1", "roc_auc": "ROC AUC",
-                "ece": "ECE", "log_loss": "log-loss"}
+# The evals during training (the metric table's BEST_METRICS): the ones in [0, 1] share an axis, log-loss has its own.
+UNIT_METRICS = tuple(name for name in BEST_METRICS if BY_NAME[name].unit)
 
 
 def _phase(metrics: dict, phase: str) -> dict:
@@ -131,7 +131,7 @@ def _eval_panel(ax: Axes, best: dict) -> None:
             strong = metric == chosen
             ax.plot(*zip(*points, strict=True), marker="o", markersize=4 if strong else 2.5,
                     linewidth=2.2 if strong else 1.0, alpha=1.0 if strong else 0.7,
-                    label=METRIC_NAMES[metric] + (" (best metric)" if strong else ""))
+                    label=BY_NAME[metric].label + (" (best metric)" if strong else ""))
     ax.set_ylim(0.0, 1.05)
     ax.set_ylabel("metric on the eval subset", fontsize=FONT)
     handles, labels = ax.get_legend_handles_labels()
@@ -139,7 +139,7 @@ def _eval_panel(ax: Axes, best: dict) -> None:
     if losses:
         twin = ax.twinx()
         twin.plot(*zip(*losses, strict=True), color="dimgray", linestyle=":", marker="s", markersize=3,
-                  linewidth=2.2 if chosen == "log_loss" else 1.2, label=METRIC_NAMES["log_loss"])
+                  linewidth=2.2 if chosen == "log_loss" else 1.2, label=BY_NAME["log_loss"].label)
         twin.set_ylabel("log-loss", fontsize=FONT)
         twin.tick_params(labelsize=FONT - 1)
         extra = twin.get_legend_handles_labels()

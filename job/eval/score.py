@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 
 from job.collators.qwen3_collator import END_OF_TURN
+from job.data.rows import parse_verdict
 from job.errors import DataError
 
 
@@ -57,7 +58,7 @@ class LabelSet:
         values: dict[str, Any] = {}
         label_only = True
         for target in targets:
-            verdict = _verdict(target)
+            verdict = parse_verdict(target)
             if verdict is None or field not in verdict:
                 continue  # preflight rejected (or skipped) such rows; they are not trained on
             if next(iter(verdict)) != field:
@@ -83,16 +84,6 @@ class LabelSet:
     def prediction_text(self, label: str) -> str:
         """The verdict the argmax stands for, as JSON (what score-only mode records as the prediction)."""
         return json.dumps({self.field: self.values[label]}, ensure_ascii=False)
-
-
-def _verdict(target: Any) -> dict | None:
-    if isinstance(target, dict):
-        return target
-    try:
-        parsed = json.loads(str(target))
-    except (json.JSONDecodeError, TypeError):
-        return None
-    return parsed if isinstance(parsed, dict) else None
 
 
 def resolve_mode(mode: str, label_set: LabelSet | None) -> Literal["generate", "score", "both"]:

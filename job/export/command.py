@@ -30,8 +30,8 @@ from typing import Any
 from job import outputs
 from job.cards import ModelCards
 from job.collators.qwen3_collator import build_collators
-from job.config import JobConfig, build_cfg
-from job.errors import GateRefused, JobError
+from job.config.schema import JobConfig, build_cfg
+from job.errors import GateRefused, MergeMismatch
 from job.eval.generate import compute_metrics, evaluate_qwen3, next_token_logits
 from job.export import merge
 from job.export.report import (
@@ -54,10 +54,6 @@ log = logging.getLogger("job.export")
 PREFLIGHT_REPORT = "eval/export_preflight_report.json"
 REPORT = "export_report.json"
 MERGED = "merged"
-
-
-class MergeMismatch(JobError):
-    """The merged model does not reproduce base + adapter: a bug (exit 1), never a user's mistake."""
 
 
 def _read_json(path: Path) -> dict | None:

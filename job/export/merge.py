@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from job.config import EvalConfig, JobConfig
+from job.config.schema import EvalConfig, JobConfig
 from job.eval.generate import generation_kwargs
 from job.model import compute_dtype, device_map, from_pretrained_with_attn, has_cuda
 

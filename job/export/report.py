@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from job.config import JobConfig
-from job.storage.hub import GATE_METRICS, base_model_line
+from job.config.schema import JobConfig
+from job.metric_table import CORE_METRICS
+from job.storage.hub import base_model_line
 from job.storage.sources import hub_model_id
 
 # Greedy predictions of the merged model must equal those of base + adapter (same dtype) on this share of rows.
@@ -61,7 +62,7 @@ def mismatch_message(eq: dict) -> str:
 def merge_cost(qlora: dict | None, merged: dict) -> dict[str, dict[str, float | None]]:
     """Metric by metric: the trained QLoRA model (4-bit base + adapter), the merged model, merged - qlora."""
     cost: dict[str, dict[str, float | None]] = {}
-    for name in GATE_METRICS:
+    for name in CORE_METRICS:
         q = (qlora or {}).get(name)
         m = merged.get(name)
         cost[name] = {"qlora": q, "merged": m, "delta": None if q is None or m is None else m - q}
@@ -120,7 +121,7 @@ def build_merged_card(cfg: JobConfig, report: dict, lineage: dict, pre: dict | N
     results = [EvalResult(task_type="image-text-to-text", dataset_type=str(lineage.get("dataset_uri") or "local"),
                           dataset_name="sarcasm eval split", dataset_split=cfg.data.eval_split, metric_type=k,
                           metric_value=float(merged[k]))
-               for k in GATE_METRICS if isinstance(merged.get(k), (int, float))]
+               for k in CORE_METRICS if isinstance(merged.get(k), (int, float))]
     on_hub = hub_model_id(lineage["base_model"])  # a local or s3:// base is no Hub base_model (base_model_line)
     data = ModelCardData(
         base_model=on_hub, base_model_relation="merge" if on_hub else None, library_name="transformers",
@@ -133,7 +134,7 @@ def build_merged_card(cfg: JobConfig, report: dict, lineage: dict, pre: dict | N
 def _card_body(cfg: JobConfig, report: dict, lineage: dict, pre: dict) -> str:
     cost, eq = report["merge_cost"], report["equivalence"]
     rows = "\n".join(f"| {k} | {_fmt(pre.get(k))} | {_fmt(cost[k]['qlora'])} | {_fmt(cost[k]['merged'])} | "
-                     f"{_fmt(cost[k]['delta'])} |" for k in GATE_METRICS)
+                     f"{_fmt(cost[k]['delta'])} |" for k in CORE_METRICS)
     system = cfg.data.system_prompt
     return f"""# {report['run_id']}: {lineage['base_model']} with its QLoRA adapter merged
 

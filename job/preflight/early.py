@@ -19,11 +19,12 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from job.config import JobConfig
-from job.errors import ConfigError, classified, hub_offline
+from job.config.schema import JobConfig
+from job.errors import ConfigError, classified
 from job.model import load_processor, lora_target_regex
 from job.storage.s3 import S3Uri
-from job.storage.sources import hub_dataset_id, hub_model_id
+from job.storage.sources import hub_dataset_id, hub_model_id, source_kind
+from job.utils.library_errors import hub_offline
 
 log = logging.getLogger("job.checks")
 
@@ -68,9 +69,10 @@ def dataset_problems(uri: str | None) -> list[str]:
     name = "SFT_DATASET_URI"
     if not uri:
         return [f"{name} is not set: point it at a local path, s3://bucket/prefix or a Hub dataset id (owner/name)"]
-    if uri.startswith("s3:"):
+    kind = source_kind(uri, "dataset")
+    if kind == "s3":
         return [p for p in [_s3_problem(name, uri)] if p]
-    if hub_dataset_id(uri) is not None:
+    if kind == "hub":
         return []
     path = Path(uri)
     if not path.exists():
@@ -82,9 +84,10 @@ def dataset_problems(uri: str | None) -> list[str]:
 
 def model_problems(model_id: str) -> list[str]:
     name = "SFT_MODEL_ID"
-    if model_id.startswith("s3:"):
+    kind = source_kind(model_id, "model")
+    if kind == "s3":
         return [p for p in [_s3_problem(name, model_id)] if p]
-    if hub_model_id(model_id) is not None:
+    if kind == "hub":
         return []
     path = Path(model_id)
     if not path.exists():

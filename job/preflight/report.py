@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from job.config import JobConfig
+from job.config.schema import JobConfig
 from job.data.checks import MAX_DECODE_PIXELS
 
 MAX_LISTED_ERRORS = 50  # in the exception message; the JSON report lists every error

@@ -23,9 +23,10 @@ from typing import Any
 from job import outputs
 from job.cards import ModelCards
 from job.collators.qwen3_collator import build_collators
-from job.config import DataConfig, JobConfig, build_cfg
+from job.config.schema import DataConfig, JobConfig, build_cfg
 from job.data.checks import RowChecker
-from job.data.loaders import LENGTH_COLUMN, ROW_ID, _load_eval_dataset, holds_out, load_train_dataset
+from job.data.holdout import ROW_ID
+from job.data.loaders import LENGTH_COLUMN, _load_eval_dataset, holds_out, load_train_dataset
 from job.errors import DataError
 from job.preflight.early import check_inputs, load_processor_checked
 from job.preflight.report import MAX_LISTED_ERRORS, build_report, failure_message, format_issue, summary_table

@@ -179,9 +179,10 @@ def _pool_map(executor, tasks: Iterator, chunksize: int, window: int) -> Iterato
                 yield from pending.popleft().result()
         while pending:
             yield from pending.popleft().result()
-    except BrokenProcessPool as exc:
-        raise RuntimeError("a preflight worker process died (killed for memory, or an image decoder crashed); "
-                           "rerun with more memory") from exc
+    except BrokenProcessPool as exc:  # a RuntimeError: exit 1, with its traceback
+        exc.add_note("a preflight worker process died (killed for memory, or an image decoder crashed); rerun with "
+                     "more memory")
+        raise
 
 
 @contextlib.contextmanager

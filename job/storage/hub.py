@@ -8,15 +8,13 @@ import os
 import re
 from pathlib import Path
 
-from job.config import JobConfig
+from job.config.schema import JobConfig
 from job.errors import UserError, classified
-from job.storage.sources import hub_model_id
+from job.metric_table import CARD_WHEN_MEASURED, CORE_METRICS, PRIMARY
+from job.storage.sources import hub_model_id, source_kind
 from job.utils.redact import redact
 
 log = logging.getLogger(__name__)
-GATE_METRICS = ("accuracy", "macro_f1", "json_parse_rate", "exact_match")
-# Scoring mode's metrics (job/eval/metrics.py) in the card's table and its YAML eval results, when measured.
-CARD_SCORE_METRICS = ("weighted_f1", "roc_auc", "log_loss", "ece", "score_agreement")
 DEFAULT_TASK_TAG = "sarcasm-detection"  # the model card's task tag, for the default SFT_TASK_NAME (sarcasm)
 
 
@@ -28,9 +26,10 @@ def parse_min_metric(spec: str | None) -> tuple[str, float] | None:
 
 
 def gate_decision(metrics: dict, spec: str | None, require_improvement: bool) -> tuple[bool, str]:
-    """(passed, reason). The gate metric is the threshold's metric, or macro_f1 when only improvement is required."""
+    """(passed, reason). The gate metric is the threshold's metric, or macro_f1 (the metric table's PRIMARY) when
+    only improvement is required."""
     threshold = parse_min_metric(spec)
-    name = threshold[0] if threshold else "macro_f1"
+    name = threshold[0] if threshold else PRIMARY
     post = (metrics.get("post") or {}).get(name)
     pre = (metrics.get("pre") or {}).get(name)
     if post is None:
@@ -53,7 +52,7 @@ def build_model_card(cfg: JobConfig, run_id: str, metrics: dict, lineage: dict):
                           dataset_name=f"{cfg.card.task_name} eval split",
                           dataset_split=cfg.data.eval_split, dataset_revision=commit, dataset_config=cfg.data.config,
                           metric_type=k, metric_value=float(post[k]))
-               for k in (*GATE_METRICS, *CARD_SCORE_METRICS) if isinstance(post.get(k), (int, float))]
+               for k in (*CORE_METRICS, *CARD_WHEN_MEASURED) if isinstance(post.get(k), (int, float))]
     data = ModelCardData(
         base_model=hub_model_id(lineage["base_model"]), library_name="peft", pipeline_tag="image-text-to-text",
         # `datasets:` keeps the bare repo id, which the Hub links ("owner/name@sha" would link nowhere); the commit
@@ -70,9 +69,10 @@ def base_model_line(base_model: str, revision: str | None) -> str:
     """The card's lineage line for the base model. The metadata's `base_model` takes Hub model ids only (the Hub
     refuses a push whose card names a path there: HTTP 400); a local path or an s3:// base is said here instead."""
     pinned = f" revision `{revision}`" if revision else ""
-    if hub_model_id(base_model):
+    kind = source_kind(base_model, "model")
+    if kind == "hub":
         return f"- base model: `{base_model}`{pinned}"
-    where = "an s3:// copy" if base_model.startswith("s3://") else "a local copy"
+    where = "an s3:// copy" if kind == "s3" else "a local copy"
     return (f"- base model: `{base_model}`{pinned}, {where} (SFT_MODEL_ID), not a Hub model id: the card's metadata "
             "names no `base_model`")
 
@@ -93,7 +93,7 @@ def _value(value) -> str:
 
 def _card_body(cfg: JobConfig, run_id: str, metrics: dict, lineage: dict) -> str:
     pre, post = metrics.get("pre") or {}, metrics.get("post") or {}
-    keys = (*GATE_METRICS, *(k for k in CARD_SCORE_METRICS if k in pre or k in post), "n")
+    keys = (*CORE_METRICS, *(k for k in CARD_WHEN_MEASURED if k in pre or k in post), "n")
     rows = "\n".join(f"| {k} | {_value(pre.get(k))} | {_value(post.get(k))} |" for k in keys)
     train_cfg = json.dumps(
         redact(cfg.model_dump(mode="json", include={"train", "lora", "image"})), indent=2, sort_keys=True

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from job.errors import S3_USER_CODES, TransientError, UnsafeObjectKey, UserError, classify_foreign
+from job.errors import TransientError, UnsafeObjectKey, UserError, classify_foreign
+from job.utils.library_errors import S3_USER_CODES
 
 log = logging.getLogger(__name__)
 MANIFEST = ".s3-manifest.json"

@@ -18,11 +18,12 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from job.config import JobConfig
-from job.errors import UserError, classified, hub_offline
+from job.config.schema import JobConfig
+from job.errors import UserError, classified
 from job.storage import s3 as s3io
+from job.utils.library_errors import hub_offline
 
 log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -34,13 +35,23 @@ def cache_dir(cfg: JobConfig) -> Path:
     )
 
 
-def _hub_id(value: str | None, scheme: str) -> str | None:
-    """The rule for every setting that names a local path or a Hub repo: a Hub id only when it has the form
-    `owner/name` (or `hf://<scheme>...`) and no such local path exists; anything else is a local path."""
-    if not value or Path(value).exists():
+_HUB_SCHEMES = {"dataset": "hf://datasets/", "model": "hf://"}
+
+
+def source_kind(value: str, what: Literal["dataset", "model"]) -> Literal["s3", "hub", "local"]:
+    """The one rule for where SFT_DATASET_URI (`what="dataset"`) or SFT_MODEL_ID (`"model"`) points: `s3:` starts an
+    S3 prefix (a malformed one too: S3Uri.parse says what is wrong with it); a Hub repo has the form `owner/name` (or
+    `hf://datasets/...`, `hf://...`) and no such local path exists; anything else is a local path."""
+    if value.startswith("s3:"):
+        return "s3"
+    return "hub" if _hub_id(value, what) is not None else "local"
+
+
+def _hub_id(value: str | None, what: Literal["dataset", "model"]) -> str | None:
+    if not value or value.startswith("s3:") or Path(value).exists():
         return None
-    if value.startswith(scheme):
-        return value[len(scheme):].strip("/")
+    if value.startswith(_HUB_SCHEMES[what]):
+        return value[len(_HUB_SCHEMES[what]):].strip("/")
     return value if _HUB_ID.match(value) else None
 
 
@@ -54,7 +65,7 @@ class HubDataset:
 
 def hub_dataset(uri: str | None) -> HubDataset | None:
     """`org/name` or `hf://datasets/org/name[/path]` when uri is not a local path; else None."""
-    named = _hub_id(uri, "hf://datasets/")
+    named = _hub_id(uri, "dataset")
     if named is None:
         return None
     owner, _, rest = named.partition("/")
@@ -70,7 +81,7 @@ def hub_dataset_id(uri: str | None) -> str | None:
 
 def hub_model_id(model_id: str | None) -> str | None:
     """`org/name` or `hf://org/name` when model_id is not a local path; else None."""
-    return _hub_id(model_id, "hf://")
+    return _hub_id(model_id, "model")
 
 
 def _mirror(cfg: JobConfig, uri: str, kind: str) -> tuple[Path, str]:
@@ -199,13 +210,13 @@ def localize(cfg: JobConfig) -> Sources:
     """Download the s3:// sources and Hub datasets into their caches; local paths and Hub models are read where
     they are (from_pretrained downloads a Hub model itself)."""
     dataset, model, commit, etags = cfg.data.uri, cfg.model.id, None, None
-    if dataset and dataset.startswith("s3://"):
+    if dataset and source_kind(dataset, "dataset") == "s3":
         mirrored, etags = _mirror(cfg, dataset, "datasets")
         dataset = str(mirrored)
     elif (hub := hub_dataset(dataset)) is not None:
         root, commit = _hub_snapshot(cfg, hub)
         dataset = str(root)
         print(f"dataset: Hub {hub.repo_id} revision {cfg.data.revision or 'main'} = commit {commit}", flush=True)
-    if model.startswith("s3://"):
+    if source_kind(model, "model") == "s3":
         model = str(_mirror(cfg, model, "models")[0])
     return Sources(cfg.data.uri, cfg.model.id, dataset, model, commit, etags)

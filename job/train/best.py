@@ -25,10 +25,11 @@ import torch
 from transformers import TrainerCallback
 
 from job import outputs
-from job.config import JobConfig
+from job.config.schema import JobConfig
 from job.eval.generate import compute_metrics, gold_label, score_labels
 from job.eval.metrics import probability_metrics, stratified_rows
 from job.eval.score import LabelSet, argmax_labels
+from job.metric_table import BEST_METRICS, LOWER_IS_BETTER
 from job.train import distributed
 from job.train.preemption import PreemptionGuard
 from job.utils import tracking
@@ -37,8 +38,6 @@ log = logging.getLogger("job.train")
 
 BEST_DIR = "best"
 BEST_FILE = "best.json"
-LOWER_IS_BETTER = frozenset({"log_loss", "ece"})
-TRACKED = ("macro_f1", "accuracy", "weighted_f1", "roc_auc", "log_loss", "ece")
 
 
 @dataclass
@@ -189,7 +188,7 @@ class BestCheckpointCallback(TrainerCallback):
                                  list(s.eval_ds[s.cfg.data.target_key]), s.cfg.data.label_field)
         scored.update(probability_metrics(s.label_set.labels, probs.tolist(),
                                           [r["gold_label"] for r in scored["predictions"]], None))
-        entry = {"step": step, **{k: scored.get(k) for k in TRACKED}}
+        entry = {"step": step, **{k: scored.get(k) for k in BEST_METRICS}}
         improved = self.state.add(entry)
         best_dir = s.root / BEST_DIR
         if improved:

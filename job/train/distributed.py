@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-from job.errors import CollectiveFailed, ExitCode, PeerFailed, find_job_error
+from job.errors import CollectiveFailed, PeerFailed, exit_code_for, find_job_error
 
 log = logging.getLogger(__name__)
 
@@ -156,17 +156,7 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 
 def failure_record(exc: BaseException) -> tuple[int, str]:
     """(exit code, message) of a failure, for the other ranks: whatever the exception looks like."""
-    found = find_job_error(exc)
-    code = int(found.exit_code) if found is not None else int(ExitCode.INTERNAL)
-    return code, one_line(found or exc)
-
-
-def relayed(source_rank: int, code: int, line: str) -> PeerFailed:
-    """What a rank raises for another rank's failure: that rank's exit code (ExitCode.INTERNAL for a code the enum
-    does not know) and its message's first line."""
-    known = code in {int(c) for c in ExitCode}
-    return PeerFailed(ExitCode(code) if known else ExitCode.INTERNAL,
-                      f"rank {source_rank} failed: {line} (full message in rank {source_rank}'s log)")
+    return exit_code_for(exc), one_line(find_job_error(exc) or exc)
 
 
 def _agree(error: BaseException | None, name: str) -> None:
@@ -181,7 +171,7 @@ def _agree(error: BaseException | None, name: str) -> None:
         raise error
     first = next(((r, o) for r, o in enumerate(outcomes) if o is not None), None)
     if first is not None:
-        raise relayed(first[0], *first[1])
+        raise PeerFailed(first[0], *first[1])
 
 
 def every_rank_ok(fn, *args, **kwargs):
@@ -218,7 +208,7 @@ def main_process_result(fn, *args, **kwargs):
         return result
     outcome = broadcast_from_main(None, name)
     if outcome[0] == "error":
-        raise relayed(0, outcome[1], outcome[2])
+        raise PeerFailed(0, outcome[1], outcome[2])
     return outcome[1]
 
 

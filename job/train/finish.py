@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from job import outputs
-from job.config import JobConfig
+from job.config.schema import JobConfig
 from job.data.loaders import dataset_fingerprint
 from job.errors import GateRefused
 from job.eval import plots
@@ -24,7 +24,6 @@ from job.utils import tracking
 
 log = logging.getLogger("job.train")
 
-FINAL_ARTIFACTS = outputs.FINAL_ARTIFACTS
 REPORT_DIR = "report"  # the pictures, in the run's root and in the adapter folder
 
 
@@ -41,7 +40,7 @@ class Trained:
 
 
 # -- eval --------------------------------------------------------------------------------------------------------
-def _evaluate(phase: str, p: Prepared, model, run) -> dict | None:
+def evaluate(phase: str, p: Prepared, model, run) -> dict | None:
     """Generation eval on rank 0 only (the others wait): one process gives the exact single-GPU metrics."""
     if not (p.cfg.eval.pre if phase == "pre" else p.cfg.eval.post):
         return None
@@ -70,7 +69,7 @@ def _evaluate_here(phase: str, p: Prepared, model, run) -> dict:
     return scalars
 
 
-def _stored_pre_metrics(p: Prepared, checkpoint: str) -> dict | None:
+def stored_pre_metrics(p: Prepared, checkpoint: str) -> dict | None:
     """Pre-eval is not re-run on resume: its result travels inside every checkpoint, with the stamp of the run that
     made it. Only this run's is trusted (a leftover of another run in eval/ is not): else None, and it runs again."""
     mine = owner(p)
@@ -135,7 +134,7 @@ def _pictures(p: Prepared, metrics: dict, trained: Trained, run) -> dict | None:
 
 
 # -- gate, upload, push ------------------------------------------------------------------------------------------
-def _publish(cfg: JobConfig, paths: RunPaths, run_id: str, remote: RemoteCheckpoints | None, metrics: dict,
+def publish(cfg: JobConfig, paths: RunPaths, run_id: str, remote: RemoteCheckpoints | None, metrics: dict,
              step: int | None = None) -> None:
     """Gate, then upload the final artifacts (always) and push to the Hub (only when the gate passes).
 
@@ -147,33 +146,33 @@ def _publish(cfg: JobConfig, paths: RunPaths, run_id: str, remote: RemoteCheckpo
     passed, reason = (
         gate_decision(metrics, hub.min_metric, hub.require_improvement) if gated else (True, "no gate")
     )
-    earlier_push = _earlier_push(metrics, hub.repo_id)
+    pushed_before = earlier_push(metrics, hub.repo_id)
     metrics["gate"] = {"passed": passed, "reason": reason, "pushed_to": None}
     outputs.write_json(paths.root / "metrics.json", metrics)
     if passed and hub.repo_id:
-        if earlier_push:
-            log.info("Hub: already pushed by an earlier process (%s); not pushing again", earlier_push)
-        metrics["gate"]["pushed_to"] = earlier_push or push_adapter(
+        if pushed_before:
+            log.info("Hub: already pushed by an earlier process (%s); not pushing again", pushed_before)
+        metrics["gate"]["pushed_to"] = pushed_before or push_adapter(
             paths.adapter, hub.repo_id, hub.private, run_id
         )
         outputs.write_json(paths.root / "metrics.json", metrics)
-    log.info("outputs: %s (%s)", paths.root, ", ".join(FINAL_ARTIFACTS))
+    log.info("outputs: %s (%s)", paths.root, ", ".join(outputs.FINAL_ARTIFACTS))
     if remote is not None:
-        log.info("final artifacts uploaded to %s", remote.upload_final(paths.root, FINAL_ARTIFACTS, step))
+        log.info("final artifacts uploaded to %s", remote.upload_final(paths.root, outputs.FINAL_ARTIFACTS, step))
     if not passed:
         raise GateRefused(f"quality gate refused the push: {reason}; artifacts kept in {paths.root}")
 
 
-def _earlier_push(metrics: dict, repo_id: str | None) -> str | None:
+def earlier_push(metrics: dict, repo_id: str | None) -> str | None:
     """The commit URL of a push of these artifacts to repo_id recorded by an earlier process, if any."""
     pushed = (metrics.get("gate") or {}).get("pushed_to")
     return pushed if repo_id and pushed and f"/{repo_id}/" in f"{pushed}/" else None
 
 
-def _finish(p: Prepared, model, run, timer: Timer, trained: Trained) -> dict[str, Any]:
+def finish(p: Prepared, model, run, timer: Timer, trained: Trained) -> dict[str, Any]:
     """Post-eval, then (rank 0) the adapter, metadata, gate, final upload and push."""
     started = time.monotonic()
-    post = _evaluate("post", p, model, run)
+    post = evaluate("post", p, model, run)
     timer.track("post_eval", started)
     step = trained.result.global_step
     metrics = {"pre": trained.pre, "post": post, "train": {"loss": trained.result.training_loss, "global_step": step},
@@ -181,7 +180,7 @@ def _finish(p: Prepared, model, run, timer: Timer, trained: Trained) -> dict[str
 
     def save_and_publish() -> dict[str, Any]:
         meta = _save_outputs(p, model, run, trained, metrics, timer)
-        _publish(p.cfg, p.paths, p.run_id, p.remote, metrics, step)
+        publish(p.cfg, p.paths, p.run_id, p.remote, metrics, step)
         return meta
 
     # Rank 0 writes and publishes; the other ranks wait and exit with its exit code (0, or 4 on a refused gate).

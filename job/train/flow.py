@@ -17,31 +17,26 @@ from typing import Any
 
 from job import outputs
 from job.cards import ModelCards
-from job.collators.qwen3_collator import build_collators
-from job.config import JobConfig, build_cfg
+from job.config.schema import JobConfig, build_cfg
 from job.errors import JobError
 from job.export.command import run_export
 from job.model import _count_trainable_params, apply_liger, apply_lora, load_model
 from job.train import best, distributed, resume
-from job.train.finish import FINAL_ARTIFACTS, Trained, _evaluate, _finish, _publish, _stored_pre_metrics
+from job.train.finish import Trained, evaluate, finish, stored_pre_metrics
 from job.train.preemption import PreemptionGuard
-from job.train.prepare import Prepared, RunPaths, Timer, _init_wandb, _prepare
-from job.train.rerun import _complete_finished_run, _resume_plan, agreed_resume_plan
+from job.train.prepare import Prepared, Timer, prepare_run, start_tracking
+from job.train.rerun import agreed_resume_plan, complete_finished_run
 from job.train.trainer import Checkpointing, TrainingData, build_trainer
 from job.utils import tracking
 
 log = logging.getLogger("job.train")
-_build_collators = build_collators  # the old name, for code that imported it from here (one release)
-# Names code imported from this module before its steps moved beside it (job.train.qwen3_vl_8b_sft is this module).
-__all__ = ["FINAL_ARTIFACTS", "Prepared", "RunPaths", "Timer", "_build_collators", "_prepare", "_publish",
-           "_resume_plan", "main", "run_job"]
 
 
 def _during_train_eval(p: Prepared, run, guard: PreemptionGuard, resume_from: str | None
                        ) -> best.BestCheckpointCallback | None:
     """SFT_EVAL_STEPS' callback on SFT_EVAL_DURING_TRAIN_ROWS eval rows (None without SFT_EVAL_STEPS), with the
     best-so-far of the checkpoint continued: restored by rank 0 and broadcast, before the first step."""
-    if p.cfg.eval.steps is None or p.label_set is None:  # no label set with SFT_EVAL_STEPS is refused in _prepare
+    if p.cfg.eval.steps is None or p.label_set is None:  # no label set with SFT_EVAL_STEPS is refused in prepare_run
         return None
     restored = distributed.main_process_result(best.restore, p.paths.root, resume_from)
     rows = best.during_train_subset(p.cfg, p.eval_ds)
@@ -96,29 +91,29 @@ def _best_step(p: Prepared, model, final_step: int) -> dict | None:
 def run_job(cfg: JobConfig) -> dict[str, Any]:
     timer = Timer()
     with PreemptionGuard(cfg.train.preempt_grace_s) as guard:
-        p = _prepare(cfg, timer)
+        p = prepare_run(cfg, timer)
         plan = agreed_resume_plan(p)  # drift is refused here, before any model loads; rank 0 decides for all
         if plan.checkpoint is not None and plan.progress is not None and plan.progress.finished:
-            return _complete_finished_run(p, plan.checkpoint, plan.progress, timer)
+            return complete_finished_run(p, plan.checkpoint, plan.progress, timer)
         started = time.monotonic()
         model = apply_lora(load_model(p.cfg), p.cfg)
         apply_liger(p.cfg, model)  # SFT_USE_LIGER: on with CUDA and liger-kernel (auto); never on the CPU
         params = _count_trainable_params(model)
-        run = _init_wandb(p)
+        run = start_tracking(p)
         timer.track("model", started)
         try:
             resume_from = plan.checkpoint
             started = time.monotonic()
             # Rank 0's stored metrics decide whether the pre-eval (a collective) runs: the same answer on every rank.
-            stored = distributed.main_process_result(_stored_pre_metrics, p, resume_from) if resume_from else None
-            pre = stored or _evaluate("pre", p, model, run)
+            stored = distributed.main_process_result(stored_pre_metrics, p, resume_from) if resume_from else None
+            pre = stored or evaluate("pre", p, model, run)
             timer.track("pre_eval", started)
 
             started = time.monotonic()
             trainer, result = _train(p, model, run, guard, resume_from)
             timer.track("train", started)
             kept = _best_step(p, trainer.model, result.global_step)
-            return _finish(p, trainer.model, run, timer,
+            return finish(p, trainer.model, run, timer,
                            Trained(result, params, pre, resume_from, kept, trainer.state.log_history))
         finally:
             tracking.finish(run)

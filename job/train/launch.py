@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 import sys
@@ -34,7 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from job.errors import ExitCode, TransientError
+from job.errors import ExitCode, PeerFailed, TransientError
 
 log = logging.getLogger("job.launch")
 
@@ -42,8 +41,6 @@ log = logging.getLogger("job.launch")
 LAUNCHED_ENV = "QWEN3_SFT_LAUNCHED"
 # The environment a worker of torchrun (or of this launcher) gets from torch elastic's agent.
 WORKER_MARKERS = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")
-# How job.train.distributed words a rank's relay of another rank's failure (PeerFailed: "rank 3 failed: ...").
-PEER_PREFIX = re.compile(r"rank \d+ failed: ")
 # The key of this job's own part of an error file (torch elastic reads "message" and ignores the rest).
 RECORD_KEY = "qwen3_sft"
 # Time between the workers' preemption budget and the launcher's: the agent reaps them and the launcher exits.
@@ -139,7 +136,7 @@ def first_failure(failures: list[RankFailure]) -> RankFailure | None:
         return None
     # A rank that only relays another rank's failure (PeerFailed, "rank 0 failed: ...") may record it before that
     # rank has finished unwinding: it is never the cause while the failing rank's own record is there.
-    return min(failures, key=lambda f: (PEER_PREFIX.match(f.message) is not None, f.time, f.code >= 128, f.rank))
+    return min(failures, key=lambda f: (PeerFailed.relays(f.message), f.time, f.code >= 128, f.rank))
 
 
 def failures_from(child_failures: Mapping[int, object]) -> list[RankFailure]:
@@ -179,26 +176,6 @@ def launcher_exit_code(failures: list[RankFailure], signalled: bool) -> tuple[in
     return (int(ExitCode.PREEMPTED), None) if signalled else (int(ExitCode.OK), None)
 
 
-def reported_code(code: int, style: str) -> int:
-    """The code as it leaves the process. `kubeflow` (SFT_EXIT_CODES): a PyTorchJob with `restartPolicy: ExitCode`
-    retries only 128-255 and takes 1-127 as permanent, so the retryable codes below 128 (1 internal, 3 transient)
-    become 128 + code (129, 131); 2 and 4 stay permanent, 143 stays retryable."""
-    if style == "kubeflow" and 0 < code < 128 and retryable(code):
-        return 128 + code
-    return code
-
-
-def retryable(code: int) -> bool:
-    """Whether a Kubernetes Job should retry this exit code: the contract's own codes as job/errors.py says; any
-    other code below 128 comes from no rank of this job (an interpreter that died on its own, a library's
-    sys.exit) and is taken for an internal error, retryable; 128 and above are signal deaths (OOM kill, SIGTERM)."""
-    known = {int(c): c for c in ExitCode}
-    if code in known:
-        return known[code].retryable
-    return code > 0
-
-
-# -- the launcher ----------------------------------------------------------------------------------------------------
 def _quiet_torch_elastic() -> None:
     """torch elastic logs every step of a failure (and torchrun prints a failure dump): the launcher prints the one
     message that matters itself."""

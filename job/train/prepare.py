@@ -15,16 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator, build_collators
-from job.config import SCORED_GATE_METRICS, JobConfig
+from job.config.schema import JobConfig
 from job.errors import DataError
 from job.eval.generate import gold_label
 from job.eval.score import LabelSet, resolve_mode
+from job.metric_table import SCORED_GATE_METRICS
 from job.preflight import early
 from job.preflight.run import apply_plan, run_preflight
 from job.storage import s3 as s3io
 from job.storage.checkpoints import RemoteCheckpoints
 from job.storage.hub import check_push_access, parse_min_metric
-from job.storage.sources import Sources, localize
+from job.storage.sources import Sources, localize, source_kind
 from job.train import distributed, resume
 from job.utils import tracking
 from job.utils.redact import redact
@@ -104,7 +105,7 @@ def _resolve_run_id(cfg: JobConfig, sources: Sources, preflight: dict) -> str:
 
 
 def _uses_hub(cfg: JobConfig) -> bool:
-    return not Path(cfg.model.id).exists() or not Path(cfg.data.uri or ".").exists()
+    return "hub" in (source_kind(cfg.model.id, "model"), source_kind(cfg.data.uri or ".", "dataset"))
 
 
 def _hub_access(cfg: JobConfig) -> None:
@@ -120,15 +121,11 @@ def _hub_access(cfg: JobConfig) -> None:
 
 
 def _check_supervised_tokens(collator: Qwen3VisionSFTCollator, train_ds, batch_size: int) -> list[int]:
-    """One real batch through the collator: every row must have supervised tokens (else the loss is silently 0)."""
+    """One real batch through the collator, which refuses a row without supervised tokens (its rule: lacks_answer,
+    job/collators/qwen3_collator.py); the counts are printed."""
     rows = [train_ds[i] for i in range(min(batch_size, len(train_ds)))]
-    batch = collator(rows)
-    counts = (batch["labels"] != IGNORE_INDEX).sum(dim=1).tolist()
+    counts = (collator(rows)["labels"] != IGNORE_INDEX).sum(dim=1).tolist()
     print(f"supervised tokens per row (first batch): {counts}", flush=True)
-    if min(counts) == 0:
-        raise DataError(
-            f"rows {[r.get('row_id') for r, c in zip(rows, counts, strict=True) if c == 0]} have no supervised tokens"
-        )
     return counts
 
 
@@ -182,7 +179,7 @@ def _checked_datasets(cfg: JobConfig, processor) -> tuple[Any, Any, dict]:
     return (*apply_plan(cfg, shared["plan"]), shared["summary"])
 
 
-def _prepare(cfg: JobConfig, timer: Timer) -> Prepared:
+def prepare_run(cfg: JobConfig, timer: Timer) -> Prepared:
     """Everything up to a trainable model, in the order of the module docstring."""
 
     started = time.monotonic()
@@ -241,7 +238,7 @@ def check_gate_measurable(cfg: JobConfig, label_set: LabelSet | None, eval_ds) -
                         "undefined: add rows of another label to the eval split, or gate on accuracy")
 
 
-def _init_wandb(p: Prepared):
+def start_tracking(p: Prepared):
     """The W&B run (rank 0 only; None elsewhere or when disabled), its config as training_meta.json stores it."""
     if not distributed.is_main_process():
         return None

@@ -10,19 +10,20 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from job import outputs
+from job.errors import CheckpointNotOnThisNode, NothingToResume
 from job.model import _count_trainable_params, apply_liger, apply_lora, keep_trainable_params_fp32, load_model
 from job.storage.checkpoints import RemoteCheckpoints
 from job.storage.completed import COMPLETED, checkpoint_step, latest_completed_checkpoint
 from job.train import best, distributed, resume
-from job.train.finish import Trained, _earlier_push, _finish, _publish, _stored_pre_metrics, owner
-from job.train.prepare import Prepared, RunPaths, Timer, _init_wandb
+from job.train.finish import Trained, earlier_push, finish, owner, publish, stored_pre_metrics
+from job.train.prepare import Prepared, RunPaths, Timer, start_tracking
 from job.utils import tracking
 
 log = logging.getLogger("job.train")
 
 
 class TrainResult(NamedTuple):
-    """What _finish reads of trainer.train()'s TrainOutput, rebuilt for a run whose training finished earlier."""
+    """What finish reads of trainer.train()'s TrainOutput, rebuilt for a run whose training finished earlier."""
 
     global_step: int
     training_loss: float | None  # None when the checkpoint's log history holds no loss entry
@@ -50,7 +51,7 @@ def _resume_point(paths: RunPaths, remote: RemoteCheckpoints | None) -> str | No
     return _resume_checkpoint(paths)
 
 
-def _resume_plan(p: Prepared) -> ResumePlan:
+def resume_plan(p: Prepared) -> ResumePlan:
     """SFT_RESUME and the newest COMPLETED checkpoint (local, else restored from storage), checked for drift.
 
     Runs before any model loads, so a refused resume costs no GPU time. The run's fingerprint is written to
@@ -69,7 +70,7 @@ def _resume_plan(p: Prepared) -> ResumePlan:
         checkpoint = _resume_point(p.paths, p.remote)
     if checkpoint is None and mode == "require":
         where = [str(p.paths.checkpoints)] + ([str(p.remote.run_uri)] if p.remote is not None else [])
-        raise resume.NothingToResume(where)
+        raise NothingToResume(where)
     if checkpoint is not None:
         resume.check_resumable(Path(checkpoint), current)
     outputs.write_json(p.paths.root / resume.FINGERPRINT_FILE, current.to_json())
@@ -104,18 +105,18 @@ def _start_over(p: Prepared) -> None:
 
 
 def agreed_resume_plan(p: Prepared) -> ResumePlan:
-    """`_resume_plan`, decided once by global rank 0 (from the store and its own disk: the resume point, drift,
+    """`resume_plan`, decided once by global rank 0 (from the store and its own disk: the resume point, drift,
     whether training finished) and broadcast. Every node then has that checkpoint on its own disk before any
     collective needs it: a node whose disk lacks it (a new pod) restores it from the store; the path each rank
     loads is its own node's (the output directories of the nodes may differ)."""
-    plan = distributed.main_process_result(_resume_plan, p)
+    plan = distributed.main_process_result(resume_plan, p)
     if plan.checkpoint is None or not distributed.is_distributed():
         return plan
     local = p.paths.checkpoints / Path(plan.checkpoint).name
     with distributed.local_main_first():  # one download per node; the node's other ranks then find it
         if not (local / COMPLETED).is_file():
             if p.remote is None:
-                raise resume.CheckpointNotOnThisNode(local, distributed.rank())
+                raise CheckpointNotOnThisNode(local, distributed.rank())
             p.remote.restore(p.paths.checkpoints, checkpoint_step(local))
     return ResumePlan(str(local), plan.progress)
 
@@ -165,12 +166,12 @@ def _already_published(p: Prepared, metrics: dict, step: int) -> bool:
     gate = metrics.get("gate") or {}
     if not gate.get("passed"):
         return False  # never gated, or refused: the gate runs again (and refuses again with the same settings)
-    if p.cfg.hub.repo_id and not _earlier_push(metrics, p.cfg.hub.repo_id):
+    if p.cfg.hub.repo_id and not earlier_push(metrics, p.cfg.hub.repo_id):
         return False
     return p.remote is None or p.remote.final_step() == step
 
 
-def _complete_finished_run(p: Prepared, checkpoint: str, progress: resume.Progress, timer: Timer) -> dict[str, Any]:
+def complete_finished_run(p: Prepared, checkpoint: str, progress: resume.Progress, timer: Timer) -> dict[str, Any]:
     """Training reached its last step in an earlier process: train nothing, redo only what did not finish.
 
     Post-eval and the save when their outputs are missing (the model loads with the checkpoint's adapter); then the
@@ -191,7 +192,7 @@ def _complete_finished_run(p: Prepared, checkpoint: str, progress: resume.Progre
                  p.run_id, step, p.paths.root, metrics["gate"].get("pushed_to") or metrics["gate"]["reason"])
         return meta
     log.info("the publish step did not finish: gate, final upload and push again")
-    distributed.main_process_result(_publish, p.cfg, p.paths, p.run_id, p.remote, metrics, step)
+    distributed.main_process_result(publish, p.cfg, p.paths, p.run_id, p.remote, metrics, step)
     return meta
 
 
@@ -211,14 +212,14 @@ def _evaluate_finished_checkpoint(p: Prepared, checkpoint: str, step: int, timer
         best_state = best.load_best_adapter(model, p.paths.root)
         kept = None if best_state is None else {**best_state.to_json(), "final_step": step}
     params = _count_trainable_params(model)
-    run = _init_wandb(p)
+    run = start_tracking(p)
     timer.track("model", started)
     try:
         state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
         result = TrainResult(step, _training_loss(state["log_history"]))
-        pre = distributed.main_process_result(_stored_pre_metrics, p, checkpoint)  # rank 0 writes eval/
+        pre = distributed.main_process_result(stored_pre_metrics, p, checkpoint)  # rank 0 writes eval/
         trained = Trained(result, params, pre, checkpoint, kept,
                           state["log_history"])
-        return _finish(p, model, run, timer, trained)
+        return finish(p, model, run, timer, trained)
     finally:
         tracking.finish(run)

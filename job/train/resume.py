@@ -20,8 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from job.config import JobConfig
-from job.errors import UserError
+from job.config.schema import JobConfig
+from job.errors import ResumeDrift
 from job.storage.completed import latest_completed_checkpoint
 from job.storage.sources import Sources
 
@@ -83,38 +83,6 @@ TRAINING_SETTINGS: tuple[tuple[str, Callable[[JobConfig], Any]], ...] = (
 # Settings recorded since a later version, with the value that a checkpoint written before then was trained with:
 # such a checkpoint resumes without drift when the setting still has that value.
 RECORDED_SINCE: dict[str, Any] = {"SFT_EVAL_STEPS": None, "SFT_EVAL_DURING_TRAIN_ROWS": None, "SFT_BEST_METRIC": None}
-
-
-class ResumeDrift(UserError):
-    """The checkpoint to resume was trained with other settings, data or run id: exit 2, before any model loads."""
-
-    def __init__(self, checkpoint: Path, changes: list[str]):
-        self.checkpoint, self.changes = checkpoint, list(changes)
-        listed = "\n".join(f"  - {c}" for c in self.changes)
-        super().__init__(
-            f"refusing to resume {checkpoint}: it was trained with different settings ({len(self.changes)} changed):"
-            f"\n{listed}\nways out: restore the settings above to resume; or use a new SFT_OUTPUT_DIR (and "
-            "SFT_RUN_ID) for a new run; or set SFT_RESUME=never to start fresh here (the old checkpoints are moved "
-            "aside, not deleted)")
-
-
-class NothingToResume(UserError):
-    """SFT_RESUME=require found no COMPLETED checkpoint: exit 2."""
-
-    def __init__(self, where: list[str]):
-        self.where = list(where)
-        super().__init__(f"SFT_RESUME=require but there is no COMPLETED checkpoint to resume in {' or '.join(where)}; "
-                         "check SFT_OUTPUT_DIR / SFT_RUN_ID / SFT_CHECKPOINT_URI, or set SFT_RESUME=auto")
-
-
-class CheckpointNotOnThisNode(UserError):
-    """Rank 0 resumes a checkpoint that this node's disk lacks, and there is no SFT_CHECKPOINT_URI to restore it
-    from: exit 2 (every node of a multi-node run needs the store to resume)."""
-
-    def __init__(self, checkpoint: Path, rank: int):
-        self.checkpoint, self.rank = checkpoint, rank
-        super().__init__(f"rank 0 resumes {checkpoint.name}, which rank {rank}'s node does not have at {checkpoint} "
-                         "and cannot restore: set SFT_CHECKPOINT_URI (every node restores the checkpoint from it)")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
-from job.config import JobConfig
+from job.config.schema import JobConfig
 from job.data.loaders import LENGTH_COLUMN
 from job.errors import OutOfMemory
 from job.model import has_cuda, keep_trainable_params_fp32

@@ -14,6 +14,7 @@ from PIL import Image
 from job.collators.qwen3_collator import (
     IGNORE_INDEX,
     Qwen3VisionSFTCollator,
+    lacks_answer,
     prompt_lengths_by_reprocessing,
 )
 from job.prompts import Queries
@@ -163,3 +164,8 @@ def _script_main() -> int:
 
 if __name__ == "__main__":
     sys.exit(_script_main())
+
+
+def test_the_supervised_token_rule_wants_an_answer_besides_im_end():
+    """One rule for the collator and preflight: nothing supervised, or only the closing <|im_end|>, is no answer."""
+    assert [lacks_answer(n) for n in (0, 1, 2, 40)] == [True, True, False, False]

@@ -16,19 +16,11 @@ from helpers import REPO
 from pydantic import ValidationError
 
 from job.cards import ModelCards
-from job.config import (
-    ENV_PREFIX,
-    KNOWN_ENV_VARS,
-    SECRET_ENV_VARS,
-    JobConfig,
-    Settings,
-    build_cfg,
-    cross_field_problems,
-    env_name,
-    load_settings,
-)
+from job.config.schema import JobConfig, build_cfg
+from job.config.settings import ENV_PREFIX, KNOWN_ENV_VARS, Settings, cross_field_problems, env_name, load_settings
 from job.errors import ConfigError, ExitCode
 from job.prompts import Queries
+from job.utils.redact import SECRET_ENV_VARS
 
 CARD = ModelCards().qwen3_vl_8b_instruct
 

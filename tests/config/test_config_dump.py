@@ -18,7 +18,8 @@ import pytest
 
 from job.cards import ModelCards
 from job.cli import _cmd_config
-from job.config import ENV_PREFIX, build_cfg
+from job.config.schema import build_cfg
+from job.config.settings import ENV_PREFIX
 from job.storage.sources import Sources
 
 CARD = ModelCards().qwen3_vl_8b_instruct

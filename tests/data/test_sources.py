@@ -12,11 +12,10 @@ import pytest
 from helpers import TINY_PIXELS, noise_image
 
 from job.cards import ModelCards
-from job.cli import exit_code_for
-from job.config import build_cfg
+from job.config.schema import build_cfg
 from job.data.holdout import holdout_sides
 from job.data.loaders import _rows_to_dataset, holds_out, load_local_split
-from job.errors import DataError
+from job.errors import DataError, exit_code_for
 from job.eval import command as eval_command
 from job.outputs import lineage, training_meta
 from job.preflight import run as preflight

@@ -9,10 +9,11 @@ import torch
 
 from job.cards import ModelCards
 from job.collators.qwen3_collator import Qwen3VisionSFTCollator
-from job.config import build_cfg
+from job.config.schema import build_cfg
 from job.data.loaders import load_local_split
+from job.data.rows import parse_verdict
 from job.errors import DataError
-from job.eval.generate import compute_metrics, evaluate_qwen3, generation_kwargs, parse_verdict, score_labels
+from job.eval.generate import compute_metrics, evaluate_qwen3, generation_kwargs, score_labels
 from job.eval.score import LabelSet, answer_log_probs
 from job.model import load_model
 from job.outputs import headline
@@ -77,10 +78,20 @@ def test_eval_errors_are_wrapped(model, processor, cfg, eval_rows):
 
 
 def test_parse_verdict_handles_prose_and_fences():
+    """Lenient (generated text): the first JSON object in prose or a fence."""
+    assert parse_verdict('{"label": "sarcastic"}', lenient=True) == {"label": "sarcastic"}
+    assert parse_verdict('Sure! ```json\n{"label": "x"}\n```', lenient=True) == {"label": "x"}
+    assert parse_verdict("not json", lenient=True) is None
+    assert parse_verdict("[1, 2]", lenient=True) is None
+
+
+def test_parse_verdict_strict_takes_the_whole_target_only():
+    """Strict (a row's target_json): a JSON object or its text, whole; what training and the label set read."""
     assert parse_verdict('{"label": "sarcastic"}') == {"label": "sarcastic"}
-    assert parse_verdict('Sure! ```json\n{"label": "x"}\n```') == {"label": "x"}
-    assert parse_verdict("not json") is None
+    assert parse_verdict({"label": 1}) == {"label": 1}
+    assert parse_verdict('Sure! ```json\n{"label": "x"}\n```') is None
     assert parse_verdict("[1, 2]") is None
+    assert parse_verdict("") is None and parse_verdict(None) is None and parse_verdict(3) is None
 
 
 def test_compute_metrics_values():

@@ -18,9 +18,9 @@ from helpers import PROCESSOR_LOADED, REPO, TRACEBACK, WEIGHTS_LOADED
 from huggingface_hub import ModelCard
 from loopback import HubErrorHandler, serve
 
-from job import cli
+from job import cli, errors
 from job.cards import ModelCards
-from job.config import build_cfg
+from job.config.schema import build_cfg
 from job.errors import ConfigError, GateRefused, TransientError, UserError
 from job.export import command, merge
 from job.export.report import (
@@ -179,7 +179,7 @@ def loopback_hub(monkeypatch):
 def test_merged_push_errors_are_classified(loopback_hub, tmp_path, repo, code):
     with pytest.raises(Exception) as raised:
         hub.push_adapter(tmp_path, repo, True, "run-1", setting="SFT_EXPORT_REPO_ID", what="export")
-    assert cli.exit_code_for(raised.value) == code
+    assert errors.exit_code_for(raised.value) == code
     assert f"Hub push to {repo} (SFT_EXPORT_REPO_ID)" in str(raised.value)
 
 
@@ -373,7 +373,7 @@ def test_a_refused_export_is_exit_4_and_pushes_nothing(tmp_path, loopback_hub, e
                               "qlora": METRICS})
     with pytest.raises(GateRefused, match=refused_by) as raised:
         command._publish(cfg, tmp_path, report, "run-1")
-    assert cli.exit_code_for(raised.value) == 4
+    assert errors.exit_code_for(raised.value) == 4
     written = json.loads((tmp_path / "merged" / "export_report.json").read_text())
     assert written["publish"]["gate"]["passed"] is False and written["publish"]["pushed_to"] is None
 
@@ -381,8 +381,8 @@ def test_a_refused_export_is_exit_4_and_pushes_nothing(tmp_path, loopback_hub, e
 def test_a_merge_mismatch_is_a_bug_exit_1_naming_the_rows():
     same = _preds(["a", "a", "a"])
     eq = equivalence(same, _preds(["b", "a", "a"]), "float32", 0.3)
-    error = command.MergeMismatch(mismatch_message(eq))
-    assert cli.exit_code_for(error) == 1 and "validation.jsonl:1" in str(error) and "1 of 3" in str(error)
+    error = errors.MergeMismatch(mismatch_message(eq))
+    assert errors.exit_code_for(error) == 1 and "validation.jsonl:1" in str(error) and "1 of 3" in str(error)
 
 
 def test_the_merge_cost_baseline_is_the_post_eval_of_this_adapter_in_this_eval_mode(tmp_path):

@@ -18,7 +18,7 @@ from PIL import Image
 
 from job.cards import ModelCards
 from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator
-from job.config import JobConfig, build_cfg
+from job.config.schema import JobConfig, build_cfg
 from job.data.checks import RowChecker
 from job.errors import DataError
 from job.preflight import run as preflight, scan

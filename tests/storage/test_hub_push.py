@@ -15,9 +15,9 @@ import pytest
 import yaml
 from loopback import Account, free_port, serve_hub
 
-from job import cli
+from job import errors
 from job.cards import ModelCards
-from job.config import build_cfg
+from job.config.schema import build_cfg
 from job.errors import Preempted, UserError, find_job_error
 from job.storage import hub
 from job.train.preemption import PreemptionGuard
@@ -62,7 +62,7 @@ def _code_and_message(call) -> tuple[int, str]:
         call()
     except Exception as exc:  # noqa: BLE001 - the outcome is the exit code and the message the job would print
         found = find_job_error(exc)
-        return cli.exit_code_for(exc), str(found if found is not None else exc)
+        return errors.exit_code_for(exc), str(found if found is not None else exc)
     return 0, ""
 
 
@@ -189,5 +189,5 @@ def test_a_signal_during_the_push_is_preempted_143(monkeypatch, tmp_path):
             released.set()
             guard.disarm()
         assert guard.signal == signal.SIGTERM
-        assert cli.exit_code_for(raised.value) == 143
+        assert errors.exit_code_for(raised.value) == 143
         assert _files(server, "me/adapter") == {}  # created, nothing committed

@@ -11,9 +11,10 @@ import json
 import pytest
 
 from job.cards import ModelCards
-from job.config import build_cfg
+from job.config.schema import build_cfg
 from job.errors import UserError
-from job.train.flow import RunPaths, _publish
+from job.train.finish import publish
+from job.train.prepare import RunPaths
 
 METRICS = {"pre": {"macro_f1": 0.1}, "post": {"macro_f1": 0.5}, "train": {"global_step": 2}}
 COMMIT = "https://huggingface.co/org/repo/commit/0123abcd"
@@ -29,7 +30,7 @@ def setup(tmp_path, monkeypatch):
 def test_a_recorded_push_to_the_same_repo_is_not_repeated(setup):
     cfg, paths = setup
     metrics = {**METRICS, "gate": {"passed": True, "reason": "earlier", "pushed_to": COMMIT}}
-    _publish(cfg, paths, "run-x", None, metrics, 2)  # would raise on any push attempt
+    publish(cfg, paths, "run-x", None, metrics, 2)  # would raise on any push attempt
     saved = json.loads((paths.root / "metrics.json").read_text())
     assert saved["gate"]["pushed_to"] == COMMIT and saved["gate"]["passed"] is True
 
@@ -40,4 +41,4 @@ def test_a_push_that_did_not_reach_this_repo_is_attempted_again(setup, earlier):
     cfg, paths = setup
     metrics = {**METRICS, "gate": {"passed": True, "reason": "earlier", "pushed_to": earlier}}
     with pytest.raises(UserError, match="HF_HUB_OFFLINE=1"):
-        _publish(cfg, paths, "run-x", None, metrics, 2)
+        publish(cfg, paths, "run-x", None, metrics, 2)

@@ -291,7 +291,7 @@ def test_model_card_metadata_parses(tiny_assets, tmp_path):
     from huggingface_hub import ModelCard
 
     from job.cards import ModelCards
-    from job.config import build_cfg
+    from job.config.schema import build_cfg
     from job.prompts import Queries
     from job.storage.hub import build_model_card
 
@@ -354,7 +354,7 @@ def test_the_card_of_another_task(tmp_path):
     from huggingface_hub import ModelCard
 
     from job.cards import ModelCards
-    from job.config import build_cfg
+    from job.config.schema import build_cfg
     from job.storage.hub import build_model_card
 
     cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, {
@@ -388,7 +388,7 @@ def test_the_cards_prompt_is_exact():
     from markdown_it import MarkdownIt
 
     from job.cards import ModelCards
-    from job.config import build_cfg
+    from job.config.schema import build_cfg
     from job.data.rows import target_text
     from job.storage.hub import build_model_card
 
@@ -428,7 +428,7 @@ def test_a_gate_on_roc_auc_is_checked_before_any_weights():
     import datasets
 
     from job.cards import ModelCards
-    from job.config import build_cfg
+    from job.config.schema import build_cfg
     from job.errors import ConfigError, DataError
     from job.eval.score import LabelSet
     from job.storage.hub import gate_decision
@@ -453,10 +453,11 @@ def test_a_gate_on_roc_auc_is_checked_before_any_weights():
 
 
 def test_refused_gate_never_reaches_the_hub(tmp_path, monkeypatch):
-    """_publish with a repo set and a failing gate raises GateRefused without calling the Hub at all."""
+    """publish with a repo set and a failing gate raises GateRefused without calling the Hub at all."""
     from job.cards import ModelCards
-    from job.config import build_cfg
-    from job.train.flow import RunPaths, _publish
+    from job.config.schema import build_cfg
+    from job.train.finish import publish
+    from job.train.prepare import RunPaths
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # any Hub call would now fail loudly with a different error
     cfg = build_cfg(
@@ -465,7 +466,7 @@ def test_refused_gate_never_reaches_the_hub(tmp_path, monkeypatch):
     paths = RunPaths(tmp_path).create()
     metrics = {"pre": {"accuracy": 0.1}, "post": {"accuracy": 0.5}}
     with pytest.raises(GateRefused, match="below SFT_PUSH_MIN_METRIC"):
-        _publish(cfg, paths, "run-x", None, metrics)
+        publish(cfg, paths, "run-x", None, metrics)
     assert json.loads((tmp_path / "metrics.json").read_text())["gate"]["pushed_to"] is None
 
 

@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from job.cards import ModelCards
-from job.config import build_cfg
+from job.config.schema import build_cfg
 from job.model import apply_lora, load_model
 from job.outputs import ADAPTER_FILES, save_adapter
 

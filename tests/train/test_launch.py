@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from job import cli
+from job import cli, errors
 from job.errors import ConfigError
 from job.train import distributed, launch
 from job.train.callbacks import add_missing_files
@@ -79,7 +79,7 @@ def test_a_relayed_failure_never_hides_rank_0s_own_message():
 def test_a_failure_with_an_empty_message_is_relayed_by_its_class_name():
     code, line = distributed.failure_record(AssertionError())  # a bare `assert`
     assert (code, line) == (1, "AssertionError")
-    relay = distributed.relayed(0, code, line)
+    relay = errors.PeerFailed(0, code, line)
     assert relay.exit_code == 1  # README, Exit codes: a bug
     assert str(relay) == "rank 0 failed: AssertionError (full message in rank 0's log)"
 
@@ -87,11 +87,11 @@ def test_a_failure_with_an_empty_message_is_relayed_by_its_class_name():
 def test_a_multi_line_message_is_relayed_on_one_line_with_its_code():
     code, line = distributed.failure_record(ConfigError(["SFT_A: bad", "SFT_B: worse"]))
     assert (code, line) == (2, "invalid configuration: - SFT_A: bad - SFT_B: worse")
-    assert distributed.relayed(1, code, line).exit_code == 2
+    assert errors.PeerFailed(1, code, line).exit_code == 2
 
 
 def test_a_relayed_code_the_contract_does_not_know_is_an_internal_error():
-    assert distributed.relayed(1, 77, "sys.exit(77) in a library").exit_code == 1
+    assert errors.PeerFailed(1, 77, "sys.exit(77) in a library").exit_code == 1
 
 
 def test_failures_from_child_failed_error():
@@ -129,8 +129,8 @@ def test_a_worker_record_is_what_torch_elastic_and_the_launcher_read(tmp_path, m
 @pytest.mark.parametrize(("code", "pytorchjob_code"), [(0, 0), (1, 129), (2, 2), (3, 131), (4, 4), (137, 137),
                                                        (143, 143)])
 def test_kubeflow_style_moves_exactly_the_retryable_codes_above_127(code, pytorchjob_code):
-    assert launch.reported_code(code, "standard") == code
-    assert launch.reported_code(code, "kubeflow") == pytorchjob_code
+    assert errors.reported_code(code, "standard") == code
+    assert errors.reported_code(code, "kubeflow") == pytorchjob_code
 
 
 @pytest.mark.parametrize(("code", "kubeflow", "described"), [
@@ -143,8 +143,8 @@ def test_kubeflow_style_moves_exactly_the_retryable_codes_above_127(code, pytorc
 def test_any_worker_code_is_reported_without_raising(code, kubeflow, described):
     # Codes outside the contract: below 128 they come from no rank of the job (a library's sys.exit), taken for an
     # internal error (retryable: 128 + code under `kubeflow`); 128 and above are signal deaths, retried as they are.
-    assert launch.reported_code(code, "standard") == code
-    assert launch.reported_code(code, "kubeflow") == kubeflow
+    assert errors.reported_code(code, "standard") == code
+    assert errors.reported_code(code, "kubeflow") == kubeflow
     assert launch.describe(failure(1, code, 1.0), LaunchPlan(2)) == (described, "")
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from job import model as model_mod
 from job.cards import ModelCards
-from job.config import JobConfig, build_cfg
+from job.config.schema import JobConfig, build_cfg
 from job.errors import ConfigError
 from job.model import apply_liger, liger_wanted
 

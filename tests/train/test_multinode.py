@@ -113,7 +113,7 @@ def test_a_user_error_on_node_1_is_exit_2_on_both_nodes_named_once(two_node_user
 # -- a collective that never completes -----------------------------------------------------------------------------
 STUCK = """
 import os, sys, time
-from job import cli
+from job import errors
 from job.train import distributed
 # Shortened for the test; everything else is the job's own code on a real gloo group of two processes.
 distributed.STEP_TIMEOUT_S, distributed.WAIT_TIMEOUT_S = 2, 4
@@ -125,7 +125,7 @@ try:
     else:
         distributed.broadcast_from_main(None)  # ...and rank 0 never sends this broadcast
 except BaseException as exc:
-    print(cli.exit_code_for(exc), exc, sep="\\n", flush=True)
+    print(errors.exit_code_for(exc), exc, sep="\\n", flush=True)
 open(done + str(distributed.rank()), "w").close()
 while not os.path.exists(done + "1"):  # rank 0 stays until rank 1 has timed out too: no peer is lost
     time.sleep(0.1)  # failsafe poll interval
@@ -153,7 +153,7 @@ def test_a_collective_that_times_out_is_exit_3_naming_the_collective_and_the_ran
 
 
 LOCAL_FIRST = """
-from job import cli
+from job import errors
 from job.errors import DataError
 from job.train import distributed
 distributed.init_process_group()
@@ -164,7 +164,7 @@ try:
         if distributed.rank() == 0:
             raise DataError("train.jsonl:3: field 'image' is missing")
 except BaseException as exc:
-    print(cli.exit_code_for(exc), ran, exc, sep="\\n", flush=True)
+    print(errors.exit_code_for(exc), ran, exc, sep="\\n", flush=True)
 """
 
 

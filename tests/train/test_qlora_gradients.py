@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from job.cards import ModelCards
 from job.collators.qwen3_collator import Qwen3VisionSFTCollator
-from job.config import build_cfg
+from job.config.schema import build_cfg
 from job.data.loaders import load_local_split
 from job.eval.generate import evaluate_qwen3
 from job.model import apply_lora, keep_trainable_params_fp32, load_model

@@ -1,8 +1,8 @@
 """Re-runs are safe: a finished run trains nothing and redoes only what did not finish; drift is refused (exit 2).
 
 One real 2-step run (tiny Qwen3-VL, CPU) is shared by every test here: the reruns run as job processes on its
-output directory (`rerun_chain` in tests/runs.py); the drift cases go through the flow's own `_prepare` +
-`_resume_plan` in-process (no model loads there), and one of them also as a job process, for the exit code and the
+output directory (`rerun_chain` in tests/runs.py); the drift cases go through the flow's own `prepare_run` +
+`resume_plan` in-process (no model loads there), and one of them also as a job process, for the exit code and the
 message a user sees.
 """
 
@@ -15,16 +15,15 @@ from pathlib import Path
 import pytest
 from runs import checkpoint_files as _checkpoint_files
 
+from job import errors
 from job.cards import ModelCards
-from job.cli import exit_code_for
-from job.config import build_cfg
-from job.errors import ExitCode
+from job.config.schema import build_cfg
+from job.errors import ExitCode, exit_code_for
 from job.storage import s3 as s3io
 from job.storage.checkpoints import RemoteCheckpoints
-from job.train import resume
-from job.train.finish import _stored_pre_metrics
-from job.train.flow import Timer, _prepare, _resume_plan
-from job.train.rerun import _finished_metrics
+from job.train.finish import stored_pre_metrics
+from job.train.prepare import Timer, prepare_run
+from job.train.rerun import _finished_metrics, resume_plan
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +101,7 @@ def test_another_run_in_a_finished_runs_directory_ends_with_its_own_adapter_and_
 def _plan(env: dict[str, str]):
     """The flow up to the resume decision, in-process: config, data, preflight, checkpoint and drift check."""
     cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
-    return _resume_plan(_prepare(cfg, Timer()))
+    return resume_plan(prepare_run(cfg, Timer()))
 
 
 @pytest.mark.parametrize(("override", "expected"), [
@@ -113,7 +112,7 @@ def _plan(env: dict[str, str]):
 ], ids=["learning-rate", "run-id", "lora-r", "two-settings"])
 def test_changed_settings_are_refused_with_old_and_new(rerun_chain, tiny_assets, override, expected):
     env = rerun_chain.env
-    with pytest.raises(resume.ResumeDrift) as caught:
+    with pytest.raises(errors.ResumeDrift) as caught:
         _plan({**env, **override})
     assert expected in caught.value.changes
     assert len(caught.value.changes) == len(override)  # nothing else is reported as changed
@@ -125,7 +124,7 @@ def test_other_data_is_refused_and_the_images_count(rerun_chain, tiny_assets, tm
     env = rerun_chain.env
     data = tmp_path / "data"
     shutil.copytree(tiny_assets[1], data)
-    with pytest.raises(resume.ResumeDrift) as caught:  # the same rows at another path: still the same data
+    with pytest.raises(errors.ResumeDrift) as caught:  # the same rows at another path: still the same data
         _plan({**env, "SFT_DATASET_URI": str(data), "SFT_LEARNING_RATE": "1e-3"})
     assert caught.value.changes == ["SFT_LEARNING_RATE: 0.005 -> 0.001"]
 
@@ -133,7 +132,7 @@ def test_other_data_is_refused_and_the_images_count(rerun_chain, tiny_assets, tm
 
     for image in sorted((data / "images").glob("train-*.png")):  # same names, same row text, mirrored pixels
         Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image)
-    with pytest.raises(resume.ResumeDrift) as caught:
+    with pytest.raises(errors.ResumeDrift) as caught:
         _plan({**env, "SFT_DATASET_URI": str(data)})
     (change,) = caught.value.changes
     assert change.startswith(f"data (train split rows and images) (SFT_DATASET_URI {tiny_assets[1]} -> {data})")
@@ -230,23 +229,23 @@ def test_outputs_of_another_run_are_not_trusted(rerun_chain, tmp_path, caplog):
     checkpoint = str(out / "checkpoints/checkpoint-2")
     cfg_b = build_cfg(ModelCards().qwen3_vl_8b_instruct, {**env, "SFT_OUTPUT_DIR": str(out), "SFT_RUN_ID": "run-b",
                                                           "SFT_LEARNING_RATE": "1e-3"})
-    b = _prepare(cfg_b, Timer())
+    b = prepare_run(cfg_b, Timer())
     with caplog.at_level("WARNING", logger="job.train"):
         assert _finished_metrics(b, 2) is None
-        assert _stored_pre_metrics(b, checkpoint) is None
+        assert stored_pre_metrics(b, checkpoint) is None
     warned = caplog.text
     assert "are not this run's (run_id: rerun -> run-b; fingerprint: " in warned
     assert "pre_metrics.json: it is not this run's pre-eval (run_id: rerun -> run-b" in warned
-    a = _prepare(build_cfg(ModelCards().qwen3_vl_8b_instruct, {**env, "SFT_OUTPUT_DIR": str(out)}), Timer())
+    a = prepare_run(build_cfg(ModelCards().qwen3_vl_8b_instruct, {**env, "SFT_OUTPUT_DIR": str(out)}), Timer())
     assert _finished_metrics(a, 2) == json.loads((tmp / "out/metrics.json").read_text())
-    assert _stored_pre_metrics(a, checkpoint) == stages["first_metrics"]["pre"]
+    assert stored_pre_metrics(a, checkpoint) == stages["first_metrics"]["pre"]
     (out / "adapter/adapter_model.safetensors").write_bytes(stages["first_adapter"][:-1] + b"x")
     assert _finished_metrics(a, 2) is None
 
 
 def test_resume_require_without_a_checkpoint_is_a_user_error(rerun_chain, tmp_path):
     env = rerun_chain.env
-    with pytest.raises(resume.NothingToResume, match="SFT_RESUME=require"):
+    with pytest.raises(errors.NothingToResume, match="SFT_RESUME=require"):
         _plan({**env, "SFT_OUTPUT_DIR": str(tmp_path / "empty"), "SFT_RESUME": "require"})
     plan = _plan({**env, "SFT_RESUME": "require"})  # with one, it resumes as auto does
     assert Path(plan.checkpoint).name == "checkpoint-2"

@@ -7,9 +7,9 @@ import logging
 
 import pytest
 
-from job.config import SECRET_ENV_VARS
 from job.utils.redact import (
     REDACTED,
+    SECRET_ENV_VARS,
     THIRD_PARTY_LOG_NOISE,
     SecretFilter,
     redact,

@@ -1,7 +1,0 @@
-"""Moved to `job.model` in 0.1.0; this old path is an alias of it until 0.2 (README, Development)."""
-
-import sys
-
-from job import model
-
-sys.modules[__name__] = model
