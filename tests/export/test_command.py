@@ -174,7 +174,7 @@ def loopback_hub(monkeypatch):
 
 
 # The codes are the README's (Exit codes): 2 for a repo the token may not reach, 3 for the Hub's own failure (503).
-# Every status of a push is in tests/storage/test_hub_push.py; these name SFT_EXPORT_REPO_ID.
+# Every status of a push is in tests/storage/test_hub.py; these name SFT_EXPORT_REPO_ID.
 @pytest.mark.parametrize("repo, code", [("org/private", 2), ("org/gated", 2), ("org/down", 3)])
 def test_merged_push_errors_are_classified(loopback_hub, tmp_path, repo, code):
     with pytest.raises(Exception) as raised:
