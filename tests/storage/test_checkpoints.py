@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 from helpers import job_env
-from runs import AWS_ENV, CHECKPOINT_BUCKET, REFERENCE, STEPS, s3_client
-from s3_proxy import FaultProxy
+from runs_reference import CHECKPOINT_BUCKET, REFERENCE, STEPS
+from s3_proxy import AWS_ENV, FaultProxy, s3_client
 
 from job.data.layouts import SplitFiles, find_split
 from job.errors import GateRefused, TransientError, UnsafeObjectKey, UserError

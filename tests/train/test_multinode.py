@@ -14,7 +14,9 @@ import os
 import re
 
 import pytest
-from runs import DEADLINE_S, TWO_NODE_STEPS, TWO_NODES, free_port, s3_client, zygote_env
+from runs_distributed import TWO_NODE_STEPS, TWO_NODES
+from runs_processes import DEADLINE_S, free_port, zygote_env
+from s3_proxy import s3_client
 from safetensors.torch import load
 from test_ddp import error_lines
 

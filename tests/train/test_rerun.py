@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from runs import checkpoint_files as _checkpoint_files
+from runs_reference import checkpoint_files as _checkpoint_files
 
 from job.cards import ModelCards
 from job.cli import exit_code_for
