@@ -38,7 +38,7 @@ def stored_keys(endpoint: str, bucket: str, prefix: str) -> set[str]:
 
 
 def final_artifacts(keys: set[str]) -> set[str]:
-    """The keys of what the README says the final upload holds (adapter/, eval/, metrics.json, training_meta.json,
+    """The keys of what docs/outputs.md says the final upload holds (adapter/, eval/, metrics.json, training_meta.json,
     the preflight report, report/) and its COMPLETED marker."""
     names = {"adapter", "eval", "metrics.json", "training_meta.json", "preflight_report.json", "report", "COMPLETED"}
     return {k for k in keys if k.split("/")[0] in names}
