@@ -29,7 +29,7 @@ help: ## list the targets
 install: $(STAMP) ## create .venv and install the project with its test extras at the locked versions (re-runs when pyproject.toml or requirements.lock change)
 
 # requirements.lock pins every package for Python 3.11 and 3.12 (make lock regenerates it); as constraints, so a
-# pin another platform does not need (nvidia-*) is skipped there. Python 3.10: see README, Development.
+# pin another platform does not need (nvidia-*) is skipped there. Python 3.10: see docs/development.md.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c requirements.lock pip
@@ -97,7 +97,7 @@ lint: install lint-py ## lint-py, then docker/Dockerfile, k8s/ and the retrain w
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/retrain.yml
 	$(VENV)/bin/zizmor --offline .github/workflows/retrain.yml
 
-device-kit: ## download the GPU proof kit into .cache/device-kit: the wheels a CUDA box with torch lacks (<= 60 MiB; see README)
+device-kit: ## download the GPU proof kit into .cache/device-kit: the wheels a CUDA box with torch lacks (<= 60 MiB; see docs/development.md)
 	$(KIT_PY) -m benchmarks.device.kit download
 
 image: ## docker build the GPU image as $(IMAGE) (needs Docker; MAX_JOBS=N for a flash-attn source build)

@@ -15,7 +15,7 @@ predictions there are, so a check that passes only because every output is empty
 
 Scoring mode (`job.eval.score.answer_log_probs`: one prefill per batch, each label continued from the KV cache) is
 then timed on the same batches against its baseline, a plain forward of prompt + answer per label (what the scores
-are checked against in tests/eval/test_eval.py), for the data's two labels and for five labels, and against the
+are checked against in tests/eval/test_generate.py), for the data's two labels and for five labels, and against the
 generation above. It fails when an answer's log-probability differs by more than 1e-4 nats, or a label probability
 by more than 1e-5, between the two (measured on the CPU: identical to the bit; positions off by 3 give 0.1 nats).
 """

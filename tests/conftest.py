@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One torch/OpenMP thread, for these tests and (through job_env) the job runs beside them: on 2 busy cores OpenMP's
 # spinning threads cost more than they bring. Measured under load: an 8-step job run 34 CPU-s with one thread, 55
-# with two; test_eval + test_qlora_gradients 30 CPU-s and 48 s with one, 47 CPU-s and 72 s with two.
+# with two; test_generate + test_model_gradients 30 CPU-s and 48 s with one, 47 CPU-s and 72 s with two.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

@@ -1,6 +1,6 @@
 """`python tests/hub_probe.py SCENARIOS_JSON`: load Hub datasets through the job's own code, one scenario each.
 
-Run by tests/storage/test_hub_data.py in a fresh interpreter whose HF_ENDPOINT (read by huggingface_hub at import)
+Run by tests/storage/test_sources.py in a fresh interpreter whose HF_ENDPOINT (read by huggingface_hub at import)
 points at the loopback Hub of tests/loopback.py. Each scenario is an SFT_* environment (plus HF_TOKEN or not): the job's
 `localize` downloads the snapshot with the real client, the loaders read both splits. Prints one JSON object:
 scenario -> {"code": 0, "commit", "train_ids", "eval_ids", "captions", "images_exist"} or {"code", "message"}.

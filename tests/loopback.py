@@ -6,7 +6,7 @@ huggingface_hub reads to choose its exception. Point the client at it with HF_EN
 huggingface_hub.constants.ENDPOINT (in-process; HfApi reads it when it is constructed).
 
 `serve_hub(repos)` adds repositories with files to it (`HubRepoHandler`): the endpoints huggingface_hub's downloads
-use, so the real client runs its real code (tests/storage/test_hub_data.py). Revision resolution
+use, so the real client runs its real code (tests/storage/test_sources.py). Revision resolution
 (`/api/{type}s/{repo}/revision/{rev}`), the recursive tree listing (`/api/{type}s/{repo}/tree/{commit}`), file
 downloads (`/{datasets/}{repo}/resolve/{commit}/{path}`, HEAD then GET, with X-Repo-Commit and ETag) and so its
 cache. A `Repo` has commits (each a dict path -> bytes), refs (branch or tag -> commit) and, when private, a token:

@@ -14,12 +14,21 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import boto3
+
 from job.storage import s3 as s3io
 from job.storage.checkpoints import RemoteCheckpoints
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testingsecret", "AWS_DEFAULT_REGION": "us-east-1"}
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message></Error>")
+
+
+def s3_client(endpoint: str):
+    """A client of `endpoint` that reads nothing from os.environ (tests change it while the runs go on)."""
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint, region_name=AWS_ENV["AWS_DEFAULT_REGION"],
+        aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"], aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"])
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from runs import REFERENCE, SECRET, STEPS, WANDB_SECRET
+from runs_reference import REFERENCE, SECRET, STEPS, WANDB_SECRET
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow

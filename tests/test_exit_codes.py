@@ -227,7 +227,7 @@ MISTAKES = [
     Mistake("hub_model_503", "run", {"SFT_MODEL_ID": "org/down"}, 3, ("SFT_MODEL_ID='org/down'", "503"), early=True,
             needs="hub"),
     # issue 33: the push's access, checked after preflight, before the weights (job/storage/hub.py check_push_access;
-    # every status and role of the check: tests/storage/test_hub_push.py)
+    # every status and role of the check: tests/storage/test_hub.py)
     Mistake("hub_push_read_only_token", "run", {"SFT_HUB_REPO_ID": "me/adapter", "HF_TOKEN": "hf_read"}, 2,
             ("SFT_HUB_REPO_ID=me/adapter", "read-only token"), needs="hub"),
     Mistake("hub_push_repo_503", "run", {"SFT_HUB_REPO_ID": "org/down", "HF_TOKEN": "hf_write"}, 3,

@@ -37,7 +37,7 @@ ENV_EXAMPLE = REPO / "docker" / "job.env.example"
 CONSTRAINTS = REPO / "docker" / "constraints.txt"
 K8S = REPO / "k8s"
 MULTINODE = K8S / "multinode" / "pytorchjob.yaml"
-README = REPO / "README.md"
+OPERATIONS = REPO / "docs" / "operations.md"
 WORKFLOW = REPO / ".github" / "workflows" / "retrain.yml"
 K8S_BUILTIN = ["job.yaml", "configmap.yaml", "secret.example.yaml", "serviceaccount.yaml"]
 # The oldest Kubernetes the manifests target (podFailurePolicy GA) and the newest schema kubernetes-validate bundles.
@@ -333,8 +333,8 @@ def test_pytorchjob_retries_exactly_what_the_job_retries(code):
         assert action == "fail"
     else:
         assert action == "restart"
-    # the README's table says the same
-    table = README.read_text().split("| Job's code |", 1)[1].split("\n\n", 1)[0]
+    # the docs' table (docs/operations.md, Exit codes) says the same
+    table = OPERATIONS.read_text().split("| Job's code |", 1)[1].split("\n\n", 1)[0]
     row = next(line for line in table.splitlines() if line.startswith(f"| {int(code)} |"))
     assert f"| {reported_code(int(code), style)} |" in row, row
 
@@ -528,7 +528,7 @@ def test_run_id_comes_from_the_job_name_label():
     c = container(pod_spec(job), "trainer")
     assert env_entry(c, "SFT_RUN_ID")["valueFrom"]["fieldRef"]["fieldPath"] == RUN_ID_LABEL
     assert "SFT_RUN_ID" not in configmap_data()
-    # The Job's uid: a retried pod of a SFT_RESUME=never run continues it (README, "Preemption and resume").
+    # The Job's uid: a retried pod of a SFT_RESUME=never run continues it (docs/operations.md, "Preemption and resume").
     launch = env_entry(c, "SFT_LAUNCH_ID")["valueFrom"]["fieldRef"]["fieldPath"]
     assert launch == "metadata.labels['batch.kubernetes.io/controller-uid']"
     assert "SFT_LAUNCH_ID" not in configmap_data()

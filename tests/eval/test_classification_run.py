@@ -1,4 +1,4 @@
-"""#19 on a job run: an imbalanced 5-class colour task (runs.py COLOUR) with eval during training.
+"""#19 on a job run: an imbalanced 5-class colour task (runs_colour.py COLOUR) with eval during training.
 
 Per-class metrics and the confusion matrix in the metrics files and the card, label probabilities in every
 prediction record, preflight's class warnings, the best step's adapter as the one saved (the folder pushed to the
@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from runs import COLOUR_EVAL, COLOUR_EVERY, COLOUR_STEPS, COLOUR_TRAIN
+from runs_colour import COLOUR_EVAL, COLOUR_EVERY, COLOUR_STEPS, COLOUR_TRAIN
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow

@@ -80,7 +80,7 @@ def test_a_failure_with_an_empty_message_is_relayed_by_its_class_name():
     code, line = distributed.failure_record(AssertionError())  # a bare `assert`
     assert (code, line) == (1, "AssertionError")
     relay = errors.PeerFailed(0, code, line)
-    assert relay.exit_code == 1  # README, Exit codes: a bug
+    assert relay.exit_code == 1  # docs/operations.md, Exit codes: a bug
     assert str(relay) == "rank 0 failed: AssertionError (full message in rank 0's log)"
 
 
@@ -124,7 +124,7 @@ def test_a_worker_record_is_what_torch_elastic_and_the_launcher_read(tmp_path, m
 
 
 # -- how the code leaves the process ---------------------------------------------------------------------------------
-# The README's table (Exit codes): the job's code -> the PyTorchJob exit code. A PyTorchJob with restartPolicy
+# docs/operations.md's table (Exit codes): the job's code -> the PyTorchJob exit code. A PyTorchJob with restartPolicy
 # ExitCode restarts on 128-255 and fails on 1-127, so exactly the retryable codes under 128 (1, 3) move up.
 @pytest.mark.parametrize(("code", "pytorchjob_code"), [(0, 0), (1, 129), (2, 2), (3, 131), (4, 4), (137, 137),
                                                        (143, 143)])
@@ -175,13 +175,13 @@ def test_a_launched_worker_records_its_error_instead_of_printing_it(tmp_path, mo
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv(launch.LAUNCHED_ENV, "1")
-    assert cli.main(["run"]) == 2  # user error (README, Exit codes)
+    assert cli.main(["run"]) == 2  # user error (docs/operations.md, Exit codes)
     assert "qwen3-sft: error" not in capsys.readouterr().err  # the launcher prints it, once
     record = json.loads(error_file.read_text())[launch.RECORD_KEY]
     assert record["exit_code"] == 2 and "did you mean SFT_LORA_R?" in record["message"]
     # under plain torchrun (no launcher of ours) the rank prints it as before, and records it for torchrun's summary
     monkeypatch.delenv(launch.LAUNCHED_ENV)
-    assert cli.main(["run"]) == 2  # user error (README, Exit codes)
+    assert cli.main(["run"]) == 2  # user error (docs/operations.md, Exit codes)
     assert "qwen3-sft: error: invalid configuration" in capsys.readouterr().err
 
 

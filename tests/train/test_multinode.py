@@ -14,7 +14,9 @@ import os
 import re
 
 import pytest
-from runs import DEADLINE_S, TWO_NODE_STEPS, TWO_NODES, free_port, s3_client, zygote_env
+from runs_distributed import TWO_NODE_STEPS, TWO_NODES
+from runs_processes import DEADLINE_S, free_port, zygote_env
+from s3_proxy import s3_client
 from safetensors.torch import load
 from test_ddp import error_lines
 
@@ -36,7 +38,7 @@ def stored_keys(endpoint: str, bucket: str, prefix: str) -> set[str]:
 
 
 def final_artifacts(keys: set[str]) -> set[str]:
-    """The keys of what the README says the final upload holds (adapter/, eval/, metrics.json, training_meta.json,
+    """The keys of what docs/outputs.md says the final upload holds (adapter/, eval/, metrics.json, training_meta.json,
     the preflight report, report/) and its COMPLETED marker."""
     names = {"adapter", "eval", "metrics.json", "training_meta.json", "preflight_report.json", "report", "COMPLETED"}
     return {k for k in keys if k.split("/")[0] in names}

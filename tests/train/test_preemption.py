@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from runs import REFERENCE, STEPS
+from runs_reference import REFERENCE, STEPS
 from safetensors.torch import load_file
 from transformers import TrainerControl
 

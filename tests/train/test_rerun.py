@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from runs import checkpoint_files as _checkpoint_files
+from runs_reference import checkpoint_files as _checkpoint_files
 
 from job import errors
 from job.cards import ModelCards
@@ -157,8 +157,8 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-# What SFT_RESUME=never moves aside (README, "Preemption and resume"): every output of the previous run; the run's
-# own preflight report (written before the decision) stays. The rerun chain's directory holds these.
+# What SFT_RESUME=never moves aside (docs/operations.md, "Preemption and resume"): every output of the previous run;
+# the run's own preflight report (written before the decision) stays. The rerun chain's directory holds these.
 PREVIOUS_RUN = {"adapter", "checkpoints", "eval", "metrics.json", "training_meta.json", "resume_fingerprint.json",
                 "run_stamp.json", "report"}
 

@@ -22,7 +22,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from runs import HELD_CHECKPOINT, STEPS
+from runs_reference import HELD_CHECKPOINT, STEPS
 from s3_proxy import assert_store_complete
 from safetensors.torch import load_file
 

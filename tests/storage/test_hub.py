@@ -1,6 +1,6 @@
 """The push to the Hub and its check before training (job/storage/hub.py), through huggingface_hub's real client
-against the loopback Hub of tests/loopback.py: each status the Hub answers, and the exit code the README's table
-gives it (the codes below are literals from that table: 2 user error, 3 transient, 143 preempted)."""
+against the loopback Hub of tests/loopback.py: each status the Hub answers, and the exit code docs/operations.md's
+table gives it (the codes below are literals from that table: 2 user error, 3 transient, 143 preempted)."""
 
 from __future__ import annotations
 

@@ -173,8 +173,9 @@ def loopback_hub(monkeypatch):
     server.shutdown()
 
 
-# The codes are the README's (Exit codes): 2 for a repo the token may not reach, 3 for the Hub's own failure (503).
-# Every status of a push is in tests/storage/test_hub_push.py; these name SFT_EXPORT_REPO_ID.
+# The codes are docs/operations.md's (Exit codes): 2 for a repo the token may not reach, 3 for the Hub's own
+# failure (503).
+# Every status of a push is in tests/storage/test_hub.py; these name SFT_EXPORT_REPO_ID.
 @pytest.mark.parametrize("repo, code", [("org/private", 2), ("org/gated", 2), ("org/down", 3)])
 def test_merged_push_errors_are_classified(loopback_hub, tmp_path, repo, code):
     with pytest.raises(Exception) as raised:
@@ -197,7 +198,7 @@ def test_install_replaces_merged_whole(tmp_path):
 
 
 # -- slow: real exports of the reference run's adapter ---------------------------------------------------------------
-# What a user pastes (README, "Serve the merged model"): plain transformers, the chat template, the trained prompt.
+# What a user pastes (docs/export.md, "Serving recipes"): plain transformers, the chat template, the trained prompt.
 RELOAD = r"""
 import json, sys
 import torch
@@ -324,10 +325,11 @@ def test_run_with_sft_export_exports_after_the_gate_and_the_drop_gate_refuses(re
     assert (out / "merged" / "model.safetensors").is_file()  # kept, like the adapter after a refused gate
 
 
-def test_reload_script_is_the_readme_recipe():
-    """The README's transformers recipe and the reload test build the same prompt (system, image, query + caption)."""
-    readme = (REPO / "README.md").read_text()
-    recipe = readme.split("<!-- serve-transformers -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+def test_reload_script_is_the_docs_recipe():
+    """docs/export.md's transformers recipe and the reload test build the same prompt (system, image, query and
+    caption)."""
+    page = (REPO / "docs" / "export.md").read_text()
+    recipe = page.split("<!-- serve-transformers -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     for line in ('text = query + (f"\\nCAPTION: {caption}" if caption else "")',
                  '{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}',
                  "add_generation_prompt=True"):

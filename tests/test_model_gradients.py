@@ -21,7 +21,7 @@ import pytest
 import torch
 from bitsandbytes.functional import dequantize_4bit
 from peft import PeftModel
-from runs import STEPS
+from runs_reference import STEPS
 from safetensors.torch import load_file
 
 from job.cards import ModelCards

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 from helpers import job_env
-from runs import AWS_ENV, CHECKPOINT_BUCKET, REFERENCE, STEPS, s3_client
-from s3_proxy import FaultProxy
+from runs_reference import CHECKPOINT_BUCKET, REFERENCE, STEPS
+from s3_proxy import AWS_ENV, FaultProxy, s3_client
 
 from job.data.layouts import SplitFiles, find_split
 from job.errors import GateRefused, TransientError, UnsafeObjectKey, UserError
@@ -161,7 +161,7 @@ def test_retention_keeps_newest_complete(bucket, tmp_path):
     assert remote._steps() == ([8], [])
 
 
-# What `final/` holds (README, "Storage and publishing"): the final artifacts, nothing else of SFT_OUTPUT_DIR.
+# What `final/` holds (docs/outputs.md, "In object storage"): the final artifacts, nothing else of SFT_OUTPUT_DIR.
 FINAL_FILES = {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/README.md",
                "adapter/report/confusion.png", "training_meta.json", "metrics.json", "run_stamp.json",
                "eval/pre_metrics.json", "eval/pre_predictions.jsonl", "eval/pre_stamp.json", "eval/post_metrics.json",
@@ -242,7 +242,7 @@ def test_failed_preflight_writes_nothing_to_storage_or_hub(bucket, s3_endpoint, 
 
 
 def _final_keys(out: Path, final: str) -> set[str]:
-    """final/'s keys for a finished run's output dir (README, "Outputs"): the files under the final artifacts' names,
+    """final/'s keys for a finished run's output dir (docs/outputs.md): the files under the final artifacts' names,
     and COMPLETED; no checkpoint, W&B or staging file."""
     names = ("adapter", "eval", "report", "metrics.json", "training_meta.json", "preflight_report.json",
              "run_stamp.json")

@@ -325,7 +325,7 @@ def test_labels_duplicates_and_eval_labels_missing_from_train(tmp_path, tiny_ass
     evals = [row(root, 100, "c"), row(root, 101, "c"), row(root, 102, "a"), dict(train[2])]
     write_split(root, "train", train)
     write_split(root, "validation", evals)
-    # 1 of 4 eval rows is a training row: allowed here, so that its warning is reported (the limit: test_sources.py)
+    # 1 of 4 eval rows is a training row: allowed here, so that its warning is reported (the limit: test_loaders.py)
     # SFT_MIN_CLASS_ROWS=0: the class-size warnings of so few rows are test_class_balance_warnings' subject
     cfg = make_cfg(tiny_assets, root, tmp_path / "out", SFT_MAX_EVAL_OVERLAP="0.25", SFT_MIN_CLASS_ROWS="0")
     report = preflight.run_preflight(cfg, processor).report
