@@ -221,6 +221,14 @@ def apply_lora(model, cfg: JobConfig):
     return model
 
 
+def trainable_model(cfg: JobConfig):
+    """The model `run` trains (and a finished run's checkpoint is evaluated on): the base with LoRA, and Liger's
+    kernels where SFT_USE_LIGER turns them on (with CUDA and liger-kernel; never on the CPU)."""
+    model = apply_lora(load_model(cfg), cfg)
+    apply_liger(cfg, model)
+    return model
+
+
 def keep_trainable_params_fp32(model) -> None:
     """Cast LoRA weights back to fp32 after SFTTrainer.__init__.
 

@@ -27,9 +27,9 @@ MOVED = {
 }
 
 # From the bottom up: what every module may use; config; storage; data and collators; the model, the outputs, the
-# eval core and the training parts; the checks before training; the flows (the run's steps beside it, eval, export);
-# the entry points and the demo; last, the aliases at old paths. A prefix names a package and everything in it (the
-# longest prefix wins).
+# eval core and the training parts; the checks before training and the commands' set-up (job.inputs); the flows (the
+# run's steps beside it, eval, export); the entry points and the demo; last, the aliases at old paths. A prefix
+# names a package and everything in it (the longest prefix wins).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("job.errors", "job.prompts", "job.cards", "job.utils"),
     ("job.config",),
@@ -40,7 +40,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "job.export.report", "job.export.merge"),
     ("job.train.callbacks", "job.train.best", "job.train.distributed", "job.train.preemption", "job.train.resume",
      "job.train.sampler", "job.train.trainer", "job.train.launch", "job.train"),
-    ("job.preflight",),
+    ("job.preflight", "job.inputs"),
     ("job.train.flow", "job.train.prepare", "job.train.finish", "job.train.rerun", "job.eval.command", "job.eval",
      "job.export.command", "job.export"),
     ("job.cli", "job.__main__", "job.demo", "job"),

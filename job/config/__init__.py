@@ -7,6 +7,7 @@ Every name importable from `job.config` before it became a package still is.
 from __future__ import annotations
 
 from job.config.schema import (
+    CONFIG_ENV,
     CardConfig,
     DataConfig,
     EvalConfig,
@@ -21,6 +22,7 @@ from job.config.schema import (
     TrainConfig,
     WandbConfig,
     build_cfg,
+    process_cfg,
 )
 from job.config.settings import (
     ENV_PREFIX,
@@ -36,8 +38,30 @@ from job.config.settings import (
 )
 
 __all__ = [
-    "ENV_PREFIX", "KNOWN_ENV_VARS", "PUSH_GATE_METRICS", "SCORED_GATE_METRICS", "SECRET_ENV_VARS", "CardConfig",
-    "DataConfig", "EvalConfig", "ExportConfig", "HubConfig", "ImageConfig", "JobConfig", "LineageConfig", "LoraConfig",
-    "ModelConfig", "Settings", "StorageConfig", "TrainConfig", "WandbConfig", "build_cfg", "cross_field_problems",
-    "effective_save_steps", "env_name", "load_settings",
+    "CONFIG_ENV",
+    "ENV_PREFIX",
+    "KNOWN_ENV_VARS",
+    "PUSH_GATE_METRICS",
+    "SCORED_GATE_METRICS",
+    "SECRET_ENV_VARS",
+    "CardConfig",
+    "DataConfig",
+    "EvalConfig",
+    "ExportConfig",
+    "HubConfig",
+    "ImageConfig",
+    "JobConfig",
+    "LineageConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "Settings",
+    "StorageConfig",
+    "TrainConfig",
+    "WandbConfig",
+    "build_cfg",
+    "cross_field_problems",
+    "effective_save_steps",
+    "env_name",
+    "load_settings",
+    "process_cfg",
 ]

@@ -15,6 +15,7 @@ Only what the user configured lives here. What a later step learns (the local mi
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any, Literal, Self
 
@@ -268,3 +269,18 @@ def build_cfg(card: ModelSpec, env: Mapping[str, str] | None = None) -> JobConfi
     """The configuration the job reads: the card's defaults overlaid with the validated environment (os.environ when
     env is None). Raises one ConfigError listing every problem."""
     return JobConfig.from_settings(load_settings(card, env), card)
+
+
+# A worker started by `run`'s launcher (job/train/launch.py) finds its parent's config here, as JSON (the
+# `model_dump_json` form): it takes that config as it is instead of parsing SFT_* again, so no rank can drift.
+CONFIG_ENV = "QWEN3_SFT_CONFIG"
+
+
+def process_cfg(card: ModelSpec, env: Mapping[str, str] | None = None) -> JobConfig:
+    """The one config of this process, built once by the entry point (job/cli.py) and passed down: the launcher's
+    serialized config in a worker it started, else the card overlaid with the SFT_* environment (`build_cfg`)."""
+    env = os.environ if env is None else env
+    serialized = env.get(CONFIG_ENV)
+    if serialized:
+        return JobConfig.model_validate_json(serialized)
+    return build_cfg(card, env)

@@ -28,9 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from job import outputs
-from job.cards import ModelCards
-from job.collators.qwen3_collator import build_collators
-from job.config import JobConfig, build_cfg
+from job.config import JobConfig
 from job.errors import GateRefused, JobError
 from job.eval.generate import compute_metrics, evaluate_qwen3, next_token_logits
 from job.export import merge
@@ -42,12 +40,12 @@ from job.export.report import (
     mismatch_message,
     up_to_date,
 )
+from job.inputs import open_inputs, skipped_rows
 from job.model import has_cuda, load_model
-from job.preflight.early import check_inputs, export_adapter, load_processor_checked
-from job.preflight.run import run_preflight
+from job.preflight.early import check_inputs, export_adapter
 from job.storage.checkpoints import RemoteCheckpoints
 from job.storage.hub import check_push_access, gate_decision, push_adapter
-from job.storage.sources import Sources, localize
+from job.storage.sources import Sources
 from job.train.preemption import PreemptionGuard
 
 log = logging.getLogger("job.export")
@@ -190,37 +188,32 @@ def _publish(cfg: JobConfig, out: Path, report: dict, run_id: str) -> None:
         raise GateRefused(f"export refused: {reason}; merged model and report kept in {out / MERGED}")
 
 
-def _prepare(cfg: JobConfig) -> tuple[Sources, Path, str]:
-    """The cheap checks (exit 2 before anything heavy): paths, the adapter, the output dir, Hub access; then the
-    s3:// sources mirrored (`Sources`: the loaders read the local copies, the report names the configured ones)."""
+def _checked(cfg: JobConfig) -> tuple[Path, str]:
+    """The cheap checks (exit 2 before anything heavy): paths, the adapter, the output dir, Hub access."""
     check_inputs(cfg, "export")
     if cfg.export.repo_id:
         user = check_push_access(cfg.export.repo_id, "SFT_EXPORT_REPO_ID")
         log.info("Hub: push the merged model as %s to %s", user, cfg.export.repo_id)
     out = Path(cfg.train.output_dir)
-    return localize(cfg), out, _run_id(cfg, out)
+    return out, _run_id(cfg, out)
 
 
 def run_export(cfg: JobConfig, *, after_run: bool = False) -> dict[str, Any]:
     """Export `SFT_EVAL_ADAPTER` (default $SFT_OUTPUT_DIR/adapter); returns the report. `after_run`: called by `run`
     (SFT_EXPORT=true), where an up-to-date export of the same adapter is not redone."""
-    sources, out, run_id = _prepare(cfg)
-    cfg = sources.local(cfg)
+    out, run_id = _checked(cfg)
     adapter = export_adapter(cfg)
     adapter_sha = file_sha256(adapter / "adapter_model.safetensors")
     if after_run and up_to_date(_read_json(out / MERGED / REPORT), adapter_sha, cfg.export.repo_id):
         log.info("export: %s is up to date (this adapter, verified%s)", out / MERGED,
                  ", pushed" if cfg.export.repo_id else "")
         return json.loads((out / MERGED / REPORT).read_text())
-    processor = load_processor_checked(cfg, sources.model_id)
-    checked = run_preflight(cfg, processor, roles=("eval",), report_name=PREFLIGHT_REPORT)
-    skipped = checked.report["splits"]["eval"]["skipped_row_ids"]
-    if skipped:
-        print(f"export: skipped {len(skipped)} bad row(s) (SFT_BAD_ROWS=skip, see {out / PREFLIGHT_REPORT}): "
-              + ", ".join(skipped), flush=True)
-    _, eval_collator = build_collators(cfg, processor)
-    verifier = Verifier(cfg, processor, _verified_rows(checked.eval_dataset, cfg.export.verify_rows),
-                        eval_collator, out)
+    # The s3:// sources mirrored (the loaders read the local copies, the report names the configured ones).
+    inputs = open_inputs(cfg, "export", roles=("eval",), report_name=PREFLIGHT_REPORT)
+    cfg, sources = inputs.cfg, inputs.sources
+    skipped_rows("export", inputs, out / PREFLIGHT_REPORT)
+    verifier = Verifier(cfg, inputs.processor, _verified_rows(inputs.preflight.eval_dataset, cfg.export.verify_rows),
+                        inputs.eval_collator, out)
     staging = merge.staging_dir(out)
     try:
         unmerged, merged, eq = _merge_and_verify(cfg, verifier, adapter, staging)
@@ -274,7 +267,6 @@ def _summary(report: dict, out: Path) -> None:
     print(f"export: {out / MERGED} ({REPORT}, README.md)", flush=True)
 
 
-def main(env: dict | None = None) -> dict:
-    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
+def main(cfg: JobConfig) -> dict:
     with PreemptionGuard(cfg.train.preempt_grace_s):  # SIGTERM/SIGINT: Preempted, exit 143 (README, Exit codes)
         return run_export(cfg)

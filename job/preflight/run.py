@@ -1,4 +1,5 @@
-"""`qwen3-sft preflight` (and the first phase of `run`): every row of both splits checked on the CPU.
+"""Preflight of every row (`qwen3-sft preflight`, and the first phase of `run`, `eval` and `export`, through
+job/inputs.py): every row of both splits checked on the CPU.
 
 It loads the processor only (no model weights), so it runs on a CPU runner before any GPU hour is spent. Each row
 goes through job/data/checks.py (schema, full image decode and pixel bounds, target JSON and label, token length
@@ -21,16 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from job import outputs
-from job.cards import ModelCards
 from job.collators.qwen3_collator import build_collators
-from job.config import DataConfig, JobConfig, build_cfg
+from job.config import DataConfig, JobConfig
 from job.data.checks import RowChecker
 from job.data.loaders import LENGTH_COLUMN, ROW_ID, _load_eval_dataset, holds_out, load_train_dataset
 from job.errors import DataError
-from job.preflight.early import check_inputs, load_processor_checked
+from job.preflight.early import load_processor_checked
 from job.preflight.report import MAX_LISTED_ERRORS, build_report, failure_message, format_issue, summary_table
 from job.preflight.scan import SplitTally, effective_workers, make_issue, scan, worker_count
-from job.storage.sources import localize
 
 log = logging.getLogger("job.preflight")
 
@@ -277,11 +276,3 @@ def run_preflight(cfg: JobConfig, processor=None, roles: tuple[str, ...] = ROLES
     plan = {role: _plan_entry(tallies[role], role == "train") for role in roles}
     datasets = {role: apply_plan_entry(loaded[role], plan[role]) for role in roles}
     return PreflightResult(report, datasets.get("train"), datasets.get("eval"), plan)
-
-
-def main(env: dict | None = None) -> PreflightResult:
-    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
-    check_inputs(cfg, "preflight")
-    sources = localize(cfg)  # s3:// and Hub sources, mirrored into the same cache as `run` uses
-    local = sources.local(cfg)
-    return run_preflight(local, load_processor_checked(local, sources.model_id))

@@ -16,16 +16,16 @@ import time
 from typing import Any
 
 from job import outputs
-from job.cards import ModelCards
 from job.collators.qwen3_collator import build_collators
-from job.config import JobConfig, build_cfg
+from job.config import JobConfig
 from job.errors import JobError
 from job.export.command import run_export
-from job.model import _count_trainable_params, apply_liger, apply_lora, load_model
+from job.inputs import Prepared, RunPaths, Timer
+from job.model import _count_trainable_params, trainable_model
 from job.train import best, distributed, resume
 from job.train.finish import FINAL_ARTIFACTS, Trained, _evaluate, _finish, _publish, _stored_pre_metrics
 from job.train.preemption import PreemptionGuard
-from job.train.prepare import Prepared, RunPaths, Timer, _init_wandb, _prepare
+from job.train.prepare import _init_wandb, _prepare
 from job.train.rerun import _complete_finished_run, _resume_plan, agreed_resume_plan
 from job.train.trainer import Checkpointing, TrainingData, build_trainer
 from job.utils import tracking
@@ -101,8 +101,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         if plan.checkpoint is not None and plan.progress is not None and plan.progress.finished:
             return _complete_finished_run(p, plan.checkpoint, plan.progress, timer)
         started = time.monotonic()
-        model = apply_lora(load_model(p.cfg), p.cfg)
-        apply_liger(p.cfg, model)  # SFT_USE_LIGER: on with CUDA and liger-kernel (auto); never on the CPU
+        model = trainable_model(p.cfg)
         params = _count_trainable_params(model)
         run = _init_wandb(p)
         timer.track("model", started)
@@ -124,9 +123,9 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
             tracking.finish(run)
 
 
-def main(env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Build the config from the environment and run the job; user errors keep their type (and exit code)."""
-    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
+def main(cfg: JobConfig) -> dict[str, Any]:
+    """`qwen3-sft run` in this process: the job, then SFT_EXPORT's export; user errors keep their type (and exit
+    code)."""
     try:
         meta = run_job(cfg)
         # SFT_EXPORT=true: once the gate passed (a refusal raised above). The training model is out of scope by now,

@@ -208,7 +208,8 @@ def test_the_dump_is_the_old_dict(env, expected):
 def test_the_config_command_prints_the_old_dict(env, expected, monkeypatch, capsys):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert _cmd_config(None) == 0  # the command's body: main() would also set up logging for the process
+    # the command's body with the config main() builds: main() would also set up logging for the process
+    assert _cmd_config(None, build_cfg(CARD)) == 0
     assert capsys.readouterr().out == json.dumps(expected, indent=2, sort_keys=True) + "\n"
 
 

@@ -189,7 +189,7 @@ def test_the_kubeflow_style_applies_to_the_process_kubernetes_watches_only(monke
     for name in [n for n in list(__import__("os").environ) if n.startswith("SFT_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("SFT_EXIT_CODES", "kubeflow")
-    monkeypatch.setattr(cli, "_cmd_config", lambda _args: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(cli, "_cmd_config", lambda _args, _cfg: (_ for _ in ()).throw(RuntimeError("boom")))
     parser = cli.build_parser()
     monkeypatch.setattr(cli, "build_parser", lambda: parser)
     parser._subparsers._group_actions[0].choices["config"].set_defaults(fn=cli._cmd_config)  # type: ignore
