@@ -8,33 +8,35 @@ from __future__ import annotations
 
 from job.config.schema import (
     CONFIG_ENV,
+    KNOWN_ENV_VARS,
+    JobConfig,
+    Settings,
+    build_cfg,
+    cross_field_problems,
+    load_settings,
+    process_cfg,
+)
+from job.config.sections import (
     CardConfig,
     DataConfig,
     EvalConfig,
     ExportConfig,
     HubConfig,
     ImageConfig,
-    JobConfig,
     LineageConfig,
     LoraConfig,
     ModelConfig,
     StorageConfig,
     TrainConfig,
     WandbConfig,
-    build_cfg,
-    process_cfg,
 )
 from job.config.settings import (
     ENV_PREFIX,
-    KNOWN_ENV_VARS,
     PUSH_GATE_METRICS,
     SCORED_GATE_METRICS,
     SECRET_ENV_VARS,
-    Settings,
-    cross_field_problems,
     effective_save_steps,
     env_name,
-    load_settings,
 )
 
 __all__ = [
