@@ -147,7 +147,7 @@ class Timer:
 class Prepared:
     """Everything the run needs before the model loads."""
 
-    cfg: JobConfig  # data.uri and model.id name the local copies (sources.local)
+    cfg: JobConfig  # as configured: the local copies of the sources are in sources (model_path, dataset_path)
     sources: Sources
     paths: RunPaths
     run_id: str

@@ -136,7 +136,8 @@ def _checked_datasets(cfg: JobConfig, processor) -> tuple[Any, Any, dict]:
 
 
 def _prepare(cfg: JobConfig, timer: Timer) -> Prepared:
-    """Everything up to a trainable model, in the order of the module docstring."""
+    """Everything up to a trainable model, in the order of the module docstring. The run keeps the config as
+    configured; where its sources are read from (their local copies) is `Sources`, beside it."""
 
     started = time.monotonic()
     distributed.init_process_group()
@@ -144,12 +145,12 @@ def _prepare(cfg: JobConfig, timer: Timer) -> Prepared:
     distributed.every_rank_ok(early.check_inputs, cfg, "run")  # paths and each node's output dir, before downloads
     _hub_access(cfg)
     with distributed.local_main_first():  # one download per node into the shared cache
-        sources, cfg = inputs.localized(cfg)
-        early.check_lora_targets(cfg, sources.model_id)  # config.json on the meta device, no weights
-        processor = inputs.processor(cfg, sources)
-    train_ds, eval_ds, preflight = _checked_datasets(cfg, processor)
+        sources, local = inputs.localized(cfg)
+        early.check_lora_targets(local, sources.model_id)  # config.json on the meta device, no weights
+        processor = inputs.processor(local, sources)
+    train_ds, eval_ds, preflight = _checked_datasets(local, processor)  # the loaders read the local copies
     run_id = distributed.main_process_result(_resolve_run_id, cfg, sources, preflight)  # rank 0's disk decides
-    log.info("data: %d train rows, %d eval rows from %s", len(train_ds), len(eval_ds), cfg.data.uri)
+    log.info("data: %d train rows, %d eval rows from %s", len(train_ds), len(eval_ds), sources.dataset_path)
     remote = _remote_checkpoints(cfg, run_id)
     distributed.main_process_result(_check_publish_access, cfg)
     paths = RunPaths(Path(cfg.train.output_dir)).create()

@@ -201,7 +201,7 @@ def _evaluate_finished_checkpoint(p: Prepared, checkpoint: str, step: int, timer
     from safetensors.torch import load_file
 
     started = time.monotonic()
-    model = trainable_model(p.cfg)
+    model = trainable_model(p.cfg, p.sources.model_path)
     keep_trainable_params_fp32(model)  # as the Trainer left it: fp32 LoRA weights
     set_peft_model_state_dict(model, load_file(str(Path(checkpoint) / "adapter_model.safetensors")))
     kept = None
