@@ -34,9 +34,9 @@ log = logging.getLogger("job.inputs")
 
 @dataclass(frozen=True)
 class Inputs:
-    """What `preflight`, `eval` and `export` read, checked."""
+    """What `preflight`, `eval` and `export` read, checked. The config is not here: the command has it, as
+    configured; where its sources are read from is `sources` (model_path, dataset_path)."""
 
-    cfg: JobConfig  # data.uri and model.id name the local copies (sources.local)
     sources: Sources
     processor: Any
     preflight: PreflightResult
@@ -46,7 +46,9 @@ class Inputs:
 
 
 def localized(cfg: JobConfig) -> tuple[Sources, JobConfig]:
-    """The s3:// sources and Hub datasets mirrored into the run's cache, and the config the loaders read them by."""
+    """The s3:// sources and Hub datasets mirrored into the run's cache, and the config the loaders and the
+    processor read them by (data.uri and model.id naming the local copies): handed to those calls alone, never kept
+    as the command's config."""
     sources = localize(cfg)
     return sources, sources.local(cfg)
 
@@ -96,7 +98,7 @@ def open_inputs(cfg: JobConfig, command: Command, roles: tuple[str, ...] = ("tra
     else:
         labels = _stored_label_set(local) if command == "eval" else None
     collator, eval_collator = build_collators(local, loaded)
-    return Inputs(local, sources, loaded, checked, collator, eval_collator, labels)
+    return Inputs(sources, loaded, checked, collator, eval_collator, labels)
 
 
 def skipped_rows(command: str, inputs: Inputs, report: Path) -> None:

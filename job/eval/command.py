@@ -27,10 +27,10 @@ PREFLIGHT_REPORT = "eval/standalone_preflight_report.json"
 
 def run_eval(cfg: JobConfig) -> dict:
     inputs = prepare_inputs(cfg, "eval", roles=("eval",), report_name=PREFLIGHT_REPORT)
-    cfg, out = inputs.cfg, Path(cfg.train.output_dir)
+    out = Path(cfg.train.output_dir)
     adapter = eval_adapter(cfg)
     skipped_rows("eval", inputs, out / PREFLIGHT_REPORT)
-    model = load_model(cfg)
+    model = load_model(cfg, inputs.sources.model_path)
     if adapter is not None:
         from peft import PeftModel
 

@@ -95,10 +95,11 @@ class Verifier:
         return next_token_logits(model, self.rows, self.collator, self.cfg.eval.batch_size)
 
 
-def _merge_and_verify(cfg: JobConfig, verifier: Verifier, adapter: Path, staging: Path) -> tuple[dict, dict, dict]:
+def _merge_and_verify(cfg: JobConfig, sources: Sources, verifier: Verifier, adapter: Path, staging: Path
+                      ) -> tuple[dict, dict, dict]:
     """Steps 1 and 2: (unmerged metrics, merged metrics, equivalence). One model in memory at a time."""
     merge.release()  # after `run`: its training model (in reference cycles through the Trainer) goes first
-    model = merge.apply_adapter(merge.load_base(cfg), adapter)
+    model = merge.apply_adapter(merge.load_base(cfg, sources.model_path), adapter)
     unmerged = verifier.score("unmerged", model)
     reference_logits = verifier.logits(model)
     model = merge.merge(model)
@@ -115,9 +116,11 @@ def _merge_and_verify(cfg: JobConfig, verifier: Verifier, adapter: Path, staging
     return unmerged, merged, eq
 
 
-def _stored_post_metrics(cfg: JobConfig, adapter: Path, out: Path, row_ids: list[str]) -> dict | None:
+def _stored_post_metrics(cfg: JobConfig, adapter: Path, out: Path, row_ids: list[str],
+                         sources: Sources | None = None) -> dict | None:
     """The run's post-eval of this adapter, when it scored every verified row with the decoding and eval mode used
-    here. "Of this adapter": the run's stamp (written last by its save) names the sha256 of the adapter merged here."""
+    here. "Of this adapter": the run's stamp (written last by its save) names the sha256 of the adapter merged here.
+    sources: compared as training_meta.json stores the config (the local copies in data.uri and model.id)."""
     meta, path = _read_json(out / "training_meta.json"), out / "eval" / "post_predictions.jsonl"
     if meta is None or not path.is_file() or adapter.resolve() != (out / "adapter").resolve():
         return None
@@ -126,7 +129,8 @@ def _stored_post_metrics(cfg: JobConfig, adapter: Path, out: Path, row_ids: list
         log.info("export: eval/post_predictions.jsonl is not the post-eval of this adapter (%s): not reused",
                  "no run stamp" if stamp is None else "another adapter's")
         return None
-    then, now = meta.get("config") or {}, cfg.model_dump(mode="json")
+    then = meta.get("config") or {}
+    now = sources.config_record(cfg) if sources is not None else cfg.model_dump(mode="json")
     same = all((then.get(section) or {}).get(key) == now[section][key] for section, key in (
         ("eval", "max_new_tokens"), ("eval", "do_sample"), ("eval", "mode"), ("data", "system_prompt"),
         ("data", "eval_split"),
@@ -141,15 +145,16 @@ def _stored_post_metrics(cfg: JobConfig, adapter: Path, out: Path, row_ids: list
                            cfg.data.label_field)
 
 
-def _qlora_metrics(cfg: JobConfig, verifier: Verifier, adapter: Path, unmerged: dict) -> tuple[dict, str]:
+def _qlora_metrics(cfg: JobConfig, sources: Sources, verifier: Verifier, adapter: Path, unmerged: dict
+                   ) -> tuple[dict, str]:
     """Step 3: the trained model's scores on the verified rows, and where they come from."""
     if not cfg.model.load_in_4bit:
         return unmerged, "base + adapter (SFT_LOAD_IN_4BIT=false: the trained model is the unquantized base + adapter)"
-    stored = _stored_post_metrics(cfg, adapter, verifier.out, verifier.row_ids)
+    stored = _stored_post_metrics(cfg, adapter, verifier.out, verifier.row_ids, sources)
     if stored is not None:
         log.info("export: QLoRA scores from the run's post-eval of this adapter (eval/post_predictions.jsonl)")
         return stored, "eval/post_predictions.jsonl (the run's post-eval of this adapter on these rows)"
-    model = merge.apply_adapter(load_model(cfg), adapter)
+    model = merge.apply_adapter(load_model(cfg, sources.model_path), adapter)
     metrics = verifier.score("qlora", model)
     model = None
     merge.release()
@@ -210,13 +215,13 @@ def run_export(cfg: JobConfig, *, after_run: bool = False) -> dict[str, Any]:
         return json.loads((out / MERGED / REPORT).read_text())
     # The s3:// sources mirrored (the loaders read the local copies, the report names the configured ones).
     inputs = open_inputs(cfg, "export", roles=("eval",), report_name=PREFLIGHT_REPORT)
-    cfg, sources = inputs.cfg, inputs.sources
+    sources = inputs.sources
     skipped_rows("export", inputs, out / PREFLIGHT_REPORT)
     verifier = Verifier(cfg, inputs.processor, _verified_rows(inputs.preflight.eval_dataset, cfg.export.verify_rows),
                         inputs.eval_collator, out)
     staging = merge.staging_dir(out)
     try:
-        unmerged, merged, eq = _merge_and_verify(cfg, verifier, adapter, staging)
+        unmerged, merged, eq = _merge_and_verify(cfg, sources, verifier, adapter, staging)
         scalars = {"unmerged": outputs.scalar_metrics(unmerged), "merged": outputs.scalar_metrics(merged)}
         report_args = dict(run_id=run_id, adapter=adapter, adapter_sha256=adapter_sha,
                            base_model=sources.model_id,
@@ -227,7 +232,7 @@ def run_export(cfg: JobConfig, *, after_run: bool = False) -> dict[str, Any]:
             _write_report(out, build_report(metrics={**scalars, "qlora": None}, qlora_source="not evaluated",
                                             **report_args))
             raise MergeMismatch(mismatch_message(eq))
-        qlora, source = _qlora_metrics(cfg, verifier, adapter, unmerged)
+        qlora, source = _qlora_metrics(cfg, sources, verifier, adapter, unmerged)
         report = build_report(metrics={**scalars, "qlora": outputs.scalar_metrics(qlora)}, qlora_source=source,
                               **report_args)
         _card(cfg, sources, out, report, staging)
