@@ -57,8 +57,8 @@ def _load_error(split: str, exc: DataError) -> dict:
                   str(exc).removeprefix(f"{split}: "), fix)
 
 
-def _split_name(cfg: JobConfig, role: str) -> str:
-    return cfg.data.train_split if role == "train" else cfg.data.eval_split
+def _split_name(data: DataConfig, role: str) -> str:
+    return data.train_split if role == "train" else data.eval_split
 
 
 def _load_splits(cfg: JobConfig, roles: tuple[str, ...] = ROLES) -> tuple[dict[str, Any], list[dict]]:
@@ -69,7 +69,7 @@ def _load_splits(cfg: JobConfig, roles: tuple[str, ...] = ROLES) -> tuple[dict[s
         try:
             loaded[role] = load(cfg)
         except DataError as exc:
-            errors.append(_load_error(_split_name(cfg, role), exc))
+            errors.append(_load_error(_split_name(cfg.data, role), exc))
     return loaded, errors
 
 
@@ -120,9 +120,9 @@ def _class_balance_warnings(train: SplitTally, field_name: str, data: DataConfig
             "per-class metrics, not only accuracy"))
 
 
-def _policy_failure(cfg: JobConfig, tallies: dict[str, SplitTally]) -> str | None:
+def _policy_failure(data: DataConfig, tallies: dict[str, SplitTally]) -> str | None:
     """None when the run may go on; else why it may not. Marks the splits whose bad rows are dropped."""
-    mode, limit = cfg.data.bad_rows, cfg.data.max_bad_fraction
+    mode, limit = data.bad_rows, data.max_bad_fraction
     bad = {t.name: len(t.bad) for t in tallies.values() if t.bad}
     if not bad:
         return None
@@ -147,14 +147,14 @@ def _policy_failure(cfg: JobConfig, tallies: dict[str, SplitTally]) -> str | Non
     return None
 
 
-def eval_overlap(cfg: JobConfig, tallies: dict[str, SplitTally]) -> dict | None:
+def eval_overlap(data: DataConfig, tallies: dict[str, SplitTally]) -> dict | None:
     """Eval rows identical to training rows (image bytes, query, caption and target): how many, and the limit."""
     if "train" not in tallies or "eval" not in tallies:
         return None
     ev = tallies["eval"]
     rows = sorted({w["row_id"] for w in ev.warnings if w["kind"] == "eval_row_in_train"})
     return {"rows": len(rows), "of": ev.rows, "fraction": round(len(rows) / ev.rows, 6) if ev.rows else 0.0,
-            "limit": cfg.data.max_eval_overlap, "row_ids": rows}
+            "limit": data.max_eval_overlap, "row_ids": rows}
 
 
 def _overlap_failure(overlap: dict | None) -> str | None:
@@ -216,7 +216,7 @@ def _jobs(cfg: JobConfig, loaded: dict[str, Any], processor) -> dict[str, tuple[
     collators = dict(zip(ROLES, build_collators(cfg, processor), strict=True))
     data = cfg.data
     return {role: (_check_view(loaded[role], data.image_key), RowChecker(collators[role], data.label_field),
-                   _split_name(cfg, role)) for role in loaded}
+                   _split_name(data, role)) for role in loaded}
 
 
 # A required column missing from at least this share of a split's rows is a column-name mismatch, reported once
@@ -225,13 +225,13 @@ COLUMN_MISMATCH_FRACTION = 0.9
 KEY_SETTINGS = {"image_key": "SFT_IMAGE_KEY", "query_key": "SFT_QUERY_KEY", "target_key": "SFT_TARGET_KEY"}
 
 
-def _column_mismatches(cfg: JobConfig, tallies: dict[str, SplitTally], loaded: dict[str, Any]) -> list[dict]:
+def _column_mismatches(data: DataConfig, tallies: dict[str, SplitTally], loaded: dict[str, Any]) -> list[dict]:
     """One `column_missing` issue per (split, required column) that (nearly) no row has; its per-row errors go."""
     issues = []
     for role, tally in tallies.items():
         columns = [c for c in loaded[role].column_names if c not in (ROW_ID, LENGTH_COLUMN)]
         for key, setting in KEY_SETTINGS.items():
-            column = getattr(cfg.data, key)
+            column = getattr(data, key)
             missing = [e for e in tally.errors if e["kind"] == "missing_field" and e["field"] == column]
             if column in columns or len(missing) < COLUMN_MISMATCH_FRACTION * tally.rows:
                 continue
@@ -260,11 +260,11 @@ def run_preflight(cfg: JobConfig, processor=None, roles: tuple[str, ...] = ROLES
     tallies = scan(jobs, workers)
     seconds = time.monotonic() - started
     _label_warnings(tallies, f"{cfg.data.target_key}.{cfg.data.label_field}", cfg.data)
-    mismatches = _column_mismatches(cfg, tallies, loaded)
-    failure = _policy_failure(cfg, tallies)
+    mismatches = _column_mismatches(cfg.data, tallies, loaded)
+    failure = _policy_failure(cfg.data, tallies)
     if mismatches:  # no SFT_BAD_ROWS setting can help: the column names are wrong
         failure = "the dataset's columns do not match the SFT_*_KEY settings"
-    overlap = eval_overlap(cfg, tallies)
+    overlap = eval_overlap(cfg.data, tallies)
     failure = failure or _overlap_failure(overlap)
     report = build_report(cfg, tallies, mismatches, failure, seconds, workers)
     report["holdout"], report["eval_overlap"] = _holdout_record(cfg, loaded), overlap
