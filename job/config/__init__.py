@@ -1,4 +1,6 @@
-"""Job configuration: `SFT_*` environment variables (`settings`) and the typed config built from them (`schema`).
+"""Job configuration: each setting declared once in its section (`sections`), the `SFT_*` variables derived from them
+and validated all at once (`settings`), the typed `JobConfig` built from them over a model card (`schema`), and the
+settings tables of docs/configuration.md (`docs`).
 
 `build_cfg(ModelCards().qwen3_vl_8b_instruct)` returns a frozen `JobConfig`, read as `cfg.train.max_length`.
 Every name importable from `job.config` before it became a package still is.
