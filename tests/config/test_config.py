@@ -667,6 +667,7 @@ def test_a_config_mistake_exits_2_before_torch_is_imported(command):
 # ------------------------------------------------------------------------------------- one config per process
 
 
+@pytest.mark.usefixtures("root_handlers_restored")
 def test_the_cli_builds_the_config_once_and_passes_it_down(monkeypatch, capsys):
     """The entry point parses SFT_* once and constructs the one JobConfig its command uses: no second parse for
     the exit-code style, no rebuild inside the command."""
@@ -684,6 +685,7 @@ def test_the_cli_builds_the_config_once_and_passes_it_down(monkeypatch, capsys):
     assert "did you mean SFT_LORA_R?" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("root_handlers_restored")
 def test_a_launched_worker_takes_its_parents_config_as_it_is(monkeypatch, capsys):
     """A worker of `run`'s launcher reads the parent's serialized config (CONFIG_ENV), never the SFT_* environment:
     the environment here is even invalid, and the worker's config is exactly the parent's."""

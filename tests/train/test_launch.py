@@ -155,16 +155,8 @@ def test_worker_grace_fits_the_launcher_and_the_agent():
 
 
 # -- the CLI in a worker ---------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _root_handlers_restored():
-    """cli.main installs the job's root log handler on the sys.stderr it finds (capsys's, closed after the test):
-    later in-process tests must not log into it."""
-    import logging
-
-    root = logging.getLogger()
-    saved = list(root.handlers)
-    yield
-    root.handlers[:] = saved
+# cli.main installs a root log handler on capsys's stderr: restored after each test (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("root_handlers_restored")
 
 
 def test_a_launched_worker_records_its_error_instead_of_printing_it(tmp_path, monkeypatch, capsys):
