@@ -10,7 +10,7 @@ import sys
 import traceback
 
 from job.cards import ModelCards
-from job.config.schema import build_cfg
+from job.config.schema import JobConfig, process_cfg
 from job.errors import INTERRUPTED, ExitCode, exit_code_for, find_job_error, reported_code
 from job.train import launch
 from job.train.launch import is_worker, launched_here, write_error_record
@@ -20,27 +20,20 @@ log = logging.getLogger("job")
 COMMANDS = ("run", "preflight", "eval", "export", "config")
 
 
-def _check_config() -> None:
-    """Validate the SFT_* environment before a command imports torch and the training stack (12-17 s on 2 cores):
-    a mistyped setting is exit 2 within a second. The command builds the same config again (milliseconds)."""
-    build_cfg(ModelCards().qwen3_vl_8b_instruct)
-
-
-# Each command imports its module (and with it torch and the training stack) only when it runs, so `config`,
-# `--help` and a mistyped setting answer within a second: the one place job/ imports its own modules lazily.
-def _cmd_run(_args) -> int:
-    _check_config()
-    train = build_cfg(ModelCards().qwen3_vl_8b_instruct).train
-    nproc = train.nproc_per_node
+# Each command imports its module (and with it torch and the training stack, 12-17 s on 2 cores) only when it runs,
+# so `config`, `--help` and a mistyped setting answer within a second: the one place job/ imports its own modules
+# lazily. Every command gets the process's one config, built by main() before any of them runs.
+def _cmd_run(_args, cfg: JobConfig) -> int:
+    nproc = cfg.train.nproc_per_node
     # A worker (of torchrun or of the launcher) never launches; otherwise count the GPUs only when the setting
     # leaves it to them (torch's import is paid by `run` anyway).
     the_plan = None if launch.is_worker(os.environ) else launch.plan(os.environ, nproc, _cuda_devices(nproc))
     if the_plan is None:
         from job.train.flow import main as train_main
 
-        train_main()
+        train_main(cfg)
         return ExitCode.OK
-    code, failure = launch.launch(the_plan, ["run"], train.preempt_grace_s, train.run_id)
+    code, failure = launch.launch(the_plan, ["run"], cfg)
     if failure is not None:  # the first failing rank's message, once, as a single process prints it
         _print_error(*failure)
     return code
@@ -54,33 +47,29 @@ def _cuda_devices(nproc_setting: int | None) -> int:
     return torch.cuda.device_count()
 
 
-def _cmd_preflight(_args) -> int:
-    _check_config()
-    from job.preflight.run import main as preflight_main
+def _cmd_preflight(_args, cfg: JobConfig) -> int:
+    from job.inputs import preflight_command
 
-    preflight_main()
+    preflight_command(cfg)
     return ExitCode.OK
 
 
-def _cmd_eval(_args) -> int:
-    _check_config()
+def _cmd_eval(_args, cfg: JobConfig) -> int:
     from job.eval.command import main as eval_main
 
-    eval_main()
+    eval_main(cfg)
     return ExitCode.OK
 
 
-def _cmd_export(_args) -> int:
-    _check_config()
+def _cmd_export(_args, cfg: JobConfig) -> int:
     from job.export.command import main as export_main
 
-    export_main()
+    export_main(cfg)
     return ExitCode.OK
 
 
-def _cmd_config(_args) -> int:
-    print(json.dumps(redact(build_cfg(ModelCards().qwen3_vl_8b_instruct).model_dump(mode="json")), indent=2,
-                     sort_keys=True))
+def _cmd_config(_args, cfg: JobConfig) -> int:
+    print(json.dumps(redact(cfg.model_dump(mode="json")), indent=2, sort_keys=True))
     return ExitCode.OK
 
 
@@ -107,15 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command is None:
         args = build_parser().parse_args(["run"])
+    cfg = None
     try:
-        code = int(args.fn(args))
+        # Before any command imports torch: a mistyped setting is exit 2 within a second, every problem at once.
+        cfg = process_cfg(ModelCards().qwen3_vl_8b_instruct)
+        code = int(args.fn(args, cfg))
     except KeyboardInterrupt:
         print("qwen3-sft: interrupted before a checkpoint could be saved", file=sys.stderr)
         return INTERRUPTED
     except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
         code = _report(exc)
-    # A worker hands the launcher its real code; the process the orchestrator watches may translate it.
-    return code if is_worker(os.environ) else reported_code(code, _exit_code_style())
+    # A worker hands the launcher its real code; the process the orchestrator watches may translate it, by
+    # SFT_EXIT_CODES, or `standard` when the configuration itself is what failed (its error is exit 2 either way).
+    return code if is_worker(os.environ) else reported_code(code, cfg.train.exit_codes if cfg else "standard")
 
 
 def _report(exc: BaseException) -> int:
@@ -138,14 +131,6 @@ def _print_error(message: str, detail: str) -> None:
     if detail:
         print(detail, file=sys.stderr)
     print(f"qwen3-sft: {'internal error' if detail else 'error'}: {message}", file=sys.stderr)
-
-
-def _exit_code_style() -> str:
-    """SFT_EXIT_CODES, or `standard` when the configuration itself is what failed (its error is exit 2 either way)."""
-    try:
-        return build_cfg(ModelCards().qwen3_vl_8b_instruct).train.exit_codes
-    except Exception:  # noqa: BLE001 - an invalid environment was already reported, with its own exit code
-        return "standard"
 
 
 if __name__ == "__main__":

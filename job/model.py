@@ -89,13 +89,15 @@ def from_pretrained_with_attn(cls, source: str, requested_attn: str, **kwargs):
         return cls.from_pretrained(source, attn_implementation="sdpa", **kwargs), "sdpa"
 
 
-def load_model(cfg: JobConfig):
+def load_model(cfg: JobConfig, source: str | None = None):
+    """The base model of cfg.model, read from source when it is given (the local copy of an s3:// model,
+    `Sources.model_path`), else from cfg.model.id."""
     from transformers import Qwen3VLForConditionalGeneration
 
     model_cfg = cfg.model
     log.info("loading model weights %s", model_cfg.id)
     model, attn = from_pretrained_with_attn(
-        Qwen3VLForConditionalGeneration, model_cfg.id, model_cfg.attn_implementation,
+        Qwen3VLForConditionalGeneration, source or model_cfg.id, model_cfg.attn_implementation,
         revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, dtype=compute_dtype(),
         quantization_config=quantization_config(cfg), device_map=device_map(),
     )
@@ -218,6 +220,15 @@ def apply_lora(model, cfg: JobConfig):
         raise ConfigError(
             [f"SFT_LORA_TARGET_MODULES={','.join(cfg.lora.target_modules)!r}: matches no language-model layer"]
         )
+    return model
+
+
+def trainable_model(cfg: JobConfig, source: str | None = None):
+    """The model `run` trains (and a finished run's checkpoint is evaluated on): the base (read from source, as
+    load_model) with LoRA, and Liger's kernels where SFT_USE_LIGER turns them on (CUDA and liger-kernel; never on
+    the CPU)."""
+    model = apply_lora(load_model(cfg, source), cfg)
+    apply_liger(cfg, model)
     return model
 
 

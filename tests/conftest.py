@@ -44,3 +44,15 @@ def processor(tiny_assets):
     proc = AutoProcessor.from_pretrained(str(tiny_assets[0]), size={"shortest_edge": 4096, "longest_edge": 16384})
     proc.tokenizer.padding_side = "right"
     return proc
+
+
+@pytest.fixture
+def root_handlers_restored():
+    """cli.main installs the job's root log handler on the sys.stderr it finds (capsys's, closed after the test):
+    later in-process tests must not log into it."""
+    import logging
+
+    root = logging.getLogger()
+    saved = list(root.handlers)
+    yield
+    root.handlers[:] = saved

@@ -60,3 +60,34 @@ def bomb_png(path: Path, width: int, height: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def count_configs(monkeypatch) -> dict[str, int]:
+    """How often this process parses the SFT_* environment ("parsed"; "refused" when it is invalid) and constructs a
+    JobConfig ("built": from the environment or from the launcher's serialized form), until the test ends."""
+    from job.config import schema
+
+    counts = {"parsed": 0, "refused": 0, "built": 0}
+    load, from_settings, from_json = (schema.load_settings, schema.JobConfig.from_settings,
+                                      schema.JobConfig.model_validate_json)
+
+    def parse(*args, **kwargs):
+        counts["parsed"] += 1
+        try:
+            return load(*args, **kwargs)
+        except Exception:
+            counts["refused"] += 1
+            raise
+
+    def build(settings, card):
+        counts["built"] += 1
+        return from_settings(settings, card)
+
+    def decode(data, **kwargs):
+        counts["built"] += 1
+        return from_json(data, **kwargs)
+
+    monkeypatch.setattr(schema, "load_settings", parse)
+    monkeypatch.setattr(schema.JobConfig, "from_settings", build)
+    monkeypatch.setattr(schema.JobConfig, "model_validate_json", decode)
+    return counts

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import PROCESSOR_LOADED, REPO, TINY_PIXELS, TRACEBACK, WEIGHTS_LOADED
+from helpers import PROCESSOR_LOADED, REPO, TINY_PIXELS, TRACEBACK, WEIGHTS_LOADED, count_configs
 from loopback import Account, free_port, serve, serve_hub
 
 from job import cli, errors
@@ -423,6 +423,7 @@ def test_mistake_exits_with_its_code_and_one_message(case: Mistake, cli_env, tin
     _loopback(case, request, monkeypatch)
     caplog.set_level(logging.INFO)
     started = time.monotonic()
+    configs = count_configs(monkeypatch)
     with case.around(tmp_path, tiny_assets[1], monkeypatch) if case.around else contextlib.nullcontext():
         code = cli.main([case.command])
     seconds = time.monotonic() - started
@@ -433,6 +434,8 @@ def test_mistake_exits_with_its_code_and_one_message(case: Mistake, cli_env, tin
     err = capsys.readouterr().err
     logged = "\n".join(caplog.messages)
     assert code == case.code, err[-3000:]
+    # One config per process: SFT_* parsed once, the config built once (none from an invalid environment).
+    assert configs["parsed"] == 1 and configs["built"] == 1 - configs["refused"], configs
     message = err[err.index("qwen3-sft: error: "):] if "qwen3-sft: error: " in err else err
     for name in case.names:
         assert name in message, message

@@ -14,9 +14,9 @@ from pathlib import Path
 from helpers import REPO
 
 # From the bottom up: what every module may use (errors, prompts, cards, the metric table, utils); config; storage;
-# data and collators; the model, the outputs, the eval core and the training parts; the checks before training; the
-# flows (the run's steps beside it, eval, export); the entry points and the demo. A prefix names a package and
-# everything in it (the longest prefix wins).
+# data and collators; the model, the outputs, the eval core and the training parts; the checks before training and
+# the commands' set-up (job.inputs); the flows (the run's steps beside it, eval, export); the entry points and the
+# demo. A prefix names a package and everything in it (the longest prefix wins).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("job.errors", "job.prompts", "job.cards", "job.metric_table", "job.utils"),
     ("job.config",),
@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "job.export.report", "job.export.merge"),
     ("job.train.callbacks", "job.train.best", "job.train.distributed", "job.train.preemption", "job.train.resume",
      "job.train.sampler", "job.train.trainer", "job.train.launch", "job.train"),
-    ("job.preflight",),
+    ("job.preflight", "job.inputs"),
     ("job.train.flow", "job.train.prepare", "job.train.finish", "job.train.rerun", "job.eval.command", "job.eval",
      "job.export.command", "job.export"),
     ("job.cli", "job.__main__", "job.demo", "job"),

@@ -5,14 +5,14 @@ from __future__ import annotations
 import typing
 
 from job import metric_table as table
-from job.config import settings
+from job.config import schema
 
 
 def test_the_gate_and_the_best_step_take_the_readmes_metrics():
     assert table.GATE_METRICS == ("accuracy", "macro_f1", "json_parse_rate", "exact_match", "weighted_f1", "roc_auc")
     assert table.BEST_METRICS == ("macro_f1", "accuracy", "weighted_f1", "roc_auc", "log_loss", "ece")
-    assert typing.get_args(settings.Settings.model_fields["best_metric"].annotation) == table.BEST_METRICS
-    assert settings.Settings.model_fields["best_metric"].default == "macro_f1"
+    assert typing.get_args(schema.Settings.model_fields["best_metric"].annotation) == table.BEST_METRICS
+    assert schema.Settings.model_fields["best_metric"].default == "macro_f1"
     assert frozenset({"log_loss", "ece"}) == table.LOWER_IS_BETTER
     assert table.SCORED_GATE_METRICS == ("roc_auc",)  # needs a label set under SFT_EVAL_MODE=auto
 

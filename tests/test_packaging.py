@@ -1,6 +1,6 @@
 """Packaging: docker/, k8s/, the retrain workflow and the Makefile pass the offline linters and agree with the code.
 
-The exit codes come from job.errors.ExitCode, the setting names from job.config.settings.KNOWN_ENV_VARS and the console
+The exit codes come from job.errors.ExitCode, the setting names from job.config.schema.KNOWN_ENV_VARS and the console
 script from pyproject.toml, never from a second list here. The linters (hadolint, kubernetes-validate,
 check-jsonschema, zizmor) are in the `test` extra; a missing one fails these tests instead of skipping them.
 There is no Docker engine in CI, so the image itself is not built here (`make image-smoke` does that).
@@ -29,7 +29,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from helpers import REPO
 
-from job.config.settings import KNOWN_ENV_VARS
+from job.config.schema import KNOWN_ENV_VARS
 from job.errors import ExitCode
 
 DOCKERFILE = REPO / "docker" / "Dockerfile"
@@ -471,12 +471,12 @@ def test_every_sft_name_is_a_real_setting():
             used.setdefault(name, path.relative_to(REPO))
     assert len(used) >= 10
     unknown = {name: str(path) for name, path in used.items() if name not in KNOWN_ENV_VARS}
-    assert not unknown, f"not in job.config.settings.KNOWN_ENV_VARS (the job would exit 2): {unknown}"
+    assert not unknown, f"not in job.config.schema.KNOWN_ENV_VARS (the job would exit 2): {unknown}"
 
 
 def validate_settings(env: dict[str, str]) -> None:
     from job.cards import ModelCards
-    from job.config.settings import load_settings
+    from job.config.schema import load_settings
 
     load_settings(ModelCards().qwen3_vl_8b_instruct, env)  # raises ConfigError listing every problem
 

@@ -1,5 +1,7 @@
-"""Job configuration: `SFT_*` environment variables (`settings`) and the typed config built from them (`schema`).
+"""Job configuration: each setting declared once in its section (`sections`), the `SFT_*` variables derived from them
+and validated all at once (`settings`), the typed `JobConfig` built from them over a model card (`schema`), and the
+settings tables of docs/configuration.md (`docs`).
 
 `build_cfg(ModelCards().qwen3_vl_8b_instruct)` (job.config.schema) returns a frozen `JobConfig`, read as
-`cfg.train.max_length`.
+`cfg.train.max_length`; `job.build_cfg` is the public API.
 """

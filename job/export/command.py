@@ -28,9 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from job import outputs
-from job.cards import ModelCards
-from job.collators.qwen3_collator import build_collators
-from job.config.schema import JobConfig, build_cfg
+from job.config.schema import JobConfig
 from job.errors import GateRefused, MergeMismatch
 from job.eval.generate import compute_metrics, evaluate_qwen3, next_token_logits
 from job.export import merge
@@ -42,12 +40,12 @@ from job.export.report import (
     mismatch_message,
     up_to_date,
 )
+from job.inputs import open_inputs, skipped_rows
 from job.model import has_cuda, load_model
-from job.preflight.early import check_inputs, export_adapter, load_processor_checked
-from job.preflight.run import run_preflight
+from job.preflight.early import check_inputs, export_adapter
 from job.storage.checkpoints import RemoteCheckpoints
 from job.storage.hub import check_push_access, gate_decision, push_adapter
-from job.storage.sources import Sources, localize
+from job.storage.sources import Sources
 from job.train.preemption import PreemptionGuard
 
 log = logging.getLogger("job.export")
@@ -93,10 +91,11 @@ class Verifier:
         return next_token_logits(model, self.rows, self.collator, self.cfg.eval.batch_size)
 
 
-def _merge_and_verify(cfg: JobConfig, verifier: Verifier, adapter: Path, staging: Path) -> tuple[dict, dict, dict]:
+def _merge_and_verify(cfg: JobConfig, sources: Sources, verifier: Verifier, adapter: Path, staging: Path
+                      ) -> tuple[dict, dict, dict]:
     """Steps 1 and 2: (unmerged metrics, merged metrics, equivalence). One model in memory at a time."""
     merge.release()  # after `run`: its training model (in reference cycles through the Trainer) goes first
-    model = merge.apply_adapter(merge.load_base(cfg), adapter)
+    model = merge.apply_adapter(merge.load_base(cfg, sources.model_path), adapter)
     unmerged = verifier.score("unmerged", model)
     reference_logits = verifier.logits(model)
     model = merge.merge(model)
@@ -113,9 +112,11 @@ def _merge_and_verify(cfg: JobConfig, verifier: Verifier, adapter: Path, staging
     return unmerged, merged, eq
 
 
-def _stored_post_metrics(cfg: JobConfig, adapter: Path, out: Path, row_ids: list[str]) -> dict | None:
+def _stored_post_metrics(cfg: JobConfig, adapter: Path, out: Path, row_ids: list[str],
+                         sources: Sources | None = None) -> dict | None:
     """The run's post-eval of this adapter, when it scored every verified row with the decoding and eval mode used
-    here. "Of this adapter": the run's stamp (written last by its save) names the sha256 of the adapter merged here."""
+    here. "Of this adapter": the run's stamp (written last by its save) names the sha256 of the adapter merged here.
+    sources: compared as training_meta.json stores the config (the local copies in data.uri and model.id)."""
     meta, path = _read_json(out / "training_meta.json"), out / "eval" / "post_predictions.jsonl"
     if meta is None or not path.is_file() or adapter.resolve() != (out / "adapter").resolve():
         return None
@@ -124,7 +125,8 @@ def _stored_post_metrics(cfg: JobConfig, adapter: Path, out: Path, row_ids: list
         log.info("export: eval/post_predictions.jsonl is not the post-eval of this adapter (%s): not reused",
                  "no run stamp" if stamp is None else "another adapter's")
         return None
-    then, now = meta.get("config") or {}, cfg.model_dump(mode="json")
+    then = meta.get("config") or {}
+    now = sources.config_record(cfg) if sources is not None else cfg.model_dump(mode="json")
     same = all((then.get(section) or {}).get(key) == now[section][key] for section, key in (
         ("eval", "max_new_tokens"), ("eval", "do_sample"), ("eval", "mode"), ("data", "system_prompt"),
         ("data", "eval_split"),
@@ -139,15 +141,16 @@ def _stored_post_metrics(cfg: JobConfig, adapter: Path, out: Path, row_ids: list
                            cfg.data.label_field)
 
 
-def _qlora_metrics(cfg: JobConfig, verifier: Verifier, adapter: Path, unmerged: dict) -> tuple[dict, str]:
+def _qlora_metrics(cfg: JobConfig, sources: Sources, verifier: Verifier, adapter: Path, unmerged: dict
+                   ) -> tuple[dict, str]:
     """Step 3: the trained model's scores on the verified rows, and where they come from."""
     if not cfg.model.load_in_4bit:
         return unmerged, "base + adapter (SFT_LOAD_IN_4BIT=false: the trained model is the unquantized base + adapter)"
-    stored = _stored_post_metrics(cfg, adapter, verifier.out, verifier.row_ids)
+    stored = _stored_post_metrics(cfg, adapter, verifier.out, verifier.row_ids, sources)
     if stored is not None:
         log.info("export: QLoRA scores from the run's post-eval of this adapter (eval/post_predictions.jsonl)")
         return stored, "eval/post_predictions.jsonl (the run's post-eval of this adapter on these rows)"
-    model = merge.apply_adapter(load_model(cfg), adapter)
+    model = merge.apply_adapter(load_model(cfg, sources.model_path), adapter)
     metrics = verifier.score("qlora", model)
     model = None
     merge.release()
@@ -186,40 +189,35 @@ def _publish(cfg: JobConfig, out: Path, report: dict, run_id: str) -> None:
         raise GateRefused(f"export refused: {reason}; merged model and report kept in {out / MERGED}")
 
 
-def _prepare(cfg: JobConfig) -> tuple[Sources, Path, str]:
-    """The cheap checks (exit 2 before anything heavy): paths, the adapter, the output dir, Hub access; then the
-    s3:// sources mirrored (`Sources`: the loaders read the local copies, the report names the configured ones)."""
+def _checked(cfg: JobConfig) -> tuple[Path, str]:
+    """The cheap checks (exit 2 before anything heavy): paths, the adapter, the output dir, Hub access."""
     check_inputs(cfg, "export")
     if cfg.export.repo_id:
         user = check_push_access(cfg.export.repo_id, "SFT_EXPORT_REPO_ID")
         log.info("Hub: push the merged model as %s to %s", user, cfg.export.repo_id)
     out = Path(cfg.train.output_dir)
-    return localize(cfg), out, _run_id(cfg, out)
+    return out, _run_id(cfg, out)
 
 
 def run_export(cfg: JobConfig, *, after_run: bool = False) -> dict[str, Any]:
     """Export `SFT_EVAL_ADAPTER` (default $SFT_OUTPUT_DIR/adapter); returns the report. `after_run`: called by `run`
     (SFT_EXPORT=true), where an up-to-date export of the same adapter is not redone."""
-    sources, out, run_id = _prepare(cfg)
-    cfg = sources.local(cfg)
+    out, run_id = _checked(cfg)
     adapter = export_adapter(cfg)
     adapter_sha = file_sha256(adapter / "adapter_model.safetensors")
     if after_run and up_to_date(_read_json(out / MERGED / REPORT), adapter_sha, cfg.export.repo_id):
         log.info("export: %s is up to date (this adapter, verified%s)", out / MERGED,
                  ", pushed" if cfg.export.repo_id else "")
         return json.loads((out / MERGED / REPORT).read_text())
-    processor = load_processor_checked(cfg, sources.model_id)
-    checked = run_preflight(cfg, processor, roles=("eval",), report_name=PREFLIGHT_REPORT)
-    skipped = checked.report["splits"]["eval"]["skipped_row_ids"]
-    if skipped:
-        print(f"export: skipped {len(skipped)} bad row(s) (SFT_BAD_ROWS=skip, see {out / PREFLIGHT_REPORT}): "
-              + ", ".join(skipped), flush=True)
-    _, eval_collator = build_collators(cfg, processor)
-    verifier = Verifier(cfg, processor, _verified_rows(checked.eval_dataset, cfg.export.verify_rows),
-                        eval_collator, out)
+    # The s3:// sources mirrored (the loaders read the local copies, the report names the configured ones).
+    inputs = open_inputs(cfg, "export", roles=("eval",), report_name=PREFLIGHT_REPORT)
+    sources = inputs.sources
+    skipped_rows("export", inputs, out / PREFLIGHT_REPORT)
+    verifier = Verifier(cfg, inputs.processor, _verified_rows(inputs.preflight.eval_dataset, cfg.export.verify_rows),
+                        inputs.eval_collator, out)
     staging = merge.staging_dir(out)
     try:
-        unmerged, merged, eq = _merge_and_verify(cfg, verifier, adapter, staging)
+        unmerged, merged, eq = _merge_and_verify(cfg, sources, verifier, adapter, staging)
         scalars = {"unmerged": outputs.scalar_metrics(unmerged), "merged": outputs.scalar_metrics(merged)}
         report_args = dict(run_id=run_id, adapter=adapter, adapter_sha256=adapter_sha,
                            base_model=sources.model_id,
@@ -230,7 +228,7 @@ def run_export(cfg: JobConfig, *, after_run: bool = False) -> dict[str, Any]:
             _write_report(out, build_report(metrics={**scalars, "qlora": None}, qlora_source="not evaluated",
                                             **report_args))
             raise MergeMismatch(mismatch_message(eq))
-        qlora, source = _qlora_metrics(cfg, verifier, adapter, unmerged)
+        qlora, source = _qlora_metrics(cfg, sources, verifier, adapter, unmerged)
         report = build_report(metrics={**scalars, "qlora": outputs.scalar_metrics(qlora)}, qlora_source=source,
                               **report_args)
         _card(cfg, sources, out, report, staging)
@@ -270,7 +268,6 @@ def _summary(report: dict, out: Path) -> None:
     print(f"export: {out / MERGED} ({REPORT}, README.md)", flush=True)
 
 
-def main(env: dict | None = None) -> dict:
-    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
+def main(cfg: JobConfig) -> dict:
     with PreemptionGuard(cfg.train.preempt_grace_s):  # SIGTERM/SIGINT: Preempted, exit 143 (README, Exit codes)
         return run_export(cfg)

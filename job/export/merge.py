@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from job.config.schema import EvalConfig, JobConfig
+from job.config.schema import JobConfig
+from job.config.sections import EvalConfig
 from job.eval.generate import generation_kwargs
 from job.model import compute_dtype, device_map, from_pretrained_with_attn, has_cuda
 
@@ -34,14 +35,14 @@ def export_dtype() -> torch.dtype:
     return compute_dtype()
 
 
-def load_base(cfg: JobConfig):
-    """The base model, unquantized, in export_dtype()."""
+def load_base(cfg: JobConfig, source: str | None = None):
+    """The base model, unquantized, in export_dtype(); read from source when given (`Sources.model_path`)."""
     from transformers import Qwen3VLForConditionalGeneration
 
     model_cfg = cfg.model
     log.info("loading model weights %s (%s, not quantized: the merge base)", model_cfg.id, export_dtype())
     model, _ = from_pretrained_with_attn(
-        Qwen3VLForConditionalGeneration, model_cfg.id, model_cfg.attn_implementation,
+        Qwen3VLForConditionalGeneration, source or model_cfg.id, model_cfg.attn_implementation,
         revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, dtype=export_dtype(),
         device_map=device_map(),
     )

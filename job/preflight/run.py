@@ -1,4 +1,5 @@
-"""`qwen3-sft preflight` (and the first phase of `run`): every row of both splits checked on the CPU.
+"""Preflight of every row (`qwen3-sft preflight`, and the first phase of `run`, `eval` and `export`, through
+job/inputs.py): every row of both splits checked on the CPU.
 
 It loads the processor only (no model weights), so it runs on a CPU runner before any GPU hour is spent. Each row
 goes through job/data/checks.py (schema, full image decode and pixel bounds, target JSON and label, token length
@@ -21,17 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from job import outputs
-from job.cards import ModelCards
 from job.collators.qwen3_collator import build_collators
-from job.config.schema import DataConfig, JobConfig, build_cfg
+from job.config.schema import JobConfig
+from job.config.sections import DataConfig
 from job.data.checks import RowChecker
 from job.data.holdout import ROW_ID
 from job.data.loaders import LENGTH_COLUMN, _load_eval_dataset, holds_out, load_train_dataset
 from job.errors import DataError
-from job.preflight.early import check_inputs, load_processor_checked
+from job.preflight.early import load_processor_checked
 from job.preflight.report import MAX_LISTED_ERRORS, build_report, failure_message, format_issue, summary_table
 from job.preflight.scan import SplitTally, effective_workers, make_issue, scan, worker_count
-from job.storage.sources import localize
 
 log = logging.getLogger("job.preflight")
 
@@ -59,8 +59,8 @@ def _load_error(split: str, exc: DataError) -> dict:
                   str(exc).removeprefix(f"{split}: "), fix)
 
 
-def _split_name(cfg: JobConfig, role: str) -> str:
-    return cfg.data.train_split if role == "train" else cfg.data.eval_split
+def _split_name(data: DataConfig, role: str) -> str:
+    return data.train_split if role == "train" else data.eval_split
 
 
 def _load_splits(cfg: JobConfig, roles: tuple[str, ...] = ROLES) -> tuple[dict[str, Any], list[dict]]:
@@ -71,7 +71,7 @@ def _load_splits(cfg: JobConfig, roles: tuple[str, ...] = ROLES) -> tuple[dict[s
         try:
             loaded[role] = load(cfg)
         except DataError as exc:
-            errors.append(_load_error(_split_name(cfg, role), exc))
+            errors.append(_load_error(_split_name(cfg.data, role), exc))
     return loaded, errors
 
 
@@ -122,9 +122,9 @@ def _class_balance_warnings(train: SplitTally, field_name: str, data: DataConfig
             "per-class metrics, not only accuracy"))
 
 
-def _policy_failure(cfg: JobConfig, tallies: dict[str, SplitTally]) -> str | None:
+def _policy_failure(data: DataConfig, tallies: dict[str, SplitTally]) -> str | None:
     """None when the run may go on; else why it may not. Marks the splits whose bad rows are dropped."""
-    mode, limit = cfg.data.bad_rows, cfg.data.max_bad_fraction
+    mode, limit = data.bad_rows, data.max_bad_fraction
     bad = {t.name: len(t.bad) for t in tallies.values() if t.bad}
     if not bad:
         return None
@@ -149,14 +149,14 @@ def _policy_failure(cfg: JobConfig, tallies: dict[str, SplitTally]) -> str | Non
     return None
 
 
-def eval_overlap(cfg: JobConfig, tallies: dict[str, SplitTally]) -> dict | None:
+def eval_overlap(data: DataConfig, tallies: dict[str, SplitTally]) -> dict | None:
     """Eval rows identical to training rows (image bytes, query, caption and target): how many, and the limit."""
     if "train" not in tallies or "eval" not in tallies:
         return None
     ev = tallies["eval"]
     rows = sorted({w["row_id"] for w in ev.warnings if w["kind"] == "eval_row_in_train"})
     return {"rows": len(rows), "of": ev.rows, "fraction": round(len(rows) / ev.rows, 6) if ev.rows else 0.0,
-            "limit": cfg.data.max_eval_overlap, "row_ids": rows}
+            "limit": data.max_eval_overlap, "row_ids": rows}
 
 
 def _overlap_failure(overlap: dict | None) -> str | None:
@@ -218,7 +218,7 @@ def _jobs(cfg: JobConfig, loaded: dict[str, Any], processor) -> dict[str, tuple[
     collators = dict(zip(ROLES, build_collators(cfg, processor), strict=True))
     data = cfg.data
     return {role: (_check_view(loaded[role], data.image_key), RowChecker(collators[role], data.label_field),
-                   _split_name(cfg, role)) for role in loaded}
+                   _split_name(data, role)) for role in loaded}
 
 
 # A required column missing from at least this share of a split's rows is a column-name mismatch, reported once
@@ -227,13 +227,13 @@ COLUMN_MISMATCH_FRACTION = 0.9
 KEY_SETTINGS = {"image_key": "SFT_IMAGE_KEY", "query_key": "SFT_QUERY_KEY", "target_key": "SFT_TARGET_KEY"}
 
 
-def _column_mismatches(cfg: JobConfig, tallies: dict[str, SplitTally], loaded: dict[str, Any]) -> list[dict]:
+def _column_mismatches(data: DataConfig, tallies: dict[str, SplitTally], loaded: dict[str, Any]) -> list[dict]:
     """One `column_missing` issue per (split, required column) that (nearly) no row has; its per-row errors go."""
     issues = []
     for role, tally in tallies.items():
         columns = [c for c in loaded[role].column_names if c not in (ROW_ID, LENGTH_COLUMN)]
         for key, setting in KEY_SETTINGS.items():
-            column = getattr(cfg.data, key)
+            column = getattr(data, key)
             missing = [e for e in tally.errors if e["kind"] == "missing_field" and e["field"] == column]
             if column in columns or len(missing) < COLUMN_MISMATCH_FRACTION * tally.rows:
                 continue
@@ -262,11 +262,11 @@ def run_preflight(cfg: JobConfig, processor=None, roles: tuple[str, ...] = ROLES
     tallies = scan(jobs, workers)
     seconds = time.monotonic() - started
     _label_warnings(tallies, f"{cfg.data.target_key}.{cfg.data.label_field}", cfg.data)
-    mismatches = _column_mismatches(cfg, tallies, loaded)
-    failure = _policy_failure(cfg, tallies)
+    mismatches = _column_mismatches(cfg.data, tallies, loaded)
+    failure = _policy_failure(cfg.data, tallies)
     if mismatches:  # no SFT_BAD_ROWS setting can help: the column names are wrong
         failure = "the dataset's columns do not match the SFT_*_KEY settings"
-    overlap = eval_overlap(cfg, tallies)
+    overlap = eval_overlap(cfg.data, tallies)
     failure = failure or _overlap_failure(overlap)
     report = build_report(cfg, tallies, mismatches, failure, seconds, workers)
     report["holdout"], report["eval_overlap"] = _holdout_record(cfg, loaded), overlap
@@ -278,11 +278,3 @@ def run_preflight(cfg: JobConfig, processor=None, roles: tuple[str, ...] = ROLES
     plan = {role: _plan_entry(tallies[role], role == "train") for role in roles}
     datasets = {role: apply_plan_entry(loaded[role], plan[role]) for role in roles}
     return PreflightResult(report, datasets.get("train"), datasets.get("eval"), plan)
-
-
-def main(env: dict | None = None) -> PreflightResult:
-    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
-    check_inputs(cfg, "preflight")
-    sources = localize(cfg)  # s3:// and Hub sources, mirrored into the same cache as `run` uses
-    local = sources.local(cfg)
-    return run_preflight(local, load_processor_checked(local, sources.model_id))

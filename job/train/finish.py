@@ -16,10 +16,10 @@ from job.data.loaders import dataset_fingerprint
 from job.errors import GateRefused
 from job.eval import plots
 from job.eval.generate import evaluate_qwen3
+from job.inputs import Prepared, RunPaths, Timer
 from job.storage.checkpoints import RemoteCheckpoints
 from job.storage.hub import build_model_card, gate_decision, push_adapter
 from job.train import distributed, resume
-from job.train.prepare import Prepared, RunPaths, Timer
 from job.utils import tracking
 
 log = logging.getLogger("job.train")

@@ -16,15 +16,15 @@ import time
 from typing import Any
 
 from job import outputs
-from job.cards import ModelCards
-from job.config.schema import JobConfig, build_cfg
+from job.config.schema import JobConfig
 from job.errors import JobError
 from job.export.command import run_export
-from job.model import _count_trainable_params, apply_liger, apply_lora, load_model
+from job.inputs import Prepared, Timer
+from job.model import _count_trainable_params, trainable_model
 from job.train import best, distributed, resume
 from job.train.finish import Trained, evaluate, finish, stored_pre_metrics
 from job.train.preemption import PreemptionGuard
-from job.train.prepare import Prepared, Timer, prepare_run, start_tracking
+from job.train.prepare import prepare_run, start_tracking
 from job.train.rerun import agreed_resume_plan, complete_finished_run
 from job.train.trainer import Checkpointing, TrainingData, build_trainer
 from job.utils import tracking
@@ -96,8 +96,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         if plan.checkpoint is not None and plan.progress is not None and plan.progress.finished:
             return complete_finished_run(p, plan.checkpoint, plan.progress, timer)
         started = time.monotonic()
-        model = apply_lora(load_model(p.cfg), p.cfg)
-        apply_liger(p.cfg, model)  # SFT_USE_LIGER: on with CUDA and liger-kernel (auto); never on the CPU
+        model = trainable_model(p.cfg, p.sources.model_path)
         params = _count_trainable_params(model)
         run = start_tracking(p)
         timer.track("model", started)
@@ -119,9 +118,9 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
             tracking.finish(run)
 
 
-def main(env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Build the config from the environment and run the job; user errors keep their type (and exit code)."""
-    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
+def main(cfg: JobConfig) -> dict[str, Any]:
+    """`qwen3-sft run` in this process: the job, then SFT_EXPORT's export; user errors keep their type (and exit
+    code)."""
     try:
         meta = run_job(cfg)
         # SFT_EXPORT=true: once the gate passed (a refusal raised above). The training model is out of scope by now,

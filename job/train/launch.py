@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from job.config.schema import CONFIG_ENV, JobConfig
 from job.errors import ExitCode, PeerFailed, TransientError
 
 log = logging.getLogger("job.launch")
@@ -192,16 +193,16 @@ def worker_grace_s(grace_s: float, shutdown_s: float) -> float:
     return max(budget - min(LAUNCHER_MARGIN_S, 0.1 * budget), 0.01)
 
 
-def launch(the_plan: LaunchPlan, argv: list[str], grace_s: float, run_id: str | None
-           ) -> tuple[int, tuple[str, str] | None]:
-    """Start the workers, wait for them, return the exit code by the contract and the first failure's (message,
-    traceback) to print (None when every rank succeeded)."""
+def launch(the_plan: LaunchPlan, argv: list[str], cfg: JobConfig) -> tuple[int, tuple[str, str] | None]:
+    """Start the workers with this process's config, wait for them, return the exit code by the contract and the
+    first failure's (message, traceback) to print (None when every rank succeeded)."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     _quiet_torch_elastic()
+    grace_s = cfg.train.preempt_grace_s
     known = {f.name for f in dataclasses.fields(LaunchConfig)}
     # torch >= 2.12 takes the shutdown timeout; older agents always wait OLD_TORCH_SHUTDOWN_S before SIGKILL.
     shutdown_s = max(1, math.floor(grace_s)) if "shutdown_timeout" in known else OLD_TORCH_SHUTDOWN_S
@@ -218,9 +219,12 @@ def launch(the_plan: LaunchPlan, argv: list[str], grace_s: float, run_id: str | 
                   rdzv_configs={"rank": the_plan.node_rank, "timeout": 900}))
     config = LaunchConfig(
         min_nodes=the_plan.nnodes, max_nodes=the_plan.nnodes, nproc_per_node=the_plan.nproc_per_node,
-        run_id=run_id or "qwen3-sft", max_restarts=0, monitor_interval=0.1,
+        run_id=cfg.train.run_id or "qwen3-sft", max_restarts=0, monitor_interval=0.1,
         logs_specs=DefaultLogsSpecs(log_dir=str(log_dir)), **rdzv, **extra)
-    os.environ.update({LAUNCHED_ENV: "1", "SFT_PREEMPT_GRACE_S": f"{worker_grace_s(grace_s, shutdown_s):g}"})
+    # The workers take this config as it is (job.config.process_cfg), with the preemption budget that fits inside
+    # the launcher's: one serialized form, not a second parse of SFT_* that could drift.
+    workers = cfg.replace(train={"preempt_grace_s": worker_grace_s(grace_s, shutdown_s)})
+    os.environ.update({LAUNCHED_ENV: "1", CONFIG_ENV: workers.model_dump_json()})
     if "OMP_NUM_THREADS" not in os.environ:  # as torchrun: N workers must not each spin one thread per core
         os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // the_plan.nproc_per_node))
     log.info("launching %d worker(s) on node %d of %d (%s); SIGTERM reaches every worker", the_plan.nproc_per_node,

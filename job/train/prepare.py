@@ -10,75 +10,28 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from job import inputs
 from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator, build_collators
 from job.config.schema import JobConfig
 from job.errors import DataError
 from job.eval.generate import gold_label
-from job.eval.score import LabelSet, resolve_mode
+from job.eval.score import LabelSet
+from job.inputs import Prepared, RunPaths, Timer
 from job.metric_table import SCORED_GATE_METRICS
 from job.preflight import early
 from job.preflight.run import apply_plan, run_preflight
 from job.storage import s3 as s3io
 from job.storage.checkpoints import RemoteCheckpoints
 from job.storage.hub import check_push_access, parse_min_metric
-from job.storage.sources import Sources, localize, source_kind
+from job.storage.sources import Sources, source_kind
 from job.train import distributed, resume
 from job.utils import tracking
 from job.utils.redact import redact
 
 log = logging.getLogger("job.train")
-
-
-@dataclass
-class RunPaths:
-    root: Path
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def adapter(self) -> Path:
-        return self.root / "adapter"
-
-    @property
-    def eval(self) -> Path:
-        return self.root / "eval"
-
-    def create(self) -> RunPaths:
-        for path in (self.root, self.checkpoints, self.eval):
-            path.mkdir(parents=True, exist_ok=True)
-        return self
-
-
-@dataclass
-class Timer:
-    durations: dict[str, float] = field(default_factory=dict)
-
-    def track(self, name: str, started: float) -> None:
-        self.durations[name] = round(time.monotonic() - started, 3)
-
-
-@dataclass
-class Prepared:
-    """Everything the run needs before the model loads."""
-
-    cfg: JobConfig  # data.uri and model.id name the local copies (sources.local)
-    sources: Sources
-    paths: RunPaths
-    run_id: str
-    remote: RemoteCheckpoints | None
-    processor: Any
-    train_ds: Any
-    eval_ds: Any
-    collator: Qwen3VisionSFTCollator
-    eval_collator: Qwen3VisionSFTCollator
-    preflight: dict
-    label_set: LabelSet | None = None  # the training split's labels and their scored answers (job/eval/score.py)
 
 
 def _seed_everything(seed: int) -> None:
@@ -180,7 +133,8 @@ def _checked_datasets(cfg: JobConfig, processor) -> tuple[Any, Any, dict]:
 
 
 def prepare_run(cfg: JobConfig, timer: Timer) -> Prepared:
-    """Everything up to a trainable model, in the order of the module docstring."""
+    """Everything up to a trainable model, in the order of the module docstring. The run keeps the config as
+    configured; where its sources are read from (their local copies) is `Sources`, beside it."""
 
     started = time.monotonic()
     distributed.init_process_group()
@@ -188,13 +142,12 @@ def prepare_run(cfg: JobConfig, timer: Timer) -> Prepared:
     distributed.every_rank_ok(early.check_inputs, cfg, "run")  # paths and each node's output dir, before downloads
     _hub_access(cfg)
     with distributed.local_main_first():  # one download per node into the shared cache
-        sources = localize(cfg)
-        cfg = sources.local(cfg)
-        early.check_lora_targets(cfg, sources.model_id)  # config.json on the meta device, no weights
-        processor = early.load_processor_checked(cfg, sources.model_id)
-    train_ds, eval_ds, preflight = _checked_datasets(cfg, processor)
+        sources, local = inputs.localized(cfg)
+        early.check_lora_targets(local, sources.model_id)  # config.json on the meta device, no weights
+        processor = inputs.processor(local, sources)
+    train_ds, eval_ds, preflight = _checked_datasets(local, processor)  # the loaders read the local copies
     run_id = distributed.main_process_result(_resolve_run_id, cfg, sources, preflight)  # rank 0's disk decides
-    log.info("data: %d train rows, %d eval rows from %s", len(train_ds), len(eval_ds), cfg.data.uri)
+    log.info("data: %d train rows, %d eval rows from %s", len(train_ds), len(eval_ds), sources.dataset_path)
     remote = _remote_checkpoints(cfg, run_id)
     distributed.main_process_result(_check_publish_access, cfg)
     paths = RunPaths(Path(cfg.train.output_dir)).create()
@@ -208,16 +161,13 @@ def prepare_run(cfg: JobConfig, timer: Timer) -> Prepared:
 
 
 def training_label_set(cfg: JobConfig, train_ds) -> LabelSet | None:
-    """The label set scoring mode scores, from the training targets (a column read: no image is decoded), checked
-    against SFT_EVAL_MODE and SFT_EVAL_STEPS here, before any weight loads (exit 2)."""
-    label_set = LabelSet.from_targets(list(train_ds[cfg.data.target_key]), cfg.data.label_field)
-    mode = resolve_mode(cfg.eval.mode, label_set)
+    """The label set (job.inputs.label_set), which SFT_EVAL_STEPS needs: without one it is exit 2 here, before any
+    weight loads."""
+    label_set = inputs.label_set(cfg, train_ds)
     if cfg.eval.steps is not None and label_set is None:
         raise DataError(
             "SFT_EVAL_STEPS scores the labels during training, and the training targets give no label set to score "
             f"('{cfg.data.label_field}' must be the first key of every target): unset SFT_EVAL_STEPS")
-    if label_set is not None:
-        log.info("eval mode %s; labels (%s): %s", mode, label_set.scored, ", ".join(label_set.labels))
     return label_set
 
 

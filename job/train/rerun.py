@@ -11,12 +11,13 @@ from typing import Any, NamedTuple
 
 from job import outputs
 from job.errors import CheckpointNotOnThisNode, NothingToResume
-from job.model import _count_trainable_params, apply_liger, apply_lora, keep_trainable_params_fp32, load_model
+from job.inputs import Prepared, RunPaths, Timer
+from job.model import _count_trainable_params, keep_trainable_params_fp32, trainable_model
 from job.storage.checkpoints import RemoteCheckpoints
 from job.storage.completed import COMPLETED, checkpoint_step, latest_completed_checkpoint
 from job.train import best, distributed, resume
 from job.train.finish import Trained, earlier_push, finish, owner, publish, stored_pre_metrics
-from job.train.prepare import Prepared, RunPaths, Timer, start_tracking
+from job.train.prepare import start_tracking
 from job.utils import tracking
 
 log = logging.getLogger("job.train")
@@ -201,8 +202,7 @@ def _evaluate_finished_checkpoint(p: Prepared, checkpoint: str, step: int, timer
     from safetensors.torch import load_file
 
     started = time.monotonic()
-    model = apply_lora(load_model(p.cfg), p.cfg)
-    apply_liger(p.cfg, model)
+    model = trainable_model(p.cfg, p.sources.model_path)
     keep_trainable_params_fp32(model)  # as the Trainer left it: fp32 LoRA weights
     set_peft_model_state_dict(model, load_file(str(Path(checkpoint) / "adapter_model.safetensors")))
     kept = None

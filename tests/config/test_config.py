@@ -12,12 +12,21 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO
+from helpers import REPO, count_configs
 from pydantic import ValidationError
 
+from job import cli
 from job.cards import ModelCards
-from job.config.schema import JobConfig, build_cfg
-from job.config.settings import ENV_PREFIX, KNOWN_ENV_VARS, Settings, cross_field_problems, env_name, load_settings
+from job.config.schema import (
+    CONFIG_ENV,
+    KNOWN_ENV_VARS,
+    JobConfig,
+    Settings,
+    build_cfg,
+    cross_field_problems,
+    load_settings,
+)
+from job.config.settings import ENV_PREFIX, env_name
 from job.errors import ConfigError, ExitCode
 from job.prompts import Queries
 from job.utils.redact import SECRET_ENV_VARS
@@ -652,3 +661,38 @@ def test_a_config_mistake_exits_2_before_torch_is_imported(command):
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["2", "False"], proc.stderr[-2000:]
     assert "SFT_MAX_STEPS" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------- one config per process
+
+
+@pytest.mark.usefixtures("root_handlers_restored")
+def test_the_cli_builds_the_config_once_and_passes_it_down(monkeypatch, capsys):
+    """The entry point parses SFT_* once and constructs the one JobConfig its command uses: no second parse for
+    the exit-code style, no rebuild inside the command."""
+    monkeypatch.setenv("SFT_MAX_STEPS", "7")
+    counts = count_configs(monkeypatch)
+    assert cli.main(["config"]) == 0
+    assert counts == {"parsed": 1, "refused": 0, "built": 1}
+    assert json.loads(capsys.readouterr().out)["train"]["max_steps"] == 7
+    # An invalid environment is parsed once too: exit 2, and nothing is built from it.
+    monkeypatch.setenv("SFT_EXIT_CODES", "kubeflow")
+    monkeypatch.setenv("SFT_LORA_RANK", "8")
+    counts = count_configs(monkeypatch)
+    assert cli.main(["config"]) == 2
+    assert counts == {"parsed": 1, "refused": 1, "built": 0}
+    assert "did you mean SFT_LORA_R?" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("root_handlers_restored")
+def test_a_launched_worker_takes_its_parents_config_as_it_is(monkeypatch, capsys):
+    """A worker of `run`'s launcher reads the parent's serialized config (CONFIG_ENV), never the SFT_* environment:
+    the environment here is even invalid, and the worker's config is exactly the parent's."""
+    parent = build_cfg(CARD, {"SFT_LORA_ALPHA": "64", "SFT_EVAL_HOLDOUT": "200", "SFT_LORA_TARGET_MODULES": "q_proj"})
+    monkeypatch.setenv(CONFIG_ENV, parent.model_dump_json())
+    monkeypatch.setenv("SFT_LORA_RANK", "8")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    counts = count_configs(monkeypatch)
+    assert cli.main(["config"]) == 0
+    assert counts == {"parsed": 0, "refused": 0, "built": 1}
+    assert capsys.readouterr().out == json.dumps(parent.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
+from helpers import REPO
 
 from job.cards import ModelCards
 from job.cli import _cmd_config
-from job.config.schema import build_cfg
+from job.config.docs import HEADER, settings_tables
+from job.config.schema import KNOWN_ENV_VARS, build_cfg
 from job.config.settings import ENV_PREFIX
 from job.storage.sources import Sources
 
@@ -209,7 +212,8 @@ def test_the_dump_is_the_old_dict(env, expected):
 def test_the_config_command_prints_the_old_dict(env, expected, monkeypatch, capsys):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert _cmd_config(None) == 0  # the command's body: main() would also set up logging for the process
+    # the command's body with the config main() builds: main() would also set up logging for the process
+    assert _cmd_config(None, build_cfg(CARD)) == 0
     assert capsys.readouterr().out == json.dumps(expected, indent=2, sort_keys=True) + "\n"
 
 
@@ -225,3 +229,49 @@ def test_the_stored_config_keeps_the_mirror_and_the_source():
     record = sources.config_record(sources.local(cfg))
     assert json.dumps(record) == json.dumps(expected)
     assert sources.configured(sources.local(cfg)) == cfg
+
+
+# ------------------------------------------------------------------------------- docs/configuration.md
+
+
+def _doc_tables(text: str) -> dict[str, list[list[str]]]:
+    """Each `## Title` of the page followed by a settings table -> its rows, as cells (a `\\|` stays in its cell)."""
+    tables: dict[str, list[list[str]]] = {}
+    for block in text.split("\n## ")[1:]:
+        title, _, body = block.partition("\n")
+        lines = body.strip().splitlines()
+        if tuple(lines[:2]) != HEADER:
+            continue
+        rows = []
+        for line in lines[2:]:
+            if not line.startswith("| "):
+                break
+            rows.append([cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1])])
+        tables[title] = rows
+    return tables
+
+
+def test_the_docs_settings_tables_are_the_schemas():
+    """docs/configuration.md lists every setting once, in its section's table, with the variable, type and range,
+    and default the schema declares; what it means is written there (never empty)."""
+    tables = _doc_tables((REPO / "docs" / "configuration.md").read_text())
+    assert {title: [tuple(row[:3]) for row in rows] for title, rows in tables.items()} == settings_tables(CARD)
+    listed = [row[0].strip("`") for rows in tables.values() for row in rows]
+    assert sorted(listed) == list(KNOWN_ENV_VARS) and len(listed) == 81
+    assert all(len(row) == 4 and row[3] for rows in tables.values() for row in rows)
+
+
+def test_the_table_cells_say_what_a_reader_expects():
+    """The rendering itself, against literals: a range, a choice, a card default, a derived value, a pattern."""
+    rows = {row[0]: row[1:] for rows in settings_tables(CARD).values() for row in rows}
+    assert rows["`SFT_PER_DEVICE_BATCH_SIZE`"] == ("int, [1, 512]", "`2`")
+    assert rows["`SFT_WARMUP_RATIO`"] == ("float, [0, 1)", "`0.03`")
+    assert rows["`SFT_MAX_GRAD_NORM`"] == ("float > 0", "`1.0`")
+    assert rows["`SFT_BAD_ROWS`"] == ("`fail` \\| `skip`", "`fail`")
+    assert rows["`SFT_LORA_R`"] == ("int, [1, 1024]", "card: `16`")
+    assert rows["`SFT_LORA_TARGET_MODULES`"] == (
+        "comma-separated names", "card: `q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj`")
+    assert rows["`SFT_SYSTEM_PROMPT`"] == ("str", "derived")
+    assert rows["`SFT_TASK_NAME`"] == ("str, 1..64 chars", "`sarcasm`")
+    assert rows["`SFT_EVAL_HOLDOUT`"] == ("float or int", "`0.1`")
+    assert rows["`SFT_CHECKPOINT_URI`"] == ("str, `^s3://[^/]+(/.*)?$`", "none")

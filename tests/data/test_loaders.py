@@ -17,6 +17,7 @@ from job.data.holdout import holdout_sides
 from job.data.loaders import _rows_to_dataset, holds_out, load_local_split
 from job.errors import DataError, exit_code_for
 from job.eval import command as eval_command
+from job.inputs import preflight_command
 from job.outputs import lineage, training_meta
 from job.preflight import run as preflight
 from job.storage import s3 as s3io
@@ -342,7 +343,7 @@ def test_a_train_only_s3_prefix_is_held_out_as_the_same_local_directory_is(s3_en
 def test_preflight_mirrors_an_s3_dataset_into_the_run_cache(s3_dataset, tiny_assets, tmp_path):
     """The issue's fourth bullet: `preflight` (the retrain workflow's first step) reads the bucket itself."""
     env = _cli_env(tiny_assets, tmp_path, SFT_DATASET_URI=s3_dataset)
-    result = preflight.main(env)
+    result = preflight_command(build_cfg(CARD, env))
     assert result.report["ok"] and len(result.train_dataset) == 6 and len(result.eval_dataset) == 2
     mirror = tmp_path / "cache" / "datasets" / s3_dataset.removeprefix("s3://")
     assert (mirror / "train.jsonl").is_file() and result.train_dataset[0]["image"].startswith(str(mirror.resolve()))
@@ -356,7 +357,7 @@ def test_preflight_mirrors_an_s3_dataset_into_the_run_cache(s3_dataset, tiny_ass
 def test_eval_mirrors_an_s3_dataset_into_the_run_cache(s3_dataset, tiny_assets, tmp_path):
     env = _cli_env(tiny_assets, tmp_path, SFT_DATASET_URI=s3_dataset, SFT_EVAL_ADAPTER="none",
                    SFT_EVAL_MAX_NEW_TOKENS="2", SFT_WANDB_ENABLED="false")
-    assert eval_command.main(env)["n"] == 2
+    assert eval_command.main(build_cfg(CARD, env))["n"] == 2
     assert (tmp_path / "cache" / "datasets" / s3_dataset.removeprefix("s3://") / "validation.jsonl").is_file()
 
 

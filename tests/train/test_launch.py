@@ -155,16 +155,8 @@ def test_worker_grace_fits_the_launcher_and_the_agent():
 
 
 # -- the CLI in a worker ---------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _root_handlers_restored():
-    """cli.main installs the job's root log handler on the sys.stderr it finds (capsys's, closed after the test):
-    later in-process tests must not log into it."""
-    import logging
-
-    root = logging.getLogger()
-    saved = list(root.handlers)
-    yield
-    root.handlers[:] = saved
+# cli.main installs a root log handler on capsys's stderr: restored after each test (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("root_handlers_restored")
 
 
 def test_a_launched_worker_records_its_error_instead_of_printing_it(tmp_path, monkeypatch, capsys):
@@ -189,7 +181,7 @@ def test_the_kubeflow_style_applies_to_the_process_kubernetes_watches_only(monke
     for name in [n for n in list(__import__("os").environ) if n.startswith("SFT_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("SFT_EXIT_CODES", "kubeflow")
-    monkeypatch.setattr(cli, "_cmd_config", lambda _args: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(cli, "_cmd_config", lambda _args, _cfg: (_ for _ in ()).throw(RuntimeError("boom")))
     parser = cli.build_parser()
     monkeypatch.setattr(cli, "build_parser", lambda: parser)
     parser._subparsers._group_actions[0].choices["config"].set_defaults(fn=cli._cmd_config)  # type: ignore
