@@ -110,7 +110,7 @@ def test_the_stand_in_lacks_what_the_kit_brings(stand_in):
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen == {"found": [], "transformers": "5.17.0"}
-    result = _run([str(stand_in), "-c", "import job.config"], env=_clean_env())
+    result = _run([str(stand_in), "-c", "import job.config.schema"], env=_clean_env())
     assert result.returncode != 0 and "No module named 'pydantic" in result.stderr
 
 
