@@ -58,7 +58,7 @@ def load_processor_capped(model_dir: Path, max_pixels: int):
         "SFT_MODEL_ID": str(model_dir), "SFT_IMAGE_MAX_PIXELS": str(max_pixels),
         "SFT_MAX_LENGTH": str(max_pixels // 1024 + 512),
     })
-    return load_processor(cfg)
+    return load_processor(cfg.model, cfg.image, cfg.model.id)
 
 
 def seed_two_pass(collator, rows: list[dict]) -> dict:

@@ -126,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         "SFT_IMAGE_MAX_PIXELS": str(max(16384, args.min_pixels)), "SFT_EVAL_MAX_NEW_TOKENS": str(new_tokens),
         "SFT_LOAD_IN_4BIT": "false" if args.no_4bit else "true",
     })
-    processor = load_processor(cfg)
-    model = load_model(cfg).eval()
-    _, eval_collator = build_collators(cfg, processor)
+    processor = load_processor(cfg.model, cfg.image, cfg.model.id)
+    model = load_model(cfg.model, cfg.model.id).eval()
+    _, eval_collator = build_collators(cfg.data, cfg.train.max_length, processor)
     dataset = load_local_split(str(data_dir), "validation")
     dataset = dataset.select(range(min(rows, len(dataset))))
     print(f"{len(dataset)} rows, max_new_tokens {new_tokens}, 4-bit {cfg.model.load_in_4bit}, "

@@ -74,15 +74,15 @@ def main() -> int:
     cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, {
         "SFT_MODEL_ID": str(model_dir), "SFT_DATASET_URI": str(data), "SFT_OUTPUT_DIR": str(out),
         "SFT_IMAGE_MIN_PIXELS": "65536", "SFT_IMAGE_MAX_PIXELS": "1048576", "SFT_MAX_LENGTH": "2048"})
-    processor = load_processor(cfg)
+    processor = load_processor(cfg.model, cfg.image, cfg.model.id)
     images = sorted((data / "images").glob("*.jpg"))
 
     def shipped() -> dict:
-        return run_preflight(cfg, processor).report["data_fingerprint"]
+        return run_preflight(cfg, cfg.data.uri, processor).report["data_fingerprint"]
 
     def without_digest() -> None:
         with mock.patch.object(checks.hashlib, "file_digest", _no_file_digest):
-            run_preflight(cfg, processor)
+            run_preflight(cfg, cfg.data.uri, processor)
 
     def separate_pass() -> None:
         for path in images:

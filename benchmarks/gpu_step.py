@@ -377,8 +377,8 @@ def _run(args, work: Path, cuda: bool) -> int:
         env.update(SFT_IMAGE_MIN_PIXELS="4096", SFT_IMAGE_MAX_PIXELS="16384", SFT_DATALOADER_NUM_WORKERS="0",
                    SFT_GRADIENT_CHECKPOINTING="false")
     cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
-    processor = load_processor(cfg)
-    collator, _ = build_collators(cfg, processor)
+    processor = load_processor(cfg.model, cfg.image, cfg.model.id)
+    collator, _ = build_collators(cfg.data, cfg.train.max_length, processor)
     print("data:")
     datasets_ = {}
     for n, kind in enumerate(("fixed", "mixed")):
@@ -386,7 +386,7 @@ def _run(args, work: Path, cuda: bool) -> int:
         datasets_[kind] = to_dataset(rows, collator, cfg.data.label_field)
 
     started = time.monotonic()
-    model = apply_lora(load_model(cfg), cfg)
+    model = apply_lora(load_model(cfg.model, cfg.model.id), cfg.model, cfg.lora)
     base = model.get_base_model()
     n_lm = lm_matmul_params(base.config.text_config)
     n_vis = sum(p.numel() for p in base.model.visual.parameters())
@@ -419,19 +419,19 @@ def _run(args, work: Path, cuda: bool) -> int:
             print(f"ours: cannot switch to {attn} ({type(exc).__name__}: {exc}); staying on sdpa")
             attn = "sdpa"
     state["attn"] = attn
-    liger_cfg = cfg.replace(model={"use_liger": "auto"})
+    liger_model = cfg.replace(model={"use_liger": "auto"}).model
     probe = _probe_dataset(args, cfg, collator, work) if args.memory_probe else None
     probe_warmup = min(1, args.warmup)
     probe_steps = probe_warmup + 1 if args.dry_run else max(probe_warmup + 1, args.probe_steps)
     probe_train = {"per_device_batch_size": 1, "max_steps": probe_steps}
-    if args.liger_ab and not args.no_liger and liger_wanted(liger_cfg):
+    if args.liger_ab and not args.no_liger and liger_wanted(liger_model):
         for data, ds in datasets_.items():
             measure("ours-noliger", data, collator, ds)
         if probe is not None:
             measure("probe-noliger", probe[0], collator, probe[1], train_overrides=probe_train, warmup=probe_warmup)
     elif args.liger_ab:
         print("--liger-ab: Liger does not apply here (no CUDA or no liger-kernel): one 'ours' stack only")
-    liger = False if args.no_liger else apply_liger(liger_cfg, model)
+    liger = False if args.no_liger else apply_liger(liger_model, model)
     state["liger"] = liger
     for data, ds in datasets_.items():
         measure("ours", data, collator, ds)

@@ -1,11 +1,12 @@
 """The checked inputs of `run`, `preflight`, `eval` and `export`: one set-up from a config to what a model is given.
 
 The steps, each failing fast (exit 2) before a costlier one: the local paths and the output directory
-(job.preflight.early.check_inputs) -> the s3:// and Hub sources mirrored (`Sources`, a value beside the config) ->
-the processor -> every row of the splits the command reads, preflighted (job/preflight/run.py) -> the training and
-eval collators -> the training split's label set (what scoring mode scores, job/eval/score.py). `preflight`, `eval`
-and `export` take them in one call (`prepare_inputs`); `run` takes the same steps across its ranks
-(job/train/prepare.py: each node mirrors once, rank 0 preflights and the others apply its plan).
+(job.preflight.early.check_inputs) -> the s3:// and Hub sources mirrored (`Sources`, a value beside the config: each
+later step takes its config section and, beside it, the local path from `Sources`) -> the processor -> every row of
+the splits the command reads, preflighted (job/preflight/run.py) -> the training and eval collators -> the training
+split's label set (what scoring mode scores, job/eval/score.py). `preflight`, `eval` and `export` take them in one
+call (`prepare_inputs`); `run` takes the same steps across its ranks (job/train/prepare.py: each node mirrors once,
+rank 0 preflights and the others apply its plan).
 
 The types a run's steps share live here too: `RunPaths` (where a run writes), `Timer` and `Prepared` (everything
 the run has before its model loads).
@@ -21,6 +22,7 @@ from typing import Any
 
 from job.collators.qwen3_collator import Qwen3VisionSFTCollator, build_collators
 from job.config.schema import JobConfig
+from job.config.sections import DataConfig
 from job.data.loaders import load_train_dataset
 from job.errors import DataError
 from job.eval.score import LabelSet, resolve_mode
@@ -45,38 +47,25 @@ class Inputs:
     label_set: LabelSet | None
 
 
-def localized(cfg: JobConfig) -> tuple[Sources, JobConfig]:
-    """The s3:// sources and Hub datasets mirrored into the run's cache, and the config the loaders and the
-    processor read them by (data.uri and model.id naming the local copies): handed to those calls alone, never kept
-    as the command's config."""
-    sources = localize(cfg)
-    return sources, sources.local(cfg)
-
-
-def processor(local: JobConfig, sources: Sources):
-    """The processor of the (local copy of the) model; a failure names the SFT_MODEL_ID the user set."""
-    return load_processor_checked(local, sources.model_id)
-
-
-def label_set(cfg: JobConfig, train_ds) -> LabelSet | None:
+def label_set(data: DataConfig, eval_mode: str, train_ds) -> LabelSet | None:
     """The label set scoring mode scores, from the training targets (a column read: no image is decoded), with
-    SFT_EVAL_MODE resolved against it (exit 2 for `score` without one) before any weight loads."""
-    found = LabelSet.from_targets(list(train_ds[cfg.data.target_key]), cfg.data.label_field)
-    mode = resolve_mode(cfg.eval.mode, found)
+    SFT_EVAL_MODE (`eval_mode`) resolved against it (exit 2 for `score` without one) before any weight loads."""
+    found = LabelSet.from_targets(list(train_ds[data.target_key]), data.label_field)
+    mode = resolve_mode(eval_mode, found)
     if found is not None:
         log.info("eval mode %s; labels (%s): %s", mode, found.scored, ", ".join(found.labels))
     return found
 
 
-def _stored_label_set(local: JobConfig) -> LabelSet | None:
+def _stored_label_set(cfg: JobConfig, sources: Sources) -> LabelSet | None:
     """`eval`: the training split's label set, when the source has one (SFT_EVAL_MODE=auto then generates only)."""
     try:
-        train_ds = load_train_dataset(local)
+        train_ds = load_train_dataset(cfg.data, sources.dataset_path, cfg.train.seed)
     except DataError as exc:
         log.info("eval: no training split to take the label set from (%s)", str(exc).splitlines()[0])
-        resolve_mode(local.eval.mode, None)
+        resolve_mode(cfg.eval.mode, None)
         return None
-    return label_set(local, train_ds)
+    return label_set(cfg.data, cfg.eval.mode, train_ds)
 
 
 def prepare_inputs(cfg: JobConfig, command: Command, roles: tuple[str, ...] = ("train", "eval"),
@@ -90,14 +79,15 @@ def open_inputs(cfg: JobConfig, command: Command, roles: tuple[str, ...] = ("tra
                 report_name: str | None = None) -> Inputs:
     """Sources, processor, preflight of `roles`, collators and (`run`, `eval`) the label set, for a config that
     passed check_inputs (`export` checks first, and skips an up-to-date export before anything loads)."""
-    sources, local = localized(cfg)
-    loaded = processor(local, sources)
-    checked = run_preflight(local, loaded, roles=roles, **({"report_name": report_name} if report_name else {}))
+    sources = localize(cfg)
+    loaded = load_processor_checked(cfg.model, cfg.image, sources.model_path)
+    checked = run_preflight(cfg, sources.dataset_path, loaded, roles=roles,
+                            **({"report_name": report_name} if report_name else {}))
     if "train" in roles:
-        labels = label_set(local, checked.train_dataset) if command != "preflight" else None
+        labels = label_set(cfg.data, cfg.eval.mode, checked.train_dataset) if command != "preflight" else None
     else:
-        labels = _stored_label_set(local) if command == "eval" else None
-    collator, eval_collator = build_collators(local, loaded)
+        labels = _stored_label_set(cfg, sources) if command == "eval" else None
+    collator, eval_collator = build_collators(cfg.data, cfg.train.max_length, loaded)
     return Inputs(sources, loaded, checked, collator, eval_collator, labels)
 
 

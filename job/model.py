@@ -1,4 +1,9 @@
-"""Processor, 4-bit model and LoRA: everything between a model id and a trainable PEFT model."""
+"""Processor, 4-bit model and LoRA: everything between a model id and a trainable PEFT model.
+
+Each function takes the config sections it reads (`cfg.model`, `cfg.image`, `cfg.lora`) and, where it reads the
+model's files, the path to read them from beside them: `Sources.model_path` (job/storage/sources.py), the local copy
+of an s3:// model or else SFT_MODEL_ID itself.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from typing import Any
 
 import torch
 
-from job.config.schema import JobConfig
+from job.config.sections import ImageConfig, LoraConfig, ModelConfig
 from job.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -24,16 +29,17 @@ def compute_dtype() -> torch.dtype:
     return torch.bfloat16 if has_cuda() and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def load_processor(cfg: JobConfig):
+def load_processor(model: ModelConfig, image: ImageConfig, path: str):
+    """The processor of model, read from path (`Sources.model_path`: the local copy of an s3:// model, else
+    SFT_MODEL_ID itself), with SFT_IMAGE_MIN_PIXELS/SFT_IMAGE_MAX_PIXELS (image) as its resize bounds."""
     from transformers import AutoProcessor
 
-    model = cfg.model
-    log.info("loading processor %s", model.id)
+    log.info("loading processor %s", path)
     processor = AutoProcessor.from_pretrained(
-        model.id, revision=model.revision, trust_remote_code=model.trust_remote_code,
+        path, revision=model.revision, trust_remote_code=model.trust_remote_code,
         # The pixel bounds as transformers >= 5.23 takes them (min_pixels=/max_pixels= are deprecated there and warn on
         # every processor call); the same resize: identical image_grid_thw and pixel_values for the same images.
-        size={"shortest_edge": cfg.image.min_pixels, "longest_edge": cfg.image.max_pixels},
+        size={"shortest_edge": image.min_pixels, "longest_edge": image.max_pixels},
     )
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "right"  # training; the eval collator asks for left padding per call
@@ -42,8 +48,8 @@ def load_processor(cfg: JobConfig):
     return processor
 
 
-def quantization_config(cfg: JobConfig):
-    if not cfg.model.load_in_4bit:
+def quantization_config(model: ModelConfig):
+    if not model.load_in_4bit:
         return None
     from transformers import BitsAndBytesConfig
 
@@ -52,7 +58,7 @@ def quantization_config(cfg: JobConfig):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype(),
-        llm_int8_skip_modules=list(cfg.model.quant_skip_modules),
+        llm_int8_skip_modules=list(model.quant_skip_modules),
     )
 
 
@@ -89,17 +95,16 @@ def from_pretrained_with_attn(cls, source: str, requested_attn: str, **kwargs):
         return cls.from_pretrained(source, attn_implementation="sdpa", **kwargs), "sdpa"
 
 
-def load_model(cfg: JobConfig, source: str | None = None):
-    """The base model of cfg.model, read from source when it is given (the local copy of an s3:// model,
-    `Sources.model_path`), else from cfg.model.id."""
+def load_model(model_cfg: ModelConfig, path: str):
+    """The base model of model_cfg (`cfg.model`), read from path (`Sources.model_path`: the local copy of an s3://
+    model, else SFT_MODEL_ID itself)."""
     from transformers import Qwen3VLForConditionalGeneration
 
-    model_cfg = cfg.model
     log.info("loading model weights %s", model_cfg.id)
     model, attn = from_pretrained_with_attn(
-        Qwen3VLForConditionalGeneration, source or model_cfg.id, model_cfg.attn_implementation,
+        Qwen3VLForConditionalGeneration, path, model_cfg.attn_implementation,
         revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, dtype=compute_dtype(),
-        quantization_config=quantization_config(cfg), device_map=device_map(),
+        quantization_config=quantization_config(model_cfg), device_map=device_map(),
     )
     model.config.use_cache = False  # the KV cache is useless (and warns) under gradient checkpointing
     keep_4bit_layout_unpacked(model)
@@ -154,14 +159,14 @@ def _liger_import_error() -> str | None:
     return None
 
 
-def liger_wanted(cfg: JobConfig) -> bool:
+def liger_wanted(model_cfg: ModelConfig) -> bool:
     """Whether Liger's Triton kernels are applied (SFT_USE_LIGER = auto | true | false).
 
     auto: on only with CUDA and an importable liger-kernel. true: on CPU it is skipped with a warning (Triton kernels
     need a GPU, and the CPU demo and tests must keep running); with CUDA but no usable liger-kernel it is a
     ConfigError, because someone asked for a speed-up the image cannot give. false: off.
     """
-    setting = cfg.model.use_liger
+    setting = model_cfg.use_liger
     if setting == "false":
         return False
     if not has_cuda():
@@ -178,13 +183,13 @@ def liger_wanted(cfg: JobConfig) -> bool:
     return False
 
 
-def apply_liger(cfg: JobConfig, model) -> bool:
-    """Apply Liger's kernels for Qwen3-VL when `liger_wanted(cfg)`; returns whether they were applied.
+def apply_liger(model_cfg: ModelConfig, model) -> bool:
+    """Apply Liger's kernels for Qwen3-VL when `liger_wanted(model_cfg)`; returns whether they were applied.
 
     Call it on the loaded model, before or after LoRA (a PEFT model is unwrapped): the RMSNorm modules of that
     instance are patched in place and RoPE is patched in the Qwen3-VL modeling module.
     """
-    if not liger_wanted(cfg):
+    if not liger_wanted(model_cfg):
         return False
     from liger_kernel.transformers import apply_liger_kernel_to_qwen3_vl
 
@@ -196,39 +201,41 @@ def apply_liger(cfg: JobConfig, model) -> bool:
     return True
 
 
-def lora_target_regex(cfg: JobConfig) -> str:
+def lora_target_regex(lora: LoraConfig) -> str:
     """Full-match regex for PEFT: the named projections inside the language model only (never the ViT)."""
-    names = "|".join(sorted(set(cfg.lora.target_modules)))
-    return rf".*{cfg.lora.scope_regex}(?:{names})"
+    names = "|".join(sorted(set(lora.target_modules)))
+    return rf".*{lora.scope_regex}(?:{names})"
 
 
-def apply_lora(model, cfg: JobConfig):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def apply_lora(model, model_cfg: ModelConfig, lora: LoraConfig):
+    """LoRA (the lora section, `cfg.lora`) on the model's language-model projections, after PEFT's k-bit
+    preparation for a 4-bit model (model_cfg: SFT_LOAD_IN_4BIT, SFT_GRADIENT_CHECKPOINTING)."""
+    import peft  # its LoraConfig is PEFT's, the section's type is job.config.sections.LoraConfig
 
-    gc = cfg.model.gradient_checkpointing
-    if cfg.model.load_in_4bit:
-        model = prepare_model_for_kbit_training(
+    gc = model_cfg.gradient_checkpointing
+    if model_cfg.load_in_4bit:
+        model = peft.prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
-    lora = LoraConfig(
-        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-        target_modules=lora_target_regex(cfg), bias="none", task_type="CAUSAL_LM",
+    peft_config = peft.LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=lora_target_regex(lora), bias="none", task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
+    model = peft.get_peft_model(model, peft_config)
     matched = sum(1 for name, _ in model.named_modules() if name.endswith("lora_A"))
     if matched == 0:
         raise ConfigError(
-            [f"SFT_LORA_TARGET_MODULES={','.join(cfg.lora.target_modules)!r}: matches no language-model layer"]
+            [f"SFT_LORA_TARGET_MODULES={','.join(lora.target_modules)!r}: matches no language-model layer"]
         )
     return model
 
 
-def trainable_model(cfg: JobConfig, source: str | None = None):
-    """The model `run` trains (and a finished run's checkpoint is evaluated on): the base (read from source, as
+def trainable_model(model_cfg: ModelConfig, lora: LoraConfig, path: str):
+    """The model `run` trains (and a finished run's checkpoint is evaluated on): the base (read from path, as
     load_model) with LoRA, and Liger's kernels where SFT_USE_LIGER turns them on (CUDA and liger-kernel; never on
     the CPU)."""
-    model = apply_lora(load_model(cfg, source), cfg)
-    apply_liger(cfg, model)
+    model = apply_lora(load_model(model_cfg, path), model_cfg, lora)
+    apply_liger(model_cfg, model)
     return model
 
 

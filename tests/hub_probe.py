@@ -30,8 +30,8 @@ def probe(env: dict[str, str]) -> dict:
     try:
         cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
         sources = localize(cfg)
-        local = sources.local(cfg)
-        train, evals = load_train_dataset(local), _load_eval_dataset(local)
+        data, path, seed = cfg.data, sources.dataset_path, cfg.train.seed
+        train, evals = load_train_dataset(data, path, seed), _load_eval_dataset(data, path, seed)
     except Exception as exc:  # noqa: BLE001 - the scenario's outcome is its exit code and message
         return {"code": exit_code_for(exc), "message": str(exc)}
     images = [v for v in train["image"] if isinstance(v, str)]

@@ -53,7 +53,7 @@ def batches(tiny_assets, processor):
 def _trainable_model(cfg):
     """The run's model: 4-bit base + LoRA, fp32 adapters; LoRA B made non-zero so A's gradients are not all zero."""
     torch.manual_seed(0)
-    model = apply_lora(load_model(cfg), cfg)
+    model = apply_lora(load_model(cfg.model, cfg.model.id), cfg.model, cfg.lora)
     keep_trainable_params_fp32(model)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -132,7 +132,8 @@ def test_gradients_equal_the_dequantized_reference_before_and_after_generate_sav
     assert _layouts(model) == layout
     _assert_matches(_step(model, batch), reference, "(c) after a checkpoint save")
 
-    loaded = PeftModel.from_pretrained(load_model(cfg), str(tmp_path / "checkpoint"), is_trainable=True)
+    base = load_model(cfg.model, cfg.model.id)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "checkpoint"), is_trainable=True)
     keep_trainable_params_fp32(loaded)
     assert _layouts(loaded) == layout
     _assert_matches(_step(loaded, batch), reference, "(d) after loading the checkpoint")

@@ -14,13 +14,14 @@ import pytest
 
 from job import model as model_mod
 from job.cards import ModelCards
-from job.config.schema import JobConfig, build_cfg
+from job.config.schema import build_cfg
+from job.config.sections import ModelConfig
 from job.errors import ConfigError
 from job.model import apply_liger, liger_wanted
 
 
-def _cfg(setting: str) -> JobConfig:
-    return build_cfg(ModelCards().qwen3_vl_8b_instruct, {"SFT_USE_LIGER": setting})
+def _model(setting: str) -> ModelConfig:
+    return build_cfg(ModelCards().qwen3_vl_8b_instruct, {"SFT_USE_LIGER": setting}).model
 
 
 @pytest.fixture
@@ -48,15 +49,15 @@ def fake_liger(monkeypatch):
 
 def test_auto_and_false_are_off_on_cpu(monkeypatch):
     monkeypatch.setattr(model_mod, "has_cuda", lambda: False)
-    assert liger_wanted(_cfg("auto")) is False
-    assert liger_wanted(_cfg("false")) is False
-    assert apply_liger(_cfg("auto"), model=object()) is False
+    assert liger_wanted(_model("auto")) is False
+    assert liger_wanted(_model("false")) is False
+    assert apply_liger(_model("auto"), model=object()) is False
 
 
 def test_true_on_cpu_warns_and_skips(monkeypatch, caplog):
     monkeypatch.setattr(model_mod, "has_cuda", lambda: False)
     with caplog.at_level(logging.WARNING, logger="job.model"):
-        assert liger_wanted(_cfg("true")) is False
+        assert liger_wanted(_model("true")) is False
     assert "SFT_USE_LIGER=true" in caplog.text and "GPU" in caplog.text
 
 
@@ -68,15 +69,15 @@ def test_true_with_cuda_but_no_liger_is_a_config_error(monkeypatch):
     with pytest.raises(
         ConfigError, match=r"SFT_USE_LIGER=true but liger-kernel is not installed: pip install liger-kernel"
     ):
-        liger_wanted(_cfg("true"))
-    assert liger_wanted(_cfg("auto")) is False  # auto just stays off
+        liger_wanted(_model("true"))
+    assert liger_wanted(_model("auto")) is False  # auto just stays off
 
 
 def test_applied_on_gpu_without_fused_cross_entropy_and_unwrapping_peft(monkeypatch, fake_liger):
     monkeypatch.setattr(model_mod, "has_cuda", lambda: True)
     base = object()
     peft_like = types.SimpleNamespace(get_base_model=lambda: base)
-    assert apply_liger(_cfg("auto"), peft_like) is True
+    assert apply_liger(_model("auto"), peft_like) is True
     assert fake_liger == [{"rope": True, "cross_entropy": False, "flce": False, "rms_norm": True, "swiglu": True,
                            "model": base}]
-    assert apply_liger(_cfg("false"), peft_like) is False and len(fake_liger) == 1
+    assert apply_liger(_model("false"), peft_like) is False and len(fake_liger) == 1

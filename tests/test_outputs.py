@@ -22,7 +22,8 @@ def cfg(tiny_assets):
 
 
 def test_every_adapter_file_is_world_readable(cfg, processor, tmp_path):
-    files = save_adapter(apply_lora(load_model(cfg), cfg), processor, tmp_path / "adapter")
+    model = apply_lora(load_model(cfg.model, cfg.model.id), cfg.model, cfg.lora)
+    files = save_adapter(model, processor, tmp_path / "adapter")
     assert set(ADAPTER_FILES) <= set(files)
     modes = {name: stat.S_IMODE((tmp_path / "adapter" / name).stat().st_mode) for name in files}
     assert modes == {name: 0o644 for name in files}

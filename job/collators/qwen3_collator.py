@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from job.config.schema import JobConfig
+from job.config.sections import DataConfig
 from job.data.rows import RowProblem, load_image, query_problem, row_name, target_text
 from job.errors import DataError
 from job.prompts import Queries
@@ -228,11 +228,12 @@ def _init_fields(collator: Qwen3VisionSFTCollator) -> dict:
     }
 
 
-def build_collators(cfg: JobConfig, processor) -> tuple[Qwen3VisionSFTCollator, Qwen3VisionSFTCollator]:
-    """The training collator (labels on the answer only) and the eval collator (prompt only), from the config."""
-    data = cfg.data
+def build_collators(data: DataConfig, max_length: int, processor
+                    ) -> tuple[Qwen3VisionSFTCollator, Qwen3VisionSFTCollator]:
+    """The training collator (labels on the answer only) and the eval collator (prompt only), from the data section
+    (`cfg.data`: the column keys, the system prompt) and SFT_MAX_LENGTH (`cfg.train.max_length`)."""
     common = dict(
-        processor=processor, max_length=cfg.train.max_length, image_key=data.image_key,
+        processor=processor, max_length=max_length, image_key=data.image_key,
         query_key=data.query_key, caption_key=data.caption_key, target_key=data.target_key,
         system_prompt=data.system_prompt,
     )

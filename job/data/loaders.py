@@ -3,6 +3,9 @@
 Every row gets a `row_id` such as `train.jsonl:17` (file and 1-based line) or `train[17]` (row index), so an error
 anywhere downstream can name the exact row. Images stay as paths (or the `datasets.Image` value) until the collator
 decodes them: holding every decoded image in memory would not scale.
+
+The loaders take the data section (`cfg.data`) and, beside it, the path they read: `Sources.dataset_path`, the local
+copy of an s3:// prefix or Hub dataset (job/storage/sources.py), which is the configured path for a local dataset.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from job.config.schema import JobConfig
+from job.config.sections import DataConfig
 from job.data.holdout import ROW_ID, holdout_sides
 from job.data.layouts import JSONL_SUFFIXES, SplitFiles, expected_layouts, find_split, single_split_source, whole_source
 from job.errors import DataError, TransientError
@@ -255,41 +258,43 @@ def load_hub_split(dataset_id: str, split: str, config: str | None, revision: st
     return _with_row_ids(ds, split)
 
 
-def load_split(cfg: JobConfig, split: str):
-    data = cfg.data
-    if not data.uri:
+def load_split(data: DataConfig, path: str | None, split: str):
+    """One split of the dataset at path (`Sources.dataset_path`: a local path, or the local copy of an s3:// prefix
+    or Hub dataset; a Hub id that was not mirrored is read with `datasets`), with data's keys and Hub settings."""
+    if not path:
         raise DataError("SFT_DATASET_URI is not set: point it at a local path, s3://bucket/prefix or a Hub dataset id")
-    if (hub_id := hub_dataset_id(data.uri)) is not None:
+    if (hub_id := hub_dataset_id(path)) is not None:
         return load_hub_split(hub_id, split, data.config, data.revision)
-    return load_local_split(data.uri, split, data.image_key)
+    return load_local_split(path, split, data.image_key)
 
 
-def holds_out(cfg: JobConfig) -> bool:
+def holds_out(data: DataConfig, path: str | None) -> bool:
     """Whether eval rows are held out of the source's one split (SFT_EVAL_HOLDOUT) rather than read from its own."""
-    data = cfg.data
-    if not data.uri or hub_dataset_id(data.uri) is not None:
+    if not path or hub_dataset_id(path) is not None:
         return False
-    return single_split_source(data.uri, data.train_split, data.eval_split)
+    return single_split_source(path, data.train_split, data.eval_split)
 
 
-def _load_role(cfg: JobConfig, role: str):
+def _load_role(data: DataConfig, path: str | None, seed: int, role: str):
     """The train or eval rows: the split SFT_TRAIN_SPLIT / SFT_EVAL_SPLIT names, or a side of the hold-out."""
-    data = cfg.data
-    if not holds_out(cfg):
-        return load_split(cfg, data.train_split if role == "train" else data.eval_split)
-    whole = load_split(cfg, data.train_split)
-    sides = holdout_sides(whole, cfg.train.seed, data.eval_holdout, data.image_key, str(data.uri))
+    if not holds_out(data, path):
+        return load_split(data, path, data.train_split if role == "train" else data.eval_split)
+    whole = load_split(data, path, data.train_split)
+    sides = holdout_sides(whole, seed, data.eval_holdout, data.image_key, str(path))
     return whole.select(sides[role])
 
 
-def load_train_dataset(cfg: JobConfig):
-    ds = _load_role(cfg, "train")
-    return _select_subset(ds, cfg.data.train_subset, cfg.train.seed)
+def load_train_dataset(data: DataConfig, path: str | None, seed: int):
+    """The training rows of the dataset at path (see load_split), SFT_TRAIN_SUBSET of them when set; seed
+    (SFT_SEED) draws the subset and the hold-out."""
+    ds = _load_role(data, path, seed, "train")
+    return _select_subset(ds, data.train_subset, seed)
 
 
-def _load_eval_dataset(cfg: JobConfig):
-    ds = _load_role(cfg, "eval")
-    return _select_subset(ds, cfg.data.eval_subset, cfg.train.seed)
+def _load_eval_dataset(data: DataConfig, path: str | None, seed: int):
+    """The eval rows, as load_train_dataset reads the training rows."""
+    ds = _load_role(data, path, seed, "eval")
+    return _select_subset(ds, data.eval_subset, seed)
 
 
 def content_fingerprint(row_digests: Iterable[str]) -> str:

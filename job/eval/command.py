@@ -30,7 +30,7 @@ def run_eval(cfg: JobConfig) -> dict:
     out = Path(cfg.train.output_dir)
     adapter = eval_adapter(cfg)
     skipped_rows("eval", inputs, out / PREFLIGHT_REPORT)
-    model = load_model(cfg, inputs.sources.model_path)
+    model = load_model(cfg.model, inputs.sources.model_path)
     if adapter is not None:
         from peft import PeftModel
 

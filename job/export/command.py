@@ -95,7 +95,7 @@ def _merge_and_verify(cfg: JobConfig, sources: Sources, verifier: Verifier, adap
                       ) -> tuple[dict, dict, dict]:
     """Steps 1 and 2: (unmerged metrics, merged metrics, equivalence). One model in memory at a time."""
     merge.release()  # after `run`: its training model (in reference cycles through the Trainer) goes first
-    model = merge.apply_adapter(merge.load_base(cfg, sources.model_path), adapter)
+    model = merge.apply_adapter(merge.load_base(cfg.model, sources.model_path), adapter)
     unmerged = verifier.score("unmerged", model)
     reference_logits = verifier.logits(model)
     model = merge.merge(model)
@@ -103,7 +103,7 @@ def _merge_and_verify(cfg: JobConfig, sources: Sources, verifier: Verifier, adap
     log.info("export: merged model written (%s)", ", ".join(files))
     model = None
     merge.release()
-    model = merge.load_merged(cfg, staging)
+    model = merge.load_merged(cfg.model, staging)
     merged = verifier.score("merged", model)
     diff = (verifier.logits(model) - reference_logits).abs().max().item() if len(verifier.row_ids) else None
     model = None
@@ -150,7 +150,7 @@ def _qlora_metrics(cfg: JobConfig, sources: Sources, verifier: Verifier, adapter
     if stored is not None:
         log.info("export: QLoRA scores from the run's post-eval of this adapter (eval/post_predictions.jsonl)")
         return stored, "eval/post_predictions.jsonl (the run's post-eval of this adapter on these rows)"
-    model = merge.apply_adapter(load_model(cfg, sources.model_path), adapter)
+    model = merge.apply_adapter(load_model(cfg.model, sources.model_path), adapter)
     metrics = verifier.score("qlora", model)
     model = None
     merge.release()

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from job.config.schema import JobConfig
-from job.config.sections import EvalConfig
+from job.config.sections import EvalConfig, ModelConfig
 from job.eval.generate import generation_kwargs
 from job.model import compute_dtype, device_map, from_pretrained_with_attn, has_cuda
 
@@ -35,26 +34,27 @@ def export_dtype() -> torch.dtype:
     return compute_dtype()
 
 
-def load_base(cfg: JobConfig, source: str | None = None):
-    """The base model, unquantized, in export_dtype(); read from source when given (`Sources.model_path`)."""
+def load_base(model_cfg: ModelConfig, path: str):
+    """The base model of model_cfg (`cfg.model`), unquantized, in export_dtype(); read from path
+    (`Sources.model_path`)."""
     from transformers import Qwen3VLForConditionalGeneration
 
-    model_cfg = cfg.model
     log.info("loading model weights %s (%s, not quantized: the merge base)", model_cfg.id, export_dtype())
     model, _ = from_pretrained_with_attn(
-        Qwen3VLForConditionalGeneration, source or model_cfg.id, model_cfg.attn_implementation,
+        Qwen3VLForConditionalGeneration, path, model_cfg.attn_implementation,
         revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, dtype=export_dtype(),
         device_map=device_map(),
     )
     return model.eval()
 
 
-def load_merged(cfg: JobConfig, path: Path):
-    """A written merged model, loaded the way a user loads it: AutoModelForImageTextToText from its config.json."""
+def load_merged(model_cfg: ModelConfig, path: Path):
+    """A written merged model, loaded the way a user loads it: AutoModelForImageTextToText from its config.json
+    (with model_cfg's SFT_ATTN_IMPLEMENTATION)."""
     from transformers import AutoModelForImageTextToText
 
     log.info("loading model weights %s (the merged model as written)", path)
-    model, _ = from_pretrained_with_attn(AutoModelForImageTextToText, str(path), cfg.model.attn_implementation,
+    model, _ = from_pretrained_with_attn(AutoModelForImageTextToText, str(path), model_cfg.attn_implementation,
                                          dtype=export_dtype(), device_map=device_map())
     return model.eval()
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from job.config.schema import JobConfig
+from job.config.sections import ImageConfig, LoraConfig, ModelConfig
 from job.errors import ConfigError, classified
 from job.model import load_processor, lora_target_regex
 from job.storage.s3 import S3Uri
@@ -204,43 +205,41 @@ def check_hub_repos(cfg: JobConfig) -> None:
             raise error from exc
 
 
-def _model_context(cfg: JobConfig, named: str | None) -> str:
-    model_id = named or cfg.model.id
+def _model_context(model_id: str) -> str:
     if hub_model_id(model_id) is not None:
         return f"SFT_MODEL_ID={model_id!r} (no such local path, so it was fetched as a Hub model)"
     return f"SFT_MODEL_ID={model_id!r}"
 
 
-def check_lora_targets(cfg: JobConfig, named: str | None = None) -> None:
+def check_lora_targets(model: ModelConfig, lora: LoraConfig, model_path: str) -> None:
     """Each SFT_LORA_TARGET_MODULES name must match a module inside the language model, as PEFT will match it.
 
-    The architecture comes from config.json, instantiated on the meta device: no weights are read or allocated.
-    named: the SFT_MODEL_ID the user set, when cfg.model.id is its local mirror (errors name what the user set).
+    The architecture comes from config.json (read at model_path, `Sources.model_path`), instantiated on the meta
+    device: no weights are read or allocated. Errors name the SFT_MODEL_ID the user set (model.id).
     """
     import torch
     from transformers import AutoConfig, Qwen3VLForConditionalGeneration
 
-    model = cfg.model
     try:
-        config = AutoConfig.from_pretrained(model.id, revision=model.revision,
+        config = AutoConfig.from_pretrained(model_path, revision=model.revision,
                                             trust_remote_code=model.trust_remote_code)
     except Exception as exc:  # classified: 401/403/404 -> 2, network -> 3, else a bug
-        error = classified(exc, _model_context(cfg, named))
+        error = classified(exc, _model_context(model.id))
         if error is None:
             raise
         raise error from exc
     with torch.device("meta"):
         skeleton = Qwen3VLForConditionalGeneration._from_config(config)
     names = [name for name, _ in skeleton.named_modules()]
-    pattern = re.compile(lora_target_regex(cfg))
+    pattern = re.compile(lora_target_regex(lora))
     if any(pattern.fullmatch(name) for name in names):
-        unmatched = [t for t in cfg.lora.target_modules
+        unmatched = [t for t in lora.target_modules
                      if not any(pattern.fullmatch(n) and n.endswith("." + t) for n in names)]
     else:
-        unmatched = list(cfg.lora.target_modules)
+        unmatched = list(lora.target_modules)
     if not unmatched:
         return
-    scope = re.compile(rf".*{cfg.lora.scope_regex}")
+    scope = re.compile(rf".*{lora.scope_regex}")
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names if scope.match(n) and "." in n})
     hints = []
     for target in unmatched:
@@ -248,20 +247,20 @@ def check_lora_targets(cfg: JobConfig, named: str | None = None) -> None:
         hints.append(f"{target!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     raise ConfigError(
         [
-            f"SFT_LORA_TARGET_MODULES={','.join(cfg.lora.target_modules)!r}: "
+            f"SFT_LORA_TARGET_MODULES={','.join(lora.target_modules)!r}: "
             f"{', '.join(hints)} matches no language-model layer of {config.model_type}; "
             f"its layers have {', '.join(x for x in leaves if x.endswith('proj')) or ', '.join(leaves[:12])}"
         ]
     )
 
 
-def load_processor_checked(cfg: JobConfig, named: str | None = None):
-    """load_processor, with a download or access failure classified and naming SFT_MODEL_ID (`named`, as in
-    check_lora_targets)."""
+def load_processor_checked(model: ModelConfig, image: ImageConfig, model_path: str):
+    """load_processor, with a download or access failure classified and naming the SFT_MODEL_ID the user set
+    (model.id), as in check_lora_targets."""
     try:
-        return load_processor(cfg)
+        return load_processor(model, image, model_path)
     except Exception as exc:  # classified: 401/403/404 -> 2, network -> 3, else a bug
-        error = classified(exc, _model_context(cfg, named))
+        error = classified(exc, _model_context(model.id))
         if error is None:
             raise
         raise error from exc

@@ -47,15 +47,16 @@ def _split_report(t: Any) -> dict:
     }
 
 
-def build_report(cfg: JobConfig, tallies: dict[str, Any], load_errors: list[dict], failure: str | None,
-                 seconds: float, workers: int) -> dict:
+def build_report(cfg: JobConfig, dataset_path: str | None, tallies: dict[str, Any], load_errors: list[dict],
+                 failure: str | None, seconds: float, workers: int) -> dict:
+    """The report of a preflight of the dataset read at dataset_path (`Sources.dataset_path`, which it names)."""
     errors = load_errors + [e for t in tallies.values() for e in t.errors]
     warnings = [w for t in tallies.values() for w in t.warnings]
     rows = sum(t.rows for t in tallies.values())
     return {
         "ok": failure is None,
         "failure": failure,
-        "dataset_uri": cfg.data.uri,
+        "dataset_uri": dataset_path,
         "policy": {"bad_rows": cfg.data.bad_rows, "max_bad_fraction": cfg.data.max_bad_fraction},
         "limits": {
             "max_length": cfg.train.max_length,

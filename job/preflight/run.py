@@ -29,7 +29,6 @@ from job.data.checks import RowChecker
 from job.data.holdout import ROW_ID
 from job.data.loaders import LENGTH_COLUMN, _load_eval_dataset, holds_out, load_train_dataset
 from job.errors import DataError
-from job.preflight.early import load_processor_checked
 from job.preflight.report import MAX_LISTED_ERRORS, build_report, failure_message, format_issue, summary_table
 from job.preflight.scan import SplitTally, effective_workers, make_issue, scan, worker_count
 
@@ -63,15 +62,16 @@ def _split_name(data: DataConfig, role: str) -> str:
     return data.train_split if role == "train" else data.eval_split
 
 
-def _load_splits(cfg: JobConfig, roles: tuple[str, ...] = ROLES) -> tuple[dict[str, Any], list[dict]]:
+def _load_splits(data: DataConfig, path: str | None, seed: int, roles: tuple[str, ...] = ROLES
+                 ) -> tuple[dict[str, Any], list[dict]]:
     loaders = {"train": load_train_dataset, "eval": _load_eval_dataset}
     loaded, errors = {}, []
     for role in roles:
         load = loaders[role]
         try:
-            loaded[role] = load(cfg)
+            loaded[role] = load(data, path, seed)
         except DataError as exc:
-            errors.append(_load_error(_split_name(cfg.data, role), exc))
+            errors.append(_load_error(_split_name(data, role), exc))
     return loaded, errors
 
 
@@ -168,16 +168,16 @@ def _overlap_failure(overlap: dict | None) -> str | None:
             "memorisation; remove them from one split, or raise SFT_MAX_EVAL_OVERLAP")
 
 
-def _holdout_record(cfg: JobConfig, loaded: dict[str, Any]) -> dict | None:
+def _holdout_record(data: DataConfig, path: str | None, seed: int, loaded: dict[str, Any]) -> dict | None:
     """A source with one split: how it was split, and the row ids on each side (after the subsets)."""
-    if not holds_out(cfg):
+    if not holds_out(data, path):
         return None
-    return {"seed": cfg.train.seed, "eval_holdout": cfg.data.eval_holdout,
+    return {"seed": seed, "eval_holdout": data.eval_holdout,
             **{f"{role}_row_ids": list(loaded[role][ROW_ID]) for role in loaded}}
 
 
-def _publish(cfg: JobConfig, report: dict, name: str = REPORT_NAME) -> Path:
-    path = Path(cfg.train.output_dir) / name
+def _publish(output_dir: str, report: dict, name: str = REPORT_NAME) -> Path:
+    path = Path(output_dir) / name
     outputs.write_json(path, report)
     print(summary_table(report, path), flush=True)
     for warning in report["warnings"][:MAX_LISTED_ERRORS]:
@@ -204,19 +204,18 @@ def apply_plan_entry(ds, entry: dict):
     return ds
 
 
-def apply_plan(cfg: JobConfig, plan: dict) -> tuple[Any, Any]:
-    """Load both splits and apply a plan made by run_preflight on another process (DDP ranks > 0)."""
-    loaded, errors = _load_splits(cfg)
+def apply_plan(data: DataConfig, path: str | None, seed: int, plan: dict) -> tuple[Any, Any]:
+    """Load both splits (as run_preflight loads them) and apply a plan it made on another process (DDP ranks > 0)."""
+    loaded, errors = _load_splits(data, path, seed)
     if errors:
         raise DataError("; ".join(format_issue(e) for e in errors))
     return apply_plan_entry(loaded["train"], plan["train"]), apply_plan_entry(loaded["eval"], plan["eval"])
 
 
-def _jobs(cfg: JobConfig, loaded: dict[str, Any], processor) -> dict[str, tuple[Any, RowChecker, str]]:
-
+def _jobs(data: DataConfig, max_length: int, loaded: dict[str, Any], processor
+          ) -> dict[str, tuple[Any, RowChecker, str]]:
     # The checkers wrap the very collators training and eval use, so both see rows the same way.
-    collators = dict(zip(ROLES, build_collators(cfg, processor), strict=True))
-    data = cfg.data
+    collators = dict(zip(ROLES, build_collators(data, max_length, processor), strict=True))
     return {role: (_check_view(loaded[role], data.image_key), RowChecker(collators[role], data.label_field),
                    _split_name(data, role)) for role in loaded}
 
@@ -246,33 +245,34 @@ def _column_mismatches(data: DataConfig, tallies: dict[str, SplitTally], loaded:
     return issues
 
 
-def run_preflight(cfg: JobConfig, processor=None, roles: tuple[str, ...] = ROLES,
+def run_preflight(cfg: JobConfig, dataset_path: str | None, processor, roles: tuple[str, ...] = ROLES,
                   report_name: str = REPORT_NAME) -> PreflightResult:
-    """Check every row of the given splits (train and eval by default); raise DataError per SFT_BAD_ROWS, else
-    return the datasets (None for a role not checked). `eval` checks its split alone, into eval/."""
-    loaded, load_errors = _load_splits(cfg, roles)
+    """Check every row of the given splits (train and eval by default) of the dataset at dataset_path
+    (`Sources.dataset_path`); raise DataError per SFT_BAD_ROWS, else return the datasets (None for a role not
+    checked). `eval` checks its split alone, into eval/."""
+    data, output_dir = cfg.data, cfg.train.output_dir
+    loaded, load_errors = _load_splits(data, dataset_path, cfg.train.seed, roles)
     if load_errors:
-        report = build_report(cfg, {}, load_errors, "a split could not be loaded", 0.0, 0)
-        raise DataError(failure_message(report, _publish(cfg, report, report_name)))
-    if processor is None:
-        processor = load_processor_checked(cfg)
-    jobs = _jobs(cfg, loaded, processor)
+        report = build_report(cfg, dataset_path, {}, load_errors, "a split could not be loaded", 0.0, 0)
+        raise DataError(failure_message(report, _publish(output_dir, report, report_name)))
+    jobs = _jobs(data, cfg.train.max_length, loaded, processor)
     workers = effective_workers(worker_count(), sum(len(view) for view, _, _ in jobs.values()))
     started = time.monotonic()
     tallies = scan(jobs, workers)
     seconds = time.monotonic() - started
-    _label_warnings(tallies, f"{cfg.data.target_key}.{cfg.data.label_field}", cfg.data)
-    mismatches = _column_mismatches(cfg.data, tallies, loaded)
-    failure = _policy_failure(cfg.data, tallies)
+    _label_warnings(tallies, f"{data.target_key}.{data.label_field}", data)
+    mismatches = _column_mismatches(data, tallies, loaded)
+    failure = _policy_failure(data, tallies)
     if mismatches:  # no SFT_BAD_ROWS setting can help: the column names are wrong
         failure = "the dataset's columns do not match the SFT_*_KEY settings"
-    overlap = eval_overlap(cfg.data, tallies)
+    overlap = eval_overlap(data, tallies)
     failure = failure or _overlap_failure(overlap)
-    report = build_report(cfg, tallies, mismatches, failure, seconds, workers)
-    report["holdout"], report["eval_overlap"] = _holdout_record(cfg, loaded), overlap
+    report = build_report(cfg, dataset_path, tallies, mismatches, failure, seconds, workers)
+    report["holdout"] = _holdout_record(data, dataset_path, cfg.train.seed, loaded)
+    report["eval_overlap"] = overlap
     # Free: every image was already read and hashed by the row checks above (the duplicate digests).
     report["data_fingerprint"] = {role: tally.fingerprint() for role, tally in tallies.items()}
-    path = _publish(cfg, report, report_name)
+    path = _publish(output_dir, report, report_name)
     if failure is not None:
         raise DataError(failure_message(report, path))
     plan = {role: _plan_entry(tallies[role], role == "train") for role in roles}

@@ -96,7 +96,8 @@ def _mirror(cfg: JobConfig, uri: str, kind: str) -> tuple[Path, str]:
 class Sources:
     """The run's inputs: as configured (SFT_DATASET_URI, SFT_MODEL_ID) and where they are read from.
 
-    Lineage, the resume fingerprint and error messages name the configured values; the loaders read the local ones.
+    Lineage, the resume fingerprint and error messages name the configured values; the loaders, the processor and
+    the model loads take the local ones (dataset_path, model_path) as an argument beside their config section.
     """
 
     dataset_uri: str | None  # as configured: a local path, a Hub id or an s3:// prefix
@@ -106,18 +107,11 @@ class Sources:
     dataset_commit: str | None = None  # a Hub dataset: the commit SFT_DATASET_REVISION (or main) resolved to
     dataset_etags: str | None = None  # an s3:// dataset: the digest of the ETags of the objects mirrored and read
 
-    def configured(self, cfg: JobConfig) -> JobConfig:
-        """cfg as the user configured it: data.uri and model.id as set (the inverse of local)."""
-        return cfg.replace(data={"uri": self.dataset_uri}, model={"id": self.model_id})
-
-    def local(self, cfg: JobConfig) -> JobConfig:
-        """cfg as the loaders take it: data.uri and model.id name the local copies."""
-        return cfg.replace(data={"uri": self.dataset_path}, model={"id": self.model_path})
-
     def config_record(self, cfg: JobConfig) -> dict[str, Any]:
         """The config as training_meta.json and the W&B run have always stored it: the local paths in data.uri and
         model.id, the configured ones in data.source_uri and model.source (the last key of each)."""
-        record = self.local(cfg).model_dump(mode="json")
+        record = cfg.model_dump(mode="json")
+        record["data"]["uri"], record["model"]["id"] = self.dataset_path, self.model_path
         record["data"]["source_uri"] = self.dataset_uri
         record["model"]["source"] = self.model_id
         return record

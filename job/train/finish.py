@@ -49,7 +49,7 @@ def evaluate(phase: str, p: Prepared, model, run) -> dict | None:
 
 def owner(p: Prepared) -> outputs.Stamp:
     """This run, as the stamps of its outputs name it: the run id and the digest of its resume fingerprint."""
-    fingerprint = resume.Fingerprint.of(p.cfg, p.run_id, p.preflight.get("data_fingerprint") or {}, p.sources)
+    fingerprint = resume.Fingerprint.of(p.cfg, p.run_id, p.preflight.get("data_fingerprint") or {})
     return outputs.Stamp(p.run_id, fingerprint.digest())
 
 

@@ -96,7 +96,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         if plan.checkpoint is not None and plan.progress is not None and plan.progress.finished:
             return complete_finished_run(p, plan.checkpoint, plan.progress, timer)
         started = time.monotonic()
-        model = trainable_model(p.cfg, p.sources.model_path)
+        model = trainable_model(p.cfg.model, p.cfg.lora, p.sources.model_path)
         params = _count_trainable_params(model)
         run = start_tracking(p)
         timer.track("model", started)

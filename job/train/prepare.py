@@ -26,7 +26,7 @@ from job.preflight.run import apply_plan, run_preflight
 from job.storage import s3 as s3io
 from job.storage.checkpoints import RemoteCheckpoints
 from job.storage.hub import check_push_access, parse_min_metric
-from job.storage.sources import Sources, source_kind
+from job.storage.sources import Sources, localize, source_kind
 from job.train import distributed, resume
 from job.utils import tracking
 from job.utils.redact import redact
@@ -51,7 +51,7 @@ def _resolve_run_id(cfg: JobConfig, sources: Sources, preflight: dict) -> str:
         if stored is not None:
             print(f"run id: {stored} (SFT_RUN_ID unset: continuing the run of the newest checkpoint)", flush=True)
             return stored
-    derived = resume.derived_run_id(cfg, preflight.get("data_fingerprint") or {}, sources)
+    derived = resume.derived_run_id(cfg, preflight.get("data_fingerprint") or {})
     print(f"run id: {derived} (SFT_RUN_ID unset: derived from the data fingerprint and the training settings; "
           "the same data and settings give the same id, so a restart resumes)", flush=True)
     return derived
@@ -116,20 +116,21 @@ def _preflight_summary(report: dict) -> dict:
             "eval_holdout": report["holdout"]["eval_holdout"] if report.get("holdout") else None}
 
 
-def _checked_datasets(cfg: JobConfig, processor) -> tuple[Any, Any, dict]:
-    """Preflight on rank 0 (every row of both splits, before any weight loads); other ranks apply its plan."""
+def _checked_datasets(cfg: JobConfig, dataset_path: str | None, processor) -> tuple[Any, Any, dict]:
+    """Preflight on rank 0 (every row of both splits of the dataset at dataset_path, before any weight loads);
+    other ranks apply its plan."""
 
     checked = None
 
     def scan() -> dict:
         nonlocal checked
-        checked = run_preflight(cfg, processor)
+        checked = run_preflight(cfg, dataset_path, processor)
         return {"plan": checked.plan, "summary": _preflight_summary(checked.report)}
 
     shared = distributed.main_process_result(scan)
     if checked is not None:
         return checked.train_dataset, checked.eval_dataset, shared["summary"]
-    return (*apply_plan(cfg, shared["plan"]), shared["summary"])
+    return (*apply_plan(cfg.data, dataset_path, cfg.train.seed, shared["plan"]), shared["summary"])
 
 
 def prepare_run(cfg: JobConfig, timer: Timer) -> Prepared:
@@ -142,16 +143,16 @@ def prepare_run(cfg: JobConfig, timer: Timer) -> Prepared:
     distributed.every_rank_ok(early.check_inputs, cfg, "run")  # paths and each node's output dir, before downloads
     _hub_access(cfg)
     with distributed.local_main_first():  # one download per node into the shared cache
-        sources, local = inputs.localized(cfg)
-        early.check_lora_targets(local, sources.model_id)  # config.json on the meta device, no weights
-        processor = inputs.processor(local, sources)
-    train_ds, eval_ds, preflight = _checked_datasets(local, processor)  # the loaders read the local copies
+        sources = localize(cfg)
+        early.check_lora_targets(cfg.model, cfg.lora, sources.model_path)  # config.json on the meta device
+        processor = early.load_processor_checked(cfg.model, cfg.image, sources.model_path)
+    train_ds, eval_ds, preflight = _checked_datasets(cfg, sources.dataset_path, processor)
     run_id = distributed.main_process_result(_resolve_run_id, cfg, sources, preflight)  # rank 0's disk decides
     log.info("data: %d train rows, %d eval rows from %s", len(train_ds), len(eval_ds), sources.dataset_path)
     remote = _remote_checkpoints(cfg, run_id)
     distributed.main_process_result(_check_publish_access, cfg)
     paths = RunPaths(Path(cfg.train.output_dir)).create()
-    collator, eval_collator = build_collators(cfg, processor)
+    collator, eval_collator = build_collators(cfg.data, cfg.train.max_length, processor)
     _check_supervised_tokens(collator, train_ds, cfg.train.per_device_batch_size)
     label_set = training_label_set(cfg, train_ds)
     check_gate_measurable(cfg, label_set, eval_ds)
@@ -163,7 +164,7 @@ def prepare_run(cfg: JobConfig, timer: Timer) -> Prepared:
 def training_label_set(cfg: JobConfig, train_ds) -> LabelSet | None:
     """The label set (job.inputs.label_set), which SFT_EVAL_STEPS needs: without one it is exit 2 here, before any
     weight loads."""
-    label_set = inputs.label_set(cfg, train_ds)
+    label_set = inputs.label_set(cfg.data, cfg.eval.mode, train_ds)
     if cfg.eval.steps is not None and label_set is None:
         raise DataError(
             "SFT_EVAL_STEPS scores the labels during training, and the training targets give no label set to score "

@@ -59,7 +59,7 @@ def resume_plan(p: Prepared) -> ResumePlan:
     SFT_OUTPUT_DIR and copied into every checkpoint it saves (and uploads). On global rank 0 only: `agreed_resume_plan`.
     """
     mode = p.cfg.train.resume
-    current = resume.Fingerprint.of(p.cfg, p.run_id, p.preflight.get("data_fingerprint") or {}, p.sources)
+    current = resume.Fingerprint.of(p.cfg, p.run_id, p.preflight.get("data_fingerprint") or {})
     checkpoint = None
     if mode == "never" and _continues_launch(p):
         log.info("SFT_RESUME=never: SFT_LAUNCH_ID=%s started this run in an earlier pod; continuing it",
@@ -202,7 +202,7 @@ def _evaluate_finished_checkpoint(p: Prepared, checkpoint: str, step: int, timer
     from safetensors.torch import load_file
 
     started = time.monotonic()
-    model = trainable_model(p.cfg, p.sources.model_path)
+    model = trainable_model(p.cfg.model, p.cfg.lora, p.sources.model_path)
     keep_trainable_params_fp32(model)  # as the Trainer left it: fp32 LoRA weights
     set_peft_model_state_dict(model, load_file(str(Path(checkpoint) / "adapter_model.safetensors")))
     kept = None

@@ -23,7 +23,6 @@ from typing import Any
 from job.config.schema import JobConfig
 from job.errors import ResumeDrift
 from job.storage.completed import latest_completed_checkpoint
-from job.storage.sources import Sources
 
 log = logging.getLogger("job.train")
 
@@ -93,10 +92,8 @@ class Fingerprint:
     dataset_uri: str | None  # informative only: the same content under another path is not drift
 
     @classmethod
-    def of(cls, cfg: JobConfig, run_id: str, data: dict[str, str], sources: Sources | None = None) -> Fingerprint:
-        """sources: where a localized cfg's inputs were configured (None: cfg is as configured)."""
-        if sources is not None:
-            cfg = sources.configured(cfg)
+    def of(cls, cfg: JobConfig, run_id: str, data: dict[str, str]) -> Fingerprint:
+        """The fingerprint of a run of cfg (as configured: SFT_DATASET_URI as the user set it) on data."""
         settings = {name: get(cfg) for name, get in TRAINING_SETTINGS}
         # Stored as JSON: compare what the file will hold (tuples become lists, ints stay ints).
         settings = json.loads(json.dumps(settings, default=str))
@@ -162,10 +159,10 @@ class Progress:
         return cls(int(state["global_step"]), int(state.get("max_steps") or 0))
 
 
-def derived_run_id(cfg: JobConfig, data: dict[str, str], sources: Sources | None = None) -> str:
+def derived_run_id(cfg: JobConfig, data: dict[str, str]) -> str:
     """`qwen3-sft-<12 hex>`: a digest of what the resume fingerprint compares, the training settings and the data's
     content fingerprint (so the run id is not itself part of it)."""
-    fingerprint = Fingerprint.of(cfg, "", data, sources)
+    fingerprint = Fingerprint.of(cfg, "", data)
     content = json.dumps({"settings": fingerprint.settings, "data": fingerprint.data}, sort_keys=True)
     return f"qwen3-sft-{hashlib.sha256(content.encode()).hexdigest()[:12]}"
 

@@ -226,9 +226,8 @@ def test_the_stored_config_keeps_the_mirror_and_the_source():
     expected["data"]["uri"] = "/cache/datasets/bucket/data"
     expected["data"]["source_uri"] = "s3://bucket/data/"
     expected["model"]["source"] = "org/model"
-    record = sources.config_record(sources.local(cfg))
+    record = sources.config_record(cfg)
     assert json.dumps(record) == json.dumps(expected)
-    assert sources.configured(sources.local(cfg)) == cfg
 
 
 # ------------------------------------------------------------------------------- docs/configuration.md

@@ -66,8 +66,8 @@ def test_a_single_file_is_split_into_disjoint_train_and_eval_rows(tmp_path, tiny
     """The issue's first bullet: all.jsonl no longer trains and evaluates on the same rows."""
     source = _write_all(tmp_path / "data", _rows(tmp_path / "data", 24))
     cfg = make_cfg(tiny_assets, source, tmp_path / "out", SFT_EVAL_HOLDOUT="0.25")
-    assert holds_out(cfg)
-    result = preflight.run_preflight(cfg, processor)
+    assert holds_out(cfg.data, cfg.data.uri)
+    result = preflight.run_preflight(cfg, cfg.data.uri, processor)
     report = json.loads((tmp_path / "out" / REPORT).read_text())
     train, held = report["holdout"]["train_row_ids"], report["holdout"]["eval_row_ids"]
     assert held and train and not set(train) & set(held) and len(train) + len(held) == 24
@@ -75,7 +75,8 @@ def test_a_single_file_is_split_into_disjoint_train_and_eval_rows(tmp_path, tiny
     assert report["ok"] and report["eval_overlap"]["rows"] == 0
     assert "eval_row_in_train" not in report["warnings_by_kind"]
     assert (report["holdout"]["seed"], report["holdout"]["eval_holdout"]) == (42, 0.25)
-    counted = preflight.run_preflight(cfg.replace(data={"eval_holdout": 5}), processor).report["holdout"]
+    counted = preflight.run_preflight(cfg.replace(data={"eval_holdout": 5}), cfg.data.uri, processor).report[
+        "holdout"]
     assert len(counted["eval_row_ids"]) == 5 and len(counted["train_row_ids"]) == 19
 
 
@@ -106,12 +107,12 @@ def test_a_directory_with_only_the_training_split_is_held_out_but_another_split_
     root = tmp_path / "data"
     write_split(root, "train", _rows(root, 12))
     cfg = make_cfg(tiny_assets, root, tmp_path / "out", SFT_EVAL_HOLDOUT="3")
-    assert holds_out(cfg)
-    assert len(preflight.run_preflight(cfg, processor).eval_dataset) == 3
+    assert holds_out(cfg.data, cfg.data.uri)
+    assert len(preflight.run_preflight(cfg, cfg.data.uri, processor).eval_dataset) == 3
     write_split(root, "val", _rows(root, 2, 50))  # the eval split under a name SFT_EVAL_SPLIT does not give
-    assert not holds_out(cfg)
+    assert not holds_out(cfg.data, cfg.data.uri)
     with pytest.raises(DataError, match="no 'validation' split"):
-        preflight.run_preflight(cfg, processor)
+        preflight.run_preflight(cfg, cfg.data.uri, processor)
 
 
 # -- overlap -----------------------------------------------------------------------------------------------------
@@ -125,7 +126,7 @@ def _overlapping(root: Path) -> Path:
 def test_eval_rows_identical_to_training_rows_above_the_limit_fail_preflight(tmp_path, tiny_assets, processor):
     cfg = make_cfg(tiny_assets, _overlapping(tmp_path / "data"), tmp_path / "out")
     with pytest.raises(DataError) as info:
-        preflight.run_preflight(cfg, processor)
+        preflight.run_preflight(cfg, cfg.data.uri, processor)
     assert info.value.exit_code == 2
     message = str(info.value)
     assert "1 of 4 eval rows (25.0%) are identical to training rows (validation.jsonl:4)" in message
@@ -135,7 +136,7 @@ def test_eval_rows_identical_to_training_rows_above_the_limit_fail_preflight(tmp
 
 def test_overlap_below_the_limit_is_a_warning_and_goes_into_the_card(tmp_path, tiny_assets, processor):
     cfg = make_cfg(tiny_assets, _overlapping(tmp_path / "data"), tmp_path / "out", SFT_MAX_EVAL_OVERLAP="0.3")
-    report = preflight.run_preflight(cfg, processor).report
+    report = preflight.run_preflight(cfg, cfg.data.uri, processor).report
     assert report["ok"] and report["warnings_by_kind"]["eval_row_in_train"] == 1
     overlap = report["eval_overlap"]
     assert (overlap["rows"], overlap["of"], overlap["limit"], overlap["row_ids"]) == (1, 4, 0.3, ["validation.jsonl:4"])
@@ -171,7 +172,8 @@ def test_parquet_and_saved_paths_resolve_against_the_dataset_from_any_working_di
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # the paths are relative to the dataset, not to where the job runs
     for uri in (root, saved, featured):
-        result = preflight.run_preflight(make_cfg(tiny_assets, uri, tmp_path / "out" / uri.name), processor)
+        cfg = make_cfg(tiny_assets, uri, tmp_path / "out" / uri.name)
+        result = preflight.run_preflight(cfg, str(uri), processor)
         assert result.report["ok"], result.report["errors"]
         image = result.train_dataset[0]["image"]
         if uri is featured:  # read through the resolved path, decoded by datasets
@@ -189,22 +191,22 @@ def test_a_symlinked_images_folder_works_and_crafted_paths_do_not(tmp_path, tiny
     (root / "images").symlink_to(store / "images")
     write_split(root, "train", rows)
     write_split(root, "validation", _rows(store, 2, 100))
-    assert preflight.run_preflight(make_cfg(tiny_assets, root, tmp_path / "out"), processor).report["ok"]
+    assert preflight.run_preflight(make_cfg(tiny_assets, root, tmp_path / "out"), str(root), processor).report["ok"]
     for bad, why in (("../../etc/passwd", "leaves it through '..'"), ("/etc/passwd", "is absolute"),
                      ("images/../../x.png", "leaves it through '..'")):
         write_split(root, "train", [*rows[:2], {**rows[2], "image": bad}])
         with pytest.raises(DataError, match=f"train.jsonl:3: .*escapes the dataset directory .*{re.escape(why)}"):
-            preflight.run_preflight(make_cfg(tiny_assets, root, tmp_path / "out"), processor)
+            preflight.run_preflight(make_cfg(tiny_assets, root, tmp_path / "out"), str(root), processor)
         (root / "train.jsonl").unlink()
         _parquet_dataset(root, [*rows[:2], {**rows[2], "image": bad}])
         with pytest.raises(DataError, match=f"train\\[2\\]: .*escapes the dataset directory .*{re.escape(why)}"):
-            preflight.run_preflight(make_cfg(tiny_assets, root, tmp_path / "out"), processor)
+            preflight.run_preflight(make_cfg(tiny_assets, root, tmp_path / "out"), str(root), processor)
         (root / "train.parquet").unlink()
         # A plain struct column {bytes, path} (no datasets.Image feature): its path is confined the same way.
         structs = [{**r, "image": {"bytes": None, "path": r["image"]}} for r in rows[:2]]
         _parquet_dataset(root, [*structs, {**rows[2], "image": {"bytes": None, "path": bad}}])
         with pytest.raises(DataError, match=f"train\\[2\\]: .*escapes the dataset directory .*{re.escape(why)}"):
-            preflight.run_preflight(make_cfg(tiny_assets, root, tmp_path / "out"), processor)
+            preflight.run_preflight(make_cfg(tiny_assets, root, tmp_path / "out"), str(root), processor)
         (root / "train.parquet").unlink()
 
 
@@ -273,7 +275,7 @@ def test_hub_layouts_are_found_without_pointing_inside_them(layout, tmp_path, ti
     root = tmp_path / "data"
     root.mkdir()
     build(root)
-    result = preflight.run_preflight(make_cfg(tiny_assets, root, tmp_path / "out"), processor)
+    result = preflight.run_preflight(make_cfg(tiny_assets, root, tmp_path / "out"), str(root), processor)
     assert result.report["ok"], result.report["errors"]
     assert result.report["holdout"] is None and (len(result.train_dataset), len(result.eval_dataset)) == (n_train, 2)
     assert result.train_dataset[0]["row_id"] == first_id
@@ -284,8 +286,8 @@ def test_a_root_imagefolder_is_one_split_and_is_held_out(tmp_path, tiny_assets, 
     root.mkdir()
     _imagefolder(root, 12, 0, "metadata.csv")
     cfg = make_cfg(tiny_assets, root, tmp_path / "out", SFT_EVAL_HOLDOUT="3")
-    assert holds_out(cfg)
-    report = preflight.run_preflight(cfg, processor).report
+    assert holds_out(cfg.data, cfg.data.uri)
+    report = preflight.run_preflight(cfg, cfg.data.uri, processor).report
     assert report["ok"] and len(report["holdout"]["eval_row_ids"]) == 3
     assert all(r.startswith("metadata.csv:") for r in report["holdout"]["train_row_ids"])
 
@@ -330,9 +332,9 @@ def test_a_train_only_s3_prefix_is_held_out_as_the_same_local_directory_is(s3_en
     sides = {}
     for uri in (str(root), f"s3://{bucket}/ds"):
         cfg = make_cfg(tiny_assets, uri, tmp_path / "out", SFT_CACHE_DIR=str(tmp_path / "cache"), SFT_EVAL_HOLDOUT="3")
-        local = localize(cfg).local(cfg)
-        assert holds_out(local), uri
-        report = preflight.run_preflight(local, processor).report
+        path = localize(cfg).dataset_path
+        assert holds_out(cfg.data, path), uri
+        report = preflight.run_preflight(cfg, path, processor).report
         assert report["ok"], report["errors"]
         sides[uri] = (report["holdout"]["train_row_ids"], report["holdout"]["eval_row_ids"])
     train, held = sides[str(root)]

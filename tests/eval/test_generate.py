@@ -31,7 +31,7 @@ def cfg(tiny_assets):
 @pytest.fixture(scope="module")
 def model(cfg):
     """The job's own loader: 4-bit NF4 through bitsandbytes, exactly as in a run."""
-    return load_model(cfg).eval()
+    return load_model(cfg.model, cfg.model.id).eval()
 
 
 @pytest.fixture(scope="module")

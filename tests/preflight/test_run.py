@@ -126,7 +126,7 @@ def make_cfg(tiny_assets, data: Path, out: Path, **env) -> JobConfig:
 
 def failing_report(cfg, processor) -> tuple[str, dict]:
     with pytest.raises(DataError) as info:
-        preflight.run_preflight(cfg, processor)
+        preflight.run_preflight(cfg, cfg.data.uri, processor)
     out = Path(cfg.train.output_dir)
     assert sorted(p.name for p in out.iterdir()) == [REPORT], "preflight must write nothing but its report"
     return str(info.value), json.loads((out / REPORT).read_text())
@@ -229,7 +229,7 @@ def test_image_feature_dataset_is_checked_from_its_bytes(tmp_path, tiny_assets, 
     splits = datasets.DatasetDict({"train": split(range(4), cut_at=2), "validation": split(range(10, 12))})
     splits.save_to_disk(tmp_path / "data")
     cfg = make_cfg(tiny_assets, tmp_path / "data", tmp_path / "out", SFT_BAD_ROWS="skip", SFT_MAX_BAD_FRACTION="0.5")
-    result = preflight.run_preflight(cfg, processor)
+    result = preflight.run_preflight(cfg, cfg.data.uri, processor)
     assert [(e["row_id"], e["kind"]) for e in result.report["errors"]] == [("train[2]", "image_unreadable")]
     assert result.report["splits"]["train"]["skipped_row_ids"] == ["train[2]"]
     assert list(result.train_dataset["row_id"]) == ["train[0]", "train[1]", "train[3]"]
@@ -264,7 +264,8 @@ def valid_variant_rows(root: Path) -> list[dict]:
 def test_valid_variants_pass(tmp_path, tiny_assets, processor, capsys):
     root = tmp_path / "data"
     data = dataset(root, valid_variant_rows(root))
-    result = preflight.run_preflight(make_cfg(tiny_assets, data, tmp_path / "out", SFT_MIN_CLASS_ROWS="0"), processor)
+    cfg = make_cfg(tiny_assets, data, tmp_path / "out", SFT_MIN_CLASS_ROWS="0")
+    result = preflight.run_preflight(cfg, str(data), processor)
     report = result.report
     assert report["ok"] and report["errors"] == [] and report["warnings"] == [], report["errors"]
     assert report == json.loads((tmp_path / "out" / REPORT).read_text())
@@ -289,7 +290,7 @@ def skip_dataset(root: Path) -> Path:
 def test_skip_drops_bad_rows_and_records_them(tmp_path, tiny_assets, processor):
     cfg = make_cfg(tiny_assets, skip_dataset(tmp_path / "data"), tmp_path / "out",
                    SFT_BAD_ROWS="skip", SFT_MAX_BAD_FRACTION="0.25")
-    result = preflight.run_preflight(cfg, processor)
+    result = preflight.run_preflight(cfg, cfg.data.uri, processor)
     train, evals = result.report["splits"]["train"], result.report["splits"]["eval"]
     assert (train["rows"], train["rows_bad"], train["rows_skipped"]) == (10, 2, 2)
     assert train["skipped_row_ids"] == ["train.jsonl:4", "train.jsonl:7"] and train["bad_fraction"] == 0.2
@@ -328,7 +329,7 @@ def test_labels_duplicates_and_eval_labels_missing_from_train(tmp_path, tiny_ass
     # 1 of 4 eval rows is a training row: allowed here, so that its warning is reported (the limit: test_loaders.py)
     # SFT_MIN_CLASS_ROWS=0: the class-size warnings of so few rows are test_class_balance_warnings' subject
     cfg = make_cfg(tiny_assets, root, tmp_path / "out", SFT_MAX_EVAL_OVERLAP="0.25", SFT_MIN_CLASS_ROWS="0")
-    report = preflight.run_preflight(cfg, processor).report
+    report = preflight.run_preflight(cfg, cfg.data.uri, processor).report
     assert report["splits"]["train"]["labels"] == {"a": 3, "b": 2}
     assert report["splits"]["eval"]["labels"] == {"a": 2, "c": 2}
     warnings = {(w["kind"], w["row_id"]) for w in report["warnings"]}
@@ -351,7 +352,7 @@ def test_class_balance_warnings(tmp_path, tiny_assets, processor, capsys, caplog
     write_split(root, "train", train)
     write_split(root, "validation", [row(root, 100, "red"), row(root, 101, "blue")])
     cfg = make_cfg(tiny_assets, root, tmp_path / "out", SFT_MIN_CLASS_ROWS="6", SFT_MAX_CLASS_RATIO="20")
-    report = preflight.run_preflight(cfg, processor).report
+    report = preflight.run_preflight(cfg, cfg.data.uri, processor).report
     assert report["ok"] and report["splits"]["train"]["labels"] == {"blue": 6, "purple": 1, "red": 22}
     small = [w for w in report["warnings"] if w["kind"] == "class_too_small"]
     assert [(w["row_id"], w["message"]) for w in small] == [
@@ -365,7 +366,7 @@ def test_class_balance_warnings(tmp_path, tiny_assets, processor, capsys, caplog
     assert any(m.startswith("train: the largest label 'red'") for m in logged)
     # Within both limits: no warning.
     cfg = make_cfg(tiny_assets, root, tmp_path / "out2", SFT_MIN_CLASS_ROWS="1", SFT_MAX_CLASS_RATIO="22")
-    assert not preflight.run_preflight(cfg, processor).report["warnings"]
+    assert not preflight.run_preflight(cfg, cfg.data.uri, processor).report["warnings"]
 
 
 # -- token lengths -----------------------------------------------------------------------------------------------
@@ -438,7 +439,7 @@ def test_a_dead_worker_fails_instead_of_hanging(tmp_path, tiny_assets, processor
     root = tmp_path / "data"
     cfg = make_cfg(tiny_assets, dataset(root, [row(root, 10 + i) for i in range(8)]), tmp_path / "out")
     with pytest.raises(RuntimeError, match="worker process died"):
-        preflight.run_preflight(cfg, processor)
+        preflight.run_preflight(cfg, cfg.data.uri, processor)
 
 
 # -- the CLI, as a subprocess ------------------------------------------------------------------------------------
