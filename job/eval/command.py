@@ -28,7 +28,7 @@ PREFLIGHT_REPORT = "eval/standalone_preflight_report.json"
 def run_eval(cfg: JobConfig) -> dict:
     inputs = prepare_inputs(cfg, "eval", roles=("eval",), report_name=PREFLIGHT_REPORT)
     out = Path(cfg.train.output_dir)
-    adapter = eval_adapter(cfg)
+    adapter = eval_adapter(cfg.eval.adapter, cfg.train.output_dir)
     skipped_rows("eval", inputs, out / PREFLIGHT_REPORT)
     model = load_model(cfg.model, inputs.sources.model_path)
     if adapter is not None:

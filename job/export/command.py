@@ -29,6 +29,7 @@ from typing import Any
 
 from job import outputs
 from job.config.schema import JobConfig
+from job.config.sections import DataConfig, EvalConfig, ModelConfig
 from job.errors import GateRefused, MergeMismatch
 from job.eval.generate import compute_metrics, evaluate_qwen3, next_token_logits
 from job.export import merge
@@ -58,10 +59,11 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _run_id(cfg: JobConfig, out: Path) -> str:
+def _run_id(configured: str | None, out: Path) -> str:
+    """SFT_RUN_ID (configured), else the run's (training_meta.json), else one named after the time."""
     meta = _read_json(out / "training_meta.json") or {}
     generated = f"qwen3-sft-export-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    return cfg.train.run_id or meta.get("run_id") or generated
+    return configured or meta.get("run_id") or generated
 
 
 def _verified_rows(eval_ds, limit: int | None):
@@ -91,19 +93,20 @@ class Verifier:
         return next_token_logits(model, self.rows, self.collator, self.cfg.eval.batch_size)
 
 
-def _merge_and_verify(cfg: JobConfig, sources: Sources, verifier: Verifier, adapter: Path, staging: Path
-                      ) -> tuple[dict, dict, dict]:
-    """Steps 1 and 2: (unmerged metrics, merged metrics, equivalence). One model in memory at a time."""
+def _merge_and_verify(model_cfg: ModelConfig, eval_cfg: EvalConfig, model_path: str, verifier: Verifier,
+                      adapter: Path, staging: Path) -> tuple[dict, dict, dict]:
+    """Steps 1 and 2: (unmerged metrics, merged metrics, equivalence), the base read from model_path
+    (`Sources.model_path`). One model in memory at a time."""
     merge.release()  # after `run`: its training model (in reference cycles through the Trainer) goes first
-    model = merge.apply_adapter(merge.load_base(cfg.model, sources.model_path), adapter)
+    model = merge.apply_adapter(merge.load_base(model_cfg, model_path), adapter)
     unmerged = verifier.score("unmerged", model)
     reference_logits = verifier.logits(model)
     model = merge.merge(model)
-    files = merge.save(model, verifier.processor, cfg.eval, staging)
+    files = merge.save(model, verifier.processor, eval_cfg, staging)
     log.info("export: merged model written (%s)", ", ".join(files))
     model = None
     merge.release()
-    model = merge.load_merged(cfg.model, staging)
+    model = merge.load_merged(model_cfg, staging)
     merged = verifier.score("merged", model)
     diff = (verifier.logits(model) - reference_logits).abs().max().item() if len(verifier.row_ids) else None
     model = None
@@ -196,14 +199,14 @@ def _checked(cfg: JobConfig) -> tuple[Path, str]:
         user = check_push_access(cfg.export.repo_id, "SFT_EXPORT_REPO_ID")
         log.info("Hub: push the merged model as %s to %s", user, cfg.export.repo_id)
     out = Path(cfg.train.output_dir)
-    return out, _run_id(cfg, out)
+    return out, _run_id(cfg.train.run_id, out)
 
 
 def run_export(cfg: JobConfig, *, after_run: bool = False) -> dict[str, Any]:
     """Export `SFT_EVAL_ADAPTER` (default $SFT_OUTPUT_DIR/adapter); returns the report. `after_run`: called by `run`
     (SFT_EXPORT=true), where an up-to-date export of the same adapter is not redone."""
     out, run_id = _checked(cfg)
-    adapter = export_adapter(cfg)
+    adapter = export_adapter(cfg.eval.adapter, cfg.train.output_dir)
     adapter_sha = file_sha256(adapter / "adapter_model.safetensors")
     if after_run and up_to_date(_read_json(out / MERGED / REPORT), adapter_sha, cfg.export.repo_id):
         log.info("export: %s is up to date (this adapter, verified%s)", out / MERGED,
@@ -217,13 +220,14 @@ def run_export(cfg: JobConfig, *, after_run: bool = False) -> dict[str, Any]:
                         inputs.eval_collator, out)
     staging = merge.staging_dir(out)
     try:
-        unmerged, merged, eq = _merge_and_verify(cfg, sources, verifier, adapter, staging)
+        unmerged, merged, eq = _merge_and_verify(cfg.model, cfg.eval, sources.model_path, verifier, adapter,
+                                                 staging)
         scalars = {"unmerged": outputs.scalar_metrics(unmerged), "merged": outputs.scalar_metrics(merged)}
         report_args = dict(run_id=run_id, adapter=adapter, adapter_sha256=adapter_sha,
                            base_model=sources.model_id,
                            dtype=eq["dtype"], device="cuda" if has_cuda() else "cpu", row_ids=verifier.row_ids,
                            eq=eq, max_drop=cfg.export.max_drop, versions=outputs.package_versions(),
-                           prompt=_prompt_format(cfg))
+                           prompt=_prompt_format(cfg.data, cfg.eval))
         if not eq["passed"]:
             _write_report(out, build_report(metrics={**scalars, "qlora": None}, qlora_source="not evaluated",
                                             **report_args))
@@ -241,11 +245,11 @@ def run_export(cfg: JobConfig, *, after_run: bool = False) -> dict[str, Any]:
     return report
 
 
-def _prompt_format(cfg: JobConfig) -> dict:
+def _prompt_format(data: DataConfig, eval_cfg: EvalConfig) -> dict:
     """How the model was trained and verified to be prompted (README, "Serve the merged model")."""
-    return {"system": cfg.data.system_prompt or None,
+    return {"system": data.system_prompt or None,
             "user": "the image, then the query; a non-empty caption appended as '\\nCAPTION: <caption>'",
-            "max_new_tokens": cfg.eval.max_new_tokens, "do_sample": cfg.eval.do_sample}
+            "max_new_tokens": eval_cfg.max_new_tokens, "do_sample": eval_cfg.do_sample}
 
 
 def _card(cfg: JobConfig, sources: Sources, out: Path, report: dict, staging: Path) -> None:

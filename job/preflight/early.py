@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from job.config.schema import JobConfig
-from job.config.sections import ImageConfig, LoraConfig, ModelConfig
+from job.config.sections import DataConfig, ImageConfig, LoraConfig, ModelConfig
 from job.errors import ConfigError, classified
 from job.model import load_processor, lora_target_regex
 from job.storage.s3 import S3Uri
@@ -98,24 +98,22 @@ def model_problems(model_id: str) -> list[str]:
     return []
 
 
-def eval_adapter(cfg: JobConfig) -> Path | None:
-    """The adapter `eval` scores, or None for the base model.
+def eval_adapter(value: str | None, output_dir: str) -> Path | None:
+    """The adapter `eval` scores (value: SFT_EVAL_ADAPTER, `cfg.eval.adapter`), or None for the base model.
 
     SFT_EVAL_ADAPTER=none: the base model. Unset: $SFT_OUTPUT_DIR/adapter when a run saved one there, else the base
     model. Any other value must be an adapter directory; a typo is an error, never a silent base-model score.
     """
-    value = cfg.eval.adapter
     if value is None:
-        default = Path(cfg.train.output_dir) / "adapter"
+        default = Path(output_dir) / "adapter"
         return default if (default / "adapter_config.json").is_file() else None
     if value.strip().lower() == BASE_MODEL:
         return None
     return Path(value)
 
 
-def adapter_problems(cfg: JobConfig) -> list[str]:
-    value = cfg.eval.adapter
-    adapter = eval_adapter(cfg)
+def adapter_problems(value: str | None, output_dir: str) -> list[str]:
+    adapter = eval_adapter(value, output_dir)
     if value is None or adapter is None:
         return []
     name, hint = "SFT_EVAL_ADAPTER", f"; set SFT_EVAL_ADAPTER={BASE_MODEL} to score the base model"
@@ -126,19 +124,18 @@ def adapter_problems(cfg: JobConfig) -> list[str]:
     return []
 
 
-def export_adapter(cfg: JobConfig) -> Path:
-    """The adapter `export` merges: SFT_EVAL_ADAPTER, else $SFT_OUTPUT_DIR/adapter (there is no base-model export)."""
-    value = cfg.eval.adapter
-    return Path(cfg.train.output_dir) / "adapter" if value is None else Path(value)
+def export_adapter(value: str | None, output_dir: str) -> Path:
+    """The adapter `export` merges: SFT_EVAL_ADAPTER (value), else $SFT_OUTPUT_DIR/adapter (there is no base-model
+    export)."""
+    return Path(output_dir) / "adapter" if value is None else Path(value)
 
 
-def export_adapter_problems(cfg: JobConfig) -> list[str]:
-    value = cfg.eval.adapter
+def export_adapter_problems(value: str | None, output_dir: str) -> list[str]:
     if value is not None and value.strip().lower() == BASE_MODEL:
         return [f"SFT_EVAL_ADAPTER={value!r}: export merges an adapter into the base model; point SFT_EVAL_ADAPTER "
                 "at an adapter directory, or unset it for $SFT_OUTPUT_DIR/adapter"]
-    adapter = export_adapter(cfg)
-    name, shown = ("SFT_EVAL_ADAPTER", value) if value is not None else ("SFT_OUTPUT_DIR", cfg.train.output_dir)
+    adapter = export_adapter(value, output_dir)
+    name, shown = ("SFT_EVAL_ADAPTER", value) if value is not None else ("SFT_OUTPUT_DIR", output_dir)
     fix = "; run the job first (it saves adapter/ there) or set SFT_EVAL_ADAPTER to an adapter directory"
     if not adapter.is_dir():
         return [f"{name}={shown!r}: no adapter directory {str(adapter)!r}{_cwd_note(str(adapter))}{fix}"]
@@ -170,23 +167,23 @@ def check_inputs(cfg: JobConfig, command: Command) -> None:
     """Local paths and the output directory: no network, no model code. Raises one ConfigError listing all."""
     problems = dataset_problems(cfg.data.uri) + model_problems(cfg.model.id)
     if command == "eval":
-        problems += adapter_problems(cfg)
+        problems += adapter_problems(cfg.eval.adapter, cfg.train.output_dir)
     if command == "export":
-        problems += export_adapter_problems(cfg)
+        problems += export_adapter_problems(cfg.eval.adapter, cfg.train.output_dir)
     problems += output_dir_problems(cfg.train.output_dir)
     if problems:
         raise ConfigError(problems)
-    check_hub_repos(cfg)
+    check_hub_repos(cfg.model, cfg.data)
     log.info("checks: paths, Hub repos and %s are usable", cfg.train.output_dir)
 
 
-def check_hub_repos(cfg: JobConfig) -> None:
+def check_hub_repos(model: ModelConfig, data: DataConfig) -> None:
     """One metadata request per Hub repo (no files): a typo, a private or gated repo fails here, not after minutes
     of downloads. With HF_HUB_OFFLINE=1 the model must already be in the local cache."""
     from huggingface_hub import HfApi, try_to_load_from_cache
 
-    repos = (("model", "SFT_MODEL_ID", hub_model_id(cfg.model.id), cfg.model.revision),
-             ("dataset", "SFT_DATASET_URI", hub_dataset_id(cfg.data.uri), cfg.data.revision))
+    repos = (("model", "SFT_MODEL_ID", hub_model_id(model.id), model.revision),
+             ("dataset", "SFT_DATASET_URI", hub_dataset_id(data.uri), data.revision))
     for kind, name, repo, revision in repos:
         if repo is None:
             continue

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from job.config.schema import JobConfig
+from job.config.sections import DataConfig, StorageConfig
 from job.errors import UserError, classified
 from job.storage import s3 as s3io
 from job.utils.library_errors import hub_offline
@@ -29,9 +30,10 @@ log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def cache_dir(cfg: JobConfig) -> Path:
+def cache_dir(storage: StorageConfig) -> Path:
+    """SFT_CACHE_DIR, else $HF_HOME/qwen3-sft (~/.cache/qwen3-sft)."""
     return Path(
-        cfg.storage.cache_dir or os.path.join(os.environ.get("HF_HOME", Path.home() / ".cache"), "qwen3-sft")
+        storage.cache_dir or os.path.join(os.environ.get("HF_HOME", Path.home() / ".cache"), "qwen3-sft")
     )
 
 
@@ -84,11 +86,11 @@ def hub_model_id(model_id: str | None) -> str | None:
     return _hub_id(model_id, "model")
 
 
-def _mirror(cfg: JobConfig, uri: str, kind: str) -> tuple[Path, str]:
+def _mirror(storage: StorageConfig, uri: str, kind: str) -> tuple[Path, str]:
     """The local copy of the prefix (exactly its objects) and the digest of the ETags it holds."""
     parsed = s3io.S3Uri.parse(uri)
-    dest = cache_dir(cfg) / kind / parsed.bucket / (parsed.prefix or "_root")
-    etags = s3io.download_prefix(s3io.client(), parsed, dest, concurrency=cfg.storage.s3_concurrency)
+    dest = cache_dir(storage) / kind / parsed.bucket / (parsed.prefix or "_root")
+    etags = s3io.download_prefix(s3io.client(), parsed, dest, concurrency=storage.s3_concurrency)
     return dest, s3io.etags_digest(parsed, etags)
 
 
@@ -117,11 +119,10 @@ class Sources:
         return record
 
 
-def _hub_snapshot(cfg: JobConfig, hub: HubDataset) -> tuple[Path, str]:
+def _hub_snapshot(data: DataConfig, storage: StorageConfig, hub: HubDataset) -> tuple[Path, str]:
     """The dataset's files at SFT_DATASET_REVISION (only hub.path's, when the URI names a folder), and the commit."""
     from huggingface_hub import HfApi, snapshot_download
 
-    data = cfg.data
     pinned = f" at SFT_DATASET_REVISION={data.revision!r}" if data.revision else ""
     context = f"SFT_DATASET_URI={data.uri!r} (no such local path, so the Hub dataset {hub.repo_id}{pinned})"
     try:
@@ -143,7 +144,7 @@ def _hub_snapshot(cfg: JobConfig, hub: HubDataset) -> tuple[Path, str]:
     if not root.is_dir():
         raise UserError(f"{context} has no folder {hub.path!r} at commit {local.name}")
     if data.config:
-        root = _config_root(cfg, hub, root, local.name, context)
+        root = _config_root(data.config, storage, hub, root, local.name, context)
     return root, local.name
 
 
@@ -171,11 +172,10 @@ def _split_patterns(data_files: Any) -> dict[str, list[str]]:
     return patterns
 
 
-def _config_root(cfg: JobConfig, hub: HubDataset, root: Path, commit: str, context: str) -> Path:
-    """SFT_DATASET_CONFIG: the configuration the card declares (its `data_dir`, or its parquet `data_files` per split,
-    linked into `{split}/` folders under SFT_CACHE_DIR), else the folder of that name (what
+def _config_root(name: str, storage: StorageConfig, hub: HubDataset, root: Path, commit: str, context: str) -> Path:
+    """SFT_DATASET_CONFIG (name): the configuration the card declares (its `data_dir`, or its parquet `data_files` per
+    split, linked into `{split}/` folders under SFT_CACHE_DIR), else the folder of that name (what
     push_to_hub(config_name=...) writes beside the card's entry)."""
-    name = cfg.data.config or ""
     declared = _declared_configs(root / "README.md").get(name)
     if declared is None:
         if (root / name).is_dir():
@@ -186,7 +186,7 @@ def _config_root(cfg: JobConfig, hub: HubDataset, root: Path, commit: str, conte
                         f"folder (it has: {', '.join(known) or 'none'}); unset it or name one of them")
     if declared.get("data_dir"):
         return root / str(declared["data_dir"])
-    view = cache_dir(cfg) / "hub-configs" / hub.repo_id / commit / name
+    view = cache_dir(storage) / "hub-configs" / hub.repo_id / commit / name
     shutil.rmtree(view, ignore_errors=True)
     for split, patterns in _split_patterns(declared.get("data_files")).items():
         matched = sorted({p for pattern in patterns for p in root.glob(pattern) if p.is_file()})
@@ -205,12 +205,12 @@ def localize(cfg: JobConfig) -> Sources:
     they are (from_pretrained downloads a Hub model itself)."""
     dataset, model, commit, etags = cfg.data.uri, cfg.model.id, None, None
     if dataset and source_kind(dataset, "dataset") == "s3":
-        mirrored, etags = _mirror(cfg, dataset, "datasets")
+        mirrored, etags = _mirror(cfg.storage, dataset, "datasets")
         dataset = str(mirrored)
     elif (hub := hub_dataset(dataset)) is not None:
-        root, commit = _hub_snapshot(cfg, hub)
+        root, commit = _hub_snapshot(cfg.data, cfg.storage, hub)
         dataset = str(root)
         print(f"dataset: Hub {hub.repo_id} revision {cfg.data.revision or 'main'} = commit {commit}", flush=True)
     if source_kind(model, "model") == "s3":
-        model = str(_mirror(cfg, model, "models")[0])
+        model = str(_mirror(cfg.storage, model, "models")[0])
     return Sources(cfg.data.uri, cfg.model.id, dataset, model, commit, etags)

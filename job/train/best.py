@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from job import outputs
 from job.config.schema import JobConfig
+from job.config.sections import DataConfig, EvalConfig
 from job.eval.generate import compute_metrics, gold_label, score_labels
 from job.eval.metrics import probability_metrics, stratified_rows
 from job.eval.score import LabelSet, argmax_labels
@@ -109,19 +110,19 @@ def load_best_adapter(model, root: Path) -> BestState | None:
     return state
 
 
-def during_train_subset(cfg: JobConfig, eval_ds):
+def during_train_subset(data: DataConfig, eval_cfg: EvalConfig, eval_ds):
     """The SFT_EVAL_DURING_TRAIN_ROWS eval rows that every eval during training scores, the same in every process
     (resume included): stratified by gold label, so that a file sorted by label still gives every label its rows
     (the colour test's eval file, red 5 then blue 3, green 2, yellow 1, purple 1: its first 8 rows held no green,
     yellow or purple, and macro-F1 over them ignored three labels of five)."""
-    golds = [gold_label(t, cfg.data.label_field) for t in eval_ds[cfg.data.target_key]]
-    chosen = stratified_rows(golds, cfg.eval.during_train_rows)
+    golds = [gold_label(t, data.label_field) for t in eval_ds[data.target_key]]
+    chosen = stratified_rows(golds, eval_cfg.during_train_rows)
     counts: dict[str, int] = {}
     for i in chosen:
         counts[golds[i]] = counts.get(golds[i], 0) + 1
     if distributed.is_main_process():  # the rank that scores them
         log.info("eval during training: %d of %d eval rows, every %d steps (%s)", len(chosen), len(golds),
-                 cfg.eval.steps, ", ".join(f"{label} {k}" for label, k in counts.items()))
+                 eval_cfg.steps, ", ".join(f"{label} {k}" for label, k in counts.items()))
     return eval_ds.select(chosen)
 
 

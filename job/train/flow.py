@@ -39,7 +39,7 @@ def _during_train_eval(p: Prepared, run, guard: PreemptionGuard, resume_from: st
     if p.cfg.eval.steps is None or p.label_set is None:  # no label set with SFT_EVAL_STEPS is refused in prepare_run
         return None
     restored = distributed.main_process_result(best.restore, p.paths.root, resume_from)
-    rows = best.during_train_subset(p.cfg, p.eval_ds)
+    rows = best.during_train_subset(p.cfg.data, p.cfg.eval, p.eval_ds)
     return best.BestCheckpointCallback(
         best.DuringTrainEval(p.cfg, rows, p.eval_collator, p.label_set, p.paths.root, run, restored), guard)
 

@@ -16,6 +16,7 @@ from typing import Any
 from job import inputs
 from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator, build_collators
 from job.config.schema import JobConfig
+from job.config.sections import DataConfig, EvalConfig, ExportConfig, HubConfig, ModelConfig, StorageConfig
 from job.errors import DataError
 from job.eval.generate import gold_label
 from job.eval.score import LabelSet
@@ -26,7 +27,7 @@ from job.preflight.run import apply_plan, run_preflight
 from job.storage import s3 as s3io
 from job.storage.checkpoints import RemoteCheckpoints
 from job.storage.hub import check_push_access, parse_min_metric
-from job.storage.sources import Sources, localize, source_kind
+from job.storage.sources import localize, source_kind
 from job.train import distributed, resume
 from job.utils import tracking
 from job.utils.redact import redact
@@ -40,7 +41,7 @@ def _seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
-def _resolve_run_id(cfg: JobConfig, sources: Sources, preflight: dict) -> str:
+def _resolve_run_id(cfg: JobConfig, preflight: dict) -> str:
     """SFT_RUN_ID; unset, the run id of the checkpoint a rerun continues; else one derived from the data and the
     training settings (the resume fingerprint's), so that a restarted pod (no local checkpoint, the same settings)
     finds its checkpoints under SFT_CHECKPOINT_URI and continues its W&B run."""
@@ -57,13 +58,13 @@ def _resolve_run_id(cfg: JobConfig, sources: Sources, preflight: dict) -> str:
     return derived
 
 
-def _uses_hub(cfg: JobConfig) -> bool:
-    return "hub" in (source_kind(cfg.model.id, "model"), source_kind(cfg.data.uri or ".", "dataset"))
+def _uses_hub(model: ModelConfig, data: DataConfig) -> bool:
+    return "hub" in (source_kind(model.id, "model"), source_kind(data.uri or ".", "dataset"))
 
 
-def _hub_access(cfg: JobConfig) -> None:
+def _hub_access(model: ModelConfig, data: DataConfig) -> None:
     """The Hub is used only for a model or dataset that is not local. Tokens come from HF_TOKEN (never logged)."""
-    if not _uses_hub(cfg):
+    if not _uses_hub(model, data):
         return
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         log.info("Hub: HF_HUB_OFFLINE=1, using the local cache only")
@@ -82,26 +83,26 @@ def _check_supervised_tokens(collator: Qwen3VisionSFTCollator, train_ds, batch_s
     return counts
 
 
-def _remote_checkpoints(cfg: JobConfig, run_id: str) -> RemoteCheckpoints | None:
-    """The object-store checkpoint sync, write-probed before any GPU time is spent (None without a URI).
+def _remote_checkpoints(storage: StorageConfig, keep: int, run_id: str) -> RemoteCheckpoints | None:
+    """The object-store checkpoint sync (keeping SFT_SAVE_TOTAL_LIMIT, `keep`), write-probed before any GPU time is
+    spent (None without a URI).
 
     Every rank gets one (each node restores the checkpoint it resumes from); only rank 0 probes and uploads.
     """
-    uri = cfg.storage.checkpoint_uri
+    uri = storage.checkpoint_uri
     if not uri:
         return None
 
-    remote = RemoteCheckpoints(uri, run_id, keep=cfg.train.save_total_limit, concurrency=cfg.storage.s3_concurrency)
+    remote = RemoteCheckpoints(uri, run_id, keep=keep, concurrency=storage.s3_concurrency)
     distributed.main_process_result(s3io.probe_write, remote.s3, remote.run_uri)
     return remote
 
 
-def _check_publish_access(cfg: JobConfig) -> None:
-    if cfg.hub.repo_id and distributed.is_main_process():
-
-        log.info("Hub: push as %s to %s", check_push_access(cfg.hub.repo_id), cfg.hub.repo_id)
-    export_repo = cfg.export.repo_id
-    if cfg.export.enabled and export_repo and distributed.is_main_process():  # the export after training pushes
+def _check_publish_access(hub: HubConfig, export: ExportConfig) -> None:
+    if hub.repo_id and distributed.is_main_process():
+        log.info("Hub: push as %s to %s", check_push_access(hub.repo_id), hub.repo_id)
+    export_repo = export.repo_id
+    if export.enabled and export_repo and distributed.is_main_process():  # the export after training pushes
         log.info("Hub: merged model pushed as %s to %s", check_push_access(export_repo, "SFT_EXPORT_REPO_ID"),
                  export_repo)
 
@@ -141,49 +142,49 @@ def prepare_run(cfg: JobConfig, timer: Timer) -> Prepared:
     distributed.init_process_group()
     _seed_everything(cfg.train.seed)
     distributed.every_rank_ok(early.check_inputs, cfg, "run")  # paths and each node's output dir, before downloads
-    _hub_access(cfg)
+    _hub_access(cfg.model, cfg.data)
     with distributed.local_main_first():  # one download per node into the shared cache
         sources = localize(cfg)
         early.check_lora_targets(cfg.model, cfg.lora, sources.model_path)  # config.json on the meta device
         processor = early.load_processor_checked(cfg.model, cfg.image, sources.model_path)
     train_ds, eval_ds, preflight = _checked_datasets(cfg, sources.dataset_path, processor)
-    run_id = distributed.main_process_result(_resolve_run_id, cfg, sources, preflight)  # rank 0's disk decides
+    run_id = distributed.main_process_result(_resolve_run_id, cfg, preflight)  # rank 0's disk decides
     log.info("data: %d train rows, %d eval rows from %s", len(train_ds), len(eval_ds), sources.dataset_path)
-    remote = _remote_checkpoints(cfg, run_id)
-    distributed.main_process_result(_check_publish_access, cfg)
+    remote = _remote_checkpoints(cfg.storage, cfg.train.save_total_limit, run_id)
+    distributed.main_process_result(_check_publish_access, cfg.hub, cfg.export)
     paths = RunPaths(Path(cfg.train.output_dir)).create()
     collator, eval_collator = build_collators(cfg.data, cfg.train.max_length, processor)
     _check_supervised_tokens(collator, train_ds, cfg.train.per_device_batch_size)
-    label_set = training_label_set(cfg, train_ds)
-    check_gate_measurable(cfg, label_set, eval_ds)
+    label_set = training_label_set(cfg.data, cfg.eval, train_ds)
+    check_gate_measurable(cfg.hub, cfg.data, label_set, eval_ds)
     timer.track("setup", started)
     return Prepared(cfg, sources, paths, run_id, remote, processor, train_ds, eval_ds, collator, eval_collator,
                     preflight, label_set)
 
 
-def training_label_set(cfg: JobConfig, train_ds) -> LabelSet | None:
+def training_label_set(data: DataConfig, eval_cfg: EvalConfig, train_ds) -> LabelSet | None:
     """The label set (job.inputs.label_set), which SFT_EVAL_STEPS needs: without one it is exit 2 here, before any
     weight loads."""
-    label_set = inputs.label_set(cfg.data, cfg.eval.mode, train_ds)
-    if cfg.eval.steps is not None and label_set is None:
+    label_set = inputs.label_set(data, eval_cfg.mode, train_ds)
+    if eval_cfg.steps is not None and label_set is None:
         raise DataError(
             "SFT_EVAL_STEPS scores the labels during training, and the training targets give no label set to score "
-            f"('{cfg.data.label_field}' must be the first key of every target): unset SFT_EVAL_STEPS")
+            f"('{data.label_field}' must be the first key of every target): unset SFT_EVAL_STEPS")
     return label_set
 
 
-def check_gate_measurable(cfg: JobConfig, label_set: LabelSet | None, eval_ds) -> None:
+def check_gate_measurable(hub: HubConfig, data: DataConfig, label_set: LabelSet | None, eval_ds) -> None:
     """A gate on a scoring metric (SFT_PUSH_MIN_METRIC=roc_auc:...) that the post-eval cannot measure is exit 2 here,
     before any weights load, not a refusal (exit 4) after the whole training: without a label set there is no
     scoring, and with one gold label in the eval split ROC-AUC is undefined."""
-    threshold = parse_min_metric(cfg.hub.min_metric)
+    threshold = parse_min_metric(hub.min_metric)
     if threshold is None or threshold[0] not in SCORED_GATE_METRICS:
         return
-    spec = f"SFT_PUSH_MIN_METRIC={cfg.hub.min_metric}"
+    spec = f"SFT_PUSH_MIN_METRIC={hub.min_metric}"
     if label_set is None:
         raise DataError(f"{spec} needs scoring mode, and the training targets give no label set to score "
-                        f"('{cfg.data.label_field}' must be the first key of every target): gate on macro_f1")
-    golds = {gold_label(t, cfg.data.label_field) for t in eval_ds[cfg.data.target_key]}
+                        f"('{data.label_field}' must be the first key of every target): gate on macro_f1")
+    golds = {gold_label(t, data.label_field) for t in eval_ds[data.target_key]}
     if len(golds) < 2:
         raise DataError(f"{spec}: the eval split has one gold label ({', '.join(sorted(golds))}), so ROC-AUC is "
                         "undefined: add rows of another label to the eval split, or gate on accuracy")

@@ -216,14 +216,14 @@ def test_an_unset_run_id_is_derived_from_the_data_and_the_training_settings(tmp_
     env = {"SFT_DATASET_URI": str(tmp_path), "SFT_OUTPUT_DIR": str(tmp_path / "out")}
     cfg = build_cfg(CARD, env)
     data = {"train": "a" * 64, "eval": "b" * 64}
-    run_id = _resolve_run_id(cfg, localize(cfg), {"data_fingerprint": data})
+    run_id = _resolve_run_id(cfg, {"data_fingerprint": data})
     assert run_id == derived_run_id(cfg, data) and run_id.startswith("qwen3-sft-") and len(run_id) == 22
     assert f"run id: {run_id} (SFT_RUN_ID unset: derived from the data fingerprint" in capsys.readouterr().out
     assert derived_run_id(cfg.replace(train={"output_dir": "elsewhere"}, eval={"batch_size": 1}), data) == run_id
     assert derived_run_id(cfg.replace(train={"learning_rate": 1e-3}), data) != run_id
     assert derived_run_id(cfg, {**data, "train": "c" * 64}) != run_id
     named = cfg.replace(train={"run_id": "mine"})
-    assert _resolve_run_id(named, localize(named), {"data_fingerprint": data}) == "mine"
+    assert _resolve_run_id(named, {"data_fingerprint": data}) == "mine"
 
 
 # -- layouts -----------------------------------------------------------------------------------------------------

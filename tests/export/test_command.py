@@ -339,9 +339,11 @@ def test_reload_script_is_the_docs_recipe():
 def test_publish_access_of_the_run_covers_the_export_repo(loopback_hub):
     """SFT_EXPORT=true with SFT_EXPORT_REPO_ID: the token is checked before training (whoami), not after it. The
     loopback Hub refuses every whoami, so a check that runs fails naming the setting."""
-    prepare._check_publish_access(build_cfg(CARD, {"SFT_EXPORT_REPO_ID": "org/merged"}))  # no export: no check
+    unexported = build_cfg(CARD, {"SFT_EXPORT_REPO_ID": "org/merged"})
+    prepare._check_publish_access(unexported.hub, unexported.export)  # no export: no check
+    exported = build_cfg(CARD, {"SFT_EXPORT_REPO_ID": "org/merged", "SFT_EXPORT": "true"})
     with pytest.raises(UserError, match="SFT_EXPORT_REPO_ID"):
-        prepare._check_publish_access(build_cfg(CARD, {"SFT_EXPORT_REPO_ID": "org/merged", "SFT_EXPORT": "true"}))
+        prepare._check_publish_access(exported.hub, exported.export)
 
 
 def _publish_setup(tmp_path: Path, env: dict[str, str], post: dict | None = None):

@@ -441,11 +441,12 @@ def test_a_gate_on_roc_auc_is_checked_before_any_weights():
     targets = [json.dumps({"label": v}) for v in ("red", "blue", "red")]
     labels = LabelSet.from_targets(targets, "label")
     with pytest.raises(DataError, match="no label set to score"):
-        check_gate_measurable(cfg, None, datasets.Dataset.from_dict({"target_json": targets}))
+        check_gate_measurable(cfg.hub, cfg.data, None, datasets.Dataset.from_dict({"target_json": targets}))
     with pytest.raises(DataError, match=r"one gold label \(red\), so ROC-AUC is undefined"):
-        check_gate_measurable(cfg, labels, datasets.Dataset.from_dict({"target_json": targets[:1] * 2}))
-    check_gate_measurable(cfg, labels, datasets.Dataset.from_dict({"target_json": targets}))
-    check_gate_measurable(build_cfg(card, {"SFT_PUSH_MIN_METRIC": "weighted_f1:0.5"}), None, None)  # every eval has it
+        check_gate_measurable(cfg.hub, cfg.data, labels, datasets.Dataset.from_dict({"target_json": targets[:1] * 2}))
+    check_gate_measurable(cfg.hub, cfg.data, labels, datasets.Dataset.from_dict({"target_json": targets}))
+    weighted = build_cfg(card, {"SFT_PUSH_MIN_METRIC": "weighted_f1:0.5"})
+    check_gate_measurable(weighted.hub, weighted.data, None, None)  # every eval measures it
     metrics = {"pre": {"roc_auc": 0.5}, "post": {"roc_auc": 0.75}}
     refused = (False, "post roc_auc=0.7500 is below SFT_PUSH_MIN_METRIC 0.8")
     assert gate_decision(metrics, "roc_auc:0.8", True) == refused
