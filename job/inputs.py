@@ -22,7 +22,7 @@ from typing import Any
 
 from job.collators.qwen3_collator import Qwen3VisionSFTCollator, build_collators
 from job.config.schema import JobConfig
-from job.config.sections import DataConfig
+from job.config.sections.data import DataConfig
 from job.data.loaders import load_train_dataset
 from job.errors import DataError
 from job.eval.score import LabelSet, resolve_mode

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from job.config.sections import ImageConfig, LoraConfig, ModelConfig
+from job.config.sections.data import ImageConfig
+from job.config.sections.model import LoraConfig, ModelConfig
 from job.errors import ConfigError
 
 log = logging.getLogger(__name__)

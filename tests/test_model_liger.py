@@ -15,7 +15,7 @@ import pytest
 from job import model as model_mod
 from job.cards import ModelCards
 from job.config.schema import build_cfg
-from job.config.sections import ModelConfig
+from job.config.sections.model import ModelConfig
 from job.errors import ConfigError
 from job.model import apply_liger, liger_wanted
 

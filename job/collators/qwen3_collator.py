@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from job.config.sections import DataConfig
+from job.config.sections.data import DataConfig
 from job.data.rows import RowProblem, load_image, query_problem, row_name, target_text
 from job.errors import DataError
 from job.prompts import Queries

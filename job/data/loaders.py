@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from job.config.sections import DataConfig
+from job.config.sections.data import DataConfig
 from job.data.holdout import ROW_ID, holdout_sides
 from job.data.layouts import JSONL_SUFFIXES, SplitFiles, expected_layouts, find_split, single_split_source, whole_source
 from job.errors import DataError, TransientError

@@ -29,7 +29,9 @@ from typing import Any
 
 from job import outputs
 from job.config.schema import JobConfig
-from job.config.sections import DataConfig, EvalConfig, ModelConfig
+from job.config.sections.data import DataConfig
+from job.config.sections.eval import EvalConfig
+from job.config.sections.model import ModelConfig
 from job.errors import GateRefused, MergeMismatch
 from job.eval.generate import compute_metrics, evaluate_qwen3, next_token_logits
 from job.export import merge

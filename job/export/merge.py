@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from job.config.sections import EvalConfig, ModelConfig
+from job.config.sections.eval import EvalConfig
+from job.config.sections.model import ModelConfig
 from job.eval.generate import generation_kwargs
 from job.model import compute_dtype, device_map, from_pretrained_with_attn, has_cuda
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Literal
 
 from job.config.schema import JobConfig
-from job.config.sections import DataConfig, ImageConfig, LoraConfig, ModelConfig
+from job.config.sections.data import DataConfig, ImageConfig
+from job.config.sections.model import LoraConfig, ModelConfig
 from job.errors import ConfigError, classified
 from job.model import load_processor, lora_target_regex
 from job.storage.s3 import S3Uri

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from job.config.schema import JobConfig
-from job.config.sections import DataConfig, StorageConfig
+from job.config.sections.data import DataConfig
+from job.config.sections.outputs import StorageConfig
 from job.errors import UserError, classified
 from job.storage import s3 as s3io
 from job.utils.library_errors import hub_offline

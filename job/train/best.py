@@ -26,7 +26,8 @@ from transformers import TrainerCallback
 
 from job import outputs
 from job.config.schema import JobConfig
-from job.config.sections import DataConfig, EvalConfig
+from job.config.sections.data import DataConfig
+from job.config.sections.eval import EvalConfig
 from job.eval.generate import compute_metrics, gold_label, score_labels
 from job.eval.metrics import probability_metrics, stratified_rows
 from job.eval.score import LabelSet, argmax_labels

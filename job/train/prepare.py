@@ -16,7 +16,10 @@ from typing import Any
 from job import inputs
 from job.collators.qwen3_collator import IGNORE_INDEX, Qwen3VisionSFTCollator, build_collators
 from job.config.schema import JobConfig
-from job.config.sections import DataConfig, EvalConfig, ExportConfig, HubConfig, ModelConfig, StorageConfig
+from job.config.sections.data import DataConfig
+from job.config.sections.eval import EvalConfig
+from job.config.sections.model import ModelConfig
+from job.config.sections.outputs import ExportConfig, HubConfig, StorageConfig
 from job.errors import DataError
 from job.eval.generate import gold_label
 from job.eval.score import LabelSet
