@@ -276,7 +276,8 @@ def test_export_writes_a_verified_merged_model(exported, reference_run):
         "vllm_adapter": f"python -m vllm.entrypoints.openai.api_server --model {base} --enable-lora --lora-modules "
                         f"test-run={out}/adapter --max-lora-rank 16 --max-model-len 520 --limit-mm-per-prompt "
                         "'{\"image\": 1}' --mm-processor-kwargs '{\"size\": {\"shortest_edge\": 4096, "
-                        "\"longest_edge\": 16384}}' --override-generation-config '{\"top_k\": 1, \"max_new_tokens\": 8}'",
+                        "\"longest_edge\": 16384}}' --override-generation-config "
+                        "'{\"top_k\": 1, \"max_new_tokens\": 8}'",
     }
     eq = report["equivalence"]
     assert report["dtype"] == eq["dtype"] == "float32" and eq["rows"] == 4 and eq["identical"] == 4 and eq["passed"]
