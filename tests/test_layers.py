@@ -13,12 +13,12 @@ from pathlib import Path
 
 from helpers import REPO
 
-# From the bottom up: what every module may use (errors, prompts, cards, the metric table, utils); config; storage;
-# data and collators; the model, the outputs, the eval core and the training parts; the checks before training and
-# the commands' set-up (job.inputs); the flows (the run's steps beside it, eval, export); the entry points and the
-# demo. A prefix names a package and everything in it (the longest prefix wins).
+# From the bottom up: what every module may use (errors, prompts, cards, the metric table, the serve commands,
+# utils); config; storage; data and collators; the model, the outputs, the eval core and the training parts; the
+# checks before training and the commands' set-up (job.inputs); the flows (the run's steps beside it, eval, export);
+# the entry points and the demo. A prefix names a package and everything in it (the longest prefix wins).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("job.errors", "job.prompts", "job.cards", "job.metric_table", "job.utils"),
+    ("job.errors", "job.prompts", "job.cards", "job.metric_table", "job.serving", "job.utils"),
     ("job.config",),
     ("job.storage",),
     ("job.data.rows", "job.collators", "job.data.checks", "job.data.holdout", "job.data.layouts", "job.data.loaders",

@@ -19,10 +19,14 @@ import sys
 from pathlib import Path
 
 ASSETS = importlib.resources.files("job.demo") / "assets" / "qwen3_vl"
+# Head size 32, the smallest vLLM's CPU attention kernel accepts (it refuses 16: "Unsupported CPU attention
+# configuration: head_dim=16"), so `make serve-check` can serve the demo. 2 query heads sharing 1 key/value head: the
+# same projection shapes as 4 x 16 sharing 2 x 16 (hidden 64 -> 64 queries, 32 keys, 32 values), so the same cost.
+# mrope_section splits the 16 rotary frequencies as the 8B's [24, 20, 20] splits its 64 (T, then H and W interleaved).
 TINY_TEXT = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=16, max_position_embeddings=4096,
-    rope_scaling={"mrope_interleaved": True, "mrope_section": [4, 2, 2], "rope_type": "default"},
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+    head_dim=32, max_position_embeddings=4096,
+    rope_scaling={"mrope_interleaved": True, "mrope_section": [6, 5, 5], "rope_type": "default"},
 )
 TINY_VISION = dict(
     depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, deepstack_visual_indexes=[1]

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from job import outputs
+from job import outputs, serving
 from job.config.schema import JobConfig
 from job.config.sections.data import DataConfig
 from job.config.sections.eval import EvalConfig
@@ -229,7 +229,8 @@ def run_export(cfg: JobConfig, *, after_run: bool = False) -> dict[str, Any]:
                            base_model=sources.model_id,
                            dtype=eq["dtype"], device="cuda" if has_cuda() else "cpu", row_ids=verifier.row_ids,
                            eq=eq, max_drop=cfg.export.max_drop, versions=outputs.package_versions(),
-                           prompt=_prompt_format(cfg.data, cfg.eval))
+                           prompt=_prompt_format(cfg.data, cfg.eval),
+                           serve=_serve_commands(cfg, sources, adapter, out, run_id))
         if not eq["passed"]:
             _write_report(out, build_report(metrics={**scalars, "qlora": None}, qlora_source="not evaluated",
                                             **report_args))
@@ -252,6 +253,20 @@ def _prompt_format(data: DataConfig, eval_cfg: EvalConfig) -> dict:
     return {"system": data.system_prompt or None,
             "user": "the image, then the query; a non-empty caption appended as '\\nCAPTION: <caption>'",
             "max_new_tokens": eval_cfg.max_new_tokens, "do_sample": eval_cfg.do_sample}
+
+
+def _serve_commands(cfg: JobConfig, sources: Sources, adapter: Path, out: Path, run_id: str) -> dict[str, str]:
+    """vLLM's server lines for the merged model (SFT_EXPORT_REPO_ID when it is pushed there) and for the base + this
+    adapter, with the rank and the pixel bounds the adapter's own files record (job/serving.py)."""
+    model_len = serving.max_model_len(cfg.train.max_length, cfg.eval.max_new_tokens)
+    pixels = serving.saved_pixel_bounds(adapter) or serving.pixel_bounds(cfg.image.min_pixels, cfg.image.max_pixels)
+    rank = (_read_json(adapter / "adapter_config.json") or {}).get("r") or cfg.lora.r
+    return {
+        "vllm_merged": serving.vllm_merged(cfg.export.repo_id or str(out / MERGED), run_id, model_len=model_len),
+        "vllm_adapter": serving.vllm_adapter(sources.model_id, str(adapter), run_id, revision=cfg.model.revision,
+                                             lora_rank=rank, pixels=pixels, model_len=model_len,
+                                             max_new_tokens=cfg.eval.max_new_tokens),
+    }
 
 
 def _card(cfg: JobConfig, sources: Sources, out: Path, report: dict, staging: Path) -> None:

@@ -20,6 +20,7 @@ from job.config.sections.eval import EvalConfig
 from job.config.sections.model import ModelConfig
 from job.eval.generate import generation_kwargs
 from job.model import compute_dtype, device_map, from_pretrained_with_attn, has_cuda
+from job.serving import GREEDY
 
 log = logging.getLogger("job.export")
 MAX_SHARD_SIZE = "5GB"  # the Hub's and vLLM's usual shard size: 8B in bf16 is 4 shards
@@ -86,11 +87,12 @@ def merge(peft_model):
 
 def generation_config(model, processor, eval_cfg: EvalConfig):
     """The base's generation config with the decoding the export verified: greedy (or SFT_EVAL_DO_SAMPLE's sampling),
-    max_new_tokens and the stop tokens of eval. vLLM and SGLang read it as their default sampling parameters."""
+    max_new_tokens and the stop tokens of eval. vLLM and SGLang read it as their default sampling parameters but not
+    its do_sample, so greedy is written as sampling from the top 1 token (job/serving.py says why not temperature 0)."""
     config = copy.deepcopy(model.generation_config)
     config.update(**generation_kwargs(processor, eval_cfg))
     if not config.do_sample:
-        config.update(temperature=None, top_p=None, top_k=None)
+        config.update(do_sample=True, temperature=None, top_p=None, **GREEDY)
     return config
 
 

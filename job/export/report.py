@@ -87,12 +87,13 @@ def drop_decision(cost: dict[str, dict[str, float | None]], max_drop: float) -> 
 
 def build_report(*, run_id: str, adapter: Path, adapter_sha256: str, base_model: str, dtype: str, device: str,
                  row_ids: list[str], eq: dict, metrics: dict[str, dict | None], qlora_source: str,
-                 max_drop: float, versions: dict, prompt: dict | None = None) -> dict[str, Any]:
+                 max_drop: float, versions: dict, prompt: dict | None = None,
+                 serve: dict[str, str] | None = None) -> dict[str, Any]:
     cost = merge_cost(metrics.get("qlora"), metrics["merged"] or {})
     passed, reason = drop_decision(cost, max_drop)
     return {
         "run_id": run_id, "base_model": base_model, "adapter": {"path": str(adapter), "sha256": adapter_sha256},
-        "dtype": dtype, "device": device, "prompt": prompt, "rows": len(row_ids), "row_ids": row_ids,
+        "dtype": dtype, "device": device, "prompt": prompt, "serve": serve, "rows": len(row_ids), "row_ids": row_ids,
         "equivalence": eq, "metrics": metrics, "qlora_source": qlora_source, "merge_cost": cost,
         "drop_gate": {"metrics": list(DROP_GATE_METRICS), "max_drop": max_drop, "passed": passed, "reason": reason},
         "publish": {"gate": None, "pushed_to": None}, "versions": versions,
@@ -165,9 +166,25 @@ Details in `export_report.json`.
 - generation prompt from the chat template; greedy, `max_new_tokens={cfg.eval.max_new_tokens}`; the answer is
   one JSON object such as `{{"{cfg.data.label_field}": "sarcastic"}}`
 
-## Lineage
+{_serve_section(report.get("serve"))}## Lineage
 
 {base_model_line(lineage['base_model'], lineage.get('base_model_revision'))}
 - dataset: `{lineage.get('dataset_uri')}`; code: git `{lineage.get('git_sha')}`, image `{lineage.get('image_digest')}`
+"""
+
+
+def _serve_section(serve: dict[str, str] | None) -> str:
+    """vLLM's server line for this model (export_report.json's `serve`): greedy with no temperature in the request."""
+    if not serve:
+        return ""
+    return f"""## Serve with vLLM
+
+Greedy, `max_tokens` and the trained pixel bounds come from this model's own files, so a request without sampling
+settings gets the verified answers (the OpenAI-compatible chat API; the prompt format above):
+
+```bash
+{serve['vllm_merged']}
+```
+
 """
 

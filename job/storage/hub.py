@@ -8,6 +8,7 @@ import os
 import re
 from pathlib import Path
 
+from job import serving
 from job.config.schema import JobConfig
 from job.errors import UserError, classified
 from job.metric_table import CARD_WHEN_MEASURED, CORE_METRICS, PRIMARY
@@ -123,7 +124,7 @@ def _card_body(cfg: JobConfig, run_id: str, metrics: dict, lineage: dict) -> str
 {train_cfg}
 ```
 
-{how_to_use(cfg, metrics, lineage)}"""
+{how_to_use(cfg, run_id, metrics, lineage)}"""
 
 
 def _version(version) -> str:
@@ -152,8 +153,9 @@ def _pictures(metrics: dict) -> str:
     return "\n" + "\n".join(f"![{titles.get(name, name)}]({path})" for name, path in files.items()) + "\n"
 
 
-def how_to_use(cfg: JobConfig, metrics: dict, lineage: dict) -> str:
-    """The exact prompt the adapter was trained on (Qwen3VisionSFTCollator.chat_text) and a runnable example."""
+def how_to_use(cfg: JobConfig, run_id: str, metrics: dict, lineage: dict) -> str:
+    """The exact prompt the adapter was trained on (Qwen3VisionSFTCollator.chat_text), a runnable example and vLLM's
+    server line for the base + this adapter (job/serving.py)."""
     data = cfg.data
     label_set = metrics.get("label_set") or {}
     field = label_set.get("field") or data.label_field
@@ -198,6 +200,24 @@ inputs = processor(text=[text], images=[Image.open("image.png").convert("RGB")],
 output = model.generate(**inputs, max_new_tokens={cfg.eval.max_new_tokens}, do_sample=False)
 answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
 verdict = json.loads(answer)  # {{"{field}": ...}}
+```
+{_vllm_section(cfg, run_id, lineage, where)}"""
+
+
+def _vllm_section(cfg: JobConfig, run_id: str, lineage: dict, where: str) -> str:
+    """vLLM's server line for the base + this adapter (job/serving.py, docs/export.md "Serving recipes")."""
+    served = serving.vllm_adapter(lineage["base_model"], where, run_id, revision=lineage.get("base_model_revision"),
+                                  lora_rank=cfg.lora.r,
+                                  pixels=serving.pixel_bounds(cfg.image.min_pixels, cfg.image.max_pixels),
+                                  model_len=serving.max_model_len(cfg.train.max_length, cfg.eval.max_new_tokens),
+                                  max_new_tokens=cfg.eval.max_new_tokens)
+    return f"""
+Served by vLLM's OpenAI-compatible server, the base model with this adapter as the LoRA module `{run_id}` (a
+request's `model`); the server line sets greedy decoding, `max_tokens` and the pixel bounds this adapter was trained
+with, so a request needs no sampling settings:
+
+```bash
+{served}
 ```
 """
 

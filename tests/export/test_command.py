@@ -250,7 +250,7 @@ def exported(reference_run, zygote, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_export_writes_a_verified_merged_model(exported):
+def test_export_writes_a_verified_merged_model(exported, reference_run):
     tmp, done = exported
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     merged = tmp / "out" / "merged"
@@ -263,8 +263,22 @@ def test_export_writes_a_verified_merged_model(exported):
     processor = json.loads((merged / "processor_config.json").read_text())["image_processor"]
     assert processor["size"] == {"shortest_edge": 4096, "longest_edge": 16384}  # the training pixel bounds
     generation = json.loads((merged / "generation_config.json").read_text())
-    assert generation["do_sample"] is False and generation["max_new_tokens"] == 8
+    # greedy as the top 1 token (docs/export.md): servers that ignore do_sample read top_k; no temperature, no top_p
+    assert generation["do_sample"] is True and generation["top_k"] == 1 and generation["max_new_tokens"] == 8
+    assert not {"temperature", "top_p"} & generation.keys()
     report = json.loads((merged / "export_report.json").read_text())
+    # vLLM's server lines (job/serving.py): SFT_MAX_LENGTH 512 + 8 new tokens, the pixel bounds of the adapter's
+    # processor files, LoRA r 16, the run id as the served name
+    out, base = tmp / "out", reference_run.env["SFT_MODEL_ID"]
+    assert report["serve"] == {
+        "vllm_merged": f"python -m vllm.entrypoints.openai.api_server --model {out}/merged --served-model-name "
+                       "test-run --max-model-len 520 --limit-mm-per-prompt '{\"image\": 1}'",
+        "vllm_adapter": f"python -m vllm.entrypoints.openai.api_server --model {base} --enable-lora --lora-modules "
+                        f"test-run={out}/adapter --max-lora-rank 16 --max-model-len 520 --limit-mm-per-prompt "
+                        "'{\"image\": 1}' --mm-processor-kwargs '{\"size\": {\"shortest_edge\": 4096, "
+                        "\"longest_edge\": 16384}}' --override-generation-config "
+                        "'{\"top_k\": 1, \"max_new_tokens\": 8}'",
+    }
     eq = report["equivalence"]
     assert report["dtype"] == eq["dtype"] == "float32" and eq["rows"] == 4 and eq["identical"] == 4 and eq["passed"]
     assert 0 <= eq["max_abs_logit_diff"] < 1e-3
@@ -279,6 +293,7 @@ def test_export_writes_a_verified_merged_model(exported):
     assert not {"base_model", "base_model_relation", "base_model_revision"} & set(card.data.to_dict())
     assert card.data.pipeline_tag == "image-text-to-text"
     assert "a local copy (SFT_MODEL_ID), not a Hub model id" in card.text
+    assert f"```bash\n{report['serve']['vllm_merged']}\n```" in card.text
     assert json.loads((tmp / "out" / "eval" / "export_report.json").read_text())["equivalence"] == eq
 
 

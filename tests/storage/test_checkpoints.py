@@ -402,6 +402,14 @@ def test_the_cards_prompt_is_exact():
     assert f'"text": {json.dumps(prompt)}' in fences["python"]
     assert f"e.g.\n  `{target_text({'label': 'grün'}, 'row', 'target')}`" in card and "whose `label` is one of " \
         "`grün`, `rot`" in card
+    # vLLM's server line (docs/export.md, "Serving recipes"), the 8B card's defaults: SFT_MAX_LENGTH 2048 + 256
+    # new tokens, the pixel bounds 65536..1048576, LoRA r 16; no SFT_HUB_REPO_ID, so the adapter is a placeholder.
+    assert fences["bash"] == (
+        "python -m vllm.entrypoints.openai.api_server --model Qwen/Qwen3-VL-8B-Instruct --enable-lora "
+        "--lora-modules 'run-1=<this repo or directory>' --max-lora-rank 16 --max-model-len 2304 "
+        "--limit-mm-per-prompt '{\"image\": 1}' "
+        "--mm-processor-kwargs '{\"size\": {\"shortest_edge\": 65536, \"longest_edge\": 1048576}}' "
+        "--override-generation-config '{\"top_k\": 1, \"max_new_tokens\": 256}'\n")
     empty = build_cfg(ModelCards().qwen3_vl_8b_instruct, {"SFT_SYSTEM_PROMPT": ""})
     card = str(build_model_card(empty, "run-1", COLOUR_METRICS, NO_REVISION))
     assert "- no system prompt (SFT_SYSTEM_PROMPT was empty)" in card and '"role": "system"' not in card
