@@ -10,9 +10,9 @@ is documented in docs/configuration.md (its tables are kept equal to these field
 
 from __future__ import annotations
 
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from job.cards import ModelSpec
 from job.config.settings import (
@@ -29,6 +29,8 @@ NOT_MEASURED = {"generate": "turns scoring off (no label probabilities)",
                 "score": "generates no verdict (nothing to parse or match)"}
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a run id, a launch id
 _REPO = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"  # a Hub repo id
+# SFT_PER_DEVICE_BATCH_SIZE: rows per micro-batch, or `auto`: the largest that fits (job/train/micro_batch.py).
+MicroBatchSize = Annotated[int, Field(ge=1, le=512)] | Literal["auto"]
 
 
 class _Section(BaseModel):
@@ -162,7 +164,9 @@ class TrainConfig(_Section):
     warmup_ratio: float = setting(0.03, env="warmup_ratio", ge=0, lt=1, examples=["0.03"])
     weight_decay: float = setting(0.0, env="weight_decay", ge=0, lt=1, examples=["0.0"])
     max_grad_norm: float = setting(1.0, env="max_grad_norm", gt=0, examples=["1.0"])
-    per_device_batch_size: int = setting(2, env="per_device_batch_size", ge=1, le=512, examples=["2"])
+    # auto: the largest micro-batch that fits, keeping the effective batch of the default 2 (2 x SFT_GRAD_ACCUM x
+    # processes rows per optimizer step); the search moves rows from accumulation into the micro-batch
+    per_device_batch_size: MicroBatchSize = setting(2, env="per_device_batch_size", examples=["2", "auto"])
     grad_accum: int = setting(8, env="grad_accum", ge=1, le=4096, examples=["8"])
     max_length: int = setting(env="max_length", card="max_length", ge=64, le=262144, examples=["2048"])
     logging_steps: int = setting(10, env="logging_steps", ge=1, examples=["10"])
