@@ -72,7 +72,8 @@ def test_4bit_loading_leaves_the_patch_embedding_unquantized_and_runs_it_as_a_ge
     from job.config.schema import build_cfg
     from job.model import load_model
 
-    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, {"SFT_MODEL_ID": str(tiny_assets[0]), "SFT_LOAD_IN_4BIT": "true"})
+    env = {"SFT_MODEL_ID": str(tiny_assets[0]), "SFT_LOAD_IN_4BIT": "true"}
+    cfg = build_cfg(ModelCards().qwen3_vl_8b_instruct, env)
     model = load_model(cfg)
     embed = model.model.visual.patch_embed
     assert type(embed.proj) is torch.nn.Conv3d and embed.proj.weight.dtype == torch.float32

@@ -192,7 +192,6 @@ def search(sizes: Sequence[int], batch_of: Callable[[int], dict], step: Callable
                  trial.longest, trial.tokens, trial.outcome, peak, trial.seconds)
         if not trial.fits:
             break
-        gc.collect()
     return trials
 
 
@@ -236,7 +235,8 @@ def searched(cfg: JobConfig, trainer, train_ds, collator, memory: dict[str, str]
         why = ("fits on this rank's GPU but not on another rank's" if first.fits else "ran out of memory"
                if first.outcome == "out of memory" else f"peaked at {(first.peak_bytes or 0) / 2**30:.2f} GiB, "
                f"over the {HEADROOM:.0%} of the GPU's memory the search keeps free")
-        raise NoMicroBatchFits(first.longest, memory, why)
+        levers = {name: value for name, value in memory.items() if name != "SFT_PER_DEVICE_BATCH_SIZE"}  # 1 row
+        raise NoMicroBatchFits(first.longest, levers, why)
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     return MicroBatch(AUTO, agreed, share // agreed, processes, "search", tuple(trials),
                       HEADROOM if total else None, total, tuple(sizes))
@@ -252,6 +252,9 @@ def settle(cfg: JobConfig, trainer, train_ds, collator, resume_from: str | None,
                           distributed.world_size(), "setting")
     recorded = (distributed.main_process_result(resume.recorded_micro_batch, Path(resume_from))
                 if resume_from else None)
+    if resume_from and recorded is None:
+        log.warning("%s records no micro-batch: searching again (the resume is exact only if the search picks "
+                    "the size it was trained with)", Path(resume_from).name)
     if recorded is not None:
         chosen = replace(MicroBatch.from_json(recorded), source=Path(resume_from or "").name)
     else:
