@@ -122,7 +122,7 @@ def unknown_var_problems(env: Mapping[str, str], known: tuple[str, ...]) -> list
 def field_problems(exc: ValidationError, env: Mapping[str, str], settings_cls: type[FlatSettings]) -> list[str]:
     """One problem per variable: the errors of a union's members (`int` or `auto`) joined with "or"."""
     upper_env = {k.upper(): v for k, v in env.items()}
-    errors: dict[str, list[dict]] = {}
+    errors: dict[str, list[Any]] = {}
     for err in exc.errors():
         errors.setdefault(str(err["loc"][0]) if err["loc"] else "?", []).append(err)
     problems = []

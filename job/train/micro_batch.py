@@ -247,7 +247,7 @@ def settle(cfg: JobConfig, trainer, train_ds, collator, resume_from: str | None,
     """The micro-batch this run trains with, set on the trainer before train(): the setting's; with auto, the one
     recorded in the checkpoint it resumes, else the search's (recorded by rank 0 in the resume fingerprint)."""
     train = cfg.train
-    if train.per_device_batch_size != AUTO:
+    if isinstance(train.per_device_batch_size, int):
         return MicroBatch(train.per_device_batch_size, train.per_device_batch_size, train.grad_accum,
                           distributed.world_size(), "setting")
     recorded = (distributed.main_process_result(resume.recorded_micro_batch, Path(resume_from))

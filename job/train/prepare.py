@@ -153,7 +153,7 @@ def prepare_run(cfg: JobConfig, timer: Timer) -> Prepared:
     paths = RunPaths(Path(cfg.train.output_dir)).create()
     collator, eval_collator = build_collators(cfg, processor)
     size = cfg.train.per_device_batch_size
-    _check_supervised_tokens(collator, train_ds, micro_batch.DEFAULT_SIZE if size == micro_batch.AUTO else size)
+    _check_supervised_tokens(collator, train_ds, size if isinstance(size, int) else micro_batch.DEFAULT_SIZE)
     label_set = training_label_set(cfg, train_ds)
     check_gate_measurable(cfg, label_set, eval_ds)
     timer.track("setup", started)
