@@ -2,7 +2,8 @@
 
     python -m benchmarks.gpu_step [--steps 10] [--warmup 3] [--batch-size 4] [--rows 256] [--work-dir DIR]
     python -m benchmarks.gpu_step --dry-run      # CPU, tiny model, 2 steps: checks the plumbing (a test runs it)
-    python -m benchmarks.gpu_step --json results.jsonl --liger-ab --memory-probe 4096   # benchmarks/device/run.sh
+    python -m benchmarks.gpu_step --json results.jsonl --liger-ab --memory-probe 4096 --auto-batch --patch-embed-ab
+                                                               # benchmarks/device/run.sh (the last two: gpu_auto.py)
 
 What it does (GPU):
   1. builds `Qwen3VLForConditionalGeneration` from the 8B config (job/assets/qwen3_vl/config-8b-instruct.json, the
@@ -52,6 +53,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import load_average, machine, mixed_image_sizes, tiny_assets
+from benchmarks.gpu_auto import add_options, auto_micro_batch, measure_auto_batch, measure_vision
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 WORDS = ("oh great another monday wow love waiting line fantastic phone died again sure because traffic so much fun "
@@ -277,6 +279,7 @@ def run_stack(stack: str, data: str, cfg, model, processor, collator, dataset, a
     trainer, _, _ = build_trainer(stack_cfg, model, TrainingData(processor, collator, dataset), saving,
                                   f"bench-{stack}-{data}", [])
     trainer.args.save_strategy = "no"  # a benchmark: no checkpoints
+    searched = auto_micro_batch(stack_cfg, trainer, dataset, collator)
     sampler = type(trainer._get_train_sampler()).__name__
     meter = Meter(model.get_base_model().model, cuda)
     trainer.add_callback(meter.callback())
@@ -289,8 +292,9 @@ def run_stack(stack: str, data: str, cfg, model, processor, collator, dataset, a
         meter.close()
     result = meter.summary(args.warmup if warmup is None else warmup)
     flops = 4 * n_lm * result["tokens"] + 2 * n_vis * result["patches"]
-    result.update(stack=stack, data=data, sampler=sampler,
-                  batch_size=stack_cfg.train.per_device_batch_size,
+    result.update(stack=stack, data=data, sampler=sampler, **searched,
+                  batch_size=trainer.args.per_device_train_batch_size,
+                  grad_accum=trainer.args.gradient_accumulation_steps,
                   gradient_checkpointing=cfg.model.gradient_checkpointing,
                   peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
                   peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan"),
@@ -323,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-steps", type=int, default=3,
                         help="--memory-probe: steps (the first is warm-up unless --warmup 0)")
     parser.add_argument("--json", default=None, metavar="FILE", help="append one JSON line per measurement")
+    add_options(parser)
     args = parser.parse_args(argv)
     import torch
 
@@ -437,6 +442,10 @@ def _run(args, work: Path, cuda: bool) -> int:
         measure("ours", data, collator, ds)
     if probe is not None:
         measure("probe", probe[0], collator, probe[1], train_overrides=probe_train, warmup=probe_warmup)
+    if args.patch_embed_ab:
+        measure_vision(model, collator, datasets_["fixed"], args)
+    if args.auto_batch:
+        measure_auto_batch(measure, results, datasets_["mixed"], collator, args)
 
     stacks = {
         "baseline": "two-pass collator, random batches, sdpa, no Liger",

@@ -158,6 +158,20 @@ class OutOfMemory(UserError):
             f"size, the length or the pixel cap, or set SFT_GRADIENT_CHECKPOINTING=true){later}")
 
 
+class NoMicroBatchFits(UserError):
+    """SFT_PER_DEVICE_BATCH_SIZE=auto: not even one row of the longest batch fits in accelerator memory within the
+    search's headroom (job/train/micro_batch.py): exit 2, before the first step. `tokens` is that row's length
+    (visual tokens included), `settings` the memory levers and their values, as OutOfMemory names them."""
+
+    def __init__(self, tokens: int, settings: dict[str, str], why: str):
+        self.tokens, self.settings, self.why = tokens, dict(settings), why
+        levers = ", ".join(f"{name}={value}" for name, value in self.settings.items())
+        super().__init__(
+            f"SFT_PER_DEVICE_BATCH_SIZE=auto: not even one row fits in GPU memory: the longest row, {tokens} tokens "
+            f"(visual tokens included), {why}; lower the memory a row needs with {levers} (lower the length or "
+            "the pixel cap, or set SFT_GRADIENT_CHECKPOINTING=true), or train on a GPU with more memory")
+
+
 class CollectiveFailed(TransientError):
     """A collective (broadcast, all-reduce, barrier) across the ranks timed out or lost a peer: exit 3, naming the
     collective, this rank and the ranks it waited for. A retry of the pods can pass; a rank that failed first has

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from job import patch_embed
 from job.config.sections.data import ImageConfig
 from job.config.sections.model import LoraConfig, ModelConfig
 from job.errors import ConfigError
@@ -109,9 +110,10 @@ def load_model(model_cfg: ModelConfig, path: str):
     )
     model.config.use_cache = False  # the KV cache is useless (and warns) under gradient checkpointing
     keep_4bit_layout_unpacked(model)
-    log.info(
-        "model %s loaded: attn=%s 4bit=%s dtype=%s", model_cfg.id, attn, model_cfg.load_in_4bit, compute_dtype()
-    )
+    gemm = patch_embed.as_gemm(model)  # never a Conv3d kernel for the vision patches (job/patch_embed.py)
+    patch_embed.slow_conv_warning(torch.__version__, gemm)
+    log.info("model %s loaded: attn=%s 4bit=%s dtype=%s patch embedding as GEMM=%s", model_cfg.id, attn,
+             model_cfg.load_in_4bit, compute_dtype(), bool(gemm))
     return model
 
 

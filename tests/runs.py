@@ -31,11 +31,15 @@ The runs (fixture -> what it returns):
   accumulation 2, two dataloader workers, LoRA dropout 0.1, a COMPLETED checkpoint every 2, pre- and post-eval,
   logging every step) on the tiny data plus one blank-query row that SFT_BAD_ROWS=skip drops, with HF_TOKEN and
   WANDB_API_KEY set to known secrets (SECRET, WANDB_SECRET). Exit 0.
-- interrupted_chain -> Chain: the same configuration stopped by SIGTERM (a preemption save), then by SIGKILL in the
+- interrupted_chain -> Chain: the same configuration, with SFT_PER_DEVICE_BATCH_SIZE=auto finding REFERENCE's batch
+  (runs_reference.AUTO: its first stage under tests/ceiling.py's memory ceiling, the later ones reuse the recorded
+  choice), stopped by SIGTERM (a preemption save), then by SIGKILL in the
   middle of a step, then by a SIGTERM whose save cannot fit (SFT_PREEMPT_GRACE_S=0.2), then resumed to the end;
   `stages` holds what each stage returned (its driver's docstring).
-- pre_eval_off_run -> Run: the reference run with SFT_EVAL_PRE=false, checkpoints in S3 (CHECKPOINT_BUCKET, run id
-  REFERENCE's) and a gate that refuses (SFT_PUSH_MIN_METRIC=macro_f1:0.99): exit 4, training identical to the reference.
+- pre_eval_off_run -> Run: the reference run with SFT_EVAL_PRE=false, SFT_PER_DEVICE_BATCH_SIZE=auto under the
+  memory ceiling (runs_reference.AUTO: the search picks REFERENCE's hand-set batch), checkpoints in S3
+  (CHECKPOINT_BUCKET, run id REFERENCE's) and a gate that refuses (SFT_PUSH_MIN_METRIC=macro_f1:0.99): exit 4,
+  training identical to the reference.
 - resumed_from_an_incomplete_checkpoint -> Run: a copy of the reference run whose last checkpoint lost its COMPLETED
   marker, rerun with the same settings (it resumes from checkpoint-STEPS-2 and trains to STEPS).
 - adapter_reload -> CompletedProcess: a separate Python process loads the reference adapter on the base model and

@@ -12,6 +12,7 @@ BENCHMARKS = {
     "collator": ["-m", "benchmarks.collator", "--quick"],
     "eval": ["-m", "benchmarks.eval", "--quick"],
     "gpu_step": ["-m", "benchmarks.gpu_step", "--dry-run"],
+    "patch_embed": ["-m", "benchmarks.patch_embed", "--quick"],
 }
 
 
@@ -25,9 +26,10 @@ def benchmark_outputs(ctx: Ctx) -> dict[str, subprocess.CompletedProcess]:
 
     def bench(name: str) -> subprocess.CompletedProcess:
         with ctx.slots.hold(ctx.priority):
-            done = ctx.zygote.run([*BENCHMARKS[name], "--assets", assets], env, ctx.tmp / name)
+            argv = BENCHMARKS[name] + (["--assets", assets] if name != "patch_embed" else [])  # no model: no assets
+            done = ctx.zygote.run(argv, env, ctx.tmp / name)
         return subprocess.CompletedProcess(done.args, done.returncode, done.stdout + done.stderr)
 
-    # Four independent short processes: they fill whichever slots the longer runs leave free.
+    # Five independent short processes: they fill whichever slots the longer runs leave free.
     with ThreadPoolExecutor(max_workers=len(BENCHMARKS), thread_name_prefix="benchmark") as pool:
         return dict(zip(BENCHMARKS, pool.map(bench, BENCHMARKS), strict=True))

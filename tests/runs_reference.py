@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helpers import job_env
+from helpers import REPO, job_env
 from runs_processes import DEADLINE_S, Run, completed_steps, log_has, wait_until, zygote_env
 from runs_scheduler import Ctx
 from s3_proxy import AWS_ENV, FaultProxy, s3_client
@@ -31,6 +31,12 @@ REFERENCE = dict(SFT_MAX_STEPS=str(STEPS), SFT_SAVE_STEPS="2", SFT_EVAL_SUBSET="
                  SFT_PREEMPT_GRACE_S="60", SFT_RUN_ID="test-run", SFT_BAD_ROWS="skip", SFT_MAX_BAD_FRACTION="0.1",
                  SFT_DATALOADER_NUM_WORKERS="2", SFT_PER_DEVICE_BATCH_SIZE="1", SFT_GRAD_ACCUM="2",
                  SFT_LORA_DROPOUT="0.1", PYTHONWARNINGS="default")
+# SFT_PER_DEVICE_BATCH_SIZE=auto with REFERENCE's effective batch (2 x SFT_GRAD_ACCUM=1 = 2 rows per optimizer step),
+# under tests/ceiling.py's memory ceiling: one row of the tiny data (at most 116 tokens) fits, the sampler's first
+# batch of two does not, so the search picks REFERENCE's hand-set batch, 1 row x 2 accumulation. The runs below that
+# use it must train exactly as the reference run does (auto changes the speed, never the result).
+AUTO = dict(SFT_PER_DEVICE_BATCH_SIZE="auto", SFT_GRAD_ACCUM="1", TEST_TOKEN_CEILING="150")
+CEILING = [str(REPO / "tests" / "ceiling.py"), "run"]  # the job under the ceiling (`python tests/ceiling.py run`)
 NO_WANDB = dict(SFT_WANDB_ENABLED="false")  # for runs whose W&B files no test reads (W&B's service costs CPU)
 SECRET = "hf_TESTSECRET_do_not_leak_123"
 WANDB_SECRET = "wandbkey_TESTSECRET_0123456789"
@@ -76,7 +82,8 @@ class Chain:
 
 
 def interrupted_chain(ctx: Ctx) -> Chain:
-    """REFERENCE's run stopped three times, then resumed to the end (stages: (exit code, seconds to exit, ...)):
+    """REFERENCE's run with AUTO's micro-batch search (under the ceiling in the first stage only), stopped three
+    times, then resumed to the end (stages: (exit code, seconds to exit, ...)):
     - sigterm: SIGTERM once checkpoint-2 is COMPLETED: a preemption save at the step reached, exit 143;
     - sigkill: SIGKILL in the middle of the step after the log line of step KILL_AFTER (at least 5, after the
       resume point): it resumes from the regular save before it;
@@ -86,9 +93,9 @@ def interrupted_chain(ctx: Ctx) -> Chain:
     chain = Chain(ctx.tmp)
     out, log = chain.out, ctx.tmp / "log.txt"
 
-    def stage(**overrides: str):
-        env = job_env(ctx.tmp, ctx.tiny_assets, ctx.environ, **reference_env(ctx, ctx.tmp, **overrides))
-        return ctx.start(ctx.tmp, env)
+    def stage(argv: list[str] | None = None, **overrides: str):
+        env = job_env(ctx.tmp, ctx.tiny_assets, ctx.environ, **reference_env(ctx, ctx.tmp, **AUTO, **overrides))
+        return ctx.start(ctx.tmp, env, argv)
 
     def newer_checkpoint(after: int, proc) -> int:
         return wait_until(lambda: [s for s in completed_steps(out) if s > after], proc,
@@ -100,8 +107,8 @@ def interrupted_chain(ctx: Ctx) -> Chain:
         return proc.wait(timeout=120), time.monotonic() - sent
 
     with ctx.slots.hold(ctx.priority):
-        proc = stage()
-        newer_checkpoint(0, proc)
+        proc = stage(CEILING)  # the search runs here, under the ceiling; the later stages take its choice from the
+        newer_checkpoint(0, proc)  # checkpoint they resume (without the ceiling, a new search would pick 2 rows)
         chain.stages["sigterm"] = (*interrupt(proc, signal.SIGTERM), completed_steps(out))
 
     with ctx.slots.hold(ctx.priority):
@@ -128,8 +135,8 @@ def interrupted_chain(ctx: Ctx) -> Chain:
 
 def pre_eval_off_run(ctx: Ctx) -> Run:
     ctx.launcher.result("checkpoint_bucket")
-    return ctx.job(ctx.tmp, **reference_env(
-        ctx, ctx.tmp, **NO_WANDB, SFT_EVAL_PRE="false", SFT_CHECKPOINT_URI=f"s3://{CHECKPOINT_BUCKET}/runs",
+    return ctx.job(ctx.tmp, CEILING, **reference_env(
+        ctx, ctx.tmp, **NO_WANDB, **AUTO, SFT_EVAL_PRE="false", SFT_CHECKPOINT_URI=f"s3://{CHECKPOINT_BUCKET}/runs",
         SFT_PUSH_MIN_METRIC="macro_f1:0.99", AWS_ENDPOINT_URL=ctx.s3, **AWS_ENV))
 
 

@@ -1,9 +1,9 @@
-"""The benchmarks run (quick modes, as subprocesses, all four at once) and print their result lines.
+"""The benchmarks run (quick modes, as subprocesses, all five at once) and print their result lines.
 
 Timings are never asserted here (CI machines vary); what is asserted is what does not depend on speed: exit 0, the
 label identity of the seed's two-pass and our single-pass collator, identical batched vs per-row eval outputs, the
-same label scores from the KV cache as from a forward per label, padding under 5% with length grouping, and
-gpu_step's table from its CPU dry run.
+same label scores from the KV cache as from a forward per label, padding under 5% with length grouping, gpu_step's
+table from its CPU dry run, and the patch embedding's Conv3d and GEMM giving the same output (the ratio printed).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def outputs(benchmark_outputs):
-    """The four benchmark scripts' outputs, run once per session in the background (tests/runs.py)."""
+    """The five benchmark scripts' outputs, run once per session in the background (tests/runs.py)."""
     return benchmark_outputs
 
 
@@ -70,3 +70,11 @@ def test_gpu_step_dry_run_prints_the_table(outputs):
             assert re.search(rf"^{stack}\s+{data}\s+{sampler}\s+[\d.]+\s+[\d.]+\s+[\d.]+%", out, re.M), (stack, data)
     for data in ("fixed", "mixed"):
         assert re.search(rf"RESULT gpu_step \[{data}\] ours/baseline tokens/s=[\d.]+x", out)
+
+
+def test_patch_embed_prints_the_ratio_of_the_same_output(outputs):
+    """Both forwards at the 8B geometry in one run: the ratio is printed (never asserted), the outputs agree in fp32."""
+    out = _ok(outputs, "patch_embed")
+    found = re.search(r"RESULT patch_embed \[cpu float32, 1024 patches, torch [^\]]+\] conv3d [\d.]+ ms, "
+                      r"gemm [\d.]+ ms: conv/gemm [\d.]+x; relative difference ([\d.e+-]+)$", out, re.M)
+    assert found and float(found.group(1)) <= 1e-5, out[-2000:]

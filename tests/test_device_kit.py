@@ -141,7 +141,8 @@ def test_dry_run_gpu_step_measurements(dry_run):
     _, out = dry_run
     lines = _lines(out / "gpu_step.jsonl")
     steps = {(r["stack"], r["data"]): r for r in lines if r["kind"] == "step"}
-    assert set(steps) == {(s, d) for s in ("baseline", "ours") for d in ("fixed", "mixed")}
+    assert set(steps) == {(s, d) for s in ("baseline", "ours") for d in ("fixed", "mixed")} | {("auto", "mixed"),
+                                                                                               ("batch2", "mixed")}
     for r in steps.values():
         assert r["dry_run"] and r["tokens"] > 0 and r["tokens_s"] > 0 and r["step_s"] > 0 and r["patches"] > 0
     assert steps[("baseline", "fixed")]["sampler"] == "RandomSampler"
@@ -150,6 +151,15 @@ def test_dry_run_gpu_step_measurements(dry_run):
     assert len(probes) == 1 and probes[0]["batch_size"] == 1 and 100 < probes[0]["tokens"] <= 160
     ratios = [r for r in lines if r["kind"] == "ratio"]
     assert {r["data"] for r in ratios} == {"fixed", "mixed"} and all(r["tokens_s_ratio"] > 0 for r in ratios)
+    # #36: the job's micro-batch search (run.sh --auto-accum 1 in the dry run: 2 rows per step, sizes 1 and 2, both
+    # fit on the CPU) against batch 2 at the same effective batch; the vision forward with the GEMM and the Conv3d.
+    (auto,) = [r for r in lines if r["kind"] == "auto_batch"]
+    assert (auto["picked"], auto["grad_accum"], auto["effective"]) == (2, 1, 2)
+    assert [(t["rows"], t["outcome"]) for t in auto["tried"]] == [(1, "fits"), (2, "fits")]
+    assert auto["tokens_s_ratio"] > 0 and auto["device_bytes"] is None
+    assert (steps[("auto", "mixed")]["batch_size"], steps[("batch2", "mixed")]["grad_accum"]) == (2, 1)
+    (vision,) = [r for r in lines if r["kind"] == "vision"]
+    assert vision["patches"] > 0 and vision["vision_conv_s"] > 0 and vision["vision_gemm_s"] > 0
 
 
 def test_dry_run_tiny_job_wrote_metrics(dry_run):

@@ -276,6 +276,19 @@ def _oom_in_the_training_forward(tmp: Path, data: Path, monkeypatch) -> Iterator
 
 
 @contextlib.contextmanager
+def _memory_for_no_row(tmp: Path, data: Path, monkeypatch) -> Iterator[None]:
+    """tests/ceiling.py's ceiling at 8 tokens: torch's own OutOfMemoryError for every training forward, the micro-batch
+    search's first (one row) included."""
+    import ceiling
+
+    handle = ceiling.install(8)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
 def _train_images_gone_after_preflight(tmp: Path, data: Path, monkeypatch) -> Iterator[None]:
     """Every training image vanishes once preflight has read it (a volume changed under the job), when the weights
     start loading: each row passed preflight, and the collator meets its missing image at collate time, in one of the
@@ -353,6 +366,11 @@ MISTAKES += [
              "SFT_PER_DEVICE_BATCH_SIZE=2", "SFT_MAX_LENGTH=512", "SFT_IMAGE_MAX_PIXELS=16384",
              "SFT_GRADIENT_CHECKPOINTING=false"), around=_oom_in_the_training_forward, after_weights=True,
             not_in_message=("expandable_segments",)),
+    Mistake("auto_micro_batch_where_no_row_fits", "run", {**TRAIN_STEP, "SFT_PER_DEVICE_BATCH_SIZE": "auto"}, 2,
+            ("SFT_PER_DEVICE_BATCH_SIZE=auto: not even one row fits in GPU memory: the longest row, ",
+             " tokens (visual tokens included), ran out of memory", "SFT_MAX_LENGTH=512", "SFT_IMAGE_MAX_PIXELS=16384",
+             "SFT_GRADIENT_CHECKPOINTING=false"), around=_memory_for_no_row, after_weights=True,
+            not_in_message=("SFT_PER_DEVICE_BATCH_SIZE=2", "training step")),
     Mistake("row_error_in_a_dataloader_worker", "run", {**TRAIN_STEP, "SFT_DATALOADER_NUM_WORKERS": "2"}, 2,
             ("train.jsonl:", "'image'"), around=_train_images_gone_after_preflight, after_weights=True,
             not_in_message=("DataLoader worker", "Original Traceback")),

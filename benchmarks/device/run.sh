@@ -12,8 +12,9 @@
 #   run.log         everything printed
 # Stages: install (the kit into $DEVICE_WORK/site, offline; torch and the rest of the image untouched), env,
 # tiny-assets + tiny-run (the whole job on the tiny Qwen3-VL in bf16 on CUDA: the CUDA paths' smoke test),
-# gpu-step (the random-weight 8B in 4-bit: seed stack vs ours on the 1024x768 and mixed sets, Liger off and on, and
-# the peak memory of batch 1 at 4096 tokens with gradient checkpointing), fa2 (recorded as skipped: no wheel).
+# gpu-step (the random-weight 8B in 4-bit: seed stack vs ours on the 1024x768 and mixed sets, Liger off and on, the
+# peak memory of batch 1 at 4096 tokens with gradient checkpointing, the vision forward with the patch embedding as a
+# GEMM and as the Conv3d, and the micro-batch SFT_PER_DEVICE_BATCH_SIZE=auto picks with tokens/s at it vs batch 2), fa2 (recorded as skipped: no wheel).
 # Each stage has its own timeout, cut to what is left of DEVICE_BUDGET_S (default 480 s) for the whole run
 # (--dry-run: 1200 s, and the CPU stages' timeouts are 600 s: a busy 2-core CI box is slow, not hung).
 # --dry-run: the same stages on the CPU at toy sizes (gpu_step.py --dry-run, 1 step each): the plumbing.
@@ -151,13 +152,16 @@ fi
 
 # 4. The 8B step benchmark and the 4096-token memory probe, one process (the model loads once); each measurement
 # is a line of gpu_step.jsonl as soon as it ends.
+# Then (benchmarks/gpu_auto.py) the vision forward with the patch embedding as a GEMM and as the Conv3d, and the
+# micro-batch SFT_PER_DEVICE_BATCH_SIZE=auto picks on this GPU with tokens/s at it against batch 2 (the same effective
+# batch: 2 x --auto-accum rows per step; the dry run 2 rows, so it tries 1 and 2 only).
 if [ $DRY -eq 1 ]; then
-  GPU_STEP=(--dry-run --warmup 0 --assets "$TINY")
+  GPU_STEP=(--dry-run --warmup 0 --assets "$TINY" --auto-accum 1)
 else
-  GPU_STEP=(--rows 48 --warmup 2 --steps 8 --work-dir "$WORK/gpu-step")
+  GPU_STEP=(--rows 48 --warmup 2 --steps 8 --work-dir "$WORK/gpu-step" --auto-accum 4)
 fi
 NOTE="gpu_step.jsonl" stage gpu-step "$GPU_STEP_S" 60 -- "$PYTHON" -m benchmarks.gpu_step "${GPU_STEP[@]}" --liger-ab \
-  --memory-probe 4096 --json "$OUT_DIR/gpu_step.jsonl"
+  --memory-probe 4096 --patch-embed-ab --auto-batch --json "$OUT_DIR/gpu_step.jsonl"
 
 # 5. SDPA vs FlashAttention-2: only with a flash-attn built for this torch, and PyPI has none (sdist only; a source
 # build needs nvcc and takes about an hour on 16 cores), so the kit carries none.

@@ -66,6 +66,12 @@ def type_cell(info: FieldInfo) -> str:
     choices = _choices(info.annotation)
     if choices:
         return " | ".join(f"`{c}`" for c in choices)
+    words = [c for a in typing.get_args(info.annotation) for c in _choices(a) or ()]
+    if words:  # a number or a word (SFT_PER_DEVICE_BATCH_SIZE: an int range or `auto`)
+        number, *_ = (a for a in typing.get_args(info.annotation) if _choices(a) is None)
+        kind, *constraints = typing.get_args(number)
+        ranged = _range(kind.__name__, [m for c in constraints for m in c.metadata])
+        return f"{ranged} or " + " | ".join(f"`{w}`" for w in words)
     if found["flat"] == "str":
         return "comma-separated names"
     args = {a for a in typing.get_args(info.annotation) if a is not type(None)} or {info.annotation}

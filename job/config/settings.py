@@ -120,16 +120,19 @@ def unknown_var_problems(env: Mapping[str, str], known: tuple[str, ...]) -> list
 
 
 def field_problems(exc: ValidationError, env: Mapping[str, str], settings_cls: type[FlatSettings]) -> list[str]:
+    """One problem per variable: the errors of a union's members (`int` or `auto`) joined with "or"."""
     upper_env = {k.upper(): v for k, v in env.items()}
-    problems = []
+    errors: dict[str, list[Any]] = {}
     for err in exc.errors():
-        field = str(err["loc"][0]) if err["loc"] else "?"
+        errors.setdefault(str(err["loc"][0]) if err["loc"] else "?", []).append(err)
+    problems = []
+    for field, errs in errors.items():
         name = env_name(field)
         info = settings_cls.model_fields.get(field)
         examples = ", ".join(map(str, (info.examples or []) if info else []))
-        value = upper_env.get(name, err.get("input"))
+        value = upper_env.get(name, errs[0].get("input"))
         example = f" (example: {name}={examples.split(', ')[0]})" if examples else ""
-        problems.append(f"{name}={value!r}: {err['msg']}{example}")
+        problems.append(f"{name}={value!r}: {', or '.join(e['msg'] for e in errs)}{example}")
     return problems
 
 

@@ -148,6 +148,19 @@ def any_rank(flag: bool, device, name: str = "the vote of every rank") -> bool:
     return bool(value.item())
 
 
+def smallest(value: int, device, name: str = "the minimum over every rank") -> int:
+    """The smallest `value` of all ranks, on every rank (an all-reduce MIN): what fits on every rank's device."""
+    if not is_distributed():
+        return value
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    with collective(name, f"all {world_size()} ranks"):
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 def one_line(exc: BaseException, limit: int = 300) -> str:
     """The exception's whole message on one line (a ConfigError lists its problems on the lines after the first), or
     its class name when the message is empty (a bare `assert`)."""

@@ -37,6 +37,7 @@ class Trained:
     resumed_from: str | None  # the checkpoint this process continued, None for a fresh start
     best: dict | None = None  # SFT_EVAL_STEPS: the best step's record (job/train/best.py), whose adapter this is
     log_history: list[dict] = field(default_factory=list)  # the Trainer's log entries (the loss curve)
+    micro_batch: dict | None = None  # the micro-batch trained with, and how it was chosen (job/train/micro_batch.py)
 
 
 # -- eval --------------------------------------------------------------------------------------------------------
@@ -105,6 +106,7 @@ def _save_outputs(p: Prepared, model, run, trained: Trained, metrics: dict, time
                                  durations=timer.durations, params=trained.params, resumed_from=trained.resumed_from,
                                  global_step=trained.result.global_step)
     meta["adapter_files"] = files
+    meta["micro_batch"] = trained.micro_batch
     meta["preflight"] = p.preflight
     outputs.write_json(p.paths.root / "training_meta.json", meta)
     # Last: what a rerun (and an export) trusts of these outputs is what this stamp names.

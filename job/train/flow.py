@@ -21,7 +21,7 @@ from job.errors import JobError
 from job.export.command import run_export
 from job.inputs import Prepared, Timer
 from job.model import _count_trainable_params, trainable_model
-from job.train import best, distributed, resume
+from job.train import best, distributed, micro_batch, resume
 from job.train.finish import Trained, evaluate, finish, stored_pre_metrics
 from job.train.preemption import PreemptionGuard
 from job.train.prepare import prepare_run, start_tracking
@@ -54,6 +54,8 @@ def _train(p: Prepared, model, run, guard: PreemptionGuard, resume_from: str | N
     trainer, uploader, preemption = build_trainer(
         p.cfg, model, TrainingData(p.processor, p.collator, p.train_ds), saving, p.run_id, report_to,
         _during_train_eval(p, run, guard, resume_from))
+    micro = micro_batch.settle(p.cfg, trainer, p.train_ds, p.collator, resume_from, p.paths.root,
+                               dict(trainer.memory_settings))
     guard.in_training = True
     try:
         # The Trainer's own collectives (DDP's gradient all-reduce) time out like the job's: exit 3, not a bug.
@@ -77,7 +79,7 @@ def _train(p: Prepared, model, run, guard: PreemptionGuard, resume_from: str | N
         )
         log.warning("preempted at step %s: %s", preemption.stopped_at, saved)
         guard.raise_if_requested(preemption.stopped_at)
-    return trainer, result
+    return trainer, result, micro
 
 
 def _best_step(p: Prepared, model, final_step: int) -> dict | None:
@@ -109,11 +111,12 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
             timer.track("pre_eval", started)
 
             started = time.monotonic()
-            trainer, result = _train(p, model, run, guard, resume_from)
+            trainer, result, micro = _train(p, model, run, guard, resume_from)
             timer.track("train", started)
             kept = _best_step(p, trainer.model, result.global_step)
             return finish(p, trainer.model, run, timer,
-                           Trained(result, params, pre, resume_from, kept, trainer.state.log_history))
+                           Trained(result, params, pre, resume_from, kept, trainer.state.log_history,
+                                   micro.to_json()))
         finally:
             tracking.finish(run)
 

@@ -31,7 +31,7 @@ from job.storage import s3 as s3io
 from job.storage.checkpoints import RemoteCheckpoints
 from job.storage.hub import check_push_access, parse_min_metric
 from job.storage.sources import localize, source_kind
-from job.train import distributed, resume
+from job.train import distributed, micro_batch, resume
 from job.utils import tracking
 from job.utils.redact import redact
 
@@ -157,7 +157,8 @@ def prepare_run(cfg: JobConfig, timer: Timer) -> Prepared:
     distributed.main_process_result(_check_publish_access, cfg.hub, cfg.export)
     paths = RunPaths(Path(cfg.train.output_dir)).create()
     collator, eval_collator = build_collators(cfg.data, cfg.train.max_length, processor)
-    _check_supervised_tokens(collator, train_ds, cfg.train.per_device_batch_size)
+    size = cfg.train.per_device_batch_size
+    _check_supervised_tokens(collator, train_ds, size if isinstance(size, int) else micro_batch.DEFAULT_SIZE)
     label_set = training_label_set(cfg.data, cfg.eval, train_ds)
     check_gate_measurable(cfg.hub, cfg.data, label_set, eval_ds)
     timer.track("setup", started)

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from job import outputs
 from job.config.schema import JobConfig
 from job.errors import ResumeDrift
 from job.storage.completed import latest_completed_checkpoint
@@ -140,6 +141,22 @@ class Fingerprint:
 def _show(value: Any) -> str:
     text = json.dumps(value) if not isinstance(value, str) else repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+MICRO_BATCH_KEY = "micro_batch"  # SFT_PER_DEVICE_BATCH_SIZE=auto: what the search chose (job/train/micro_batch.py)
+
+
+def record_micro_batch(root: Path, record: dict) -> None:
+    """Add the micro-batch `auto` chose to the run's fingerprint file, which every checkpoint carries: a resumed run
+    trains with it again. Not compared for drift (the run being resumed has not searched yet when it compares)."""
+    path = root / FINGERPRINT_FILE
+    outputs.write_json(path, {**json.loads(path.read_text()), MICRO_BATCH_KEY: record})
+
+
+def recorded_micro_batch(checkpoint: Path) -> dict | None:
+    """The micro-batch record of a checkpoint's fingerprint file (None: none recorded, a hand-set batch)."""
+    path = checkpoint / FINGERPRINT_FILE
+    return json.loads(path.read_text()).get(MICRO_BATCH_KEY) if path.is_file() else None
 
 
 @dataclass(frozen=True)

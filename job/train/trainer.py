@@ -17,6 +17,7 @@ from job.errors import OutOfMemory
 from job.model import has_cuda, keep_trainable_params_fp32
 from job.storage.checkpoints import RemoteCheckpoints
 from job.train.callbacks import CompletedMarkerCallback, LogCallback, RankStateCallback, RemoteCheckpointCallback
+from job.train.micro_batch import AUTO, DEFAULT_SIZE
 from job.train.preemption import PreemptionCallback, PreemptionGuard, leave_worker_signals_to_the_rank
 from job.train.sampler import LengthGroupedSampler
 
@@ -33,10 +34,13 @@ def sft_config(cfg: JobConfig, output_dir: Path, run_id: str, report_to: list[st
     from trl import SFTConfig
 
     train, cuda = cfg.train, has_cuda()
+    # auto: the integer default until the search's choice replaces it before training (Qwen3SFTTrainerMixin's
+    # use_micro_batch, job/train/micro_batch.py); the effective batch is the same.
+    size = DEFAULT_SIZE if train.per_device_batch_size == AUTO else train.per_device_batch_size
     return SFTConfig(
         output_dir=str(output_dir), run_name=run_id, seed=train.seed, data_seed=train.seed,
         max_steps=train.max_steps, num_train_epochs=train.num_epochs,
-        per_device_train_batch_size=train.per_device_batch_size, gradient_accumulation_steps=train.grad_accum,
+        per_device_train_batch_size=size, gradient_accumulation_steps=train.grad_accum,
         learning_rate=train.learning_rate, lr_scheduler_type=train.lr_scheduler_type,
         warmup_steps=train.warmup_ratio, weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm,
         logging_steps=train.logging_steps, save_strategy="steps", save_steps=train.save_steps,
@@ -67,9 +71,9 @@ else:
 
 # The overridden methods below are private Trainer API, checked against transformers 5.24.0 and TRL 1.16.0 (the
 # versions installed for development and pinned for the image in docker/constraints.txt and requirements.lock):
-# Trainer._get_train_sampler(train_dataset=None), Trainer._run_epoch(..., epoch=..., ...) (called with keywords) and
-# Trainer._save_checkpoint(model, trial), which SFTTrainer overrides and calls up to. Check them again when either
-# pin moves.
+# Trainer._get_train_sampler(train_dataset=None), Trainer._run_epoch(..., epoch=..., ...) (called with keywords),
+# Trainer._save_checkpoint(model, trial), which SFTTrainer overrides and calls up to, and Trainer._train_batch_size
+# (set by use_micro_batch as the Trainer's own hyperparameter search sets it). Check them again when either pin moves.
 class Qwen3SFTTrainerMixin(_TrainerBase):
     """SFTTrainer plus length-grouped sampling (from preflight's token counts) and timed saves.
 
@@ -113,6 +117,15 @@ class Qwen3SFTTrainerMixin(_TrainerBase):
             longest = int(mask.sum(dim=-1).max()) if mask is not None else int(inputs["input_ids"].shape[-1])
             raise OutOfMemory(self.state.global_step + 1, int(inputs["input_ids"].shape[0]), longest,
                               dict(self.memory_settings)) from exc
+
+    def use_micro_batch(self, size: int, grad_accum: int) -> None:
+        """SFT_PER_DEVICE_BATCH_SIZE=auto's choice, before train(): train() reads both from here when it starts
+        (the dataloader's batch size, the sampler's, and the accumulation of each optimizer step)."""
+        self.args.per_device_train_batch_size = size
+        self.args.gradient_accumulation_steps = grad_accum
+        self._train_batch_size = self.args.train_batch_size
+        self.memory_settings = tuple((name, f"auto (chose {size})" if value == AUTO else value)
+                                     for name, value in self.memory_settings)
 
     def get_train_dataloader(self):
         loader = super().get_train_dataloader()

@@ -165,6 +165,7 @@ OVERLAY_CASES = [
     ({"SFT_WEIGHT_DECAY": "0.01"}, {("train", "weight_decay"): 0.01}),
     ({"SFT_MAX_GRAD_NORM": "0.5"}, {("train", "max_grad_norm"): 0.5}),
     ({"SFT_PER_DEVICE_BATCH_SIZE": "4"}, {("train", "per_device_batch_size"): 4}),
+    ({"SFT_PER_DEVICE_BATCH_SIZE": "auto"}, {("train", "per_device_batch_size"): "auto"}),
     ({"SFT_GRAD_ACCUM": "2"}, {("train", "grad_accum"): 2}),
     ({"SFT_MAX_LENGTH": "4096"}, {("train", "max_length"): 4096}),
     ({"SFT_LOGGING_STEPS": "5"}, {("train", "logging_steps"): 5}),
@@ -307,6 +308,7 @@ FIELD_ERRORS = [
     ("SFT_MAX_GRAD_NORM", "0", "greater than 0"),
     ("SFT_PER_DEVICE_BATCH_SIZE", "0", "greater than or equal to 1"),
     ("SFT_PER_DEVICE_BATCH_SIZE", "513", "less than or equal to 512"),
+    ("SFT_PER_DEVICE_BATCH_SIZE", "max", "or Input should be 'auto'"),  # the word it takes, in one problem
     ("SFT_GRAD_ACCUM", "0", "greater than or equal to 1"),
     ("SFT_MAX_LENGTH", "63", "greater than or equal to 64"),
     ("SFT_MAX_LENGTH", "262145", "less than or equal to 262144"),

@@ -285,7 +285,7 @@ def test_make_docs_rewrites_a_drifted_page(tmp_path):
 def test_the_table_cells_say_what_a_reader_expects():
     """The rendering itself, against literals: a range, a choice, a card default, a derived value, a pattern."""
     rows = {row[0]: row[1:3] for rows in settings_tables(CARD).values() for row in rows}
-    assert rows["`SFT_PER_DEVICE_BATCH_SIZE`"] == ("int, [1, 512]", "`2`")
+    assert rows["`SFT_PER_DEVICE_BATCH_SIZE`"] == ("int, [1, 512] or `auto`", "`2`")  # a range or a word
     assert rows["`SFT_WARMUP_RATIO`"] == ("float, [0, 1)", "`0.03`")
     assert rows["`SFT_MAX_GRAD_NORM`"] == ("float > 0", "`1.0`")
     assert rows["`SFT_BAD_ROWS`"] == ("`fail` \\| `skip`", "`fail`")

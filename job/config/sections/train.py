@@ -4,13 +4,17 @@ How to add a setting: job/config/sections/__init__.py.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
 
 from job.cards import ModelSpec
 from job.config.sections.base import Section
 from job.config.settings import effective_save_steps, setting
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a run id, a launch id
+# SFT_PER_DEVICE_BATCH_SIZE: rows per micro-batch, or `auto`: the largest that fits (job/train/micro_batch.py).
+MicroBatchSize = Annotated[int, Field(ge=1, le=512)] | Literal["auto"]
 
 
 class TrainConfig(Section):
@@ -53,11 +57,17 @@ class TrainConfig(Section):
         0.03, env="warmup_ratio", ge=0, lt=1, examples=["0.03"], doc="Warmup as a fraction of the total steps.")
     weight_decay: float = setting(0.0, env="weight_decay", ge=0, lt=1, examples=["0.0"], doc="AdamW weight decay.")
     max_grad_norm: float = setting(1.0, env="max_grad_norm", gt=0, examples=["1.0"], doc="Gradient clipping norm.")
-    per_device_batch_size: int = setting(
-        2, env="per_device_batch_size", ge=1, le=512, examples=["2"], doc="Rows per device per micro-batch.")
+    per_device_batch_size: MicroBatchSize = setting(
+        2, env="per_device_batch_size", examples=["2", "auto"],
+        doc="Rows per device per micro-batch. `auto`: the largest micro-batch that fits in GPU memory (10% kept "
+            "free), found before the first step on the longest rows; the effective batch stays the default's, "
+            "2 x `SFT_GRAD_ACCUM` x processes, with the accumulation adjusted: auto changes the speed, never the "
+            "result (see [Training](training.md#the-micro-batch-sft_per_device_batch_sizeauto)).")
     grad_accum: int = setting(
         8, env="grad_accum", ge=1, le=4096, examples=["8"],
-        doc="Gradient accumulation steps (effective batch = batch size x accumulation x processes).")
+        doc="Gradient accumulation steps (effective batch = batch size x accumulation x processes). With "
+            "`SFT_PER_DEVICE_BATCH_SIZE=auto` it sets the effective batch (2 x this x processes); the accumulation "
+            "trained with is the effective batch / (processes x the chosen micro-batch).")
     max_length: int = setting(
         env="max_length", card="max_length", ge=64, le=262144, examples=["2048"],
         doc="Maximum tokens per row, visual tokens included. A longer row is an error naming it; rows are never "
