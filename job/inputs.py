@@ -21,6 +21,7 @@ from typing import Any
 
 from job.collators.qwen3_collator import Qwen3VisionSFTCollator, build_collators
 from job.config.schema import JobConfig
+from job.data.labels import label_column, with_verdicts
 from job.data.loaders import load_train_dataset
 from job.errors import DataError
 from job.eval.score import LabelSet, resolve_mode
@@ -76,7 +77,8 @@ def _stored_label_set(local: JobConfig) -> LabelSet | None:
         log.info("eval: no training split to take the label set from (%s)", str(exc).splitlines()[0])
         resolve_mode(local.eval.mode, None)
         return None
-    return label_set(local, train_ds)
+    # Not preflighted: a row without a valid label has no verdict, and the label set skips it.
+    return label_set(local, with_verdicts(train_ds, label_column({"train": train_ds}, local.data, local.data.uri)))
 
 
 def prepare_inputs(cfg: JobConfig, command: Command, roles: tuple[str, ...] = ("train", "eval"),

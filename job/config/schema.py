@@ -34,6 +34,7 @@ from job.config.sections import (
     TrainConfig,
     WandbConfig,
     _Section,
+    label_name_list,
     module_names,
     share_or_count,
 )
@@ -81,7 +82,8 @@ class JobConfig(_Section):
 Settings: type[FlatSettings] = create_model(  # type: ignore[call-overload]
     "Settings", __base__=FlatSettings, __doc__="Every `SFT_*` variable. None means \"use the model card's default\".",
     __validators__={"_holdout": field_validator("eval_holdout")(share_or_count),
-                    "_modules": field_validator("lora_target_modules")(module_names)},
+                    "_modules": field_validator("lora_target_modules")(module_names),
+                    "_label_names": field_validator("label_names")(label_name_list)},
     **flat_fields(JobConfig.sections()))
 KNOWN_ENV_VARS = tuple(sorted(env_name(f) for f in Settings.model_fields))
 

@@ -63,6 +63,19 @@ def share_or_count(value: int | float) -> int | float:
     raise ValueError("must be a share of the rows (0 < x < 1, e.g. 0.1) or a row count (an integer >= 1)")
 
 
+def label_name_list(value: Any) -> Any:
+    """SFT_LABEL_NAMES (comma separated): at least one name, each once (index i of a label column is the i-th)."""
+    names = [m.strip() for m in value.split(",")] if isinstance(value, str) else value
+    if value is None:
+        return value
+    if not names or any(not name for name in names):
+        raise ValueError("must name every class, comma separated, none empty (e.g. non-sarcastic,sarcastic)")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"names {', '.join(repeated)} more than once: each class needs its own name")
+    return value
+
+
 def module_names(value: Any) -> Any:
     """SFT_LORA_TARGET_MODULES (comma separated) names at least one module."""
     names = [m for m in value.split(",") if m.strip()] if isinstance(value, str) else value
@@ -95,7 +108,7 @@ class DataConfig(_Section):
     image_key: str = setting("image", env="image_key", min_length=1, examples=["image"])
     query_key: str = setting("query", env="query_key", min_length=1, examples=["query"])
     caption_key: str = setting("caption", env="caption_key", min_length=1, examples=["caption"])
-    target_key: str = setting("target_json", env="target_key", min_length=1, examples=["target_json"])
+    target_key: str = setting("target_json", env="target_key", min_length=1, examples=["target_json", "text_label"])
     label_field: str = setting("label", env="label_field", min_length=1, examples=["label"])
     system_prompt: str = setting(env="system_prompt", examples=["You are a sarcasm detector."])  # _derived
     # preflight: what to do with rows that fail the checks (job/preflight/run.py)
@@ -109,8 +122,24 @@ class DataConfig(_Section):
     # training-label ratio above SFT_MAX_CLASS_RATIO
     min_class_rows: int = setting(10, env="min_class_rows", ge=0, examples=["10"])
     max_class_ratio: float = setting(20.0, env="max_class_ratio", ge=1, examples=["20"])
+    # (#35, appended: the JSON form keeps its order) the public datasets' shape (job/data/labels.py). json: the target
+    # column holds the verdict; label: a class label, and the verdict is {SFT_LABEL_FIELD: its name}
+    target_format: Literal["json", "label"] = setting("json", env="target_format", examples=["json", "label"])
+    # SFT_TARGET_FORMAT=label: the name of each class index of a plain integer column (comma separated)
+    label_names: tuple[str, ...] | None = setting(None, env="label_names", flat="str",
+                                                  examples=["non-sarcastic,sarcastic"])
+    # the user question of every row, for data without a query column
+    query_text: str | None = setting(None, env="query_text", min_length=1,
+                                     examples=["Is this post sarcastic? Answer in JSON."])
 
     _holdout = field_validator("eval_holdout")(share_or_count)
+    _names = field_validator("label_names")(label_name_list)
+
+    @field_validator("label_names", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        """SFT_LABEL_NAMES is comma separated; surrounding spaces are dropped (an empty name is an error)."""
+        return tuple(name.strip() for name in value.split(",")) if isinstance(value, str) else value
 
     @classmethod
     def _derived(cls, values: dict[str, Any], s: Any) -> dict[str, Any]:
@@ -120,10 +149,19 @@ class DataConfig(_Section):
 
     @staticmethod
     def rules(s: Any, card: ModelSpec) -> list[str]:
+        problems = []
         if s.train_split == s.eval_split:
-            return [f"SFT_TRAIN_SPLIT and SFT_EVAL_SPLIT are both {s.train_split!r}: evaluating on the training split "
-                    "hides overfitting; use a held-out split (e.g. SFT_EVAL_SPLIT=validation)"]
-        return []
+            problems.append(f"SFT_TRAIN_SPLIT and SFT_EVAL_SPLIT are both {s.train_split!r}: evaluating on the "
+                            "training split hides overfitting; use a held-out split (e.g. SFT_EVAL_SPLIT=validation)")
+        if s.label_names is not None and s.target_format != "label":
+            problems.append("SFT_LABEL_NAMES names the classes of a label column and only applies with "
+                            "SFT_TARGET_FORMAT=label: set SFT_TARGET_FORMAT=label, or unset SFT_LABEL_NAMES")
+        if s.query_text is not None and not s.query_text.strip():
+            problems.append("SFT_QUERY_TEXT is blank: write the question every row is asked, or unset it")
+        if s.query_text is not None and "query_key" in s.model_fields_set:
+            problems.append(f"SFT_QUERY_TEXT asks every row the same question and SFT_QUERY_KEY={s.query_key!r} "
+                            "names a query column: set one of them")
+        return problems
 
 
 class ImageConfig(_Section):
