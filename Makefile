@@ -89,6 +89,9 @@ LINT_PY = $(VENV)/bin/ruff check . && $(VENV)/bin/mypy
 lint-py: install ## ruff on the repository and mypy on job/ (zero findings; make test runs this beside the suite)
 	$(LINT_PY)
 
+docs: install ## rewrite the settings tables of docs/configuration.md from the settings' declarations (job/config/sections/)
+	$(PY) -m job.config.docs --write docs/configuration.md
+
 lint: install lint-py ## lint-py, then docker/Dockerfile, k8s/ and the retrain workflow offline (hadolint, kubernetes-validate, check-jsonschema, zizmor)
 	$(VENV)/bin/hadolint --config .hadolint.yaml docker/Dockerfile
 	for v in $(K8S_VERSIONS); do $(VENV)/bin/kubernetes-validate --strict --quiet -k $$v $(K8S_BUILTIN) || exit 1; done
@@ -132,5 +135,5 @@ image-smoke: image ## build the image, then run qwen3-sft config and preflight o
 	docker run --rm $(SMOKE_ENV) --entrypoint tini $(IMAGE) -- \
 	  sh -c 'python -m job.demo.tiny /tmp/demo && exec qwen3-sft preflight'
 
-.PHONY: help install lock demo export test test-fast test-image-pins lint lint-py device-kit image push submit preflight \
+.PHONY: help install lock demo export test test-fast test-image-pins docs lint lint-py device-kit image push submit preflight \
 	image-smoke

@@ -10,6 +10,7 @@ import sys
 import traceback
 
 from job.cards import ModelCards
+from job.config.docs import explain
 from job.config.schema import JobConfig, process_cfg
 from job.errors import INTERRUPTED, ExitCode, exit_code_for, find_job_error, reported_code
 from job.train import launch
@@ -68,8 +69,12 @@ def _cmd_export(_args, cfg: JobConfig) -> int:
     return ExitCode.OK
 
 
-def _cmd_config(_args, cfg: JobConfig) -> int:
-    print(json.dumps(redact(cfg.model_dump(mode="json")), indent=2, sort_keys=True))
+def _cmd_config(args, cfg: JobConfig) -> int:
+    values = redact(cfg.model_dump(mode="json"))
+    if args.explain:
+        print(explain(values, ModelCards().qwen3_vl_8b_instruct), end="")
+    else:
+        print(json.dumps(values, indent=2, sort_keys=True))
     return ExitCode.OK
 
 
@@ -87,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("export", help="merge the adapter into the base model, verify it, write merged/").set_defaults(
         fn=_cmd_export
     )
-    sub.add_parser("config", help="print the effective config (secrets redacted)").set_defaults(fn=_cmd_config)
+    config = sub.add_parser("config", help="print the effective config (secrets redacted)")
+    config.add_argument("--explain", action="store_true",
+                        help="each SFT_* setting instead: its effective value, type, default and meaning")
+    config.set_defaults(fn=_cmd_config)
     return parser
 
 

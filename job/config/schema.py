@@ -1,5 +1,5 @@
 """The typed, immutable job configuration (`JobConfig`, one frozen section per concern) and the flat `Settings` of
-every `SFT_*` variable, both from the one declaration of each field in job/config/sections.py.
+every `SFT_*` variable, both from the one declaration of each field in job/config/sections/.
 
 `build_cfg(ModelCards().qwen3_vl_8b_instruct)` returns a `JobConfig`, read as `cfg.train.max_length`, `cfg.lora.r`,
 ... A changed copy is `cfg.replace(train={"max_steps": 5})`. `cfg.model_dump(mode="json")` is the JSON form the
@@ -20,29 +20,17 @@ from typing import Any, Self
 from pydantic import ValidationError, create_model, field_validator
 
 from job.cards import ModelSpec
-from job.config.sections import (
-    CardConfig,
-    DataConfig,
-    EvalConfig,
-    ExportConfig,
-    HubConfig,
-    ImageConfig,
-    LineageConfig,
-    LoraConfig,
-    ModelConfig,
-    StorageConfig,
-    TrainConfig,
-    WandbConfig,
-    _Section,
-    label_name_list,
-    module_names,
-    share_or_count,
-)
+from job.config.sections.base import Section
+from job.config.sections.data import DataConfig, ImageConfig, label_name_list, share_or_count
+from job.config.sections.eval import EvalConfig
+from job.config.sections.model import LoraConfig, ModelConfig, module_names
+from job.config.sections.outputs import CardConfig, ExportConfig, HubConfig, LineageConfig, StorageConfig
+from job.config.sections.train import TrainConfig, WandbConfig
 from job.config.settings import FlatSettings, env_name, field_problems, flat_fields, settings_from, unknown_var_problems
 from job.errors import ConfigError
 
 
-class JobConfig(_Section):
+class JobConfig(Section):
     """The whole configuration. Field order is the JSON order (see the module docstring)."""
 
     model: ModelConfig
@@ -59,7 +47,7 @@ class JobConfig(_Section):
     card: CardConfig
 
     @classmethod
-    def sections(cls) -> list[type[_Section]]:
+    def sections(cls) -> list[type[Section]]:
         return [info.annotation for info in cls.model_fields.values()]  # type: ignore[misc]
 
     @classmethod

@@ -1,10 +1,10 @@
 """The `SFT_*` environment variables: how a section field names its variable (`setting`), the flat pydantic-settings
 model derived from the sections (`flat_settings`), and every problem of an environment collected at once.
 
-Each setting is declared once, as a field of its section in job/config/sections.py (type, range, default, example,
-the model card's fallback); its variable is `SFT_<NAME>`. `job.config.schema` derives the flat `Settings` from the
-sections, validates the environment with it (type and range errors, cross-field rules, unknown `SFT_*` names with a
-"did you mean") and raises one `ConfigError` (exit 2) listing every problem.
+Each setting is declared once, as a field of its section in job/config/sections/ (type, range, default, example,
+the model card's fallback, what it means); its variable is `SFT_<NAME>`. `job.config.schema` derives the flat
+`Settings` from the sections, validates the environment with it (type and range errors, cross-field rules, unknown
+`SFT_*` names with a "did you mean") and raises one `ConfigError` (exit 2) listing every problem.
 """
 
 from __future__ import annotations
@@ -28,17 +28,22 @@ _FLAT_TYPES: dict[str, Any] = {"str": str, "float": float}
 
 
 def setting(default: Any = PydanticUndefined, *, env: str | None = None, card: str | None = None,
-            flat: str | None = None, examples: list[str] | None = None, **constraints: Any) -> Any:
+            flat: str | None = None, examples: list[str] | None = None, doc: str | None = None,
+            **constraints: Any) -> Any:
     """A section field, and the variable that sets it (`SFT_<ENV>`), declared once: its type is the field's, its
-    range the constraints (checked on the variable and on the built section alike), its default the default.
+    range the constraints (checked on the variable and on the built section alike), its default the default, and
+    what it means `doc` (the field's description: the Meaning cell of docs/configuration.md, markdown with links
+    relative to docs/, and `qwen3-sft config --explain`; every variable has one).
 
     card: the ModelSpec attribute used when the variable is unset (or empty); the field then has no default of its
     own, and its variable defaults to None. env=None: the field comes from the card alone. A field whose section
     derives it (no default, no card) also has a variable that defaults to None. flat: the variable's type where it
     differs from the field's (a key of _FLAT_TYPES)."""
+    if env is not None and not doc:
+        raise TypeError(f"{env_name(env)}: a setting says what it means (doc=...)")
     extra: dict[str, Any] = {"env": env, "card": card, "flat": flat}
     section_default: Any = PydanticUndefined if card is not None else default
-    return Field(section_default, examples=examples, json_schema_extra=extra, **constraints)
+    return Field(section_default, examples=examples, description=doc, json_schema_extra=extra, **constraints)
 
 
 def meta(info: FieldInfo) -> dict[str, Any]:
@@ -61,7 +66,7 @@ def _flat_field(info: FieldInfo) -> tuple[Any, Any]:
         annotation = annotation | None
     default = None if filled else info.default
     typed = Annotated[(annotation, *info.metadata)] if info.metadata else annotation
-    return typed, Field(default, examples=info.examples)
+    return typed, Field(default, examples=info.examples, description=info.description)
 
 
 def flat_fields(sections: Sequence[type[BaseModel]]) -> dict[str, tuple[Any, Any]]:

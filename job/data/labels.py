@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from job.config.sections import DataConfig
+from job.config.sections.data import DataConfig
 from job.data.rows import RowProblem, describe
 from job.errors import LabelNamesConflict, LabelNamesMissing
 

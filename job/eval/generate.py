@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from job.config.schema import JobConfig
-from job.config.sections import EvalConfig
+from job.config.sections.eval import EvalConfig
 from job.data.rows import parse_verdict
 from job.errors import DataError
 from job.eval.metrics import INVALID, macro_f1, per_class_report, probability_metrics

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from job.config.schema import JobConfig
-from job.config.sections import EvalConfig
+from job.config.sections.eval import EvalConfig
 from job.eval.generate import generation_kwargs
 from job.model import compute_dtype, device_map, from_pretrained_with_attn, has_cuda
 

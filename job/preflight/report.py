@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from job.config.schema import JobConfig
-from job.config.sections import DataConfig
+from job.config.sections.data import DataConfig
 from job.data.checks import MAX_DECODE_PIXELS
 from job.data.labels import LabelColumn
 

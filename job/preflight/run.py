@@ -24,7 +24,7 @@ from typing import Any
 from job import outputs
 from job.collators.qwen3_collator import build_collators
 from job.config.schema import JobConfig
-from job.config.sections import DataConfig
+from job.config.sections.data import DataConfig
 from job.data.checks import RowChecker
 from job.data.holdout import ROW_ID
 from job.data.labels import LabelColumn, label_column, with_verdicts

@@ -727,3 +727,31 @@ def test_a_launched_worker_takes_its_parents_config_as_it_is(monkeypatch, capsys
     assert cli.main(["config"]) == 0
     assert counts == {"parsed": 0, "refused": 0, "built": 1}
     assert capsys.readouterr().out == json.dumps(parent.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+
+@pytest.mark.usefixtures("root_handlers_restored")
+def test_config_explain_prints_each_setting_with_its_meaning(monkeypatch, capsys):
+    """`qwen3-sft config --explain`: every SFT_* variable once, its effective value (secrets scrubbed), its type and
+    default, and its meaning: the same fields the docs tables come from."""
+    monkeypatch.setenv("SFT_LORA_R", "8")
+    monkeypatch.setenv("HF_TOKEN", "hf_supersecret123")
+    monkeypatch.setenv("SFT_IMAGE_DIGEST", "sha256:hf_supersecret123")
+    assert cli.main(["config", "--explain"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert sorted(line.split(" = ")[0] for line in lines if line.startswith("SFT_")) == list(KNOWN_ENV_VARS)
+    assert [line for line in lines if line.startswith("# ")] == [
+        "# Model", "# Data", "# Image", "# Run and training", "# LoRA", "# Evaluation", "# Weights & Biases",
+        "# Storage", "# Hub and the push gate", "# Export", "# Lineage", "# Model card"]
+    at = lines.index("SFT_LORA_R = 8")
+    assert lines[at + 1:at + 4] == ["    int, [1, 1024]; default card: `16`", "    LoRA rank.", "SFT_LORA_ALPHA = 32"]
+    at = lines.index("SFT_EVAL_MAX_NEW_TOKENS = 256")
+    assert lines[at + 1:at + 3] == ["    int, [1, 8192]; default card: `256`", "    Generation bound; generation "
+                                    "normally stops earlier at `<|im_end|>` or `<|endoftext|>`."]
+    at = lines.index("SFT_BAD_ROWS = \"fail\"")
+    assert lines[at + 1:at + 4] == [
+        "    `fail` | `skip`; default `fail`",
+        "    Rows that fail the preflight checks: `fail` stops the job (exit 2); `skip` drops them from training and "
+        "eval. A",
+        "    split that cannot be parsed at all always fails."]  # wrapped at 120 columns
+    assert "hf_supersecret123" not in out and 'SFT_IMAGE_DIGEST = "sha256:***redacted***"' in lines

@@ -20,10 +20,11 @@ import pytest
 from helpers import REPO
 
 from job.cards import ModelCards
-from job.cli import _cmd_config
-from job.config.docs import HEADER, settings_tables
+from job.cli import _cmd_config, build_parser
+from job.config import docs
+from job.config.docs import HEADER, settings_tables, with_tables
 from job.config.schema import KNOWN_ENV_VARS, build_cfg
-from job.config.settings import ENV_PREFIX
+from job.config.settings import ENV_PREFIX, setting
 from job.storage.sources import Sources
 
 CARD = ModelCards().qwen3_vl_8b_instruct
@@ -220,7 +221,7 @@ def test_the_config_command_prints_the_old_dict(env, expected, monkeypatch, caps
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     # the command's body with the config main() builds: main() would also set up logging for the process
-    assert _cmd_config(None, build_cfg(CARD)) == 0
+    assert _cmd_config(build_parser().parse_args(["config"]), build_cfg(CARD)) == 0
     assert capsys.readouterr().out == json.dumps(expected, indent=2, sort_keys=True) + "\n"
 
 
@@ -259,18 +260,39 @@ def _doc_tables(text: str) -> dict[str, list[list[str]]]:
 
 
 def test_the_docs_settings_tables_are_the_schemas():
-    """docs/configuration.md lists every setting once, in its section's table, with the variable, type and range,
-    and default the schema declares; what it means is written there (never empty)."""
-    tables = _doc_tables((REPO / "docs" / "configuration.md").read_text())
-    assert {title: [tuple(row[:3]) for row in rows] for title, rows in tables.items()} == settings_tables(CARD)
+    """docs/configuration.md's settings tables are exactly the generated ones, every column (the meaning is each
+    field's doc): every setting once, in its section's table, nothing else; and the page is what `make docs` writes."""
+    page = (REPO / "docs" / "configuration.md").read_text()
+    tables = _doc_tables(page)
+    assert {title: [tuple(row) for row in rows] for title, rows in tables.items()} == settings_tables(CARD)
+    assert with_tables(page, CARD) == page
     listed = [row[0].strip("`") for rows in tables.values() for row in rows]
     assert sorted(listed) == list(KNOWN_ENV_VARS) and len(listed) == 84
     assert all(len(row) == 4 and row[3] for rows in tables.values() for row in rows)
 
 
+def test_make_docs_rewrites_a_drifted_page(tmp_path):
+    """Not vacuous: a changed meaning, a missing row and an unknown row are put right by `--write`, the prose around
+    the tables kept; a page without a section's table is an error naming it."""
+    page = (REPO / "docs" / "configuration.md").read_text()
+    lora = "| `SFT_LORA_R` | int, [1, 1024] | card: `16` | LoRA rank. |\n"
+    seed = "| `SFT_SEED` | int >= 0 | `42` | `transformers.set_seed`, the data order seed and the subset selection. |\n"
+    assert lora in page and seed in page
+    drifted = page.replace(lora, "| `SFT_LORA_R` | int | `8` | The rank. |\n| `SFT_LORA_RANK` | int | `8` | x |\n")
+    drifted = drifted.replace(seed, "")
+    target = tmp_path / "configuration.md"
+    target.write_text(drifted)
+    assert _doc_tables(drifted) != settings_tables(CARD)
+    assert docs.main(["--write", str(target)]) == 0
+    assert target.read_text() == page
+    no_export = page.replace("## Export\n", "## Exporting\n")
+    with pytest.raises(ValueError, match=r"no settings table under ## Export \("):
+        with_tables(no_export, CARD)
+
+
 def test_the_table_cells_say_what_a_reader_expects():
     """The rendering itself, against literals: a range, a choice, a card default, a derived value, a pattern."""
-    rows = {row[0]: row[1:] for rows in settings_tables(CARD).values() for row in rows}
+    rows = {row[0]: row[1:3] for rows in settings_tables(CARD).values() for row in rows}
     assert rows["`SFT_PER_DEVICE_BATCH_SIZE`"] == ("int, [1, 512]", "`2`")
     assert rows["`SFT_WARMUP_RATIO`"] == ("float, [0, 1)", "`0.03`")
     assert rows["`SFT_MAX_GRAD_NORM`"] == ("float > 0", "`1.0`")
@@ -282,3 +304,21 @@ def test_the_table_cells_say_what_a_reader_expects():
     assert rows["`SFT_TASK_NAME`"] == ("str, 1..64 chars", "`sarcasm`")
     assert rows["`SFT_EVAL_HOLDOUT`"] == ("float or int", "`0.1`")
     assert rows["`SFT_CHECKPOINT_URI`"] == ("str, `^s3://[^/]+(/.*)?$`", "none")
+
+
+def test_the_meaning_cells_are_the_fields_docs():
+    """The meaning as written in the field, a pipe escaped inside its cell, a link relative to docs/ kept."""
+    meaning = {row[0]: row[3] for rows in settings_tables(CARD).values() for row in rows}
+    assert meaning["`SFT_LORA_R`"] == "LoRA rank."
+    assert meaning["`SFT_EVAL_MAX_NEW_TOKENS`"] == (
+        "Generation bound; generation normally stops earlier at `<\\|im_end\\|>` or `<\\|endoftext\\|>`.")
+    assert meaning["`SFT_PREEMPT_GRACE_S`"] == (
+        "Time budget after SIGTERM/SIGINT to finish the step, save, upload and exit 143. Keep it below the pod's "
+        "`terminationGracePeriodSeconds`. See [Preemption and resume](operations.md#preemption-and-resume).")
+
+
+def test_a_setting_without_a_meaning_is_refused():
+    """A new variable needs its doc (its row's Meaning); a field that is no variable (the card's) needs none."""
+    with pytest.raises(TypeError, match=r"^SFT_NEW_THING: a setting says what it means \(doc=...\)$"):
+        setting(1, env="new_thing", ge=0)
+    assert setting(card="tags").description is None
