@@ -218,7 +218,8 @@ def apply_plan(cfg: JobConfig, plan: dict) -> tuple[Any, Any]:
     if errors:
         raise DataError("; ".join(format_issue(e) for e in errors))
     labels = label_column(loaded, cfg.data, cfg.data.uri)
-    return tuple(with_verdicts(apply_plan_entry(loaded[role], plan[role]), labels) for role in ROLES)  # type: ignore
+    train, evals = (with_verdicts(apply_plan_entry(loaded[role], plan[role]), labels) for role in ROLES)
+    return train, evals
 
 
 def _jobs(cfg: JobConfig, loaded: dict[str, Any], processor,
