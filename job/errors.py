@@ -111,6 +111,40 @@ class DataError(UserError, ValueError):
         return cls(f"{row}: field '{field}' {problem}" + (f"; {fix}" if fix else ""), row=row, field=field, fix=fix)
 
 
+class LabelNamesMissing(DataError):
+    """SFT_TARGET_FORMAT=label on a column of plain integers that declares no class names (no ClassLabel feature in
+    the data, its dataset_info.json or its card) and no SFT_LABEL_NAMES: exit 2, naming the values found."""
+
+    def __init__(self, column: str, values: list[int]):
+        self.column, self.values = column, list(values)
+        shown = ", ".join(map(str, self.values[:20])) + (", ..." if len(self.values) > 20 else "")
+        fix = ("set SFT_LABEL_NAMES to the class names in index order, comma separated (index 0 first, e.g. "
+               "SFT_LABEL_NAMES=non-sarcastic,sarcastic)")
+        super().__init__(f"SFT_TARGET_KEY={column!r} holds plain integers (values found: {shown}) and declares no "
+                         f"class names: {fix}, or give the column a ClassLabel feature", field=column, fix=fix)
+
+
+class LabelNamesConflict(DataError):
+    """SFT_LABEL_NAMES differs from the class names the label column declares (its ClassLabel): exit 2, naming both
+    (the index -> name mapping must be one, or the verdicts would silently swap)."""
+
+    def __init__(self, column: str, declared: list[str], given: list[str], source: str):
+        self.column, self.declared, self.given, self.source = column, list(declared), list(given), source
+        fix = "unset SFT_LABEL_NAMES (the declared names are used) or make it equal to them"
+        super().__init__(f"SFT_LABEL_NAMES={','.join(given)} differs from the class names {source} declares for "
+                         f"{column!r} ({','.join(declared)}): {fix}", field=column, fix=fix)
+
+
+class QueryColumnConflict(DataError):
+    """SFT_QUERY_TEXT with data that has its own query column: exit 2 (one of the two would be silently ignored)."""
+
+    def __init__(self, column: str, split: str):
+        self.column, self.split = column, split
+        fix = "unset SFT_QUERY_TEXT to ask each row its own query, or drop the column"
+        super().__init__(f"SFT_QUERY_TEXT asks every row the same question, and split {split!r} has a query column "
+                         f"{column!r} (SFT_QUERY_KEY): {fix}", field=column, fix=fix)
+
+
 class UnsafeObjectKey(UserError):
     """An object key that would be written outside the directory it is mirrored into (`..`, `.`, an absolute path,
     an empty segment, or the mirror's own bookkeeping file): exit 2, before anything of the prefix is written."""

@@ -23,6 +23,7 @@ from typing import Any
 from job.collators.qwen3_collator import Qwen3VisionSFTCollator, build_collators
 from job.config.schema import JobConfig
 from job.config.sections.data import DataConfig
+from job.data.labels import label_column, with_verdicts
 from job.data.loaders import load_train_dataset
 from job.errors import DataError
 from job.eval.score import LabelSet, resolve_mode
@@ -65,7 +66,9 @@ def _stored_label_set(cfg: JobConfig, sources: Sources) -> LabelSet | None:
         log.info("eval: no training split to take the label set from (%s)", str(exc).splitlines()[0])
         resolve_mode(cfg.eval.mode, None)
         return None
-    return label_set(cfg.data, cfg.eval.mode, train_ds)
+    # Not preflighted: a row without a valid label has no verdict, and the label set skips it.
+    labels = label_column({"train": train_ds}, cfg.data, sources.dataset_path)
+    return label_set(cfg.data, cfg.eval.mode, with_verdicts(train_ds, labels))
 
 
 def prepare_inputs(cfg: JobConfig, command: Command, roles: tuple[str, ...] = ("train", "eval"),

@@ -161,6 +161,8 @@ def training_meta(cfg: JobConfig, sources: Sources, run_id: str, *, lineage_info
         "config": sources.config_record(cfg),
         "dataset": {"uri": lineage_info["dataset_uri"], "revision": cfg.data.revision,
                     "commit_sha": lineage_info.get("dataset_commit"), "config": cfg.data.config,
+                    "target_format": cfg.data.target_format, "query_text": cfg.data.query_text,
+                    "label_names": lineage_info.get("label_names"),
                     "version": lineage_info["dataset_version"], "fingerprint_sha256": lineage_info["fingerprint"]},
         "base_model": {"id": lineage_info["base_model"], "revision": lineage_info["base_model_revision"]},
         "versions": package_versions(),

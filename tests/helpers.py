@@ -91,3 +91,49 @@ def count_configs(monkeypatch) -> dict[str, int]:
     monkeypatch.setattr(schema.JobConfig, "from_settings", build)
     monkeypatch.setattr(schema.JobConfig, "model_validate_json", decode)
     return counts
+
+
+# -- the public multimodal sarcasm datasets' shape (#35) -------------------------------------------------------------
+SARCASM_NAMES = ["non-sarcastic", "sarcastic"]
+SARCASM_ROWS = {"train": 6, "validation": 2, "test": 2}  # per configuration
+SARCASM_QUERY = 'Is this post sarcastic? Answer in JSON: {"label": "sarcastic"} or {"label": "non-sarcastic"}.'
+
+
+def png_bytes(seed: int, size=(40, 32)) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    noise_image(size, seed=seed).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def sarcasm_card_dataset(root: Path, rows: Mapping[str, int] = SARCASM_ROWS, languages=("en", "zh")) -> Path:
+    """A dataset shaped as the public ones, written with `datasets` as push_to_hub writes it: a card (README.md)
+    declaring one configuration per language with per-split `data_files` globs (`en/train-*`) and its `dataset_info`,
+    parquet shards with the images embedded, columns id, image, text, text_label, image_label, multi_label, language
+    (each label a ClassLabel of SARCASM_NAMES), no query column. Row i of a split is sarcastic when i is odd."""
+    import datasets
+    from datasets.info import DatasetInfo, DatasetInfosDict
+    from huggingface_hub import DatasetCardData
+
+    label = datasets.ClassLabel(names=SARCASM_NAMES)
+    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
+                                  "text": datasets.Value("string"), "text_label": label, "image_label": label,
+                                  "multi_label": label, "language": datasets.Value("string")})
+    configs, infos = [], {}
+    for n_language, language in enumerate(languages):
+        for n_split, (split, count) in enumerate(rows.items()):
+            records = [{"id": f"{language}-{split}-{i}", "image": {"bytes": png_bytes(1000 * n_language + 100 * n_split
+                                                                                      + i), "path": None},
+                        "text": f"{language} post {i} of {split}", "text_label": i % 2, "image_label": 0,
+                        "multi_label": i % 2, "language": language} for i in range(count)]
+            shard = root / language / f"{split}-00000-of-00001.parquet"
+            shard.parent.mkdir(parents=True, exist_ok=True)
+            datasets.Dataset.from_list(records, features=features).to_parquet(str(shard))
+        configs.append({"config_name": language,
+                        "data_files": [{"split": split, "path": f"{language}/{split}-*"} for split in rows]})
+        infos[language] = DatasetInfo(features=features, config_name=language)
+    card = DatasetCardData(configs=configs)
+    DatasetInfosDict(infos).to_dataset_card_data(card)
+    (root / "README.md").write_text(f"---\n{card.to_yaml()}\n---\n\n# Multimodal sarcasm (test copy)\n")
+    return root

@@ -61,8 +61,9 @@ The runs (fixture -> what it returns):
   while checkpoint-4 uploads (killed), two fresh nodes SIGTERMed on node 1 only (sigterm_one), two fresh nodes to the
   end (final). two_node_user_error -> Nodes: node 1's SFT_OUTPUT_DIR is a file (exit 2 before any weights load).
 - colour_run -> Run: an imbalanced 5-class colour task (COLOUR_TRAIN, COLOUR_EVAL) with SFT_EVAL_STEPS=COLOUR_EVERY
-  over COLOUR_STEPS steps: eval during training and the best step's adapter. colour_resumed -> Chain: the same run
-  SIGTERMed in its first eval step or the one after, then resumed to the end.
+  over COLOUR_STEPS steps: eval during training and the best step's adapter; its data shaped as the public
+  datasets are (COLOUR_DATA: a card configuration of parquet shards, a ClassLabel target, no query column).
+  colour_resumed -> Chain: the same run SIGTERMed in its first eval step or the one after, then resumed to the end.
 - benchmark_outputs -> {name: CompletedProcess}: benchmarks/*.py in their quick/dry-run modes (BENCHMARKS).
 - s3_endpoint -> str: moto's S3 server, a separate process on 127.0.0.1 (AWS_ENV credentials, also set in os.environ).
 """

@@ -1,9 +1,10 @@
 """The shared classification runs (#19, tests/runs.py): an imbalanced 5-class colour task with eval during
-training and the best step's adapter, uninterrupted (colour_run) and SIGTERMed then resumed (colour_resumed)."""
+training and the best step's adapter, uninterrupted (colour_run) and SIGTERMed then resumed (colour_resumed); its data
+shaped as the public datasets are (#35: a card configuration, a ClassLabel target, no query column)."""
 
 from __future__ import annotations
 
-import json
+import io
 import signal
 from pathlib import Path
 
@@ -29,25 +30,43 @@ COLOUR = dict(SFT_MAX_STEPS=str(COLOUR_STEPS), SFT_SAVE_STEPS="5", SFT_SAVE_TOTA
               **NO_WANDB)
 
 
+# The data as the public datasets hold it (#35): no query column (the question is SFT_QUERY_TEXT), the colour a
+# ClassLabel (SFT_TARGET_FORMAT=label), the splits a configuration of the card (SFT_DATASET_CONFIG).
+COLOUR_QUERY = "What is the main colour? Answer in JSON."
+COLOUR_DATA = dict(SFT_DATASET_CONFIG="colours", SFT_TARGET_FORMAT="label", SFT_TARGET_KEY="colour",
+                   SFT_QUERY_TEXT=COLOUR_QUERY)
+
+
 def colour_data(ctx: Ctx) -> Path:
-    """COLOUR_TRAIN / COLOUR_EVAL rows of noisy solid-colour images, one JSON label each."""
+    """COLOUR_TRAIN / COLOUR_EVAL rows of noisy solid-colour images, written with `datasets` as push_to_hub writes
+    them: parquet shards under colours/ (the images embedded, the colour a ClassLabel of COLOURS), and a card whose
+    configuration `colours` names them per split by glob."""
+    import datasets
+    from huggingface_hub import DatasetCardData
+
     root = ctx.tmp / "data"
-    (root / "images").mkdir(parents=True)
+    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
+                                  "colour": datasets.ClassLabel(names=list(COLOURS))})
     for split, counts in (("train", COLOUR_TRAIN), ("validation", COLOUR_EVAL)):
-        lines = []
+        rows = []
         for i, label in enumerate(label for label, n in counts.items() for _ in range(n)):
             noise = noise_image((64, 64), seed=i + (1000 if split == "validation" else 0))
-            image = Image.blend(Image.new("RGB", (64, 64), COLOURS[label]), noise, 0.25)
-            image.save(root / "images" / f"{split}-{i}.png")
-            lines.append(json.dumps({"id": f"{split}-{i}", "image": f"images/{split}-{i}.png",
-                                     "query": "What is the main colour? Answer in JSON.",
-                                     "target_json": json.dumps({"label": label})}))
-        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+            buf = io.BytesIO()
+            Image.blend(Image.new("RGB", (64, 64), COLOURS[label]), noise, 0.25).save(buf, "PNG")
+            rows.append({"id": f"{split}-{i}", "image": {"bytes": buf.getvalue(), "path": None},
+                         "colour": list(COLOURS).index(label)})
+        (root / "colours").mkdir(parents=True, exist_ok=True)
+        datasets.Dataset.from_list(rows, features=features).to_parquet(
+            str(root / "colours" / f"{split}-00000-of-00001.parquet"))
+    card = DatasetCardData(configs=[{"config_name": "colours", "data_files": [
+        {"split": split, "path": f"colours/{split}-*"} for split in ("train", "validation")]}])
+    (root / "README.md").write_text(f"---\n{card.to_yaml()}\n---\n")
     return root
 
 
 def _colour_env(ctx: Ctx, tmp: Path) -> dict[str, str]:
-    return job_env(tmp, ctx.tiny_assets, ctx.environ, **COLOUR, SFT_DATASET_URI=str(ctx.result("colour_data")))
+    return job_env(tmp, ctx.tiny_assets, ctx.environ, **COLOUR, **COLOUR_DATA, SFT_CACHE_DIR=str(tmp / "cache"),
+                   SFT_DATASET_URI=str(ctx.result("colour_data")))
 
 
 def colour_run(ctx: Ctx) -> Run:

@@ -41,7 +41,8 @@ class Qwen3VisionSFTCollator:
     With `training=False` it is the eval collator: the prompt only, ending in the generation prompt, left padded
     (batched generation with right padding continues from pad tokens and is wrong), and no labels.
 
-    `system_prompt=None` uses `Queries().SYSTEM_PROMPT`; pass "" for no system message.
+    `system_prompt=None` uses `Queries().SYSTEM_PROMPT`; pass "" for no system message. `query_text` asks every row
+    the same question (the rows then need no query column).
     """
 
     processor: Any
@@ -52,6 +53,7 @@ class Qwen3VisionSFTCollator:
     caption_key: str = "caption"
     target_key: str = "target_json"
     system_prompt: str | None = None
+    query_text: str | None = None  # SFT_QUERY_TEXT: every row's query, for data without a query column
     _header_ids: list[int] = field(init=False, repr=False)
     _end_id: int = field(init=False, repr=False)
 
@@ -68,8 +70,12 @@ class Qwen3VisionSFTCollator:
             )
 
     # -- text --------------------------------------------------------------------------------------------------
+    def query(self, ex: dict) -> Any:
+        """The row's query: SFT_QUERY_TEXT when set, else its query column's value (not yet checked)."""
+        return self.query_text if self.query_text is not None else ex.get(self.query_key)
+
     def _user_text(self, ex: dict, row: str = "row") -> str:
-        query = ex.get(self.query_key)
+        query = self.query(ex)
         RowProblem.raise_for(query_problem(query, self.query_key), row)
         text = str(query).strip()  # a str once query_problem passed it; str() only tells mypy so
         caption = ex.get(self.caption_key)
@@ -224,7 +230,7 @@ def _init_fields(collator: Qwen3VisionSFTCollator) -> dict:
     return {
         "processor": collator.processor, "training": collator.training, "max_length": collator.max_length,
         "image_key": collator.image_key, "query_key": collator.query_key, "caption_key": collator.caption_key,
-        "target_key": collator.target_key, "system_prompt": collator.system_prompt,
+        "target_key": collator.target_key, "system_prompt": collator.system_prompt, "query_text": collator.query_text,
     }
 
 
@@ -235,6 +241,6 @@ def build_collators(data: DataConfig, max_length: int, processor
     common = dict(
         processor=processor, max_length=max_length, image_key=data.image_key,
         query_key=data.query_key, caption_key=data.caption_key, target_key=data.target_key,
-        system_prompt=data.system_prompt,
+        system_prompt=data.system_prompt, query_text=data.query_text,
     )
     return Qwen3VisionSFTCollator(training=True, **common), Qwen3VisionSFTCollator(training=False, **common)

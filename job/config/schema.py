@@ -21,7 +21,7 @@ from pydantic import ValidationError, create_model, field_validator
 
 from job.cards import ModelSpec
 from job.config.sections.base import Section
-from job.config.sections.data import DataConfig, ImageConfig, share_or_count
+from job.config.sections.data import DataConfig, ImageConfig, label_name_list, share_or_count
 from job.config.sections.eval import EvalConfig
 from job.config.sections.model import LoraConfig, ModelConfig, module_names
 from job.config.sections.outputs import CardConfig, ExportConfig, HubConfig, LineageConfig, StorageConfig
@@ -70,7 +70,8 @@ class JobConfig(Section):
 Settings: type[FlatSettings] = create_model(  # type: ignore[call-overload]
     "Settings", __base__=FlatSettings, __doc__="Every `SFT_*` variable. None means \"use the model card's default\".",
     __validators__={"_holdout": field_validator("eval_holdout")(share_or_count),
-                    "_modules": field_validator("lora_target_modules")(module_names)},
+                    "_modules": field_validator("lora_target_modules")(module_names),
+                    "_label_names": field_validator("label_names")(label_name_list)},
     **flat_fields(JobConfig.sections()))
 KNOWN_ENV_VARS = tuple(sorted(env_name(f) for f in Settings.model_fields))
 

@@ -62,7 +62,7 @@ def _flat_field(info: FieldInfo) -> tuple[Any, Any]:
     found = meta(info)
     annotation: Any = _FLAT_TYPES[found["flat"]] if found["flat"] else info.annotation
     filled = found["card"] is not None or info.default is PydanticUndefined
-    if filled:
+    if filled or info.default is None:  # a flat type (SFT_LABEL_NAMES: str) of a field that defaults to None
         annotation = annotation | None
     default = None if filled else info.default
     typed = Annotated[(annotation, *info.metadata)] if info.metadata else annotation

@@ -23,6 +23,7 @@ from typing import Any
 from PIL import Image
 
 from job.collators.qwen3_collator import Qwen3VisionSFTCollator, lacks_answer
+from job.data.labels import LabelColumn
 from job.data.rows import (
     RowProblem,
     caption_problem,
@@ -88,10 +89,11 @@ def visual_token_count(processor, width: int, height: int) -> int:
 class RowChecker:
     """Checks one row the way the training (or eval) collator would consume it, without running the processor."""
 
-    def __init__(self, collator: Qwen3VisionSFTCollator, label_field: str):
+    def __init__(self, collator: Qwen3VisionSFTCollator, label_field: str, labels: LabelColumn | None = None):
         self.collator = collator
         self.processor = collator.processor
         self.label_field = label_field
+        self.labels = labels  # SFT_TARGET_FORMAT=label: the label column's rule (job/data/labels.py)
         tokenizer = self.processor.tokenizer
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.processor.image_token)
         # Control tokens inside user text would be parsed as chat structure (a caption holding "<|im_start|>assistant"
@@ -108,10 +110,12 @@ class RowChecker:
         answer = self._check_target(row, result)
         size, image_digest = self._check_image(row, result)
         if text_ok and size is not None and (answer is not None or not self.training):
-            self._check_length(row, size, result)
+            # A label's verdict is rendered as the collator will see it after with_verdicts (job/data/labels.py).
+            rendered = {**row, self.collator.target_key: answer} if self.labels is not None else row
+            self._check_length(rendered, size, result)
         if image_digest is not None:
             c = self.collator
-            fields = [row.get(c.query_key), row.get(c.caption_key), row.get(c.target_key)]
+            fields = [c.query(row), row.get(c.caption_key), row.get(c.target_key)]
             content = (image_digest + json.dumps(fields, default=str)).encode()
             result.digest = hashlib.blake2b(content, digest_size=16).hexdigest()
         return result
@@ -121,7 +125,7 @@ class RowChecker:
         """Whether the query and caption can be rendered; every problem is added to result."""
         before = len(result.errors)
         key, caption_key = self.collator.query_key, self.collator.caption_key
-        query, caption = row.get(key), row.get(caption_key)
+        query, caption = self.collator.query(row), row.get(caption_key)
         result.add(query_problem(query, key))
         result.add(caption_problem(caption, caption_key))
         for name, value in ((key, query), (caption_key, caption)):
@@ -133,7 +137,10 @@ class RowChecker:
         """The canonical answer text (what the model is trained to emit), or None when the target is unusable."""
         key, label_field = self.collator.target_key, self.label_field
         use = "training and eval scoring" if self.training else "eval scoring"
-        verdict = verdict_or_problem(row.get(key), key, label_field=label_field, use=use)
+        if self.labels is not None:
+            verdict = self.labels.verdict(row.get(key))
+        else:
+            verdict = verdict_or_problem(row.get(key), key, label_field=label_field, use=use)
         if isinstance(verdict, RowProblem):
             result.add(verdict)
             return None

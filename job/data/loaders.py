@@ -23,7 +23,7 @@ from job.config.sections.data import DataConfig
 from job.data.holdout import ROW_ID, holdout_sides
 from job.data.layouts import JSONL_SUFFIXES, SplitFiles, expected_layouts, find_split, single_split_source, whole_source
 from job.errors import DataError, TransientError
-from job.storage.sources import hub_dataset_id
+from job.storage.sources import declared_configs, hub_dataset_id
 from job.utils.library_errors import hub_offline
 
 # Columns the job adds to a split: each row's name in messages (loading), and its text + visual token count
@@ -218,6 +218,9 @@ def load_local_split(uri: str, split: str, image_key: str = "image"):
     elif (path / "dataset_dict.json").is_file():
         splits = json.loads((path / "dataset_dict.json").read_text()).get("splits")
         raise DataError(f"split {split!r} not found in {uri}: it has {splits}; set SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT")
+    elif configs := sorted(declared_configs(path)) if path.is_dir() else []:
+        raise DataError(f"no {split!r} split in {uri}: its dataset card declares the configurations "
+                        f"{', '.join(configs)}; set SFT_DATASET_CONFIG to one of them")
     else:
         raise DataError(f"no {split!r} split in {uri}: expected {expected_layouts(split)}; add it, or set "
                         "SFT_TRAIN_SPLIT/SFT_EVAL_SPLIT to a split it has")

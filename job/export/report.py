@@ -137,6 +137,8 @@ def _card_body(cfg: JobConfig, report: dict, lineage: dict, pre: dict) -> str:
     rows = "\n".join(f"| {k} | {_fmt(pre.get(k))} | {_fmt(cost[k]['qlora'])} | {_fmt(cost[k]['merged'])} | "
                      f"{_fmt(cost[k]['delta'])} |" for k in CORE_METRICS)
     system = cfg.data.system_prompt
+    query = "the query" if cfg.data.query_text is None else \
+        f"the query {json.dumps(cfg.data.query_text, ensure_ascii=False)} (SFT_QUERY_TEXT: every row's)"
     return f"""# {report['run_id']}: {lineage['base_model']} with its QLoRA adapter merged
 
 Multimodal sarcasm detection: an image, a query and an optional caption in, a JSON verdict out. This is the base
@@ -162,7 +164,7 @@ Details in `export_report.json`.
 ## Prompt format (as trained)
 
 - system message: {json.dumps(system) if system else '(none)'}
-- user message: the image, then the query; a non-empty caption is appended as `\\nCAPTION: <caption>`
+- user message: the image, then {query}; a non-empty caption is appended as `\\nCAPTION: <caption>`
 - generation prompt from the chat template; greedy, `max_new_tokens={cfg.eval.max_new_tokens}`; the answer is
   one JSON object such as `{{"{cfg.data.label_field}": "sarcastic"}}`
 

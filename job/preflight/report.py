@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from job.config.schema import JobConfig
+from job.config.sections.data import DataConfig
 from job.data.checks import MAX_DECODE_PIXELS
+from job.data.labels import LabelColumn
 
 MAX_LISTED_ERRORS = 50  # in the exception message; the JSON report lists every error
 
@@ -77,6 +79,41 @@ def build_report(cfg: JobConfig, dataset_path: str | None, tallies: dict[str, An
     }
 
 
+def understood(data: DataConfig, columns: dict[str, list[str]], labels: LabelColumn | None,
+               tallies: dict[str, Any]) -> dict:
+    """What preflight read each part of a row from: the column -> role mapping (with the splits that hold each
+    column), the fixed query (SFT_QUERY_TEXT), the target's format and its class names with their rows per split."""
+    def column(name: str) -> dict:
+        return {"column": name, "splits": [split for split, names in columns.items() if name in names]}
+
+    query = {"text": data.query_text} if data.query_text is not None else column(data.query_key)
+    target = labels.to_json() if labels is not None else {"format": "json", "label_field": data.label_field}
+    declared = (labels.names or ()) if labels is not None else ()
+    counts = {t.name: {**dict.fromkeys(declared, 0), **dict(t.labels)} for t in tallies.values()}
+    return {"image": column(data.image_key), "query": query, "caption": column(data.caption_key),
+            "target": {**column(data.target_key), **target}, "label_counts": counts}
+
+
+def _role_line(role: str, found: dict) -> str:
+    if "text" in found:
+        return f"{role} <- SFT_QUERY_TEXT {found['text']!r}"
+    where = ", ".join(found["splits"]) or "no split: none"
+    return f"{role} <- '{found['column']}' ({where})"
+
+
+def understood_lines(found: dict) -> list[str]:
+    """The summary's account of `understood`: one line of columns, one of the target and its names."""
+    target = found["target"]
+    roles = "; ".join(_role_line(role, found[role]) for role in ("image", "query", "caption"))
+    if target["format"] == "json":
+        shape = f"a JSON verdict whose '{target['label_field']}' is the label"
+    else:
+        names = ", ".join(target["names"]) if target["names"] is not None else "each value is its name"
+        shape = (f"class labels ({target['kind']}; names from {target['names_from']}: {names}), the verdict "
+                 f"{{\"{target['label_field']}\": name}}")
+    return [f"columns: {roles}", f"target <- '{target['column']}': {shape}"]
+
+
 def _kinds(counts: dict) -> str:
     return ", ".join(f"{k}={n}" for k, n in sorted(counts.items())) or "none"
 
@@ -95,8 +132,11 @@ def summary_table(report: dict, path: Path) -> str:
                      f"{_triple(split['tokens']):<22}{_triple(split['visual_tokens']):<22}")
     lines.append(f"errors by kind:   {_kinds(report['errors_by_kind'])}")
     lines.append(f"warnings by kind: {_kinds(report['warnings_by_kind'])}")
+    found = report.get("understood")
+    lines += understood_lines(found) if found else []
     for split in report["splits"].values():
-        lines.append(f"labels {split['split']}: {_kinds(split['labels'])}")
+        counts = found["label_counts"][split["split"]] if found else split["labels"]
+        lines.append(f"labels {split['split']}: {_kinds(counts)}")
     lines.append(f"report: {path}" + ("" if report["ok"] else f"  FAILED: {report['failure']}"))
     return "\n".join(lines)
 

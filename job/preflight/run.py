@@ -27,9 +27,17 @@ from job.config.schema import JobConfig
 from job.config.sections.data import DataConfig
 from job.data.checks import RowChecker
 from job.data.holdout import ROW_ID
+from job.data.labels import LabelColumn, label_column, with_verdicts
 from job.data.loaders import LENGTH_COLUMN, _load_eval_dataset, holds_out, load_train_dataset
-from job.errors import DataError
-from job.preflight.report import MAX_LISTED_ERRORS, build_report, failure_message, format_issue, summary_table
+from job.errors import DataError, QueryColumnConflict
+from job.preflight.report import (
+    MAX_LISTED_ERRORS,
+    build_report,
+    failure_message,
+    format_issue,
+    summary_table,
+    understood,
+)
 from job.preflight.scan import SplitTally, effective_workers, make_issue, scan, worker_count
 
 log = logging.getLogger("job.preflight")
@@ -209,15 +217,24 @@ def apply_plan(data: DataConfig, path: str | None, seed: int, plan: dict) -> tup
     loaded, errors = _load_splits(data, path, seed)
     if errors:
         raise DataError("; ".join(format_issue(e) for e in errors))
-    return apply_plan_entry(loaded["train"], plan["train"]), apply_plan_entry(loaded["eval"], plan["eval"])
+    labels = label_column(loaded, data, path)
+    train, evals = (with_verdicts(apply_plan_entry(loaded[role], plan[role]), labels) for role in ROLES)
+    return train, evals
 
 
-def _jobs(data: DataConfig, max_length: int, loaded: dict[str, Any], processor
-          ) -> dict[str, tuple[Any, RowChecker, str]]:
+def _jobs(data: DataConfig, max_length: int, loaded: dict[str, Any], processor,
+          labels: LabelColumn | None) -> dict[str, tuple[Any, RowChecker, str]]:
     # The checkers wrap the very collators training and eval use, so both see rows the same way.
     collators = dict(zip(ROLES, build_collators(data, max_length, processor), strict=True))
-    return {role: (_check_view(loaded[role], data.image_key), RowChecker(collators[role], data.label_field),
+    return {role: (_check_view(loaded[role], data.image_key), RowChecker(collators[role], data.label_field, labels),
                    _split_name(data, role)) for role in loaded}
+
+
+def _check_query_column(data: DataConfig, loaded: dict[str, Any]) -> None:
+    """SFT_QUERY_TEXT with a query column in the data: one of the two would be silently ignored (exit 2)."""
+    for role, ds in loaded.items():
+        if data.query_text is not None and data.query_key in ds.column_names:
+            raise QueryColumnConflict(data.query_key, _split_name(data, role))
 
 
 # A required column missing from at least this share of a split's rows is a column-name mismatch, reported once
@@ -245,6 +262,40 @@ def _column_mismatches(data: DataConfig, tallies: dict[str, SplitTally], loaded:
     return issues
 
 
+# A json target column whose rows (nearly) all fail as verdicts this way holds class labels (SFT_TARGET_FORMAT=label).
+NOT_VERDICTS = ("target_not_object", "target_not_json")
+
+
+def _held_values(ds, key: str) -> str:
+    import datasets
+
+    feature = ds.features.get(key)
+    if isinstance(feature, datasets.ClassLabel):
+        return f"ClassLabel indices (names: {', '.join(feature.names)})"
+    values = sorted({v for v in ds.unique(key) if v is not None}, key=str)
+    shown = ", ".join(repr(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
+    return f"plain {type(values[0]).__name__ if values else 'null'} values ({shown})"
+
+
+def _label_column_hints(data: DataConfig, tallies: dict[str, SplitTally], loaded: dict[str, Any]) -> list[dict]:
+    """SFT_TARGET_FORMAT=json on a column of class labels (an integer or plain-string column): one `target_is_label`
+    issue per split, with the hint to use SFT_TARGET_FORMAT=label, instead of one error per row."""
+    key, issues = data.target_key, []
+    for role, tally in tallies.items():
+        found = [e for e in tally.errors if e["field"] == key and e["kind"] in NOT_VERDICTS]
+        if data.target_format != "json" or not found or len(found) < COLUMN_MISMATCH_FRACTION * tally.rows:
+            continue
+        gone = {id(e) for e in found}
+        tally.errors = [e for e in tally.errors if id(e) not in gone]
+        held = _held_values(loaded[role], key)
+        names = " with SFT_LABEL_NAMES=<the class names in index order>" if held.startswith("plain int") else ""
+        issues.append(make_issue(tally.name, None, None, "target_is_label", key,
+                                 f"column '{key}' holds {held} in {len(found)} of {tally.rows} rows, not JSON "
+                                 "verdicts", f"set SFT_TARGET_FORMAT=label{names}: each row's verdict is then "
+                                 f'{{"{data.label_field}": <its class name>}}'))
+    return issues
+
+
 def run_preflight(cfg: JobConfig, dataset_path: str | None, processor, roles: tuple[str, ...] = ROLES,
                   report_name: str = REPORT_NAME) -> PreflightResult:
     """Check every row of the given splits (train and eval by default) of the dataset at dataset_path
@@ -255,26 +306,33 @@ def run_preflight(cfg: JobConfig, dataset_path: str | None, processor, roles: tu
     if load_errors:
         report = build_report(cfg, dataset_path, {}, load_errors, "a split could not be loaded", 0.0, 0)
         raise DataError(failure_message(report, _publish(output_dir, report, report_name)))
-    jobs = _jobs(data, cfg.train.max_length, loaded, processor)
+    _check_query_column(data, loaded)
+    labels = label_column(loaded, data, dataset_path)
+    jobs = _jobs(data, cfg.train.max_length, loaded, processor, labels)
     workers = effective_workers(worker_count(), sum(len(view) for view, _, _ in jobs.values()))
     started = time.monotonic()
     tallies = scan(jobs, workers)
     seconds = time.monotonic() - started
     _label_warnings(tallies, f"{data.target_key}.{data.label_field}", data)
     mismatches = _column_mismatches(data, tallies, loaded)
+    hints = _label_column_hints(data, tallies, loaded)
     failure = _policy_failure(data, tallies)
+    if hints:  # no SFT_BAD_ROWS setting can help either: the column holds labels
+        failure = "the target column holds class labels, not JSON verdicts: set SFT_TARGET_FORMAT=label"
     if mismatches:  # no SFT_BAD_ROWS setting can help: the column names are wrong
         failure = "the dataset's columns do not match the SFT_*_KEY settings"
     overlap = eval_overlap(data, tallies)
     failure = failure or _overlap_failure(overlap)
-    report = build_report(cfg, dataset_path, tallies, mismatches, failure, seconds, workers)
+    report = build_report(cfg, dataset_path, tallies, mismatches + hints, failure, seconds, workers)
     report["holdout"] = _holdout_record(data, dataset_path, cfg.train.seed, loaded)
     report["eval_overlap"] = overlap
+    report["understood"] = understood(data, {t.name: loaded[role].column_names for role, t in tallies.items()},
+                                      labels, tallies)
     # Free: every image was already read and hashed by the row checks above (the duplicate digests).
     report["data_fingerprint"] = {role: tally.fingerprint() for role, tally in tallies.items()}
     path = _publish(output_dir, report, report_name)
     if failure is not None:
         raise DataError(failure_message(report, path))
     plan = {role: _plan_entry(tallies[role], role == "train") for role in roles}
-    datasets = {role: apply_plan_entry(loaded[role], plan[role]) for role in roles}
+    datasets = {role: with_verdicts(apply_plan_entry(loaded[role], plan[role]), labels) for role in roles}
     return PreflightResult(report, datasets.get("train"), datasets.get("eval"), plan)

@@ -169,13 +169,19 @@ def how_to_use(cfg: JobConfig, run_id: str, metrics: dict, lineage: dict) -> str
               if data.system_prompt else "")
     system_line = (f"- system prompt, exactly:\n\n{_fenced(data.system_prompt)}\n" if data.system_prompt
                    else "- no system prompt (SFT_SYSTEM_PROMPT was empty)")
+    # SFT_QUERY_TEXT: every row was asked the same question, so the example asks it too.
+    user_line = ("- user turn: the image first, then the query; a caption, when there is one, follows the query on a "
+                 "new line as\n  `CAPTION: <caption>`") if data.query_text is None else (
+        "- user turn: the image first, then this query, exactly (every row was asked it, SFT_QUERY_TEXT):\n\n"
+        f"{_fenced(data.query_text)}\n\n  a caption, when there is one, follows the query on a new line as "
+        "`CAPTION: <caption>`")
+    query_code = "<query>" if data.query_text is None else json.dumps(data.query_text, ensure_ascii=False)[1:-1]
     return f"""## How to use
 
 The prompt format this adapter was trained on (use exactly this, or the answers drift):
 
 {system_line}
-- user turn: the image first, then the query; a caption, when there is one, follows the query on a new line as
-  `CAPTION: <caption>`
+{user_line}
 - answer: one JSON object whose `{field}` is one of {labels}, e.g.
   `{example}`, then the end of turn
 
@@ -193,7 +199,7 @@ processor = AutoProcessor.from_pretrained("{where}")  # the image pixel bounds t
 
 messages = [
 {system}    {{"role": "user", "content": [{{"type": "image"}},
-                                 {{"type": "text", "text": "<query>\\nCAPTION: <caption>"}}]}},
+                                 {{"type": "text", "text": "{query_code}\\nCAPTION: <caption>"}}]}},
 ]
 text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 inputs = processor(text=[text], images=[Image.open("image.png").convert("RGB")], return_tensors="pt").to(model.device)

@@ -8,10 +8,15 @@ A Hub dataset (`owner/name`, `hf://datasets/owner/name[/path]`) is downloaded wi
 `snapshot_download` into its own cache (HF_HOME; HF_TOKEN for private and gated repos; HF_HUB_OFFLINE=1 reads the
 cache only) at SFT_DATASET_REVISION, and then read like a local directory, so it has the same layouts
 (job/data/layouts.py). The snapshot folder is named after the commit the revision resolved to.
+
+SFT_DATASET_CONFIG picks a configuration the dataset card (README.md) declares, in the same way wherever the files
+are: a local directory, the mirror of an s3:// prefix or a Hub snapshot (`config_root`).
 """
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import logging
 import os
 import re
@@ -124,8 +129,7 @@ def _hub_snapshot(data: DataConfig, storage: StorageConfig, hub: HubDataset) -> 
     """The dataset's files at SFT_DATASET_REVISION (only hub.path's, when the URI names a folder), and the commit."""
     from huggingface_hub import HfApi, snapshot_download
 
-    pinned = f" at SFT_DATASET_REVISION={data.revision!r}" if data.revision else ""
-    context = f"SFT_DATASET_URI={data.uri!r} (no such local path, so the Hub dataset {hub.repo_id}{pinned})"
+    context = _hub_context(data, hub)
     try:
         # The revision is resolved first, and the snapshot asked for by commit: snapshot_download alone falls back to
         # a cached snapshot when the Hub refuses (401/403) or fails, which would train on data the token may no
@@ -144,15 +148,22 @@ def _hub_snapshot(data: DataConfig, storage: StorageConfig, hub: HubDataset) -> 
     root = local / hub.path
     if not root.is_dir():
         raise UserError(f"{context} has no folder {hub.path!r} at commit {local.name}")
-    if data.config:
-        root = _config_root(data.config, storage, hub, root, local.name, context)
     return root, local.name
 
 
-def _declared_configs(card: Path) -> dict[str, dict]:
-    """The configurations a dataset card declares (`configs:` in README.md's YAML header), by name."""
+def _hub_context(data: DataConfig, hub: HubDataset) -> str:
+    pinned = f" at SFT_DATASET_REVISION={data.revision!r}" if data.revision else ""
+    return f"SFT_DATASET_URI={data.uri!r} (no such local path, so the Hub dataset {hub.repo_id}{pinned})"
+
+
+CARD = "README.md"  # a dataset's card: its YAML header declares its configurations and features
+
+
+def declared_configs(root: Path) -> dict[str, dict]:
+    """The configurations the dataset card in root declares (`configs:` in README.md's YAML header), by name."""
     from huggingface_hub.repocard import metadata_load
 
+    card = root / CARD
     meta = (metadata_load(card) if card.is_file() else None) or {}
     return {str(c.get("config_name")): c for c in meta.get("configs") or [] if isinstance(c, dict)}
 
@@ -173,21 +184,33 @@ def _split_patterns(data_files: Any) -> dict[str, list[str]]:
     return patterns
 
 
-def _config_root(name: str, storage: StorageConfig, hub: HubDataset, root: Path, commit: str, context: str) -> Path:
-    """SFT_DATASET_CONFIG (name): the configuration the card declares (its `data_dir`, or its parquet `data_files` per
-    split, linked into `{split}/` folders under SFT_CACHE_DIR), else the folder of that name (what
-    push_to_hub(config_name=...) writes beside the card's entry)."""
-    declared = _declared_configs(root / "README.md").get(name)
+def _unknown_config(name: str, root: Path, context: str) -> UserError:
+    declared = sorted(declared_configs(root))
+    known = declared + sorted(p.name for p in root.iterdir()
+                              if p.is_dir() and not p.name.startswith(".") and p.name not in declared)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return UserError(f"SFT_DATASET_CONFIG={name!r}: {context} declares no such configuration and has no such folder "
+                     f"(it has: {', '.join(known) or 'none'}); {hint}unset it or name one of them")
+
+
+def config_root(data: DataConfig, storage: StorageConfig, root: Path, context: str) -> Path:
+    """SFT_DATASET_CONFIG in the dataset at root (a local directory, the mirror of an s3:// prefix or a Hub snapshot,
+    alike): the configuration its card declares (its `data_dir`, or its parquet `data_files` per split, globs
+    relative to root, linked into `{split}/` folders of a view under SFT_CACHE_DIR/dataset-configs/ beside a link to
+    the card), else the folder of that name (what push_to_hub(config_name=...) writes beside the card's entry)."""
+    name = data.config or ""
+    if not root.is_dir():
+        raise UserError(f"SFT_DATASET_CONFIG={name!r}: {context} is a file, not a dataset directory with a card")
+    declared = declared_configs(root).get(name)
     if declared is None:
         if (root / name).is_dir():
             return root / name
-        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        known = sorted(_declared_configs(root / "README.md")) + folders
-        raise UserError(f"SFT_DATASET_CONFIG={name!r}: {context} declares no such configuration and has no such "
-                        f"folder (it has: {', '.join(known) or 'none'}); unset it or name one of them")
+        raise _unknown_config(name, root, context)
     if declared.get("data_dir"):
         return root / str(declared["data_dir"])
-    view = cache_dir(storage) / "hub-configs" / hub.repo_id / commit / name
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    view = cache_dir(storage) / "dataset-configs" / key / name
     shutil.rmtree(view, ignore_errors=True)
     for split, patterns in _split_patterns(declared.get("data_files")).items():
         matched = sorted({p for pattern in patterns for p in root.glob(pattern) if p.is_file()})
@@ -197,7 +220,8 @@ def _config_root(name: str, storage: StorageConfig, hub: HubDataset, root: Path,
                             "must be parquet files here (or give it a data_dir)")
         (view / split).mkdir(parents=True)
         for path in matched:
-            (view / split / path.relative_to(root).as_posix().replace("/", "--")).symlink_to(path)
+            (view / split / path.relative_to(root).as_posix().replace("/", "--")).symlink_to(path.resolve())
+    (view / CARD).symlink_to((root / CARD).resolve())  # its dataset_info names the classes (job/data/labels.py)
     return view
 
 
@@ -205,13 +229,16 @@ def localize(cfg: JobConfig) -> Sources:
     """Download the s3:// sources and Hub datasets into their caches; local paths and Hub models are read where
     they are (from_pretrained downloads a Hub model itself)."""
     dataset, model, commit, etags = cfg.data.uri, cfg.model.id, None, None
+    context = f"SFT_DATASET_URI={dataset!r}"
     if dataset and source_kind(dataset, "dataset") == "s3":
         mirrored, etags = _mirror(cfg.storage, dataset, "datasets")
-        dataset = str(mirrored)
+        dataset, context = str(mirrored), f"{context} (mirrored to {mirrored})"
     elif (hub := hub_dataset(dataset)) is not None:
         root, commit = _hub_snapshot(cfg.data, cfg.storage, hub)
-        dataset = str(root)
+        dataset, context = str(root), _hub_context(cfg.data, hub)
         print(f"dataset: Hub {hub.repo_id} revision {cfg.data.revision or 'main'} = commit {commit}", flush=True)
+    if dataset and cfg.data.config:  # one reading of the card's configurations, wherever its files are
+        dataset = str(config_root(cfg.data, cfg.storage, Path(dataset), context))
     if source_kind(model, "model") == "s3":
         model = str(_mirror(cfg.storage, model, "models")[0])
     return Sources(cfg.data.uri, cfg.model.id, dataset, model, commit, etags)

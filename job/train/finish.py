@@ -98,7 +98,9 @@ def _save_outputs(p: Prepared, model, run, trained: Trained, metrics: dict, time
     files = outputs.save_adapter(model, p.processor, p.paths.adapter)
     metrics["report"] = _pictures(p, metrics, trained, run)
     lineage = outputs.lineage(p.cfg, p.sources, model, dataset_fingerprint(p.preflight.get("data_fingerprint")))
-    lineage.update(eval_overlap=p.preflight.get("eval_overlap"), eval_holdout=p.preflight.get("eval_holdout"))
+    target = (p.preflight.get("understood") or {}).get("target") or {}
+    lineage.update(eval_overlap=p.preflight.get("eval_overlap"), eval_holdout=p.preflight.get("eval_holdout"),
+                   label_names=target.get("names"))  # SFT_TARGET_FORMAT=label: the class names, as resolved
     build_model_card(p.cfg, p.run_id, metrics, lineage).save(p.paths.adapter / "README.md")
     outputs.write_json(p.paths.root / "metrics.json", metrics)
     timer.track("save", started)

@@ -117,7 +117,9 @@ def _preflight_summary(report: dict) -> dict:
             "skipped_row_ids": {s["split"]: s["skipped_row_ids"] for s in report["splits"].values()},
             "warnings_by_kind": report["warnings_by_kind"], "data_fingerprint": report.get("data_fingerprint"),
             "eval_overlap": {k: v for k, v in (report.get("eval_overlap") or {}).items() if k != "row_ids"} or None,
-            "eval_holdout": report["holdout"]["eval_holdout"] if report.get("holdout") else None}
+            "eval_holdout": report["holdout"]["eval_holdout"] if report.get("holdout") else None,
+            # the columns each part of a row came from, the target's format and its class names (and their rows)
+            "understood": report.get("understood")}
 
 
 def _checked_datasets(cfg: JobConfig, dataset_path: str | None, processor) -> tuple[Any, Any, dict]:

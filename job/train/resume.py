@@ -53,6 +53,10 @@ TRAINING_SETTINGS: tuple[tuple[str, Callable[[JobConfig], Any]], ...] = (
     ("SFT_TARGET_KEY", lambda c: c.data.target_key),
     ("SFT_LABEL_FIELD", lambda c: c.data.label_field),
     ("SFT_SYSTEM_PROMPT", lambda c: c.data.system_prompt),
+    # What the answer is made of (a label column's verdicts, their names) and the question every row is asked.
+    ("SFT_TARGET_FORMAT", lambda c: c.data.target_format),
+    ("SFT_LABEL_NAMES", lambda c: list(c.data.label_names) if c.data.label_names is not None else None),
+    ("SFT_QUERY_TEXT", lambda c: c.data.query_text),
     ("SFT_IMAGE_MIN_PIXELS", lambda c: c.image.min_pixels),
     ("SFT_IMAGE_MAX_PIXELS", lambda c: c.image.max_pixels),
     ("SFT_SEED", lambda c: c.train.seed),
@@ -82,7 +86,8 @@ TRAINING_SETTINGS: tuple[tuple[str, Callable[[JobConfig], Any]], ...] = (
 )
 # Settings recorded since a later version, with the value that a checkpoint written before then was trained with:
 # such a checkpoint resumes without drift when the setting still has that value.
-RECORDED_SINCE: dict[str, Any] = {"SFT_EVAL_STEPS": None, "SFT_EVAL_DURING_TRAIN_ROWS": None, "SFT_BEST_METRIC": None}
+RECORDED_SINCE: dict[str, Any] = {"SFT_EVAL_STEPS": None, "SFT_EVAL_DURING_TRAIN_ROWS": None, "SFT_BEST_METRIC": None,
+                                  "SFT_TARGET_FORMAT": "json", "SFT_LABEL_NAMES": None, "SFT_QUERY_TEXT": None}
 
 
 @dataclass(frozen=True)

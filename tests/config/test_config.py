@@ -147,6 +147,11 @@ OVERLAY_CASES = [
     ({"SFT_CAPTION_KEY": "text"}, {("data", "caption_key"): "text"}),
     ({"SFT_TARGET_KEY": "answer"}, {("data", "target_key"): "answer"}),
     ({"SFT_LABEL_FIELD": "verdict"}, {("data", "label_field"): "verdict"}),
+    ({"SFT_TARGET_FORMAT": "label"}, {("data", "target_format"): "label"}),
+    # Only with SFT_TARGET_FORMAT=label (test_label_names_need_the_label_format); spaces around a name are dropped.
+    ({"SFT_LABEL_NAMES": "non-sarcastic, sarcastic", "SFT_TARGET_FORMAT": "label"},
+     {("data", "label_names"): ["non-sarcastic", "sarcastic"], ("data", "target_format"): "label"}),
+    ({"SFT_QUERY_TEXT": "Is this post sarcastic?"}, {("data", "query_text"): "Is this post sarcastic?"}),
     ({"SFT_SYSTEM_PROMPT": "Be terse."}, {("data", "system_prompt"): "Be terse."}),
     # An explicitly empty prompt means "no system message", not "use the default".
     ({"SFT_SYSTEM_PROMPT": ""}, {("data", "system_prompt"): ""}),
@@ -345,6 +350,8 @@ FIELD_ERRORS = [
     ("SFT_TRAIN_SPLIT", "", "at least 1 character"),
     ("SFT_EVAL_SPLIT", "", "at least 1 character"),
     ("SFT_LABEL_FIELD", "", "at least 1 character"),
+    ("SFT_TARGET_FORMAT", "classlabel", "'json' or 'label'"),
+    ("SFT_QUERY_TEXT", "", "at least 1 character"),
     ("SFT_IMAGE_KEY", "", "at least 1 character"),
     ("SFT_OUTPUT_DIR", "", "at least 1 character"),
 ]
@@ -434,6 +441,30 @@ def test_train_split_equal_to_eval_split():
     assert len(err.problems) == 1
     assert "SFT_TRAIN_SPLIT and SFT_EVAL_SPLIT are both 'train'" in err.problems[0]
     assert "held-out split" in err.problems[0]
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("a,,b", "must name every class, comma separated, none empty (e.g. non-sarcastic,sarcastic)"),
+    ("yes, no,yes", "names yes more than once: each class needs its own name"),
+])
+def test_label_names_are_distinct_and_non_empty(value, problem):
+    err = _raises({"SFT_TARGET_FORMAT": "label", "SFT_LABEL_NAMES": value})
+    assert err.problems == [f"SFT_LABEL_NAMES={value!r}: Value error, {problem} (example: "
+                            "SFT_LABEL_NAMES=non-sarcastic,sarcastic)"]
+
+
+def test_label_names_need_the_label_format():
+    err = _raises({"SFT_LABEL_NAMES": "non-sarcastic,sarcastic"})
+    assert err.problems == ["SFT_LABEL_NAMES names the classes of a label column and only applies with "
+                            "SFT_TARGET_FORMAT=label: set SFT_TARGET_FORMAT=label, or unset SFT_LABEL_NAMES"]
+
+
+def test_query_text_is_not_blank_and_not_beside_a_query_key():
+    err = _raises({"SFT_QUERY_TEXT": "  ", "SFT_QUERY_KEY": "question"})
+    assert err.problems == [
+        "SFT_QUERY_TEXT is blank: write the question every row is asked, or unset it",
+        "SFT_QUERY_TEXT asks every row the same question and SFT_QUERY_KEY='question' names a query column: set "
+        "one of them"]
 
 
 def test_do_sample_needs_positive_temperature():

@@ -6,7 +6,8 @@ OVERRIDES; key order included (W&B keeps it). Sections added since then are inse
 (`export`, 0.2: SFT_EXPORT*, before `lineage`; `train.nproc_per_node` and `train.exit_codes`, 0.2, before
 `train.resume`; 0.3 appends `data.min_class_rows`, `data.max_class_ratio`, `eval.mode`, `eval.steps`,
 `eval.during_train_rows`, `eval.best_metric`, `card.task_name` and `card.task_description` to their sections, and
-`train.launch_id` (#31)); no existing key moves or changes.
+`train.launch_id` (#31)); #35 appends `data.target_format`, `data.label_names` and `data.query_text`; no existing key
+moves or changes.
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ DEFAULT = {'model': {'id': 'Qwen/Qwen3-VL-8B-Instruct',
               'eval_holdout': 0.1,
               'max_eval_overlap': 0.01,
               'min_class_rows': 10,
-              'max_class_ratio': 20.0},
+              'max_class_ratio': 20.0,
+              'target_format': 'json',
+              'label_names': None,
+              'query_text': None},
      'image': {'min_pixels': 65536, 'max_pixels': 1048576},
      'train': {'output_dir': 'outputs',
                'run_id': None,
@@ -140,7 +144,10 @@ WITH_OVERRIDES = {'model': {'id': 'org/model',
               'eval_holdout': 0.1,
               'max_eval_overlap': 0.01,
               'min_class_rows': 10,
-              'max_class_ratio': 20.0},
+              'max_class_ratio': 20.0,
+              'target_format': 'json',
+              'label_names': None,
+              'query_text': None},
      'image': {'min_pixels': 65536, 'max_pixels': 524288},
      'train': {'output_dir': 'outputs',
                'run_id': None,
@@ -259,7 +266,7 @@ def test_the_docs_settings_tables_are_the_schemas():
     assert {title: [tuple(row) for row in rows] for title, rows in tables.items()} == settings_tables(CARD)
     assert with_tables(page, CARD) == page
     listed = [row[0].strip("`") for rows in tables.values() for row in rows]
-    assert sorted(listed) == list(KNOWN_ENV_VARS) and len(listed) == 81
+    assert sorted(listed) == list(KNOWN_ENV_VARS) and len(listed) == 84
     assert all(len(row) == 4 and row[3] for rows in tables.values() for row in rows)
 
 

@@ -13,7 +13,8 @@ import subprocess
 import sys
 
 import pytest
-from runs_colour import COLOUR_EVAL, COLOUR_EVERY, COLOUR_STEPS, COLOUR_TRAIN
+from PIL import Image
+from runs_colour import COLOUR_EVAL, COLOUR_EVERY, COLOUR_QUERY, COLOUR_STEPS, COLOUR_TRAIN, COLOURS
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -49,6 +50,27 @@ def test_per_class_metrics_and_probabilities(colour_run):
     preflight = json.loads((colour_run.out / "preflight_report.json").read_text())
     assert preflight["warnings_by_kind"]["class_too_small"] == 4  # all but red have fewer than 10 training rows
     assert preflight["warnings_by_kind"]["class_imbalance"] == 1  # red 32 vs purple 1
+
+
+def test_a_class_label_dataset_without_queries_trains_on_the_names(colour_run):
+    """#35: the card's configuration, the ClassLabel's names and the fixed question, from preflight to the card."""
+    assert colour_run.returncode == 0, colour_run.log[-3000:]
+    understood = json.loads((colour_run.out / "preflight_report.json").read_text())["understood"]
+    assert understood["query"] == {"text": COLOUR_QUERY}
+    assert understood["target"] == {"column": "colour", "splits": ["train", "validation"], "format": "label",
+                                    "kind": "class_label", "label_field": "label", "names": list(COLOURS),
+                                    "names_from": "the column's ClassLabel feature"}
+    assert understood["label_counts"] == {"train": COLOUR_TRAIN, "validation": COLOUR_EVAL}
+    assert "target <- 'colour': class labels (class_label; names from the column's ClassLabel feature: red, blue, " \
+           'green, yellow, purple), the verdict {"label": name}' in colour_run.log
+    meta = json.loads((colour_run.out / "training_meta.json").read_text())
+    assert {k: meta["dataset"][k] for k in ("config", "target_format", "label_names", "query_text")} == {
+        "config": "colours", "target_format": "label", "label_names": list(COLOURS), "query_text": COLOUR_QUERY}
+    card = (colour_run.out / "adapter" / "README.md").read_text()
+    assert f"then this query, exactly (every row was asked it, SFT_QUERY_TEXT):\n\n  ```text\n  {COLOUR_QUERY}\n" \
+           "  ```\n" in card
+    assert f'"text": "{COLOUR_QUERY}\\nCAPTION: <caption>"' in card
+    assert "`label` is one of `blue`, `green`, `purple`, `red`, `yellow`" in card
 
 
 def test_the_saved_adapter_is_the_best_steps(colour_run):
@@ -102,14 +124,14 @@ def test_the_card_and_the_pictures(colour_run):
 
 
 def test_the_cards_example_runs(colour_run, tmp_path):
-    """The card's "How to use" code, run as written on the trained adapter: only the repo (the local adapter), the
-    image and the query are filled in."""
+    """The card's "How to use" code, run as written on the trained adapter: only the repo (the local adapter) and the
+    image are filled in, and the caption left out (the query is the run's SFT_QUERY_TEXT, written in the card)."""
     card = (colour_run.out / "adapter/README.md").read_text()
     code = card.split("```python\n", 1)[1].split("```", 1)[0]
-    data = json.loads((colour_run.out / "training_meta.json").read_text())["dataset"]["uri"]
+    Image.new("RGB", (64, 64), COLOURS["red"]).save(tmp_path / "image.png")
+    assert f'"text": "{COLOUR_QUERY}\\nCAPTION: <caption>"' in code
     code = (code.replace("<this repo or directory>", str(colour_run.out / "adapter"))
-            .replace('"image.png"', json.dumps(f"{data}/images/validation-0.png"))
-            .replace("<query>\\nCAPTION: <caption>", "What is the main colour? Answer in JSON."))
+            .replace('"image.png"', json.dumps(str(tmp_path / "image.png"))).replace("\\nCAPTION: <caption>", ""))
     script = tmp_path / "example.py"
     script.write_text(code + "print('VERDICT', verdict)\n")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,

@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, job_env
+from helpers import REPO, SARCASM_QUERY, job_env, sarcasm_card_dataset
 from loopback import Repo, commit_sha, serve_hub
 from PIL import Image
 
@@ -80,9 +80,11 @@ configs:
 """
 
 
-def _repos() -> dict[str, Repo]:
+def _repos(sarcasm: dict[str, bytes]) -> dict[str, Repo]:
     readme = {"README.md": b"---\nlicense: mit\n---\n"}
     return {
+        # #35: the public sarcasm datasets' shape (tests/helpers.py sarcasm_card_dataset), configurations en and zh.
+        "org/sarcasm": Repo({commit_sha("sarcasm"): sarcasm}, {"main": commit_sha("sarcasm")}),
         # Two commits: v1 (a tag) has 5 training rows, main moved on to 7. The pinned one is what is read.
         "org/pinned": Repo({V1: {**readme, **_shards("data/", 5, "v1")}, V2: {**readme, **_shards("data/", 7, "v2")}},
                            {"main": V2, "v1": V1}),
@@ -111,6 +113,10 @@ SCENARIOS = {
     "private_wrong_token": {"SFT_DATASET_URI": "org/secret-images", "HF_TOKEN": "hf_wrong"},
     "gated": {"SFT_DATASET_URI": "org/gated"},
     "hub_down": {"SFT_DATASET_URI": "org/down"},
+    "class_labels": {"SFT_DATASET_URI": "org/sarcasm", "SFT_DATASET_CONFIG": "zh", "SFT_TARGET_FORMAT": "label",
+                     "SFT_TARGET_KEY": "text_label", "SFT_QUERY_TEXT": SARCASM_QUERY, "SFT_CAPTION_KEY": "text",
+                     "SFT_EVAL_SPLIT": "test"},
+    "unknown_language": {"SFT_DATASET_URI": "org/sarcasm", "SFT_DATASET_CONFIG": "zhh"},
 }
 
 
@@ -118,7 +124,9 @@ SCENARIOS = {
 def hub_runs(tiny_assets, tmp_path_factory):
     """Both processes, side by side: (probe results, the preflight's CompletedProcess, its directory)."""
     tmp = tmp_path_factory.mktemp("hub")
-    with serve_hub(_repos()) as hub:
+    built = sarcasm_card_dataset(tmp / "sarcasm")
+    sarcasm = {p.relative_to(built).as_posix(): p.read_bytes() for p in sorted(built.rglob("*")) if p.is_file()}
+    with serve_hub(_repos(sarcasm)) as hub:
         base = {k: v for k, v in os.environ.items() if not k.startswith(("SFT_", "HF_"))}
         base.update(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HOME=str(tmp / "hf"), HF_HUB_DISABLE_XET="1",
                     PYTHONPATH=str(REPO), HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5")
@@ -156,6 +164,23 @@ def test_a_folder_of_the_repo_and_a_named_configuration(hub_runs):
     unknown = results["unknown_config"]
     assert unknown["code"] == 2 and "SFT_DATASET_CONFIG='de'" in unknown["message"] and "en, fr" in unknown["message"]
     assert results["unknown_revision"]["code"] == 2 and "org/pinned" in results["unknown_revision"]["message"]
+
+
+def test_the_cards_configuration_and_class_labels_of_a_hub_dataset(hub_runs):
+    """#35 on the Hub: the card's `zh` configuration (data_files globs per split, its `test` split evaluated) and its
+    ClassLabel names, read as from a local directory or an s3:// mirror (tests/data/test_labels.py)."""
+    found = hub_runs[0]["class_labels"]
+    assert found["code"] == 0, found
+    assert found["train_ids"] == [f"train[{i}]" for i in range(6)] and len(found["eval_ids"]) == 2
+    assert found["captions"] == [f"zh post {i} of train" for i in range(6)]
+    assert found["labels"] == {"column": "text_label", "format": "label", "kind": "class_label", "label_field": "label",
+                               "names": ["non-sarcastic", "sarcastic"], "names_from": "the column's ClassLabel feature"}
+    assert found["targets"] == ['{"label": "non-sarcastic"}', '{"label": "sarcastic"}'] * 3
+    unknown = hub_runs[0]["unknown_language"]
+    assert unknown["code"] == 2 and unknown["message"] == (
+        "SFT_DATASET_CONFIG='zhh': SFT_DATASET_URI='org/sarcasm' (no such local path, so the Hub dataset "
+        "org/sarcasm) declares no such configuration and has no such folder (it has: en, zh); did you mean 'zh'? "
+        "unset it or name one of them")
 
 
 def test_a_hub_dataset_with_one_split_is_held_out(hub_runs):

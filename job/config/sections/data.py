@@ -20,6 +20,19 @@ def share_or_count(value: int | float) -> int | float:
     raise ValueError("must be a share of the rows (0 < x < 1, e.g. 0.1) or a row count (an integer >= 1)")
 
 
+def label_name_list(value: Any) -> Any:
+    """SFT_LABEL_NAMES (comma separated): at least one name, each once (index i of a label column is the i-th)."""
+    names = [m.strip() for m in value.split(",")] if isinstance(value, str) else value
+    if value is None:
+        return value
+    if not names or any(not name for name in names):
+        raise ValueError("must name every class, comma separated, none empty (e.g. non-sarcastic,sarcastic)")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"names {', '.join(repeated)} more than once: each class needs its own name")
+    return value
+
+
 class DataConfig(Section):
     uri: str | None = setting(
         None, env="dataset_uri", examples=["/data/sarcasm", "s3://bucket/sarcasm", "org/sarcasm"],
@@ -38,12 +51,15 @@ class DataConfig(Section):
             "SHA`, and the commit is recorded in `training_meta.json` (`dataset.commit_sha`) and in the model card "
             "(`dataset_revision` beside `datasets:`, and each eval result's dataset revision).")
     config: str | None = setting(
-        None, env="dataset_config", examples=["default"],
-        doc="Hub dataset: a named configuration. One the dataset card declares (`configs:` in `README.md`) is read "
-            "from its `data_dir`, or from its `data_files` per split (parquet files; linked into "
-            "`SFT_CACHE_DIR/hub-configs/`); otherwise from the folder of that name (`{config}/train-*.parquet`, what "
-            "`push_to_hub(config_name=...)` writes). A name that is neither is exit 2 listing the configurations and "
-            "folders.")
+        None, env="dataset_config", examples=["default", "en"],
+        doc="A named configuration of the dataset, read the same way from a local directory, an `s3://` prefix (its "
+            "mirror) and a Hub dataset (its snapshot). One the dataset card declares (`configs:` in `README.md`) is "
+            "read from its `data_dir`, or from its `data_files` per split (parquet files, globs such as `en/train-*` "
+            "relative to the dataset; linked into `SFT_CACHE_DIR/dataset-configs/`); otherwise from the folder of "
+            "that name (`{config}/train-*.parquet`, what `push_to_hub(config_name=...)` writes). A name that is "
+            "neither is exit 2 listing the configurations and folders (with a \"did you mean\"); a directory whose "
+            "card declares configurations and that has no `train` split of its own names them. A configuration's "
+            "`test` split is evaluated with `SFT_EVAL_SPLIT=test`.")
     train_split: str = setting("train", env="train_split", min_length=1, examples=["train"], doc="Training split name.")
     eval_split: str = setting(
         "validation", env="eval_split", min_length=1, examples=["validation"],
@@ -58,12 +74,12 @@ class DataConfig(Section):
         "image", env="image_key", min_length=1, examples=["image"], doc="Column holding the image.")
     query_key: str = setting(
         "query", env="query_key", min_length=1, examples=["query"],
-        doc="Column holding the user's question (non-empty string).")
+        doc="Column holding the user's question (non-empty string). Data without one: `SFT_QUERY_TEXT`.")
     caption_key: str = setting(
         "caption", env="caption_key", min_length=1, examples=["caption"], doc="Column holding the optional caption.")
     target_key: str = setting(
-        "target_json", env="target_key", min_length=1, examples=["target_json"],
-        doc="Column holding the verdict (JSON string or object).")
+        "target_json", env="target_key", min_length=1, examples=["target_json", "text_label"],
+        doc="Column holding the verdict (JSON string or object), or with `SFT_TARGET_FORMAT=label` the class label.")
     label_field: str = setting(
         "label", env="label_field", min_length=1, examples=["label"],
         doc="Key inside the verdict that accuracy and macro F1 compare.")
@@ -107,8 +123,33 @@ class DataConfig(Section):
         20.0, env="max_class_ratio", ge=1, examples=["20"],
         doc="Preflight warns (`class_imbalance`) when the largest training label has more than this many times the "
             "rows of the smallest.")
+    # (#35, appended: the JSON form keeps its order) the public datasets' shape, read by job/data/labels.py
+    target_format: Literal["json", "label"] = setting(
+        "json", env="target_format", examples=["json", "label"],
+        doc="`json`: `SFT_TARGET_KEY` holds the verdict. `label`: it holds a class label (a `ClassLabel`, a plain "
+            "integer or a string) and each row's verdict is `{SFT_LABEL_FIELD: name}`, exactly the text a "
+            "`target_json` of that object trains ([Class labels](data.md#class-labels-and-a-fixed-question)). With "
+            "`json`, a column of integers or plain strings fails preflight with the hint to set `label`.")
+    label_names: tuple[str, ...] | None = setting(
+        None, env="label_names", flat="str", examples=["non-sarcastic,sarcastic"],
+        doc="`SFT_TARGET_FORMAT=label` only (with `json` it is exit 2 at config time). The class names of a plain "
+            "integer column in index order (`non-sarcastic,sarcastic`: 0 and 1); required for one, whose preflight "
+            "otherwise stops with exit 2 naming the values found. With a string column, the names allowed. With a "
+            "`ClassLabel`, it must equal the declared names (exit 2 naming both otherwise). A value outside the names "
+            "is a bad row (`label_unknown`).")
+    query_text: str | None = setting(
+        None, env="query_text", min_length=1, examples=["Is this post sarcastic? Answer in JSON."],
+        doc="The user question of every row, for data without a query column; exit 2 beside a set `SFT_QUERY_KEY` "
+            "(config) or a query column in the data (preflight). The model card's \"How to use\" shows it.")
 
     _holdout = field_validator("eval_holdout")(share_or_count)
+    _names = field_validator("label_names")(label_name_list)
+
+    @field_validator("label_names", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        """SFT_LABEL_NAMES is comma separated; surrounding spaces are dropped (an empty name is an error)."""
+        return tuple(name.strip() for name in value.split(",")) if isinstance(value, str) else value
 
     @classmethod
     def _derived(cls, values: dict[str, Any], s: Any) -> dict[str, Any]:
@@ -118,10 +159,19 @@ class DataConfig(Section):
 
     @staticmethod
     def rules(s: Any, card: ModelSpec) -> list[str]:
+        problems = []
         if s.train_split == s.eval_split:
-            return [f"SFT_TRAIN_SPLIT and SFT_EVAL_SPLIT are both {s.train_split!r}: evaluating on the training split "
-                    "hides overfitting; use a held-out split (e.g. SFT_EVAL_SPLIT=validation)"]
-        return []
+            problems.append(f"SFT_TRAIN_SPLIT and SFT_EVAL_SPLIT are both {s.train_split!r}: evaluating on the "
+                            "training split hides overfitting; use a held-out split (e.g. SFT_EVAL_SPLIT=validation)")
+        if s.label_names is not None and s.target_format != "label":
+            problems.append("SFT_LABEL_NAMES names the classes of a label column and only applies with "
+                            "SFT_TARGET_FORMAT=label: set SFT_TARGET_FORMAT=label, or unset SFT_LABEL_NAMES")
+        if s.query_text is not None and not s.query_text.strip():
+            problems.append("SFT_QUERY_TEXT is blank: write the question every row is asked, or unset it")
+        if s.query_text is not None and "query_key" in s.model_fields_set:
+            problems.append(f"SFT_QUERY_TEXT asks every row the same question and SFT_QUERY_KEY={s.query_key!r} "
+                            "names a query column: set one of them")
+        return problems
 
 
 class ImageConfig(Section):
