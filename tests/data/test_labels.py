@@ -45,7 +45,7 @@ def make_cfg(tiny_assets, uri, tmp_path: Path, **env: str):
 
 def checked(cfg, processor):
     """localize (mirror, card configuration) and preflight, as `preflight` does after loading the processor."""
-    return preflight.run_preflight(localize(cfg).local(cfg), processor)
+    return preflight.run_preflight(cfg, localize(cfg).dataset_path, processor)
 
 
 def jsonl_dataset(root: Path, labels: dict[str, list], **extra) -> Path:
