@@ -63,3 +63,18 @@ def test_the_pixel_bounds_are_read_from_the_saved_processor(processor, tmp_path)
     (tmp_path / "bare").mkdir()
     (tmp_path / "bare" / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 1024}}))
     assert saved_pixel_bounds(tmp_path / "bare") is None  # half a size is no bound to pass on
+
+
+def test_the_demo_model_has_a_head_size_vllms_cpu_kernel_accepts_and_stale_assets_are_rebuilt(tiny_assets, tmp_path):
+    """vLLM's CPU attention refuses head_dim 16 (it takes 32, 64, 80 and up): the demo's tiny model uses 32. A demo
+    folder built by an older recipe (the marker `ok`, written before the recipe was recorded) is not reused."""
+    from job.demo.tiny import assets_current
+
+    config = json.loads((tiny_assets[0] / "config.json").read_text())
+    assert config["text_config"]["head_dim"] == 32
+    root = tiny_assets[0].parent
+    assert assets_current(root)  # the session's assets, as build_demo_assets wrote them
+    (tmp_path / ".complete").write_text("ok\n")
+    assert not assets_current(tmp_path)
+    (tmp_path / ".complete").write_text((root / ".complete").read_text())
+    assert assets_current(tmp_path)

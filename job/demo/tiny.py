@@ -166,17 +166,39 @@ def write_demo_dataset(root: Path, n_train: int = 240, n_eval: int = 32, seed: i
     return root
 
 
+def recipe() -> str:
+    """What the assets are built from (the tiny geometry, the dataset's sizes and texts), as the `.complete` marker
+    records it. A folder built by another recipe is stale: `make demo` in a checkout whose `.cache/demo` predates the
+    head size 32 reused a head_dim=16 model, which vLLM's CPU kernel refuses (`make serve-check`, 2026-12-07)."""
+    import hashlib
+
+    spec = {"text": TINY_TEXT, "vision": TINY_VISION, "dataset": [240, 32, 0], "captions": [SARCASTIC_CAPTIONS,
+            SINCERE_CAPTIONS], "queries": QUERIES}
+    return "recipe " + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16] + "\n"
+
+
+def assets_current(root: Path) -> bool:
+    """root holds complete assets of this recipe."""
+    marker = root / ".complete"
+    return marker.is_file() and marker.read_text() == recipe()
+
+
 def build_demo_assets(root: str | Path, force: bool = False) -> tuple[Path, Path]:
-    """Write model+processor to root/model and the dataset to root/data (skipped when already complete)."""
+    """Write model+processor to root/model and the dataset to root/data (skipped when complete and of this recipe;
+    assets of another recipe are removed first, never mixed with new ones)."""
+    import shutil
+
     root = Path(root)
     model_dir, data_dir = root / "model", root / "data"
-    marker = root / ".complete"
-    if marker.exists() and not force:
+    if assets_current(root) and not force:
         return model_dir, data_dir
+    (root / ".complete").unlink(missing_ok=True)
+    for stale in (model_dir, data_dir):
+        shutil.rmtree(stale, ignore_errors=True)
     build_tiny_processor().save_pretrained(model_dir)
     build_tiny_model().save_pretrained(model_dir)
     write_demo_dataset(data_dir)
-    marker.write_text("ok\n")
+    (root / ".complete").write_text(recipe())
     return model_dir, data_dir
 
 

@@ -13,13 +13,10 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from job.storage.checkpoints import RemoteCheckpoints
-
-# Re-exported: the marker's home is job.storage.completed (the store and the resume logic read it too).
-from job.storage.completed import COMPLETED, checkpoint_step, latest_completed_checkpoint, write_completed_marker
+from job.storage.completed import write_completed_marker
 from job.train import distributed
 
-__all__ = ["COMPLETED", "CompletedMarkerCallback", "LogCallback", "RankStateCallback", "RemoteCheckpointCallback",
-           "checkpoint_step", "latest_completed_checkpoint", "write_completed_marker"]
+__all__ = ["CompletedMarkerCallback", "LogCallback", "RankStateCallback", "RemoteCheckpointCallback"]
 
 log = logging.getLogger("job.train")
 _LOGGED = ("loss", "grad_norm", "learning_rate", "mean_token_accuracy", "epoch")

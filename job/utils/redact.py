@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-# The environment variables whose values never reach a log, metadata, W&B or a card (job.config re-exports it).
+# The environment variables whose values never reach a log, metadata, W&B or a card.
 SECRET_ENV_VARS = ("HF_TOKEN", "WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 REDACTED = "***redacted***"
