@@ -5,6 +5,8 @@ runs these commands (docs/development.md)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from helpers import REPO
 
@@ -74,6 +76,11 @@ def test_the_demo_model_has_a_head_size_vllms_cpu_kernel_accepts_and_stale_asset
     assert config["text_config"]["head_dim"] == 32
     root = tiny_assets[0].parent
     assert assets_current(root)  # the session's assets, as build_demo_assets wrote them
+    # ... and as another process reads them before it builds anything (the benchmarks and `make demo` do): a recipe
+    # that building changes would make them rebuild, under the feet of the tests reading these files.
+    fresh = subprocess.run([sys.executable, "-c", "from job.demo.tiny import recipe; print(recipe(), end='')"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert fresh == (root / ".complete").read_text()
     (tmp_path / ".complete").write_text("ok\n")
     assert not assets_current(tmp_path)
     (tmp_path / ".complete").write_text((root / ".complete").read_text())

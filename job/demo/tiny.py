@@ -12,6 +12,7 @@ image-processor settings (job/assets/qwen3_vl, see SOURCE.md there). The model i
 from __future__ import annotations
 
 import base64
+import copy
 import importlib.resources
 import json
 import random
@@ -110,8 +111,10 @@ def tiny_model_config():
     from transformers import Qwen3VLConfig
 
     full = load_asset_json("config-8b-instruct.json")
-    text = {**full["text_config"], **TINY_TEXT}
-    vision = {**full["vision_config"], **TINY_VISION}
+    # Copies: the config standardizes rope_scaling in place, which changed TINY_TEXT (and recipe()) for the rest of the
+    # process, so a marker written after a build never matched one computed before it (every build looked stale).
+    text = {**full["text_config"], **copy.deepcopy(TINY_TEXT)}
+    vision = {**full["vision_config"], **copy.deepcopy(TINY_VISION)}
     top = {k: v for k, v in full.items() if k not in ("text_config", "vision_config", "architectures")}
     return Qwen3VLConfig(text_config=text, vision_config=vision, **top)
 
